@@ -1,0 +1,3 @@
+//! Block devices: what a virtual disk is, independent of how it is served.
+
+pub mod pdata;
