@@ -8,3 +8,7 @@
 pub mod bufio;
 pub mod engine;
 pub mod vhost;
+
+pub mod daemon;
+pub mod export_spec;
+mod signals;

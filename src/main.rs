@@ -1,1 +1,75 @@
-fn main() {}
+//! The `thinblk` command line.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use thinblk::daemon;
+use thinblk::export_spec::ExportSpec;
+
+/// thinblk: thin-provisioned block storage for virtual machines, served over vhost-user-blk.
+///
+/// Guests attach with QEMU's vhost-user-blk-pci or cloud-hypervisor's --disk vhost_user=on.
+/// Logging goes to stderr; set RUST_LOG (error, warn, info, debug, trace) to choose how much.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve disks to virtual machines over vhost-user-blk sockets.
+    ///
+    /// With no --export, serves a 16 GiB sparse disk ./thinblk-pool/disk0.raw (created on the
+    /// first run) at ./thinblk-pool/disk0.sock. Runs until SIGINT or SIGTERM.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args, Debug, Default)]
+struct ServeArgs {
+    /// An export, as comma-separated key=value pairs (repeat the flag for several).
+    ///
+    /// raw=PATH: the file or block device to serve byte for byte (required).
+    /// socket=PATH: the vhost-user socket to create, mode 0600 (required); a stale socket is
+    /// replaced, a socket some server still listens on is an error.
+    /// id=NAME: the export name, also the disk serial the guest reads (default: socket name).
+    /// queues=N: virtqueues, one worker thread each, 1 to 16 (default 2).
+    /// queue-size=N: entries per virtqueue, a power of two up to 1024 (default 256).
+    /// readonly=on|off: refuse writes and tell the guest the disk is read-only (default off).
+    /// direct=on|off: O_DIRECT on the backing file, bypassing the host page cache (default on).
+    /// Write a literal comma in a value as ",,".
+    #[arg(long = "export", value_name = "SPEC", verbatim_doc_comment)]
+    exports: Vec<ExportSpec>,
+
+    /// Directory for the default disk and socket when no --export is given.
+    #[arg(long, value_name = "DIR", default_value = daemon::DEFAULT_POOL_DIR)]
+    dir: PathBuf,
+}
+
+fn main() -> anyhow::Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    match cli
+        .command
+        .unwrap_or(Command::Serve(ServeArgs::default_with_dir()))
+    {
+        Command::Serve(args) => {
+            let exports = if args.exports.is_empty() {
+                vec![daemon::default_export(&args.dir)?]
+            } else {
+                args.exports
+            };
+            daemon::serve(&exports)
+        }
+    }
+}
+
+impl ServeArgs {
+    fn default_with_dir() -> Self {
+        ServeArgs {
+            exports: Vec::new(),
+            dir: PathBuf::from(daemon::DEFAULT_POOL_DIR),
+        }
+    }
+}

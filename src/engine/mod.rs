@@ -1,3 +1,50 @@
 //! Block devices: what a virtual disk is, independent of how it is served.
+//!
+//! Everything a guest can do to a disk goes through [`BlockDevice`]; the vhost layer checks
+//! requests against [`BlockDevice::size`] before calling it, and implementations check again
+//! because a bounds error must never become an out-of-range host I/O.
 
+mod aligned;
+mod error;
+pub mod memory;
 pub mod pdata;
+pub mod raw;
+
+use std::io::{IoSlice, IoSliceMut};
+
+pub use error::BlockError;
+
+/// A virtual disk: byte-addressed, sector-granular I/O with scatter-gather buffers.
+pub trait BlockDevice: Send + Sync {
+    /// Size in bytes, a multiple of 512.
+    fn size(&self) -> u64;
+
+    /// Fills `bufs`, in order, from the bytes starting at `offset`.
+    fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<(), BlockError>;
+
+    /// Writes `bufs`, in order, at `offset`. Durable only after [`BlockDevice::flush`].
+    fn write(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<(), BlockError>;
+
+    /// Makes every completed write durable.
+    fn flush(&self) -> Result<(), BlockError>;
+
+    /// Tells the device the range is no longer needed: reads may return zeros or old data.
+    fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError>;
+
+    /// Makes the range read as zeros; with `may_unmap` the space may be released as well.
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<(), BlockError>;
+}
+
+/// Total length of a scatter-gather list, or `None` if it does not fit a `u64`.
+pub fn iovec_len<T: std::ops::Deref<Target = [u8]>>(bufs: &[T]) -> Option<u64> {
+    bufs.iter()
+        .try_fold(0u64, |acc, b| acc.checked_add(u64::try_from(b.len()).ok()?))
+}
+
+/// Checks that `[offset, offset + len)` lies within a device of `size` bytes.
+pub fn check_range(offset: u64, len: u64, size: u64) -> Result<(), BlockError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(BlockError::OutOfRange { offset, len, size }),
+    }
+}

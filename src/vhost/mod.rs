@@ -1,1 +1,13 @@
-//! The vhost-user-blk device.
+//! The vhost-user-blk device: virtio framing and the vhost-user protocol, nothing of thin
+//! provisioning. Requests are parsed ([`request`]), checked against the device size and run
+//! ([`execute`]) on a [`crate::engine::BlockDevice`].
+
+pub mod backend;
+pub mod config;
+pub mod execute;
+pub mod export;
+pub mod request;
+pub mod socket;
+
+pub use backend::{BlkBackend, DeviceSettings, MAX_QUEUES, MAX_QUEUE_SIZE};
+pub use export::Export;

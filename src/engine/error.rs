@@ -1,0 +1,24 @@
+use std::io;
+
+/// Why a block device could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("range {offset}+{len} lies outside the device ({size} bytes)")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("the device is read-only")]
+    ReadOnly,
+    #[error("operation not supported: {0}")]
+    Unsupported(&'static str),
+    #[error("host I/O failed at byte {offset}: {source}")]
+    Io {
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl BlockError {
+    pub(crate) fn io(offset: u64, source: io::Error) -> Self {
+        BlockError::Io { offset, source }
+    }
+}

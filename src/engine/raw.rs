@@ -1,0 +1,406 @@
+//! A raw file or host block device as a disk: the passthrough export.
+//!
+//! Aligned I/O goes through an O_DIRECT descriptor so the host page cache neither doubles the
+//! memory used nor hides write errors until fsync; unaligned I/O (or a file system without
+//! O_DIRECT) goes through a second, buffered descriptor. The kernel keeps the two coherent:
+//! direct I/O writes back and invalidates cached pages of the range it touches.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::Path;
+
+use super::aligned::{read_bufs_aligned, write_bufs_aligned};
+use super::{check_range, iovec_len, BlockDevice, BlockError};
+
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+const BLKDISCARD: libc::c_ulong = 0x1277;
+const BLKZEROOUT: libc::c_ulong = 0x127f;
+
+/// How to open a raw device.
+#[derive(Clone, Copy, Debug)]
+pub struct RawOptions {
+    pub read_only: bool,
+    /// Use O_DIRECT for aligned I/O where the file system supports it.
+    pub direct: bool,
+}
+
+impl Default for RawOptions {
+    fn default() -> Self {
+        RawOptions {
+            read_only: false,
+            direct: true,
+        }
+    }
+}
+
+/// A file or block device exported byte for byte.
+pub struct RawDevice {
+    buffered: File,
+    direct: Option<File>,
+    is_block_device: bool,
+    size: u64,
+    read_only: bool,
+}
+
+impl RawDevice {
+    /// Opens an existing file or block device.
+    pub fn open(path: &Path, opts: RawOptions) -> io::Result<Self> {
+        let open = |flags: libc::c_int| {
+            OpenOptions::new()
+                .read(true)
+                .write(!opts.read_only)
+                .custom_flags(flags | libc::O_CLOEXEC)
+                .open(path)
+        };
+        let buffered = open(0)?;
+        let meta = buffered.metadata()?;
+        let is_block_device = meta.file_type().is_block_device();
+        if !is_block_device && !meta.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} is neither a regular file nor a block device",
+                    path.display()
+                ),
+            ));
+        }
+        let size = if is_block_device {
+            block_device_size(&buffered)?
+        } else {
+            meta.len()
+        } & !511;
+        // File systems without O_DIRECT (tmpfs) refuse the open: then everything is buffered.
+        let direct = if opts.direct {
+            open(libc::O_DIRECT).ok()
+        } else {
+            None
+        };
+        Ok(RawDevice {
+            buffered,
+            direct,
+            is_block_device,
+            size,
+            read_only: opts.read_only,
+        })
+    }
+
+    /// Creates a sparse file of `size` bytes if `path` does not exist yet.
+    pub fn create_sparse(path: &Path, size: u64) -> io::Result<()> {
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(f) => f.set_len(size),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether aligned I/O bypasses the host page cache.
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
+    fn writable(&self) -> Result<(), BlockError> {
+        if self.read_only {
+            Err(BlockError::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn zero_by_writing(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        const CHUNK: u64 = 1 << 20;
+        let zeros = vec![0u8; CHUNK as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(CHUNK);
+            let buf = zeros.get(..n as usize).unwrap_or(&zeros);
+            pwrite_all(&self.buffered, &mut [IoSlice::new(buf)], offset + done)
+                .map_err(|e| BlockError::io(offset + done, e))?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn range_ioctl(&self, request: libc::c_ulong, offset: u64, len: u64) -> io::Result<()> {
+        let range = [offset, len];
+        // SAFETY: both ioctls read a [u64; 2] from the pointer, which is valid for the call.
+        let rc = unsafe { libc::ioctl(self.buffered.as_raw_fd(), request, range.as_ptr()) };
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        let (off, len) = match (i64::try_from(offset), i64::try_from(len)) {
+            (Ok(o), Ok(l)) => (o, l),
+            _ => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
+        };
+        // SAFETY: fallocate takes plain integers; the descriptor is owned by self.
+        let rc = unsafe { libc::fallocate(self.buffered.as_raw_fd(), mode, off, len) };
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+fn block_device_size(file: &File) -> io::Result<u64> {
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which is valid for the call.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(size)
+    }
+}
+
+fn off_t(offset: u64) -> io::Result<libc::off_t> {
+    libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// preadv until every buffer is full; a read past the end of the file is an error.
+fn pread_all(file: &File, mut bufs: &mut [IoSliceMut<'_>], mut offset: u64) -> io::Result<()> {
+    while !bufs.is_empty() {
+        let count = bufs.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
+        // SAFETY: IoSliceMut is ABI-compatible with iovec and each points to writable memory
+        // that outlives the call; count never exceeds the slice length.
+        let n = unsafe {
+            libc::preadv(
+                file.as_raw_fd(),
+                bufs.as_ptr() as *const libc::iovec,
+                count,
+                off_t(offset)?,
+            )
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        offset += n as u64;
+        IoSliceMut::advance_slices(&mut bufs, n as usize);
+    }
+    Ok(())
+}
+
+/// pwritev until every buffer is written.
+fn pwrite_all(file: &File, mut bufs: &mut [IoSlice<'_>], mut offset: u64) -> io::Result<()> {
+    while !bufs.is_empty() {
+        let count = bufs.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
+        // SAFETY: IoSlice is ABI-compatible with iovec and each points to readable memory that
+        // outlives the call; count never exceeds the slice length.
+        let n = unsafe {
+            libc::pwritev(
+                file.as_raw_fd(),
+                bufs.as_ptr() as *const libc::iovec,
+                count,
+                off_t(offset)?,
+            )
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        offset += n as u64;
+        IoSlice::advance_slices(&mut bufs, n as usize);
+    }
+    Ok(())
+}
+
+impl BlockDevice for RawDevice {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<(), BlockError> {
+        let len = iovec_len(bufs).ok_or(BlockError::Unsupported("iovec length"))?;
+        check_range(offset, len, self.size)?;
+        if let Some(direct) = self
+            .direct
+            .as_ref()
+            .filter(|_| read_bufs_aligned(offset, bufs))
+        {
+            // Work on copies of the iovecs: a failed direct attempt must retry them whole.
+            let mut attempt: Vec<IoSliceMut<'_>> = bufs
+                .iter_mut()
+                .map(|b| {
+                    // SAFETY: the copy aliases the caller's buffer only for this call, and the
+                    // original is not touched while the copy is alive.
+                    IoSliceMut::new(unsafe {
+                        std::slice::from_raw_parts_mut(b.as_mut_ptr(), b.len())
+                    })
+                })
+                .collect();
+            match pread_all(direct, &mut attempt, offset) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                Err(e) => return Err(BlockError::io(offset, e)),
+            }
+        }
+        pread_all(&self.buffered, bufs, offset).map_err(|e| BlockError::io(offset, e))
+    }
+
+    fn write(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<(), BlockError> {
+        self.writable()?;
+        let len = iovec_len(bufs).ok_or(BlockError::Unsupported("iovec length"))?;
+        check_range(offset, len, self.size)?;
+        let mut attempt: Vec<IoSlice<'_>> = bufs.to_vec();
+        if let Some(direct) = self
+            .direct
+            .as_ref()
+            .filter(|_| write_bufs_aligned(offset, bufs))
+        {
+            match pwrite_all(direct, &mut attempt, offset) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => attempt = bufs.to_vec(),
+                Err(e) => return Err(BlockError::io(offset, e)),
+            }
+        }
+        pwrite_all(&self.buffered, &mut attempt, offset).map_err(|e| BlockError::io(offset, e))
+    }
+
+    fn flush(&self) -> Result<(), BlockError> {
+        self.buffered.sync_data().map_err(|e| BlockError::io(0, e))
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.writable()?;
+        check_range(offset, len, self.size)?;
+        let result = if self.is_block_device {
+            self.range_ioctl(BLKDISCARD, offset, len)
+        } else {
+            self.fallocate(
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            )
+        };
+        match result {
+            Ok(()) => Ok(()),
+            // Discard is advisory: a host that cannot release space has still done its duty.
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+            Err(e) => Err(BlockError::io(offset, e)),
+        }
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<(), BlockError> {
+        self.writable()?;
+        check_range(offset, len, self.size)?;
+        let result = if self.is_block_device {
+            self.range_ioctl(BLKZEROOUT, offset, len)
+        } else if may_unmap {
+            self.fallocate(
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            )
+        } else {
+            self.fallocate(
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            )
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY)
+                ) =>
+            {
+                self.zero_by_writing(offset, len)
+            }
+            Err(e) => Err(BlockError::io(offset, e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(size: u64) -> (tempfile::TempDir, RawDevice) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        RawDevice::create_sparse(&path, size).unwrap();
+        let dev = RawDevice::open(&path, RawOptions::default()).unwrap();
+        (dir, dev)
+    }
+
+    #[test]
+    fn unaligned_buffers_fall_back_to_buffered_io() {
+        let (_dir, dev) = device(1 << 20);
+        let data: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
+        let mut backing = vec![0u8; 1024 + 1];
+        backing[1..1001].copy_from_slice(&data);
+        let tail = [7u8; 24];
+        dev.write(512, &[IoSlice::new(&backing[1..1001]), IoSlice::new(&tail)])
+            .unwrap();
+        let mut out = vec![0u8; 1024];
+        dev.read(512, &mut [IoSliceMut::new(&mut out)]).unwrap();
+        assert_eq!(&out[..1000], &data[..]);
+        assert_eq!(&out[1000..], &[7u8; 24][..]);
+    }
+
+    #[test]
+    fn write_zeroes_and_discard_read_back_zeros() {
+        let (_dir, dev) = device(1 << 20);
+        dev.write(0, &[IoSlice::new(&vec![0xAB; 65536])]).unwrap();
+        dev.write_zeroes(4096, 8192, false).unwrap();
+        dev.discard(32768, 4096).unwrap();
+        let mut out = vec![0u8; 65536];
+        dev.read(0, &mut [IoSliceMut::new(&mut out)]).unwrap();
+        assert!(out[..4096].iter().all(|&b| b == 0xAB));
+        assert!(out[4096..12288].iter().all(|&b| b == 0));
+        assert!(out[32768..36864].iter().all(|&b| b == 0));
+        assert!(out[36864..].iter().all(|&b| b == 0xAB));
+    }
+
+    #[test]
+    fn read_only_device_refuses_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        RawDevice::create_sparse(&path, 4096).unwrap();
+        let opts = RawOptions {
+            read_only: true,
+            direct: true,
+        };
+        let dev = RawDevice::open(&path, opts).unwrap();
+        assert!(matches!(
+            dev.write(0, &[IoSlice::new(&[0; 512])]),
+            Err(BlockError::ReadOnly)
+        ));
+    }
+
+    #[test]
+    fn io_past_the_end_is_refused() {
+        let (_dir, dev) = device(4096);
+        let mut out = [0u8; 512];
+        assert!(matches!(
+            dev.read(4096, &mut [IoSliceMut::new(&mut out)]),
+            Err(BlockError::OutOfRange { .. })
+        ));
+    }
+}

@@ -1,0 +1,197 @@
+//! `--export` values in QEMU's key=value style: `raw=PATH,socket=PATH,queues=2`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use crate::vhost::{MAX_QUEUES, MAX_QUEUE_SIZE};
+
+pub const DEFAULT_QUEUES: u16 = 2;
+pub const DEFAULT_QUEUE_SIZE: u16 = 256;
+
+/// What backs an export.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Backing {
+    /// A raw file or host block device, byte for byte.
+    Raw(PathBuf),
+}
+
+/// One parsed `--export`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportSpec {
+    pub backing: Backing,
+    pub socket: PathBuf,
+    /// Export name: the GET_ID serial and the name used in logs.
+    pub id: String,
+    pub queues: u16,
+    pub queue_size: u16,
+    pub read_only: bool,
+    /// O_DIRECT on the backing file (default on).
+    pub direct: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    #[error("'{0}' is not key=value")]
+    NotKeyValue(String),
+    #[error("key '{0}' given twice")]
+    Duplicate(String),
+    #[error("unknown key '{0}' (known: raw, socket, id, queues, queue-size, readonly, direct)")]
+    UnknownKey(String),
+    #[error("missing '{0}='")]
+    Missing(&'static str),
+    #[error("{key}={value}: {why}")]
+    BadValue {
+        key: &'static str,
+        value: String,
+        why: String,
+    },
+}
+
+/// Splits on commas, QEMU style: a doubled comma is a literal comma inside a value.
+fn split_options(s: &str) -> Vec<String> {
+    let mut parts = vec![String::new()];
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            ',' if chars.peek() == Some(&',') => {
+                chars.next();
+                if let Some(p) = parts.last_mut() {
+                    p.push(',')
+                }
+            }
+            ',' => parts.push(String::new()),
+            _ => {
+                if let Some(p) = parts.last_mut() {
+                    p.push(c)
+                }
+            }
+        }
+    }
+    parts
+}
+
+fn parse_bool(key: &'static str, value: &str) -> Result<bool, SpecError> {
+    match value {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(SpecError::BadValue {
+            key,
+            value: value.into(),
+            why: "expected on or off".into(),
+        }),
+    }
+}
+
+fn parse_ranged(key: &'static str, value: &str, max: u16) -> Result<u16, SpecError> {
+    let bad = |why: String| SpecError::BadValue {
+        key,
+        value: value.into(),
+        why,
+    };
+    let n: u16 = value.parse().map_err(|_| bad("not a number".into()))?;
+    if n == 0 || n > max {
+        return Err(bad(format!("must be 1 to {max}")));
+    }
+    Ok(n)
+}
+
+impl std::str::FromStr for ExportSpec {
+    type Err = SpecError;
+
+    fn from_str(s: &str) -> Result<Self, SpecError> {
+        let mut kv = BTreeMap::new();
+        for part in split_options(s) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| SpecError::NotKeyValue(part.clone()))?;
+            if kv.insert(k.to_string(), v.to_string()).is_some() {
+                return Err(SpecError::Duplicate(k.into()));
+            }
+        }
+        let mut take = |k: &str| kv.remove(k);
+        let raw = take("raw").ok_or(SpecError::Missing("raw"))?;
+        let socket = PathBuf::from(take("socket").ok_or(SpecError::Missing("socket"))?);
+        let id = take("id").unwrap_or_else(|| {
+            socket
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "thinblk".into())
+        });
+        let queues = take("queues")
+            .map(|v| parse_ranged("queues", &v, MAX_QUEUES))
+            .transpose()?
+            .unwrap_or(DEFAULT_QUEUES);
+        let queue_size = take("queue-size")
+            .map(|v| parse_ranged("queue-size", &v, MAX_QUEUE_SIZE))
+            .transpose()?
+            .unwrap_or(DEFAULT_QUEUE_SIZE);
+        if !queue_size.is_power_of_two() {
+            return Err(SpecError::BadValue {
+                key: "queue-size",
+                value: queue_size.to_string(),
+                why: "must be a power of two".into(),
+            });
+        }
+        let read_only = take("readonly")
+            .map(|v| parse_bool("readonly", &v))
+            .transpose()?
+            .unwrap_or(false);
+        let direct = take("direct")
+            .map(|v| parse_bool("direct", &v))
+            .transpose()?
+            .unwrap_or(true);
+        if let Some(k) = kv.into_keys().next() {
+            return Err(SpecError::UnknownKey(k));
+        }
+        Ok(ExportSpec {
+            backing: Backing::Raw(PathBuf::from(raw)),
+            socket,
+            id,
+            queues,
+            queue_size,
+            read_only,
+            direct,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_spec_takes_defaults() {
+        let s: ExportSpec = "raw=/tmp/d.img,socket=/tmp/d.sock".parse().unwrap();
+        assert_eq!(s.backing, Backing::Raw("/tmp/d.img".into()));
+        assert_eq!(
+            (s.queues, s.queue_size, s.read_only, s.direct),
+            (2, 256, false, true)
+        );
+        assert_eq!(s.id, "d");
+    }
+
+    #[test]
+    fn every_key_is_understood() {
+        let s: ExportSpec =
+            "raw=a,,b,socket=s,id=vm1,queues=4,queue-size=1024,readonly=on,direct=off"
+                .parse()
+                .unwrap();
+        assert_eq!(s.backing, Backing::Raw("a,b".into()));
+        assert_eq!(
+            (s.queues, s.queue_size, s.read_only, s.direct),
+            (4, 1024, true, false)
+        );
+        assert_eq!(s.id, "vm1");
+    }
+
+    #[test]
+    fn bad_specs_say_what_is_wrong() {
+        let e = |s: &str| s.parse::<ExportSpec>().unwrap_err().to_string();
+        assert!(e("socket=s").contains("raw="));
+        assert!(e("raw=a,socket=s,queues=17").contains("1 to 16"));
+        assert!(e("raw=a,socket=s,queue-size=100").contains("power of two"));
+        assert!(e("raw=a,socket=s,colour=red").contains("unknown key 'colour'"));
+        assert!(e("raw=a,socket=s,readonly=maybe").contains("on or off"));
+        assert!(e("raw=a,raw=b,socket=s").contains("twice"));
+    }
+}

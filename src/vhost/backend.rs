@@ -1,0 +1,231 @@
+//! The vhost-user backend: features, config space, and one worker per virtqueue.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use log::{debug, warn};
+use parking_lot::RwLock;
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use super::config::{self, BlkConfig, SECTOR_SIZE, WRITEBACK_OFFSET};
+use super::execute::{complete, Target};
+use super::request::{parse, Desc};
+use crate::engine::BlockDevice;
+
+/// Limits from the virtio-blk and vhost-user specifications that an export may choose within.
+pub const MAX_QUEUES: u16 = 16;
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+
+/// How one export presents its disk.
+#[derive(Clone, Debug)]
+pub struct DeviceSettings {
+    /// Returned by GET_ID (at most 20 bytes are used).
+    pub serial: String,
+    pub num_queues: u16,
+    pub queue_size: u16,
+    pub read_only: bool,
+}
+
+/// One vhost-user-blk device over a [`BlockDevice`].
+pub struct BlkBackend {
+    dev: Arc<dyn BlockDevice>,
+    settings: DeviceSettings,
+    mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
+    event_idx: AtomicBool,
+    acked_features: AtomicU64,
+    /// The guest-visible write cache bit (config space `writeback`).
+    writeback: AtomicBool,
+}
+
+fn queue_error(e: virtio_queue::Error) -> io::Error {
+    io::Error::other(format!("virtqueue: {e}"))
+}
+
+impl BlkBackend {
+    pub fn new(dev: Arc<dyn BlockDevice>, settings: DeviceSettings) -> Self {
+        BlkBackend {
+            dev,
+            settings,
+            mem: RwLock::new(None),
+            event_idx: AtomicBool::new(false),
+            acked_features: AtomicU64::new(0),
+            writeback: AtomicBool::new(true),
+        }
+    }
+
+    /// Whether completed writes may sit in a volatile cache until FLUSH.
+    pub fn writeback(&self) -> bool {
+        config::flush_negotiated(self.acked_features.load(Ordering::Acquire))
+            && self.writeback.load(Ordering::Acquire)
+    }
+
+    fn blk_config(&self) -> BlkConfig {
+        BlkConfig {
+            capacity_sectors: self.dev.size() / SECTOR_SIZE,
+            // Two descriptors of every chain hold the header and the status.
+            seg_max: u32::from(self.settings.queue_size.saturating_sub(2).max(1)),
+            num_queues: self.settings.num_queues,
+            writeback: self.writeback(),
+        }
+    }
+
+    /// Runs one chain to completion; returns the used length.
+    pub fn process_chain<M>(&self, mem: &GuestMemoryMmap, chain: DescriptorChain<M>) -> u32
+    where
+        M: std::ops::Deref,
+        M::Target: vm_memory::GuestMemory,
+    {
+        let descs: Vec<Desc> = chain
+            .map(|d| Desc {
+                addr: d.addr().0,
+                len: d.len(),
+                writable: d.is_write_only(),
+            })
+            .collect();
+        let target = Target {
+            dev: self.dev.as_ref(),
+            read_only: self.settings.read_only,
+            serial: self.settings.serial.as_bytes(),
+            writeback: self.writeback(),
+        };
+        match parse(mem, &descs) {
+            Ok(req) => complete(mem, &req, &target),
+            Err(rejection) => {
+                warn!("rejected request: {}", rejection.reason);
+                match rejection.status {
+                    Some(addr) => match vm_memory::Bytes::write_obj(mem, rejection.code, addr) {
+                        Ok(()) => 1,
+                        Err(_) => 0,
+                    },
+                    None => 0,
+                }
+            }
+        }
+    }
+
+    /// Drains the available ring, then notifies the guest once.
+    fn process_queue(&self, vring: &VringRwLock, mem: &GuestMemoryMmap) -> io::Result<()> {
+        let mut used = false;
+        loop {
+            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem);
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            let len = self.process_chain(mem, chain);
+            vring.add_used(head, len).map_err(queue_error)?;
+            used = true;
+        }
+        if used && vring.needs_notification().map_err(queue_error)? {
+            vring.signal_used_queue()?;
+        }
+        Ok(())
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.settings.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.settings.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        config::device_features(self.settings.read_only)
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.acked_features.store(features, Ordering::Release);
+        // A driver (re)negotiating starts from the default: write cache on.
+        self.writeback.store(true, Ordering::Release);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        config::protocol_features()
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.blk_config().read(offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        match (offset, buf) {
+            (WRITEBACK_OFFSET, [mode @ (0 | 1)]) => {
+                debug!(
+                    "guest set write cache {}",
+                    if *mode == 1 { "on" } else { "off" }
+                );
+                self.writeback.store(*mode == 1, Ordering::Release);
+                Ok(())
+            }
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "config write of {} bytes at {offset} is not allowed",
+                    buf.len()
+                ),
+            )),
+        }
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        *self.mem.write() = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.settings.num_queues).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+        }
+        let vring = vrings
+            .get(usize::from(device_event))
+            .ok_or_else(|| io::Error::other(format!("no queue {device_event}")))?;
+        let Some(atomic) = self.mem.read().clone() else {
+            return Ok(());
+        };
+        let mem = atomic.memory();
+        if self.event_idx.load(Ordering::Acquire) {
+            // With EVENT_IDX the guest kicks once per batch: drain until re-enabling
+            // notifications finds nothing new, or a request could be stranded.
+            loop {
+                vring.disable_notification().map_err(queue_error)?;
+                self.process_queue(vring, &mem)?;
+                if !vring.enable_notification().map_err(queue_error)? {
+                    break;
+                }
+            }
+        } else {
+            self.process_queue(vring, &mem)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,106 @@
+//! A running export: a socket that serves one frontend at a time, for as long as it is up.
+//!
+//! Each connection gets a fresh vhost-user daemon (fresh vrings and worker threads), so a
+//! guest reboot or a VMM restart reconnects to the same export without a thinblk restart.
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use log::{error, info};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use super::backend::{BlkBackend, DeviceSettings};
+use super::socket::{bind_private, SocketError};
+use crate::engine::BlockDevice;
+
+/// An export being served on its own thread.
+pub struct Export {
+    socket: PathBuf,
+    stopping: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Export {
+    /// Binds `socket` and starts serving `dev` on it.
+    pub fn start(
+        dev: Arc<dyn BlockDevice>,
+        settings: DeviceSettings,
+        socket: &Path,
+    ) -> Result<Export, SocketError> {
+        let listener = bind_private(socket)?;
+        let stopping = Arc::new(AtomicBool::new(false));
+        let backend = Arc::new(BlkBackend::new(dev, settings));
+        let name = socket.display().to_string();
+        let stop = stopping.clone();
+        let thread = std::thread::Builder::new()
+            .name("export".into())
+            .spawn(move || serve(&name, listener, backend, &stop))
+            .map_err(|source| SocketError::Io {
+                path: socket.display().to_string(),
+                source,
+            })?;
+        Ok(Export {
+            socket: socket.to_path_buf(),
+            stopping,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Blocks until the export stops (it does not stop on its own).
+    pub fn wait(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Export {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::Release);
+        // Wake the accept with a connection of our own; the loop sees the flag and ends.
+        let _ = UnixStream::connect(&self.socket);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+fn serve(name: &str, listener: UnixListener, backend: Arc<BlkBackend>, stopping: &AtomicBool) {
+    let mut listener = Listener::from(listener);
+    while !stopping.load(Ordering::Acquire) {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let mut daemon = match VhostUserDaemon::new(name.to_string(), backend.clone(), mem) {
+            Ok(d) => d,
+            Err(e) => {
+                error!("{name}: cannot create the vhost-user daemon: {e}");
+                return;
+            }
+        };
+        if let Err(e) = daemon.start(&mut listener) {
+            error!("{name}: accepting a frontend failed: {e}");
+            continue;
+        }
+        if stopping.load(Ordering::Acquire) {
+            daemon.request_shutdown();
+        } else {
+            info!("{name}: frontend connected");
+        }
+        match daemon.wait() {
+            Ok(()) => info!("{name}: frontend disconnected"),
+            Err(e) => info!("{name}: connection ended: {e}"),
+        }
+        for handler in daemon.get_epoll_handlers() {
+            handler.send_exit_event();
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! Creating a listening unix socket safely: mode 0600, stale sockets replaced, live ones and
+//! non-socket files left alone.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+
+/// Why a socket could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error("{0} is in use by a running server")]
+    Live(String),
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(String),
+    #[error("cannot create socket {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Binds `path`, replacing a stale socket left by a process that died.
+pub fn bind_private(path: &Path) -> Result<UnixListener, SocketError> {
+    let name = path.display().to_string();
+    let io_err = |source| SocketError::Io {
+        path: name.clone(),
+        source,
+    };
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(SocketError::Live(name));
+            }
+            fs::remove_file(path).map_err(io_err)?;
+        }
+        Ok(_) => return Err(SocketError::NotASocket(name)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(io_err)?;
+    // The socket grants full access to the disk: only the owner may connect. The window
+    // between bind and chmod is closed by the caller keeping sockets in a private directory.
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io_err)?;
+    Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockets_are_private_and_stale_ones_are_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let first = bind_private(&path).unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(matches!(bind_private(&path), Err(SocketError::Live(_))));
+        drop(first);
+        bind_private(&path).unwrap();
+    }
+
+    #[test]
+    fn a_regular_file_is_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data");
+        fs::write(&path, b"precious").unwrap();
+        assert!(matches!(
+            bind_private(&path),
+            Err(SocketError::NotASocket(_))
+        ));
+        assert_eq!(fs::read(&path).unwrap(), b"precious");
+    }
+}

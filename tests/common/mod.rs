@@ -1,0 +1,168 @@
+//! Shared pieces of the integration tests: a thinblk daemon in a child process and a blkio
+//! client (libblkio's Rust core, driver virtio-blk-vhost-user) talking to it.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::mem::MaybeUninit;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+
+/// A `thinblk serve` child process, stopped with SIGTERM when dropped.
+pub struct Daemon {
+    child: Child,
+}
+
+impl Daemon {
+    /// Starts `thinblk serve ARGS...` and waits until every socket in `sockets` accepts.
+    pub fn start(args: &[String], sockets: &[&Path]) -> Daemon {
+        let child = Command::new(env!("CARGO_BIN_EXE_thinblk"))
+            .arg("serve")
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn thinblk");
+        let mut d = Daemon { child };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for s in sockets {
+            while std::os::unix::net::UnixStream::connect(s).is_err() {
+                if let Ok(Some(status)) = d.child.try_wait() {
+                    panic!("thinblk exited early: {status}");
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "socket {} never appeared",
+                    s.display()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        // The probing connections above each occupied the export once; give it a moment to
+        // see them close before a real client connects.
+        std::thread::sleep(Duration::from_millis(50));
+        d
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: kill with a pid we own and a valid signal number has no memory effects.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+/// A scratch directory holding a sparse backing file and a socket path.
+pub struct Scratch {
+    pub dir: tempfile::TempDir,
+    pub image: PathBuf,
+    pub socket: PathBuf,
+}
+
+pub fn scratch(size: u64) -> Scratch {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    let socket = dir.path().join("disk.sock");
+    Scratch { dir, image, socket }
+}
+
+pub fn raw_export(s: &Scratch, extra: &str) -> Vec<String> {
+    vec![
+        "--export".into(),
+        format!(
+            "raw={},socket={}{}",
+            s.image.display(),
+            s.socket.display(),
+            extra
+        ),
+    ]
+}
+
+/// A connected and started blkio instance with one buffer region mapped.
+pub struct Client {
+    pub blkio: Blkio,
+    pub queues: Vec<Blkioq>,
+    pub region: MemoryRegion,
+}
+
+pub const REGION_LEN: usize = 4 << 20;
+
+impl Client {
+    pub fn connect(socket: &Path, num_queues: i32) -> Client {
+        Self::try_connect(socket, num_queues).expect("blkio connect")
+    }
+
+    pub fn try_connect(socket: &Path, num_queues: i32) -> blkio::Result<Client> {
+        let mut blkio = Blkio::new("virtio-blk-vhost-user")?;
+        blkio.set_str("path", socket.to_str().unwrap())?;
+        blkio.connect()?;
+        blkio.set_i32("num-queues", num_queues)?;
+        let queues = blkio.start()?.queues;
+        let region = blkio.alloc_mem_region(REGION_LEN)?;
+        blkio.map_mem_region(&region)?;
+        Ok(Client {
+            blkio,
+            queues,
+            region,
+        })
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.blkio.get_u64("capacity").unwrap()
+    }
+
+    /// The mapped buffer region as a byte slice.
+    pub fn buf(&mut self) -> &mut [u8] {
+        // SAFETY: the region is REGION_LEN bytes mapped by blkio for the client's lifetime, and
+        // no request is in flight while the slice is used.
+        unsafe { std::slice::from_raw_parts_mut(self.region.addr as *mut u8, self.region.len) }
+    }
+
+    pub fn buf_ptr(&self, at: usize) -> *mut u8 {
+        (self.region.addr + at) as *mut u8
+    }
+}
+
+/// Waits for one completion on `q` and returns its result (0 or a negative errno).
+pub fn wait_one(q: &mut Blkioq) -> i32 {
+    let mut c = [MaybeUninit::<Completion>::uninit()];
+    let mut timeout = Duration::from_secs(30);
+    let n = q.do_io(&mut c, 1, Some(&mut timeout), None).expect("do_io");
+    assert_eq!(n, 1, "no completion within 30 s");
+    // SAFETY: do_io reported one completion written into the first slot.
+    unsafe { c[0].assume_init_ref() }.ret
+}
+
+pub fn read(q: &mut Blkioq, buf: *mut u8, offset: u64, len: usize) -> i32 {
+    q.read(offset, buf, len, 0, ReqFlags::empty());
+    wait_one(q)
+}
+
+pub fn write(q: &mut Blkioq, buf: *const u8, offset: u64, len: usize) -> i32 {
+    q.write(offset, buf, len, 0, ReqFlags::empty());
+    wait_one(q)
+}
+
+/// A deterministic byte pattern that differs per offset and per seed.
+pub fn pattern(seed: u64, offset: u64, len: usize) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| {
+            let x = (offset + i).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                ^ seed.wrapping_mul(0xD6E8_FEB8_6659_FD93);
+            (x >> 29) as u8
+        })
+        .collect()
+}
