@@ -11,3 +11,6 @@ pub mod socket;
 
 pub use backend::{BlkBackend, DeviceSettings, MAX_QUEUES, MAX_QUEUE_SIZE};
 pub use export::Export;
+
+#[cfg(test)]
+mod queue_tests;

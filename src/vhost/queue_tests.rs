@@ -1,0 +1,557 @@
+//! Whole-queue tests: chains built in guest memory with virtio-queue's mock split queue, run
+//! through the backend's event handler exactly as a worker thread runs them.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use super::backend::{BlkBackend, DeviceSettings};
+use crate::engine::memory::MemoryDevice;
+use crate::engine::{BlockDevice, BlockError};
+
+/// A memory disk that counts flushes, to see the write cache mode at work.
+struct CountingDevice {
+    inner: MemoryDevice,
+    flushes: AtomicUsize,
+}
+
+impl BlockDevice for CountingDevice {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<(), BlockError> {
+        self.inner.read(offset, bufs)
+    }
+    fn write(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<(), BlockError> {
+        self.inner.write(offset, bufs)
+    }
+    fn flush(&self) -> Result<(), BlockError> {
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<(), BlockError> {
+        self.inner.write_zeroes(offset, len, may_unmap)
+    }
+}
+
+const QUEUE_SIZE: u16 = 64;
+const MEM_SIZE: u64 = 0x40_0000;
+const DISK: u64 = 1 << 20;
+const OK: u8 = VIRTIO_BLK_S_OK as u8;
+const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+/// Where headers, data and status bytes live, well past the rings.
+const BUFS: u64 = 0x10_0000;
+
+/// One buffer of a chain: guest address, length, device-writable.
+type Buf = (u64, u32, bool);
+
+struct Harness {
+    mem: GuestMemoryMmap,
+    backend: BlkBackend,
+    vring: VringRwLock,
+    dev: Arc<CountingDevice>,
+    next_desc: u16,
+    heads: Vec<u16>,
+    desc_table: GuestAddress,
+    avail: GuestAddress,
+    used: GuestAddress,
+}
+
+impl Harness {
+    fn new(read_only: bool) -> Self {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+        let dev = Arc::new(CountingDevice {
+            inner: MemoryDevice::new(DISK).unwrap(),
+            flushes: AtomicUsize::new(0),
+        });
+        let settings = DeviceSettings {
+            serial: "disk-under-test".into(),
+            num_queues: 1,
+            queue_size: QUEUE_SIZE,
+            read_only,
+        };
+        let backend = BlkBackend::new(dev.clone(), settings);
+        let atomic = GuestMemoryAtomic::new(mem.clone());
+        backend.update_memory(atomic.clone()).unwrap();
+        let q = MockSplitQueue::new(&mem, QUEUE_SIZE);
+        let vring = VringRwLock::new(atomic, QUEUE_SIZE).unwrap();
+        vring
+            .set_queue_info(q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0)
+            .unwrap();
+        vring.set_queue_size(QUEUE_SIZE);
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        let (desc_table, avail, used) = (q.desc_table_addr(), q.avail_addr(), q.used_addr());
+        Harness {
+            mem,
+            backend,
+            vring,
+            dev,
+            next_desc: 0,
+            heads: Vec::new(),
+            desc_table,
+            avail,
+            used,
+        }
+    }
+
+    /// Writes descriptors at `first` and publishes `head` in the available ring. (The mock
+    /// queue re-initialises its rings whenever one is constructed, so it is only used once.)
+    fn publish(&mut self, first: u16, descs: &[RawDescriptor], head: u16) {
+        for (i, d) in descs.iter().enumerate() {
+            let at = self
+                .desc_table
+                .unchecked_add(16 * u64::from(first + i as u16));
+            self.mem.write_obj(*d, at).unwrap();
+        }
+        let idx: u16 = self.mem.read_obj(self.avail.unchecked_add(2)).unwrap();
+        let slot = self
+            .avail
+            .unchecked_add(4 + 2 * u64::from(idx % QUEUE_SIZE));
+        self.mem.write_obj(head, slot).unwrap();
+        self.mem
+            .write_obj(idx.wrapping_add(1), self.avail.unchecked_add(2))
+            .unwrap();
+    }
+
+    /// Places a chain in the descriptor table and makes it available.
+    fn push(&mut self, bufs: &[Buf]) -> u16 {
+        let head = self.next_desc;
+        let descs: Vec<RawDescriptor> = bufs
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, writable))| {
+                let last = i + 1 == bufs.len();
+                let mut flags = if writable {
+                    VRING_DESC_F_WRITE as u16
+                } else {
+                    0
+                };
+                if !last {
+                    flags |= VRING_DESC_F_NEXT as u16;
+                }
+                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, head + i as u16 + 1))
+            })
+            .collect();
+        self.publish(head, &descs, head);
+        self.next_desc += bufs.len() as u16;
+        self.heads.push(head);
+        head
+    }
+
+    /// Places an indirect table at `table` holding `bufs`, and a chain of one descriptor to it.
+    fn push_indirect(&mut self, table: u64, bufs: &[Buf]) -> u16 {
+        for (i, &(addr, len, writable)) in bufs.iter().enumerate() {
+            let mut flags = if writable {
+                VRING_DESC_F_WRITE as u16
+            } else {
+                0
+            };
+            if i + 1 < bufs.len() {
+                flags |= VRING_DESC_F_NEXT as u16;
+            }
+            let d = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, i as u16 + 1));
+            self.mem
+                .write_obj(d, GuestAddress(table + 16 * i as u64))
+                .unwrap();
+        }
+        let head = self.next_desc;
+        let d = SplitDescriptor::new(
+            table,
+            16 * bufs.len() as u32,
+            VRING_DESC_F_INDIRECT as u16,
+            0,
+        );
+        self.publish(head, &[RawDescriptor::from(d)], head);
+        self.next_desc += 1;
+        self.heads.push(head);
+        head
+    }
+
+    fn run(&self) {
+        self.backend
+            .handle_event(0, EventSet::IN, std::slice::from_ref(&self.vring), 0)
+            .unwrap();
+    }
+
+    fn used_idx(&self) -> u16 {
+        self.mem
+            .read_obj::<u16>(self.used.unchecked_add(2))
+            .unwrap()
+    }
+
+    /// The (descriptor id, length) of used element `i`.
+    fn used(&self, i: u16) -> (u32, u32) {
+        let at = self.used.unchecked_add(4 + 8 * u64::from(i));
+        let id = self.mem.read_obj::<u32>(at).unwrap();
+        let len = self.mem.read_obj::<u32>(at.unchecked_add(4)).unwrap();
+        (id, len)
+    }
+
+    fn header(&self, at: u64, kind: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..].copy_from_slice(&sector.to_le_bytes());
+        self.mem.write_slice(&h, GuestAddress(at)).unwrap();
+    }
+
+    fn status(&self, at: u64) -> u8 {
+        self.mem.read_obj(GuestAddress(at)).unwrap()
+    }
+
+    fn fill(&self, at: u64, len: usize, byte: u8) {
+        self.mem
+            .write_slice(&vec![byte; len], GuestAddress(at))
+            .unwrap();
+    }
+
+    fn bytes(&self, at: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0; len];
+        self.mem.read_slice(&mut v, GuestAddress(at)).unwrap();
+        v
+    }
+
+    fn disk(&self, offset: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0; len];
+        self.dev
+            .read(offset, &mut [IoSliceMut::new(&mut v)])
+            .unwrap();
+        v
+    }
+}
+
+const HDR: u64 = BUFS;
+const DATA: u64 = BUFS + 0x1000;
+const STATUS: u64 = BUFS + 0x800;
+
+#[test]
+fn a_write_then_a_read_move_data_and_report_used_lengths() {
+    let mut h = Harness::new(false);
+    h.header(HDR, VIRTIO_BLK_T_OUT, 8);
+    h.fill(DATA, 4096, 0x5a);
+    h.push(&[(HDR, 16, false), (DATA, 4096, false), (STATUS, 1, true)]);
+    h.header(HDR + 16, VIRTIO_BLK_T_IN, 8);
+    h.push(&[
+        (HDR + 16, 16, false),
+        (DATA + 0x2000, 4096, true),
+        (STATUS + 1, 1, true),
+    ]);
+    h.run();
+    assert_eq!(h.used_idx(), 2);
+    assert_eq!(h.used(0), (0, 1));
+    assert_eq!(h.used(1), (3, 4097));
+    assert_eq!((h.status(STATUS), h.status(STATUS + 1)), (OK, OK));
+    assert_eq!(h.bytes(DATA + 0x2000, 4096), vec![0x5a; 4096]);
+    assert_eq!(h.disk(4096, 4096), vec![0x5a; 4096]);
+}
+
+#[test]
+fn indirect_chains_are_served() {
+    let mut h = Harness::new(false);
+    h.header(HDR, VIRTIO_BLK_T_OUT, 0);
+    h.fill(DATA, 512, 1);
+    h.fill(DATA + 512, 1024, 2);
+    let table = BUFS + 0x8000;
+    h.push_indirect(
+        table,
+        &[
+            (HDR, 16, false),
+            (DATA, 512, false),
+            (DATA + 512, 1024, false),
+            (STATUS, 1, true),
+        ],
+    );
+    h.run();
+    assert_eq!(h.status(STATUS), OK);
+    let mut want = vec![1u8; 512];
+    want.extend(vec![2u8; 1024]);
+    assert_eq!(h.disk(0, 1536), want);
+}
+
+#[test]
+fn get_id_returns_the_export_name_padded() {
+    let mut h = Harness::new(false);
+    h.header(HDR, VIRTIO_BLK_T_GET_ID, 0);
+    h.fill(DATA, 20, 0xff);
+    h.push(&[(HDR, 16, false), (DATA, 20, true), (STATUS, 1, true)]);
+    h.run();
+    assert_eq!(h.status(STATUS), OK);
+    let mut want = b"disk-under-test".to_vec();
+    want.resize(20, 0);
+    assert_eq!(h.bytes(DATA, 20), want);
+    assert_eq!(h.used(0).1, 21);
+}
+
+fn range_segment(sector: u64, sectors: u32, flags: u32) -> Vec<u8> {
+    let mut s = sector.to_le_bytes().to_vec();
+    s.extend(sectors.to_le_bytes());
+    s.extend(flags.to_le_bytes());
+    s
+}
+
+#[test]
+fn discard_and_write_zeroes_take_several_segments() {
+    let mut h = Harness::new(false);
+    h.fill(DATA, 65536, 0x77);
+    h.header(HDR, VIRTIO_BLK_T_OUT, 0);
+    h.push(&[(HDR, 16, false), (DATA, 65536, false), (STATUS, 1, true)]);
+    let mut segs = range_segment(0, 8, 1);
+    segs.extend(range_segment(16, 8, 0));
+    h.mem
+        .write_slice(&segs, GuestAddress(DATA + 0x20000))
+        .unwrap();
+    h.header(HDR + 16, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+    h.push(&[
+        (HDR + 16, 16, false),
+        (DATA + 0x20000, 32, false),
+        (STATUS + 1, 1, true),
+    ]);
+    h.mem
+        .write_slice(&range_segment(64, 16, 0), GuestAddress(DATA + 0x20100))
+        .unwrap();
+    h.header(HDR + 32, VIRTIO_BLK_T_DISCARD, 0);
+    h.push(&[
+        (HDR + 32, 16, false),
+        (DATA + 0x20100, 16, false),
+        (STATUS + 2, 1, true),
+    ]);
+    h.run();
+    assert_eq!(
+        [h.status(STATUS), h.status(STATUS + 1), h.status(STATUS + 2)],
+        [OK; 3]
+    );
+    let disk = h.disk(0, 65536);
+    assert!(disk[..4096].iter().all(|&b| b == 0));
+    assert!(disk[4096..8192].iter().all(|&b| b == 0x77));
+    assert!(disk[8192..12288].iter().all(|&b| b == 0));
+    assert!(disk[32768..40960].iter().all(|&b| b == 0));
+    assert!(disk[40960..].iter().all(|&b| b == 0x77));
+}
+
+#[test]
+fn unknown_flags_and_unknown_types_are_unsupported() {
+    let mut h = Harness::new(false);
+    h.mem
+        .write_slice(&range_segment(0, 8, 0x4), GuestAddress(DATA))
+        .unwrap();
+    h.header(HDR, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+    h.push(&[(HDR, 16, false), (DATA, 16, false), (STATUS, 1, true)]);
+    h.mem
+        .write_slice(&range_segment(0, 8, 1), GuestAddress(DATA + 16))
+        .unwrap();
+    h.header(HDR + 16, VIRTIO_BLK_T_DISCARD, 0);
+    h.push(&[
+        (HDR + 16, 16, false),
+        (DATA + 16, 16, false),
+        (STATUS + 1, 1, true),
+    ]);
+    h.header(HDR + 32, 0x55, 0);
+    h.push(&[(HDR + 32, 16, false), (STATUS + 2, 1, true)]);
+    h.run();
+    assert_eq!(
+        [h.status(STATUS), h.status(STATUS + 1), h.status(STATUS + 2)],
+        [UNSUPP; 3]
+    );
+}
+
+#[test]
+fn every_bad_chain_gets_an_error_and_returns_to_the_used_ring() {
+    let mut h = Harness::new(false);
+    let far = MEM_SIZE + 0x1000;
+    let mut expect = Vec::new();
+    let mut case = |h: &mut Harness, bufs: &[Buf], status: Option<u64>, want: u8| {
+        if let Some(s) = status {
+            h.mem.write_obj(0xeeu8, GuestAddress(s)).unwrap();
+        }
+        h.push(bufs);
+        expect.push((status, want));
+    };
+    // Chain too short for a header.
+    case(
+        &mut h,
+        &[(HDR, 8, false), (STATUS, 1, true)],
+        Some(STATUS),
+        IOERR,
+    );
+    // Header outside guest memory.
+    case(
+        &mut h,
+        &[(far, 16, false), (STATUS + 1, 1, true)],
+        Some(STATUS + 1),
+        IOERR,
+    );
+    // Data buffer outside guest memory.
+    h.header(HDR + 0x40, VIRTIO_BLK_T_IN, 0);
+    case(
+        &mut h,
+        &[
+            (HDR + 0x40, 16, false),
+            (far, 4096, true),
+            (STATUS + 2, 1, true),
+        ],
+        Some(STATUS + 2),
+        IOERR,
+    );
+    // Status descriptor the device may not write: nowhere to report, but the chain returns.
+    h.header(HDR + 0x80, VIRTIO_BLK_T_IN, 0);
+    case(
+        &mut h,
+        &[
+            (HDR + 0x80, 16, false),
+            (DATA, 512, true),
+            (STATUS + 3, 1, false),
+        ],
+        None,
+        0,
+    );
+    // Sector range past the capacity.
+    h.header(HDR + 0xc0, VIRTIO_BLK_T_IN, DISK / 512);
+    case(
+        &mut h,
+        &[
+            (HDR + 0xc0, 16, false),
+            (DATA, 512, true),
+            (STATUS + 4, 1, true),
+        ],
+        Some(STATUS + 4),
+        IOERR,
+    );
+    // Length not a multiple of 512.
+    h.header(HDR + 0x100, VIRTIO_BLK_T_OUT, 0);
+    case(
+        &mut h,
+        &[
+            (HDR + 0x100, 16, false),
+            (DATA, 100, false),
+            (STATUS + 5, 1, true),
+        ],
+        Some(STATUS + 5),
+        IOERR,
+    );
+    // Sector number whose byte offset overflows.
+    h.header(HDR + 0x140, VIRTIO_BLK_T_IN, u64::MAX / 256);
+    case(
+        &mut h,
+        &[
+            (HDR + 0x140, 16, false),
+            (DATA, 512, true),
+            (STATUS + 6, 1, true),
+        ],
+        Some(STATUS + 6),
+        IOERR,
+    );
+    // A good request after all of them still works.
+    h.header(HDR + 0x180, VIRTIO_BLK_T_IN, 0);
+    case(
+        &mut h,
+        &[
+            (HDR + 0x180, 16, false),
+            (DATA, 512, true),
+            (STATUS + 7, 1, true),
+        ],
+        Some(STATUS + 7),
+        OK,
+    );
+
+    h.run();
+    assert_eq!(
+        h.used_idx() as usize,
+        expect.len(),
+        "every chain is returned"
+    );
+    for (i, ((status, want), head)) in expect.iter().zip(&h.heads).enumerate() {
+        assert_eq!(
+            h.used(i as u16).0,
+            u32::from(*head),
+            "used element {i} names its chain"
+        );
+        if let Some(s) = status {
+            assert_eq!(h.status(*s), *want, "status of case {i}");
+        } else {
+            assert_eq!(h.used(i as u16).1, 0, "case {i} wrote nothing");
+        }
+    }
+}
+
+#[test]
+fn a_read_only_export_fails_writes_but_serves_reads_and_flushes() {
+    let mut h = Harness::new(true);
+    h.header(HDR, VIRTIO_BLK_T_OUT, 0);
+    h.push(&[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)]);
+    h.mem
+        .write_slice(&range_segment(0, 8, 0), GuestAddress(DATA + 0x1000))
+        .unwrap();
+    h.header(HDR + 16, VIRTIO_BLK_T_DISCARD, 0);
+    h.push(&[
+        (HDR + 16, 16, false),
+        (DATA + 0x1000, 16, false),
+        (STATUS + 1, 1, true),
+    ]);
+    h.header(HDR + 32, VIRTIO_BLK_T_IN, 0);
+    h.push(&[
+        (HDR + 32, 16, false),
+        (DATA, 512, true),
+        (STATUS + 2, 1, true),
+    ]);
+    h.header(HDR + 48, VIRTIO_BLK_T_FLUSH, 0);
+    h.push(&[(HDR + 48, 16, false), (STATUS + 3, 1, true)]);
+    h.run();
+    let got = [
+        h.status(STATUS),
+        h.status(STATUS + 1),
+        h.status(STATUS + 2),
+        h.status(STATUS + 3),
+    ];
+    assert_eq!(got, [IOERR, IOERR, OK, OK]);
+}
+
+#[test]
+fn the_guest_can_turn_the_write_cache_off() {
+    let h = Harness::new(false);
+    h.backend.acked_features(h.backend.features());
+    assert!(h.backend.writeback());
+    assert_eq!(h.backend.get_config(32, 1), vec![1]);
+    h.backend.set_config(32, &[0]).unwrap();
+    assert!(!h.backend.writeback());
+    assert_eq!(h.backend.get_config(32, 1), vec![0]);
+    assert!(
+        h.backend.set_config(0, &[0; 8]).is_err(),
+        "capacity is not writable"
+    );
+    assert!(h.backend.set_config(32, &[7]).is_err());
+}
+
+#[test]
+fn writes_are_flushed_before_completing_only_in_writethrough_mode() {
+    let mut h = Harness::new(false);
+    h.backend.acked_features(h.backend.features());
+    h.header(HDR, VIRTIO_BLK_T_OUT, 0);
+    h.push(&[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)]);
+    h.run();
+    assert_eq!(
+        h.dev.flushes.load(Ordering::SeqCst),
+        0,
+        "writeback: no flush per write"
+    );
+    h.backend.set_config(32, &[0]).unwrap();
+    h.push(&[(HDR, 16, false), (DATA, 512, false), (STATUS + 1, 1, true)]);
+    h.run();
+    assert_eq!(h.status(STATUS + 1), OK);
+    assert_eq!(
+        h.dev.flushes.load(Ordering::SeqCst),
+        1,
+        "writethrough: flushed before completion"
+    );
+}
