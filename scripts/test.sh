@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The one command that passes the tests: installs what a fresh Debian machine lacks, then runs
+# every test — unit, property, integration (blkio and vhost frontends) and the QEMU guest
+# end-to-end tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export DEBIAN_FRONTEND=noninteractive
+packages=(qemu-system-x86 qemu-utils fio busybox-static cpio thin-provisioning-tools zstd e2fsprogs)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing: ${missing[*]}"
+    apt-get update -qq
+    apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+cargo build --release --locked
+cargo test --release --locked --all-targets 2>&1 | tee target/cargo-test.log
+THINBLK="$PWD/target/release/thinblk" bash qemu-scripts/e2e.sh
