@@ -17,6 +17,10 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+python3 -c "import qemu.qmp, pytest" 2>/dev/null ||
+    python3 -m pip install -q --root-user-action=ignore qemu.qmp pytest
+
 cargo build --release --locked
 cargo test --release --locked --all-targets 2>&1 | tee target/cargo-test.log
+THINBLK="$PWD/target/release/thinblk" python3 -m pytest -q tests/qmp
 THINBLK="$PWD/target/release/thinblk" bash qemu-scripts/e2e.sh

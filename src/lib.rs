@@ -9,6 +9,8 @@ pub mod bufio;
 pub mod engine;
 pub mod vhost;
 
+pub mod control;
 pub mod daemon;
 pub mod export_spec;
 mod signals;
+pub mod sockets;

@@ -42,9 +42,14 @@ struct ServeArgs {
     #[arg(long = "export", value_name = "SPEC", verbatim_doc_comment)]
     exports: Vec<ExportSpec>,
 
-    /// Directory for the default disk and socket when no --export is given.
+    /// Directory for the default disk and sockets when no --export is given.
     #[arg(long, value_name = "DIR", default_value = daemon::DEFAULT_POOL_DIR)]
     dir: PathBuf,
+
+    /// The QMP control socket (mode 0600). Default with no --export: DIR/control.sock;
+    /// with --export: none unless given.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -55,12 +60,15 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or(Command::Serve(ServeArgs::default_with_dir()))
     {
         Command::Serve(args) => {
-            let exports = if args.exports.is_empty() {
-                vec![daemon::default_export(&args.dir)?]
+            let (exports, control) = if args.exports.is_empty() {
+                let control = args
+                    .control
+                    .unwrap_or_else(|| args.dir.join("control.sock"));
+                (vec![daemon::default_export(&args.dir)?], Some(control))
             } else {
-                args.exports
+                (args.exports, args.control)
             };
-            daemon::serve(&exports)
+            daemon::serve(&exports, control.as_deref())
         }
     }
 }
@@ -70,6 +78,7 @@ impl ServeArgs {
         ServeArgs {
             exports: Vec::new(),
             dir: PathBuf::from(daemon::DEFAULT_POOL_DIR),
+            control: None,
         }
     }
 }

@@ -15,8 +15,8 @@ use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::backend::{BlkBackend, DeviceSettings};
-use super::socket::{bind_private, SocketError};
 use crate::engine::BlockDevice;
+use crate::sockets::{bind_private, SocketError};
 
 /// An export being served on its own thread.
 pub struct Export {

@@ -7,7 +7,6 @@ pub mod config;
 pub mod execute;
 pub mod export;
 pub mod request;
-pub mod socket;
 
 pub use backend::{BlkBackend, DeviceSettings, MAX_QUEUES, MAX_QUEUE_SIZE};
 pub use export::Export;

@@ -6,10 +6,13 @@ use std::sync::Arc;
 use anyhow::Context;
 use log::info;
 
+use crate::control::ControlServer;
 use crate::engine::raw::{RawDevice, RawOptions};
 use crate::engine::BlockDevice;
 use crate::export_spec::{Backing, ExportSpec, DEFAULT_QUEUES, DEFAULT_QUEUE_SIZE};
-use crate::vhost::{DeviceSettings, Export};
+use state::{ExportConfig, Node, State};
+
+pub mod state;
 
 /// Size of the disk `thinblk serve` creates when run with no options.
 pub const DEFAULT_DISK_SIZE: u64 = 16 << 30;
@@ -70,35 +73,50 @@ pub fn qemu_options(socket: &Path, queues: u16) -> String {
     )
 }
 
-/// Starts every export; they run until the process gets SIGINT or SIGTERM.
-pub fn serve(specs: &[ExportSpec]) -> anyhow::Result<()> {
+/// Starts every export and the control socket; they run until SIGINT or SIGTERM.
+pub fn serve(specs: &[ExportSpec], control: Option<&Path>) -> anyhow::Result<()> {
     let signals = crate::signals::block_termination()?;
-    let mut exports = Vec::new();
+    let state = State::new();
     for spec in specs {
         let dev = open_device(spec)?;
-        let settings = DeviceSettings {
-            serial: spec.id.clone(),
-            num_queues: spec.queues,
-            queue_size: spec.queue_size,
-            read_only: spec.read_only,
-        };
-        let export = Export::start(dev, settings, &spec.socket)
+        state.add_node(
+            &spec.id,
+            Node {
+                dev,
+                read_only: spec.read_only,
+            },
+        )?;
+        state
+            .add_export(ExportConfig {
+                id: spec.id.clone(),
+                node: spec.id.clone(),
+                socket: spec.socket.clone(),
+                writable: !spec.read_only,
+                num_queues: spec.queues,
+                queue_size: spec.queue_size,
+            })
             .with_context(|| format!("starting export {}", spec.id))?;
-        println!("export {} at {}", spec.id, spec.socket.display());
-        println!(
-            "  QEMU: {}",
-            qemu_options(&absolute(&spec.socket), spec.queues)
-        );
+        let socket = absolute(&spec.socket);
+        println!("export {} at {}", spec.id, socket.display());
+        println!("  QEMU: {}", qemu_options(&socket, spec.queues));
         println!(
             "  cloud-hypervisor: --memory size=1G,shared=on --disk vhost_user=on,socket={},num_queues={}",
-            absolute(&spec.socket).display(),
+            socket.display(),
             spec.queues
         );
-        exports.push(export);
     }
+    let _control = match control {
+        Some(path) => {
+            let server = ControlServer::start(path, state.clone())
+                .with_context(|| format!("starting the control socket {}", path.display()))?;
+            println!("control (QMP) at {}", absolute(path).display());
+            Some(server)
+        }
+        None => None,
+    };
     let sig = signals.wait()?;
     info!("signal {sig}: stopping");
-    drop(exports);
+    state.stop_all();
     Ok(())
 }
 

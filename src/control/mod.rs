@@ -1,0 +1,60 @@
+//! The QMP control socket: QEMU's wire format, so existing clients (qemu.qmp, qmp-shell) work.
+
+pub mod commands;
+pub mod json_stream;
+pub mod protocol;
+mod session;
+
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use log::{info, warn};
+
+use crate::daemon::state::State;
+use crate::sockets::{bind_private, SocketError};
+
+/// The listening control socket; each client gets a thread.
+pub struct ControlServer {
+    path: PathBuf,
+}
+
+impl ControlServer {
+    pub fn start(path: &Path, state: Arc<State>) -> Result<ControlServer, SocketError> {
+        let listener = bind_private(path)?;
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || accept_loop(listener, state))
+            .map_err(|source| SocketError::Io {
+                path: path.display().to_string(),
+                source,
+            })?;
+        info!("control socket at {}", path.display());
+        Ok(ControlServer {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn accept_loop(listener: UnixListener, state: Arc<State>) {
+    for conn in listener.incoming() {
+        match conn {
+            Ok(stream) => {
+                let state = state.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("qmp-client".into())
+                    .spawn(move || session::run(state, stream));
+                if let Err(e) = spawned {
+                    warn!("control: cannot start a client thread: {e}");
+                }
+            }
+            Err(e) => warn!("control: accept failed: {e}"),
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! One QMP client connection: greeting, capabilities negotiation, then commands.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+
+use log::{debug, warn};
+use parking_lot::Mutex;
+use serde_json::{json, Map, Value};
+
+use super::commands;
+use super::json_stream::{next_piece, Piece};
+use super::protocol::{encode, greeting, reply, QmpError};
+use crate::daemon::state::State;
+
+struct Session {
+    state: Arc<State>,
+    writer: Arc<Mutex<UnixStream>>,
+    /// Set once `qmp_capabilities` succeeded: the event subscription token.
+    subscription: Option<u64>,
+}
+
+/// Serves one client until it hangs up.
+pub fn run(state: Arc<State>, stream: UnixStream) {
+    let mut reader = match stream.try_clone() {
+        Ok(r) => r,
+        Err(e) => {
+            warn!("control: cannot clone client socket: {e}");
+            return;
+        }
+    };
+    let mut s = Session {
+        state,
+        writer: Arc::new(Mutex::new(stream)),
+        subscription: None,
+    };
+    if s.send(&greeting()).is_err() {
+        return;
+    }
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    'conn: loop {
+        loop {
+            match next_piece(&buf) {
+                Piece::Text(n) => {
+                    let text: Vec<u8> = buf.drain(..n).collect();
+                    if s.handle(&text).is_err() {
+                        break 'conn;
+                    }
+                }
+                Piece::Garbage(n) => {
+                    buf.drain(..n);
+                    let err = QmpError::generic("JSON parse error, unexpected character");
+                    if s.send(&reply(Err(err), None)).is_err() {
+                        break 'conn;
+                    }
+                }
+                Piece::Incomplete => break,
+                Piece::TooLong => {
+                    let err = QmpError::generic("JSON text too long; closing the connection");
+                    let _ = s.send(&reply(Err(err), None));
+                    break 'conn;
+                }
+            }
+        }
+        match reader.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(chunk.get(..n).unwrap_or(&[])),
+        }
+    }
+    if let Some(token) = s.subscription {
+        s.state.unsubscribe(token);
+    }
+    debug!("control: client gone");
+}
+
+/// Checks the shape of a command object; returns (name, arguments, id).
+fn frame(v: Value) -> Result<(String, Value, Option<Value>), (QmpError, Option<Value>)> {
+    let Value::Object(mut m) = v else {
+        return Err((QmpError::generic("QMP input must be a JSON object"), None));
+    };
+    let id = m.remove("id");
+    let fail = |desc: String, id: &Option<Value>| Err((QmpError::generic(desc), id.clone()));
+    if let Some(k) = m
+        .keys()
+        .find(|k| !matches!(k.as_str(), "execute" | "arguments"))
+    {
+        return fail(format!("QMP input member '{k}' is unexpected"), &id);
+    }
+    let name = match m.remove("execute") {
+        Some(Value::String(s)) => s,
+        Some(_) => return fail("QMP input member 'execute' must be a string".into(), &id),
+        None => return fail("QMP input lacks member 'execute'".into(), &id),
+    };
+    let args = match m.remove("arguments") {
+        Some(a @ Value::Object(_)) => a,
+        Some(_) => return fail("QMP input member 'arguments' must be an object".into(), &id),
+        None => Value::Object(Map::new()),
+    };
+    Ok((name, args, id))
+}
+
+impl Session {
+    fn send(&self, v: &Value) -> std::io::Result<()> {
+        self.writer.lock().write_all(&encode(v))
+    }
+
+    fn handle(&mut self, text: &[u8]) -> std::io::Result<()> {
+        let parsed: Result<Value, _> = serde_json::from_slice(text);
+        let value = match parsed {
+            Ok(v) => v,
+            Err(e) => {
+                let err = QmpError::generic(format!("JSON parse error, {e}"));
+                return self.send(&reply(Err(err), None));
+            }
+        };
+        let (name, args, id) = match frame(value) {
+            Ok(f) => f,
+            Err((err, id)) => return self.send(&reply(Err(err), id)),
+        };
+        debug!("control: {name} {args}");
+        let result = if self.subscription.is_none() {
+            self.negotiate(&name, args)
+        } else {
+            match commands::find(&name) {
+                Some(handler) => handler(&self.state, args),
+                None => Err(QmpError::command_not_found(format!(
+                    "The command {name} has not been found"
+                ))),
+            }
+        };
+        self.send(&reply(result, id))
+    }
+
+    /// Before `qmp_capabilities`, nothing else runs and no events are sent.
+    fn negotiate(&mut self, name: &str, args: Value) -> Result<Value, QmpError> {
+        if name != "qmp_capabilities" {
+            return Err(QmpError::command_not_found(
+                "Expecting capabilities negotiation with 'qmp_capabilities'",
+            ));
+        }
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Caps {
+            #[serde(default)]
+            enable: Vec<String>,
+        }
+        let caps: Caps = serde_json::from_value(args)
+            .map_err(|e| QmpError::generic(format!("invalid arguments: {e}")))?;
+        if let Some(c) = caps.enable.first() {
+            return Err(QmpError::generic(format!(
+                "capability '{c}' is not supported"
+            )));
+        }
+        self.subscription = Some(self.state.subscribe(self.writer.clone()));
+        Ok(json!({}))
+    }
+}

@@ -1,0 +1,194 @@
+//! What a running daemon holds: named block nodes, the exports serving them, and the clients
+//! that listen for events. The control socket and the command line both act through this.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use log::{info, warn};
+use parking_lot::Mutex;
+use serde_json::Value;
+
+use crate::control::protocol::{encode, event};
+use crate::engine::BlockDevice;
+use crate::sockets::SocketError;
+use crate::vhost::{DeviceSettings, Export};
+
+/// A named disk that exports can serve.
+#[derive(Clone)]
+pub struct Node {
+    pub dev: Arc<dyn BlockDevice>,
+    /// The node itself refuses writes, so no export of it may be writable.
+    pub read_only: bool,
+}
+
+/// How an export was asked for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportConfig {
+    pub id: String,
+    pub node: String,
+    pub socket: PathBuf,
+    pub writable: bool,
+    pub num_queues: u16,
+    pub queue_size: u16,
+}
+
+struct RunningExport {
+    config: ExportConfig,
+    /// Dropping it stops the export and removes its socket.
+    _export: Export,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("no block node named '{0}'")]
+    NoNode(String),
+    #[error("block node '{0}' already exists")]
+    NodeExists(String),
+    #[error("no export with id '{0}'")]
+    NoExport(String),
+    #[error("an export with id '{0}' already exists")]
+    ExportExists(String),
+    #[error("block node '{0}' is read-only; the export cannot be writable")]
+    ReadOnlyNode(String),
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+}
+
+/// The daemon's shared state.
+#[derive(Default)]
+pub struct State {
+    nodes: Mutex<BTreeMap<String, Node>>,
+    exports: Mutex<BTreeMap<String, RunningExport>>,
+    listeners: Mutex<Vec<(u64, Arc<Mutex<UnixStream>>)>>,
+    next_listener: AtomicU64,
+}
+
+impl State {
+    pub fn new() -> Arc<State> {
+        Arc::new(State::default())
+    }
+
+    pub fn add_node(&self, name: &str, node: Node) -> Result<(), StateError> {
+        let mut nodes = self.nodes.lock();
+        if nodes.contains_key(name) {
+            return Err(StateError::NodeExists(name.into()));
+        }
+        nodes.insert(name.into(), node);
+        Ok(())
+    }
+
+    pub fn node_names(&self) -> Vec<String> {
+        self.nodes.lock().keys().cloned().collect()
+    }
+
+    pub fn node(&self, name: &str) -> Result<Node, StateError> {
+        self.nodes
+            .lock()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| StateError::NoNode(name.into()))
+    }
+
+    /// Starts serving a node on a new socket.
+    pub fn add_export(&self, config: ExportConfig) -> Result<(), StateError> {
+        let node = self.node(&config.node)?;
+        if config.writable && node.read_only {
+            return Err(StateError::ReadOnlyNode(config.node.clone()));
+        }
+        let mut exports = self.exports.lock();
+        if exports.contains_key(&config.id) {
+            return Err(StateError::ExportExists(config.id.clone()));
+        }
+        let settings = DeviceSettings {
+            serial: config.id.clone(),
+            num_queues: config.num_queues,
+            queue_size: config.queue_size,
+            read_only: !config.writable,
+        };
+        let export = Export::start(node.dev, settings, &config.socket)?;
+        info!(
+            "export {} of node {} at {}",
+            config.id,
+            config.node,
+            config.socket.display()
+        );
+        exports.insert(
+            config.id.clone(),
+            RunningExport {
+                config,
+                _export: export,
+            },
+        );
+        Ok(())
+    }
+
+    /// Stops an export; its frontend sees the socket close.
+    pub fn remove_export(&self, id: &str) -> Result<(), StateError> {
+        let removed = self.exports.lock().remove(id);
+        let Some(export) = removed else {
+            return Err(StateError::NoExport(id.into()));
+        };
+        drop(export);
+        info!("export {id} stopped");
+        self.emit("BLOCK_EXPORT_DELETED", serde_json::json!({ "id": id }));
+        Ok(())
+    }
+
+    pub fn exports(&self) -> Vec<ExportConfig> {
+        self.exports
+            .lock()
+            .values()
+            .map(|e| e.config.clone())
+            .collect()
+    }
+
+    pub fn export_socket(&self, id: &str) -> Option<PathBuf> {
+        self.exports.lock().get(id).map(|e| e.config.socket.clone())
+    }
+
+    /// Stops every export (at shutdown).
+    pub fn stop_all(&self) {
+        let all = std::mem::take(&mut *self.exports.lock());
+        drop(all);
+    }
+
+    /// Sends events to a client from now on; returns the token that unsubscribes it.
+    pub fn subscribe(&self, stream: Arc<Mutex<UnixStream>>) -> u64 {
+        // A client that stops reading must not stall everyone else's events.
+        let _ = stream
+            .lock()
+            .set_write_timeout(Some(Duration::from_secs(1)));
+        let token = self.next_listener.fetch_add(1, Ordering::Relaxed);
+        self.listeners.lock().push((token, stream));
+        token
+    }
+
+    pub fn unsubscribe(&self, token: u64) {
+        self.listeners.lock().retain(|(t, _)| *t != token);
+    }
+
+    /// Sends an event to every subscribed client; a client that cannot take it is dropped.
+    pub fn emit(&self, name: &str, data: Value) {
+        let bytes = encode(&event(name, data));
+        self.listeners
+            .lock()
+            .retain(|(_, s)| match s.lock().write_all(&bytes) {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!("dropping an event listener: {e}");
+                    false
+                }
+            });
+    }
+}
+
+pub fn socket_path_is_valid(path: &Path) -> bool {
+    let len = path.as_os_str().len();
+    // sun_path holds 108 bytes including the terminating NUL.
+    len > 0 && len < 108 && !path.as_os_str().as_encoded_bytes().contains(&0)
+}
