@@ -74,8 +74,17 @@ pub fn run(state: Arc<State>, stream: UnixStream) {
     debug!("control: client gone");
 }
 
-/// Checks the shape of a command object; returns (name, arguments, id).
-fn frame(v: Value) -> Result<(String, Value, Option<Value>), (QmpError, Option<Value>)> {
+/// A command object whose shape has been checked.
+struct Command {
+    name: String,
+    args: Value,
+    id: Option<Value>,
+}
+
+/// A shape error, with the id to echo if the object had one.
+type FrameError = (QmpError, Option<Value>);
+
+fn frame(v: Value) -> Result<Command, FrameError> {
     let Value::Object(mut m) = v else {
         return Err((QmpError::generic("QMP input must be a JSON object"), None));
     };
@@ -97,7 +106,7 @@ fn frame(v: Value) -> Result<(String, Value, Option<Value>), (QmpError, Option<V
         Some(_) => return fail("QMP input member 'arguments' must be an object".into(), &id),
         None => Value::Object(Map::new()),
     };
-    Ok((name, args, id))
+    Ok(Command { name, args, id })
 }
 
 impl Session {
@@ -114,7 +123,7 @@ impl Session {
                 return self.send(&reply(Err(err), None));
             }
         };
-        let (name, args, id) = match frame(value) {
+        let Command { name, args, id } = match frame(value) {
             Ok(f) => f,
             Err((err, id)) => return self.send(&reply(Err(err), id)),
         };
