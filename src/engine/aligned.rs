@@ -7,16 +7,18 @@ use std::io::{IoSlice, IoSliceMut};
 /// caller then falls back to buffered I/O, so this is a fast-path hint, not a correctness rule.
 pub const DIRECT_ALIGN: usize = 512;
 
-fn aligned(addr: usize, len: usize) -> bool {
-    addr.is_multiple_of(DIRECT_ALIGN) && len.is_multiple_of(DIRECT_ALIGN)
+/// Whether I/O at `offset` into buffers of (address, length) may use an O_DIRECT descriptor.
+pub fn direct_aligned(offset: u64, mut bufs: impl Iterator<Item = (usize, usize)>) -> bool {
+    offset.is_multiple_of(DIRECT_ALIGN as u64)
+        && bufs.all(|(addr, len)| {
+            addr.is_multiple_of(DIRECT_ALIGN) && len.is_multiple_of(DIRECT_ALIGN)
+        })
 }
 
 pub fn read_bufs_aligned(offset: u64, bufs: &[IoSliceMut<'_>]) -> bool {
-    offset.is_multiple_of(DIRECT_ALIGN as u64)
-        && bufs.iter().all(|b| aligned(b.as_ptr() as usize, b.len()))
+    direct_aligned(offset, bufs.iter().map(|b| (b.as_ptr() as usize, b.len())))
 }
 
 pub fn write_bufs_aligned(offset: u64, bufs: &[IoSlice<'_>]) -> bool {
-    offset.is_multiple_of(DIRECT_ALIGN as u64)
-        && bufs.iter().all(|b| aligned(b.as_ptr() as usize, b.len()))
+    direct_aligned(offset, bufs.iter().map(|b| (b.as_ptr() as usize, b.len())))
 }

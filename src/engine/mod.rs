@@ -11,6 +11,7 @@ pub mod pdata;
 pub mod raw;
 
 use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::RawFd;
 
 pub use error::BlockError;
 
@@ -33,7 +34,42 @@ pub trait BlockDevice: Send + Sync {
 
     /// Makes the range read as zeros; with `may_unmap` the space may be released as well.
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<(), BlockError>;
+
+    /// Where a range lives on host files, so a caller can do the I/O asynchronously itself.
+    /// `None`: the device has no such mapping and the synchronous methods must be used.
+    /// The descriptors stay valid for as long as the device lives.
+    fn map(&self, _op: MapOp, _offset: u64, _len: u64) -> Result<Option<Vec<Extent>>, BlockError> {
+        Ok(None)
+    }
+
+    /// A host file whose fdatasync makes every completed write durable, if there is one.
+    fn flush_fd(&self) -> Option<RawFd> {
+        None
+    }
 }
+
+/// What a mapped range is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapOp {
+    Read,
+    Write,
+}
+
+/// A piece of a device range resolved to host storage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Extent {
+    /// `len` bytes at `offset` of the open file `fd`. With `direct`, `fd` was opened O_DIRECT
+    /// and I/O must be aligned to [`DIRECT_ALIGN`]: unaligned requests take the synchronous
+    /// path instead.
+    File {
+        fd: RawFd,
+        offset: u64,
+        len: u64,
+        direct: bool,
+    },
+}
+
+pub use aligned::{direct_aligned, DIRECT_ALIGN};
 
 /// Total length of a scatter-gather list, or `None` if it does not fit a `u64`.
 pub fn iovec_len<T: std::ops::Deref<Target = [u8]>>(bufs: &[T]) -> Option<u64> {

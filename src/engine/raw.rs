@@ -12,7 +12,7 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
 use super::aligned::{read_bufs_aligned, write_bufs_aligned};
-use super::{check_range, iovec_len, BlockDevice, BlockError};
+use super::{check_range, iovec_len, BlockDevice, BlockError, Extent, MapOp};
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 const BLKDISCARD: libc::c_ulong = 0x1277;
@@ -231,6 +231,27 @@ fn pwrite_all(file: &File, mut bufs: &mut [IoSlice<'_>], mut offset: u64) -> io:
 impl BlockDevice for RawDevice {
     fn size(&self) -> u64 {
         self.size
+    }
+
+    fn map(&self, op: MapOp, offset: u64, len: u64) -> Result<Option<Vec<Extent>>, BlockError> {
+        if op == MapOp::Write {
+            self.writable()?;
+        }
+        check_range(offset, len, self.size)?;
+        let (fd, direct) = match &self.direct {
+            Some(f) => (f.as_raw_fd(), true),
+            None => (self.buffered.as_raw_fd(), false),
+        };
+        Ok(Some(vec![Extent::File {
+            fd,
+            offset,
+            len,
+            direct,
+        }]))
+    }
+
+    fn flush_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.buffered.as_raw_fd())
     }
 
     fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<(), BlockError> {

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use log::{debug, warn};
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::{DescriptorChain, QueueT};
@@ -17,7 +17,8 @@ use vmm_sys_util::event::{
 
 use super::config::{self, BlkConfig, SECTOR_SIZE, WRITEBACK_OFFSET};
 use super::execute::{complete, Target};
-use super::request::{parse, Desc};
+use super::request::{parse, Desc, Request};
+use super::uring::{QueueRing, Started};
 use crate::engine::BlockDevice;
 
 /// Limits from the virtio-blk and vhost-user specifications that an export may choose within.
@@ -43,6 +44,8 @@ pub struct BlkBackend {
     acked_features: AtomicU64,
     /// The guest-visible write cache bit (config space `writeback`).
     writeback: AtomicBool,
+    /// One ring per queue; `None` where io_uring is unavailable (everything runs synchronously).
+    rings: Vec<Mutex<Option<QueueRing>>>,
 }
 
 fn queue_error(e: virtio_queue::Error) -> io::Error {
@@ -51,7 +54,19 @@ fn queue_error(e: virtio_queue::Error) -> io::Error {
 
 impl BlkBackend {
     pub fn new(dev: Arc<dyn BlockDevice>, settings: DeviceSettings) -> Self {
+        let rings = (0..settings.num_queues)
+            .map(
+                |q| match QueueRing::new(u32::from(settings.queue_size) * 2) {
+                    Ok(r) => Mutex::new(Some(r)),
+                    Err(e) => {
+                        warn!("queue {q}: io_uring unavailable ({e}); using synchronous I/O");
+                        Mutex::new(None)
+                    }
+                },
+            )
+            .collect();
         BlkBackend {
+            rings,
             dev,
             settings,
             mem: RwLock::new(None),
@@ -77,8 +92,29 @@ impl BlkBackend {
         }
     }
 
-    /// Runs one chain to completion; returns the used length.
-    pub fn process_chain<M>(&self, mem: &GuestMemoryMmap, chain: DescriptorChain<M>) -> u32
+    fn target(&self) -> Target<'_> {
+        Target {
+            dev: self.dev.as_ref(),
+            read_only: self.settings.read_only,
+            serial: self.settings.serial.as_bytes(),
+            writeback: self.writeback(),
+        }
+    }
+
+    /// The epoll event id of every queue's completion eventfd (each worker has its own epoll).
+    pub fn completion_event(&self) -> u16 {
+        self.settings.num_queues + 1
+    }
+
+    /// The eventfd that signals completions of queue `queue`'s ring, if it has one.
+    pub fn completion_fd(&self, queue: usize) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        let ring = self.rings.get(queue)?.lock();
+        ring.as_ref().map(|r| r.eventfd().as_raw_fd())
+    }
+
+    /// Frames a chain; a rejected one is answered at once and `None` returned with its length.
+    fn frame<M>(&self, mem: &GuestMemoryMmap, chain: DescriptorChain<M>) -> Result<Request, u32>
     where
         M: std::ops::Deref,
         M::Target: vm_memory::GuestMemory,
@@ -90,40 +126,67 @@ impl BlkBackend {
                 writable: d.is_write_only(),
             })
             .collect();
-        let target = Target {
-            dev: self.dev.as_ref(),
-            read_only: self.settings.read_only,
-            serial: self.settings.serial.as_bytes(),
-            writeback: self.writeback(),
-        };
-        match parse(mem, &descs) {
-            Ok(req) => complete(mem, &req, &target),
-            Err(rejection) => {
-                warn!("rejected request: {}", rejection.reason);
-                match rejection.status {
-                    Some(addr) => match vm_memory::Bytes::write_obj(mem, rejection.code, addr) {
-                        Ok(()) => 1,
-                        Err(_) => 0,
-                    },
-                    None => 0,
-                }
+        parse(mem, &descs).map_err(|rejection| {
+            warn!("rejected request: {}", rejection.reason);
+            match rejection.status {
+                Some(addr) => match vm_memory::Bytes::write_obj(mem, rejection.code, addr) {
+                    Ok(()) => 1,
+                    Err(_) => 0,
+                },
+                None => 0,
             }
-        }
+        })
     }
 
-    /// Drains the available ring, then notifies the guest once.
-    fn process_queue(&self, vring: &VringRwLock, mem: &GuestMemoryMmap) -> io::Result<()> {
+    /// Drains the available ring: reads, writes and flushes go to the queue's io_uring, the
+    /// rest completes here; the guest is notified once for what completed here.
+    fn process_queue(
+        &self,
+        queue: usize,
+        vring: &VringRwLock,
+        mem: &Arc<GuestMemoryMmap>,
+    ) -> io::Result<()> {
+        let target = self.target();
+        let mut ring = self.rings.get(queue).map(|r| r.lock());
         let mut used = false;
         loop {
-            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem);
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.as_ref());
             let Some(chain) = chain else { break };
             let head = chain.head_index();
-            let len = self.process_chain(mem, chain);
+            let len = match self.frame(mem, chain) {
+                Err(len) => len,
+                Ok(req) => {
+                    let req = match ring.as_mut().and_then(|g| g.as_mut()) {
+                        Some(r) => match r.start(vring, head, mem, req, &target)? {
+                            Started::Queued => continue,
+                            Started::NotTaken(req) => req,
+                        },
+                        None => req,
+                    };
+                    complete(mem, &req, &target)
+                }
+            };
             vring.add_used(head, len).map_err(queue_error)?;
             used = true;
         }
+        if let Some(r) = ring.as_mut().and_then(|g| g.as_mut()) {
+            r.submit()?;
+        }
         if used && vring.needs_notification().map_err(queue_error)? {
             vring.signal_used_queue()?;
+        }
+        Ok(())
+    }
+
+    fn reap(&self, queue: usize) -> io::Result<()> {
+        let target = self.target();
+        if let Some(ring) = self.rings.get(queue).map(|r| r.lock()).as_mut() {
+            if let Some(r) = ring.as_mut() {
+                r.reap(&target)?;
+            }
         }
         Ok(())
     }
@@ -196,15 +259,34 @@ impl VhostUserBackend for BlkBackend {
         new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
     }
 
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // The frontend takes the ring back: everything accepted must complete first.
+        let target = self.target();
+        if let Some(ring) = self
+            .rings
+            .get(queue_index as usize)
+            .map(|r| r.lock())
+            .as_mut()
+        {
+            if let Some(r) = ring.as_mut() {
+                r.drain(&target)?;
+            }
+        }
+        Ok(())
+    }
+
     fn handle_event(
         &self,
         device_event: u16,
         evset: EventSet,
         vrings: &[VringRwLock],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+        }
+        if device_event == self.completion_event() {
+            return self.reap(thread_id);
         }
         let vring = vrings
             .get(usize::from(device_event))
@@ -212,19 +294,22 @@ impl VhostUserBackend for BlkBackend {
         let Some(atomic) = self.mem.read().clone() else {
             return Ok(());
         };
-        let mem = atomic.memory();
+        let mem = atomic.memory().into_inner();
+        // Each worker thread serves exactly one queue (see queues_per_thread), and its vrings
+        // are indexed from 0 within the thread: the queue's number is the thread's.
+        let queue = thread_id;
         if self.event_idx.load(Ordering::Acquire) {
             // With EVENT_IDX the guest kicks once per batch: drain until re-enabling
             // notifications finds nothing new, or a request could be stranded.
             loop {
                 vring.disable_notification().map_err(queue_error)?;
-                self.process_queue(vring, &mem)?;
+                self.process_queue(queue, vring, &mem)?;
                 if !vring.enable_notification().map_err(queue_error)? {
                     break;
                 }
             }
         } else {
-            self.process_queue(vring, &mem)?;
+            self.process_queue(queue, vring, &mem)?;
         }
         Ok(())
     }

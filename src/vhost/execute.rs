@@ -32,13 +32,13 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    fn ok(written: u32) -> Self {
+    pub fn ok(written: u32) -> Self {
         Outcome {
             status: VIRTIO_BLK_S_OK as u8,
             written,
         }
     }
-    fn ioerr() -> Self {
+    pub fn ioerr() -> Self {
         Outcome {
             status: VIRTIO_BLK_S_IOERR as u8,
             written: 0,
@@ -60,7 +60,7 @@ fn from_block(err: &BlockError) -> Outcome {
 }
 
 /// Host views of guest buffers, or `None` if any byte lies outside guest memory.
-fn host_slices(mem: &GuestMemoryMmap, segs: &[Segment]) -> Option<Vec<(*mut u8, usize)>> {
+pub fn host_slices(mem: &GuestMemoryMmap, segs: &[Segment]) -> Option<Vec<(*mut u8, usize)>> {
     let mut out = Vec::with_capacity(segs.len());
     for s in segs {
         let len = usize::try_from(s.len).ok()?;
@@ -72,9 +72,13 @@ fn host_slices(mem: &GuestMemoryMmap, segs: &[Segment]) -> Option<Vec<(*mut u8, 
     Some(out)
 }
 
-/// Runs `req` and stores its status byte. Returns the used length for the chain.
+/// Runs `req` synchronously and stores its status byte. Returns the used length for the chain.
 pub fn complete(mem: &GuestMemoryMmap, req: &Request, target: &Target<'_>) -> u32 {
-    let outcome = run(mem, req, target);
+    finish(mem, req, run(mem, req, target))
+}
+
+/// Stores a finished request's status byte. Returns the used length for the chain.
+pub fn finish(mem: &GuestMemoryMmap, req: &Request, outcome: Outcome) -> u32 {
     if outcome.status != VIRTIO_BLK_S_OK as u8 {
         debug!(
             "{:?} at sector {} failed with status {}",
@@ -95,7 +99,7 @@ fn data_len(req: &Request) -> Option<u64> {
 }
 
 /// The byte range a read or write covers, if it is whole sectors within the device.
-fn io_range(req: &Request, dev: &dyn BlockDevice) -> Option<(u64, u64)> {
+pub fn io_range(req: &Request, dev: &dyn BlockDevice) -> Option<(u64, u64)> {
     let len = data_len(req)?;
     let offset = req.sector.checked_mul(SECTOR_SIZE)?;
     let end = offset.checked_add(len)?;

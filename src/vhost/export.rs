@@ -13,6 +13,7 @@ use log::{error, info};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
 
 use super::backend::{BlkBackend, DeviceSettings};
 use crate::engine::BlockDevice;
@@ -86,6 +87,15 @@ fn serve(name: &str, listener: UnixListener, backend: Arc<BlkBackend>, stopping:
                 return;
             }
         };
+        for (queue, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+            if let Some(fd) = backend.completion_fd(queue) {
+                let id = u64::from(backend.completion_event());
+                if let Err(e) = handler.register_listener(fd, EventSet::IN, id) {
+                    error!("{name}: cannot watch queue {queue}'s completions: {e}");
+                    return;
+                }
+            }
+        }
         if let Err(e) = daemon.start(&mut listener) {
             error!("{name}: accepting a frontend failed: {e}");
             continue;

@@ -7,6 +7,7 @@ pub mod config;
 pub mod execute;
 pub mod export;
 pub mod request;
+pub mod uring;
 
 pub use backend::{BlkBackend, DeviceSettings, MAX_QUEUES, MAX_QUEUE_SIZE};
 pub use export::Export;
