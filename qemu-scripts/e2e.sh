@@ -11,7 +11,9 @@
 # Prints one line per case and "N passed, M failed"; exits 1 if any failed.
 #
 # Environment:
-#   SERVER=thinblk (default) | qsd   which server to test
+#   SERVER=thinblk (default) | qsd   which server to test; qsd-null is a
+#                    self-check of the harness: a disk that drops writes and
+#                    reads zeros, so every case must FAIL
 #   THINBLK=PATH     thinblk binary (default: target/release/thinblk if it
 #                    exists, else target/debug/thinblk)
 #   E2E_TESTS        cases to run, in order (default: "fio fs1 fs2")
@@ -40,8 +42,9 @@ case "$SERVER" in
             [ -x "$TARGET/release/thinblk" ] && THINBLK=$TARGET/release/thinblk
         fi
         ;;
-    qsd) ensure_packages qemu-system-x86 ;; # qemu-storage-daemon comes with it
-    *) die "SERVER must be thinblk or qsd, not '$SERVER'" ;;
+    # qemu-storage-daemon comes with qemu-system-x86 (qemu-system-common).
+    qsd | qsd-null) ensure_packages qemu-system-x86 ;;
+    *) die "SERVER must be thinblk, qsd or qsd-null, not '$SERVER'" ;;
 esac
 
 "$HERE/build-guest.sh" "$GUEST"
@@ -100,6 +103,13 @@ start_server() {
                 --export "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path=$SOCK,writable=on,num-queues=$QUEUES" \
                 >"$SERVER_LOG" 2>&1 &
             ;;
+        qsd-null)
+            log "server: qemu-storage-daemon null-co (harness self-check: all cases must fail)"
+            qemu-storage-daemon \
+                --blockdev "driver=null-co,node-name=disk,size=268435456,read-zeroes=on" \
+                --export "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path=$SOCK,writable=on,num-queues=$QUEUES" \
+                >"$SERVER_LOG" 2>&1 &
+            ;;
     esac
     SERVER_PID=$!
     # QEMU fails at once if the socket is not there yet: wait for it, but
@@ -108,9 +118,10 @@ start_server() {
     for i in $(seq 300); do
         [ -S "$SOCK" ] && return 0
         if ! kill -0 "$SERVER_PID" 2>/dev/null; then
-            wait "$SERVER_PID" 2>/dev/null || true
+            local rc=0
+            wait "$SERVER_PID" 2>/dev/null || rc=$?
             SERVER_PID=
-            echo "server exited before creating $SOCK" >>"$SERVER_LOG"
+            echo "server exited (status $rc) before creating $SOCK" >>"$SERVER_LOG"
             return 1
         fi
         sleep 0.1
@@ -156,7 +167,9 @@ for t in $TESTS; do
         2>"$SCRATCH/run-$t.err"; then
         record PASS "$t" $(($(date +%s) - start))
     else
-        reason=$(tail -n1 "$SCRATCH/run-$t.err" | sed 's/^e2e: //')
+        # run-qemu.sh's last line: "e2e: T: FAIL in Ns: REASON (log: F)".
+        reason=$(tail -n1 "$SCRATCH/run-$t.err" \
+            | sed -e "s/^e2e: $t: FAIL in [0-9]*s: //" -e 's/ (log: [^)]*)$//')
         record FAIL "$t" $(($(date +%s) - start)) "$reason"
         show_tail "$glog" "guest serial log"
         show_tail "$SERVER_LOG" "server log"

@@ -85,7 +85,8 @@ if tr -d '\r' <"$LOG" | grep -qx "THINBLK-E2E PASS $TEST"; then
     log "$TEST: PASS in ${secs}s"
     exit 0
 fi
-reason=$(tr -d '\r' <"$LOG" | grep -a -m1 "^THINBLK-E2E FAIL $TEST: " || true)
+reason=$(tr -d '\r' <"$LOG" | grep -a -m1 "^THINBLK-E2E FAIL $TEST: " \
+    | sed "s/^THINBLK-E2E FAIL $TEST: //" || true)
 if [ -z "$reason" ]; then
     if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
         reason="timed out after ${TIMEOUT}s"
