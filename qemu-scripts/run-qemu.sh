@@ -74,10 +74,17 @@ fi
 
 # Serial on stdio with stdin closed: QEMU's messages (e.g. a refused socket
 # connection) and the guest console land in the same log, in order.
+# timeout(1) moves itself into its own process group, so a Ctrl-C or a
+# TERM sent to us would not reach QEMU: run it in the background and pass
+# those signals on (timeout forwards TERM to QEMU).
 start=$(date +%s)
 rc=0
 timeout --kill-after=10 "$TIMEOUT" "$QEMU" "${args[@]}" -serial stdio \
-    </dev/null >"$LOG" 2>&1 || rc=$?
+    </dev/null >"$LOG" 2>&1 &
+qpid=$!
+trap 'kill -TERM "$qpid" 2>/dev/null; wait "$qpid"; log "$TEST: interrupted (log: $LOG)"; exit 130' INT TERM
+wait "$qpid" || rc=$?
+trap - INT TERM
 secs=$(($(date +%s) - start))
 
 # The guest prints \r\n on the serial line; match the marker on its own line.
