@@ -29,7 +29,7 @@ WANTED_MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev
     virtio_pci virtio_blk crc32c_generic libcrc32c crc16 mbcache jbd2 ext4)
 
 # Host packages whose files go into the guest, plus tools used to build it.
-ensure_packages busybox-static fio e2fsprogs cpio gzip xz-utils zstd
+ensure_packages busybox-static fio e2fsprogs cpio gzip
 
 # Kernel: the image the linux-image-cloud-amd64 metapackage points at.
 kernel_package() {
@@ -88,7 +88,7 @@ mkdir -p "$R"/{bin,sbin,etc,proc,sys,dev,tmp,mnt,run,root,lib/modules}
 # Module names use '_' where file names may use '-'; normalize to '_'.
 norm() { local n=${1##*/}; n=${n%%.ko*}; echo "${n//-/_}"; }
 
-declare -A MODFILE=() BUILTIN=() DONE=()
+declare -A MODFILE=() BUILTIN=() SEEN=()
 while IFS= read -r f; do
     MODFILE[$(norm "$f")]=$f
 done < <(find "$MODDIR" -name '*.ko' -o -name '*.ko.xz' -o -name '*.ko.zst' -o -name '*.ko.gz')
@@ -101,8 +101,8 @@ fi
 LOAD_ORDER=()
 add_module() {
     local name=$1 src dst dep deps
-    [ -n "${DONE[$name]:-}" ] && return 0
-    DONE[$name]=1
+    [ -n "${SEEN[$name]:-}" ] && return 0
+    SEEN[$name]=1
     if [ -n "${BUILTIN[$name]:-}" ]; then
         log "module $name: built in"
         return 0
@@ -116,8 +116,9 @@ add_module() {
     fi
     dst="$R/lib/modules/$name.ko"
     case "$src" in
-        *.ko.xz) xz -dc "$src" >"$dst" ;;
-        *.ko.zst) zstd -qdc "$src" >"$dst" ;;
+        # Newer Debian kernels compress modules; fetch the tool on demand.
+        *.ko.xz) ensure_packages xz-utils && xz -dc "$src" >"$dst" ;;
+        *.ko.zst) ensure_packages zstd && zstd -qdc "$src" >"$dst" ;;
         *.ko.gz) gzip -dc "$src" >"$dst" ;;
         *) cp "$src" "$dst" ;;
     esac

@@ -60,11 +60,11 @@ FAILED_ANY=0
 
 stop_server() {
     [ -n "$SERVER_PID" ] || return 0
-    local pid=$SERVER_PID i rc=0
+    local pid=$SERVER_PID _ rc=0
     SERVER_PID=
     kill -TERM "$pid" 2>/dev/null || true
     # Give it 10 s to shut down cleanly, then make sure it is gone.
-    for i in $(seq 100); do
+    for _ in $(seq 100); do
         kill -0 "$pid" 2>/dev/null || break
         sleep 0.1
     done
@@ -120,8 +120,8 @@ start_server() {
     SERVER_PID=$!
     # QEMU fails at once if the socket is not there yet: wait for it, but
     # stop waiting as soon as the server has died.
-    local i
-    for i in $(seq 300); do
+    local _
+    for _ in $(seq 300); do
         [ -S "$SOCK" ] && return 0
         if ! kill -0 "$SERVER_PID" 2>/dev/null; then
             local rc=0

@@ -50,7 +50,8 @@ run() {
     "$@"
 }
 
-for arg in $(cat /proc/cmdline); do
+read -r cmdline </proc/cmdline
+for arg in $cmdline; do
     case "$arg" in
         thinblk.test=*) TEST="${arg#thinblk.test=}" ;;
     esac
@@ -72,8 +73,9 @@ while [ ! -b "$DISK" ]; do
     sleep 0.1
 done
 # Facts that help when reading a failed log: size, queue count, limits.
+set -- /sys/block/vda/mq/*
 echo "disk: $DISK $(cat /sys/block/vda/size) sectors," \
-    "$(ls /sys/block/vda/mq | wc -l) hw queues," \
+    "$# hw queues," \
     "max_segments=$(cat /sys/block/vda/queue/max_segments)," \
     "max_sectors_kb=$(cat /sys/block/vda/queue/max_sectors_kb)," \
     "write_cache=$(cat /sys/block/vda/queue/write_cache 2>/dev/null)"

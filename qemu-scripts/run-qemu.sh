@@ -47,8 +47,9 @@ LOG=${LOG:-qemu-$TEST.log}
 ensure_packages qemu-system-x86
 QEMU=${QEMU:-qemu-system-x86_64}
 MEM=${QEMU_MEM:-1G}
-[ -f "$GUEST/vmlinuz" ] && [ -f "$GUEST/initramfs.cpio.gz" ] \
-    || die "no guest in $GUEST: run qemu-scripts/build-guest.sh first"
+if [ ! -f "$GUEST/vmlinuz" ] || [ ! -f "$GUEST/initramfs.cpio.gz" ]; then
+    die "no guest in $GUEST: run qemu-scripts/build-guest.sh first"
+fi
 [ -S "$SOCK" ] || die "$SOCK is not a socket: is the vhost-user server running?"
 
 # vhost-user needs guest RAM in shared memory the backend can mmap: a
@@ -57,6 +58,7 @@ MEM=${QEMU_MEM:-1G}
 # default NIC/VGA/CD-ROM, which only slow the boot down.
 # panic=-1 + -no-reboot: a guest panic ends QEMU at once instead of waiting
 # for the timeout.
+# shellcheck disable=SC2054 # the commas belong to QEMU's option syntax
 args=(
     -accel tcg -m "$MEM" -smp "${QEMU_SMP:-2}"
     -object "memory-backend-memfd,id=mem,size=$MEM,share=on"
