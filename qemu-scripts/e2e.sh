@@ -8,6 +8,8 @@
 #   fs2  a new QEMU process ("reboot") against the SAME still-running server:
 #        e2fsck -fn, then verify fs1's checksums. This also proves the server
 #        accepts a second frontend connection after the first one went away.
+#   restart  stop the server (it must exit 0 on SIGTERM), start it again on
+#        the same file, and run fs2's checks once more.
 # Prints one line per case and "N passed, M failed"; exits 1 if any failed.
 #
 # Environment:
@@ -16,7 +18,7 @@
 #                    reads zeros, so every case must FAIL
 #   THINBLK=PATH     thinblk binary (default: target/release/thinblk if it
 #                    exists, else target/debug/thinblk)
-#   E2E_TESTS        cases to run, in order (default: "fio fs1 fs2")
+#   E2E_TESTS        cases to run, in order (default: "fio fs1 fs2 restart")
 #   E2E_QUEUES       virtqueues (default 2)
 #   E2E_TIMEOUT      seconds per guest boot (default 180; a case takes ~15)
 #   E2E_KEEP=1       keep the scratch directory (disk, logs) even on success
@@ -29,7 +31,7 @@ ROOT=$(repo_root)
 cd "$ROOT"
 
 SERVER=${SERVER:-thinblk}
-TESTS=${E2E_TESTS:-fio fs1 fs2}
+TESTS=${E2E_TESTS:-fio fs1 fs2 restart}
 QUEUES=${E2E_QUEUES:-2}
 TIMEOUT=${E2E_TIMEOUT:-180}
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
@@ -56,6 +58,7 @@ DISK=$SCRATCH/disk.raw
 SOCK=$SCRATCH/disk.sock
 SERVER_LOG=$SCRATCH/server.log
 SERVER_PID=
+STOP_RC=0
 FAILED_ANY=0
 
 stop_server() {
@@ -71,6 +74,7 @@ stop_server() {
     kill -KILL "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || rc=$?
     log "server stopped (exit status $rc)"
+    STOP_RC=$rc
 }
 RUN_PID=
 cleanup() {
@@ -92,29 +96,31 @@ trap 'exit 130' INT TERM
 truncate -s 256M "$DISK"
 
 start_server() {
+    # A socket left by a previous server would end the wait below at once.
+    rm -f "$SOCK"
     case "$SERVER" in
         thinblk)
             [ -x "$THINBLK" ] || {
-                echo "thinblk binary not found at $THINBLK (cargo build, or set THINBLK=, or SERVER=qsd)" >"$SERVER_LOG"
+                echo "thinblk binary not found at $THINBLK (cargo build, or set THINBLK=, or SERVER=qsd)" >>"$SERVER_LOG"
                 return 1
             }
             log "server: $THINBLK serve --export raw=$DISK,socket=$SOCK,queues=$QUEUES"
             "$THINBLK" serve --export "raw=$DISK,socket=$SOCK,queues=$QUEUES" \
-                >"$SERVER_LOG" 2>&1 &
+                >>"$SERVER_LOG" 2>&1 &
             ;;
         qsd)
             log "server: qemu-storage-daemon, vhost-user-blk export at $SOCK"
             qemu-storage-daemon \
                 --blockdev "driver=file,node-name=disk,filename=$DISK" \
                 --export "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path=$SOCK,writable=on,num-queues=$QUEUES" \
-                >"$SERVER_LOG" 2>&1 &
+                >>"$SERVER_LOG" 2>&1 &
             ;;
         qsd-null)
             log "server: qemu-storage-daemon null-co (harness self-check: all cases must fail)"
             qemu-storage-daemon \
                 --blockdev "driver=null-co,node-name=disk,size=268435456,read-zeroes=on" \
                 --export "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path=$SOCK,writable=on,num-queues=$QUEUES" \
-                >"$SERVER_LOG" 2>&1 &
+                >>"$SERVER_LOG" 2>&1 &
             ;;
     esac
     SERVER_PID=$!
@@ -148,7 +154,7 @@ PASSED=0
 FAILED=0
 record() { # STATUS NAME SECONDS [REASON]
     local line
-    line=$(printf '%-4s %-4s %4ss  %s' "$1" "$2" "$3" "${4:-}" | sed 's/ *$//')
+    line=$(printf '%-4s %-7s %4ss  %s' "$1" "$2" "$3" "${4:-}" | sed 's/ *$//')
     RESULTS+=("$line")
     if [ "$1" = PASS ]; then PASSED=$((PASSED + 1)); else FAILED=$((FAILED + 1)); FAILED_ANY=1; fi
 }
@@ -167,9 +173,26 @@ for t in $TESTS; do
         record FAIL "$t" 0 "server not running ($SERVER)"
         continue
     fi
-    glog=$SCRATCH/guest-$t.log
     start=$(date +%s)
-    "$HERE/run-qemu.sh" -g "$GUEST" -l "$glog" -q "$QUEUES" -t "$TIMEOUT" "$SOCK" "$t" \
+    # Most cases are a guest test of the same name; "restart" restarts the
+    # server on the same file first (it must exit 0 on SIGTERM), then runs
+    # fs2's checks again: the data must be in the file, not only in the
+    # old server process.
+    gtest=$t
+    pre_fail=
+    if [ "$t" = restart ]; then
+        gtest=fs2
+        stop_server
+        [ "$STOP_RC" -eq 0 ] || pre_fail="server exited with status $STOP_RC on SIGTERM"
+        if ! start_server; then
+            SERVER_UP=0
+            record FAIL "$t" $(($(date +%s) - start)) "server did not start again"
+            show_tail "$SERVER_LOG" "server log"
+            continue
+        fi
+    fi
+    glog=$SCRATCH/guest-$t.log
+    "$HERE/run-qemu.sh" -g "$GUEST" -l "$glog" -q "$QUEUES" -t "$TIMEOUT" "$SOCK" "$gtest" \
         2>"$SCRATCH/run-$t.err" &
     RUN_PID=$!
     # Watch the server while the guest runs: when a vhost-user backend dies,
@@ -199,16 +222,19 @@ for t in $TESTS; do
         SERVER_UP=0
         died="server died during the case (exit status $src)"
     fi
-    if [ -z "$died" ] && [ "$rc" -eq 0 ]; then
+    if [ -z "$died" ] && [ -z "$pre_fail" ] && [ "$rc" -eq 0 ]; then
         record PASS "$t" "$secs"
         continue
     fi
     if [ -n "$died" ]; then
         reason=$died
+    elif [ -n "$pre_fail" ] && [ "$rc" -eq 0 ]; then
+        reason=$pre_fail
     else
         # run-qemu.sh's last line: "e2e: T: FAIL in Ns: REASON (log: F)".
         reason=$(tail -n1 "$SCRATCH/run-$t.err" \
-            | sed -e "s/^e2e: $t: FAIL in [0-9]*s: //" -e 's/ (log: [^)]*)$//')
+            | sed -e "s/^e2e: $gtest: FAIL in [0-9]*s: //" -e 's/ (log: [^)]*)$//')
+        [ -z "$pre_fail" ] || reason="$pre_fail; $reason"
     fi
     record FAIL "$t" "$secs" "$reason"
     show_tail "$glog" "guest serial log"
