@@ -1,0 +1,248 @@
+#!/bin/bash
+# e2e.sh: end-to-end test of a vhost-user-blk server with a real Linux guest.
+#
+# Builds the guest (build-guest.sh, cached), serves a fresh 256 MiB sparse
+# raw file over vhost-user-blk, and boots the guest once per case:
+#   fio  random writes with crc32c verification (4k and 4k-128k)
+#   fs1  mkfs.ext4, write files, record sha256sums on the disk
+#   fs2  a new QEMU process ("reboot") against the SAME still-running server:
+#        e2fsck -fn, then verify fs1's checksums. This also proves the server
+#        accepts a second frontend connection after the first one went away.
+#   restart  stop the server (it must exit 0 on SIGTERM), start it again on
+#        the same file, and run fs2's checks once more.
+# Prints one line per case and "N passed, M failed"; exits 1 if any failed.
+#
+# Environment:
+#   SERVER=thinblk (default) | qsd   which server to test; qsd-null is a
+#                    self-check of the harness: a disk that drops writes and
+#                    reads zeros, so every case must FAIL
+#   THINBLK=PATH     thinblk binary (default: target/release/thinblk if it
+#                    exists, else target/debug/thinblk)
+#   E2E_TESTS        cases to run, in order (default: "fio fs1 fs2 restart")
+#   E2E_QUEUES       virtqueues (default 2)
+#   E2E_TIMEOUT      seconds per guest boot (default 180; a case takes ~15)
+#   E2E_KEEP=1       keep the scratch directory (disk, logs) even on success
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=qemu-scripts/lib.sh
+. "$HERE/lib.sh"
+ROOT=$(repo_root)
+cd "$ROOT"
+
+SERVER=${SERVER:-thinblk}
+TESTS=${E2E_TESTS:-fio fs1 fs2 restart}
+QUEUES=${E2E_QUEUES:-2}
+TIMEOUT=${E2E_TIMEOUT:-180}
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+GUEST=$TARGET/guest
+
+case "$SERVER" in
+    thinblk)
+        if [ -z "${THINBLK:-}" ]; then
+            THINBLK=$TARGET/debug/thinblk
+            [ -x "$TARGET/release/thinblk" ] && THINBLK=$TARGET/release/thinblk
+        fi
+        ;;
+    # qemu-storage-daemon comes with qemu-system-x86 (qemu-system-common).
+    qsd | qsd-null) ensure_packages qemu-system-x86 ;;
+    *) die "SERVER must be thinblk, qsd or qsd-null, not '$SERVER'" ;;
+esac
+
+"$HERE/build-guest.sh" "$GUEST"
+
+# Scratch in /tmp, not under the repository: a unix socket path must stay
+# below 108 bytes, and a CI checkout path can be long.
+SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/thinblk-e2e.XXXXXX")
+DISK=$SCRATCH/disk.raw
+SOCK=$SCRATCH/disk.sock
+SERVER_LOG=$SCRATCH/server.log
+SERVER_PID=
+STOP_RC=0
+FAILED_ANY=0
+
+stop_server() {
+    [ -n "$SERVER_PID" ] || return 0
+    local pid=$SERVER_PID _ rc=0
+    SERVER_PID=
+    kill -TERM "$pid" 2>/dev/null || true
+    # Give it 10 s to shut down cleanly, then make sure it is gone.
+    for _ in $(seq 100); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || rc=$?
+    log "server stopped (exit status $rc)"
+    STOP_RC=$rc
+}
+RUN_PID=
+cleanup() {
+    # run-qemu.sh stops its QEMU when it gets TERM.
+    if [ -n "$RUN_PID" ]; then
+        kill -TERM "$RUN_PID" 2>/dev/null || true
+        wait "$RUN_PID" 2>/dev/null || true
+    fi
+    stop_server
+    if [ "$FAILED_ANY" -eq 0 ] && [ "${E2E_KEEP:-0}" != 1 ]; then
+        rm -rf "$SCRATCH"
+    else
+        log "scratch directory kept: $SCRATCH"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+truncate -s 256M "$DISK"
+
+start_server() {
+    # A socket left by a previous server would end the wait below at once.
+    rm -f "$SOCK"
+    case "$SERVER" in
+        thinblk)
+            [ -x "$THINBLK" ] || {
+                echo "thinblk binary not found at $THINBLK (cargo build, or set THINBLK=, or SERVER=qsd)" >>"$SERVER_LOG"
+                return 1
+            }
+            log "server: $THINBLK serve --export raw=$DISK,socket=$SOCK,queues=$QUEUES"
+            "$THINBLK" serve --export "raw=$DISK,socket=$SOCK,queues=$QUEUES" \
+                >>"$SERVER_LOG" 2>&1 &
+            ;;
+        qsd)
+            log "server: qemu-storage-daemon, vhost-user-blk export at $SOCK"
+            qemu-storage-daemon \
+                --blockdev "driver=file,node-name=disk,filename=$DISK" \
+                --export "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path=$SOCK,writable=on,num-queues=$QUEUES" \
+                >>"$SERVER_LOG" 2>&1 &
+            ;;
+        qsd-null)
+            log "server: qemu-storage-daemon null-co (harness self-check: all cases must fail)"
+            qemu-storage-daemon \
+                --blockdev "driver=null-co,node-name=disk,size=268435456,read-zeroes=on" \
+                --export "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path=$SOCK,writable=on,num-queues=$QUEUES" \
+                >>"$SERVER_LOG" 2>&1 &
+            ;;
+    esac
+    SERVER_PID=$!
+    # QEMU fails at once if the socket is not there yet: wait for it, but
+    # stop waiting as soon as the server has died.
+    local _
+    for _ in $(seq 300); do
+        [ -S "$SOCK" ] && return 0
+        if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+            local rc=0
+            wait "$SERVER_PID" 2>/dev/null || rc=$?
+            SERVER_PID=
+            echo "server exited (status $rc) before creating $SOCK" >>"$SERVER_LOG"
+            return 1
+        fi
+        sleep 0.1
+    done
+    echo "server did not create $SOCK within 30 s" >>"$SERVER_LOG"
+    return 1
+}
+
+show_tail() { # FILE TITLE
+    [ -s "$1" ] || return 0
+    echo "----- last lines of $2 ($1) -----"
+    tail -n 40 "$1" | tr -d '\r'
+    echo "-----"
+}
+
+RESULTS=()
+PASSED=0
+FAILED=0
+record() { # STATUS NAME SECONDS [REASON]
+    local line
+    line=$(printf '%-4s %-7s %4ss  %s' "$1" "$2" "$3" "${4:-}" | sed 's/ *$//')
+    RESULTS+=("$line")
+    if [ "$1" = PASS ]; then PASSED=$((PASSED + 1)); else FAILED=$((FAILED + 1)); FAILED_ANY=1; fi
+}
+
+SERVER_UP=0
+t0=$(date +%s)
+if start_server; then
+    SERVER_UP=1
+    log "server up after $(($(date +%s) - t0))s"
+else
+    show_tail "$SERVER_LOG" "server log"
+fi
+
+for t in $TESTS; do
+    if [ "$SERVER_UP" -eq 0 ]; then
+        record FAIL "$t" 0 "server not running ($SERVER)"
+        continue
+    fi
+    start=$(date +%s)
+    # Most cases are a guest test of the same name; "restart" restarts the
+    # server on the same file first (it must exit 0 on SIGTERM), then runs
+    # fs2's checks again: the data must be in the file, not only in the
+    # old server process.
+    gtest=$t
+    pre_fail=
+    if [ "$t" = restart ]; then
+        gtest=fs2
+        stop_server
+        [ "$STOP_RC" -eq 0 ] || pre_fail="server exited with status $STOP_RC on SIGTERM"
+        if ! start_server; then
+            SERVER_UP=0
+            record FAIL "$t" $(($(date +%s) - start)) "server did not start again"
+            show_tail "$SERVER_LOG" "server log"
+            continue
+        fi
+    fi
+    glog=$SCRATCH/guest-$t.log
+    "$HERE/run-qemu.sh" -g "$GUEST" -l "$glog" -q "$QUEUES" -t "$TIMEOUT" "$SOCK" "$gtest" \
+        2>"$SCRATCH/run-$t.err" &
+    RUN_PID=$!
+    # Watch the server while the guest runs: when a vhost-user backend dies,
+    # QEMU keeps the guest waiting for it and the case would only end at
+    # the timeout. Stop the guest at once instead.
+    while kill -0 "$RUN_PID" 2>/dev/null; do
+        if [ -n "$SERVER_PID" ] && ! kill -0 "$SERVER_PID" 2>/dev/null; then
+            log "server died while $t was running; stopping the guest"
+            kill -TERM "$RUN_PID" 2>/dev/null || true
+            break
+        fi
+        sleep 0.5
+    done
+    rc=0
+    wait "$RUN_PID" || rc=$?
+    RUN_PID=
+    secs=$(($(date +%s) - start))
+    cat "$SCRATCH/run-$t.err" >&2
+
+    # A server that died fails this case (even if the guest got its PASS
+    # out first, e.g. a crash on disconnect) and all later ones.
+    died=
+    if [ -n "$SERVER_PID" ] && ! kill -0 "$SERVER_PID" 2>/dev/null; then
+        src=0
+        wait "$SERVER_PID" || src=$?
+        SERVER_PID=
+        SERVER_UP=0
+        died="server died during the case (exit status $src)"
+    fi
+    if [ -z "$died" ] && [ -z "$pre_fail" ] && [ "$rc" -eq 0 ]; then
+        record PASS "$t" "$secs"
+        continue
+    fi
+    if [ -n "$died" ]; then
+        reason=$died
+    elif [ -n "$pre_fail" ] && [ "$rc" -eq 0 ]; then
+        reason=$pre_fail
+    else
+        # run-qemu.sh's last line: "e2e: T: FAIL in Ns: REASON (log: F)".
+        reason=$(tail -n1 "$SCRATCH/run-$t.err" \
+            | sed -e "s/^e2e: $gtest: FAIL in [0-9]*s: //" -e 's/ (log: [^)]*)$//')
+        [ -z "$pre_fail" ] || reason="$pre_fail; $reason"
+    fi
+    record FAIL "$t" "$secs" "$reason"
+    show_tail "$glog" "guest serial log"
+    show_tail "$SERVER_LOG" "server log"
+done
+stop_server
+
+echo "e2e results (server=$SERVER, $(($(date +%s) - t0))s total):"
+printf '  %s\n' "${RESULTS[@]}"
+echo "$PASSED passed, $FAILED failed"
+[ "$FAILED" -eq 0 ]

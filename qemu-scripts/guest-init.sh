@@ -1,0 +1,232 @@
+#!/bin/sh
+# /init of the thinblk end-to-end test guest (busybox sh, runs as PID 1).
+#
+# It loads the virtio-blk driver, runs the one test named on the kernel
+# command line (thinblk.test=NAME) against /dev/vda, which is the
+# vhost-user-blk disk under test, prints exactly one result marker on the
+# serial console and powers the VM off. The host side (run-qemu.sh) only
+# greps for the markers:
+#     THINBLK-E2E PASS <name>
+#     THINBLK-E2E FAIL <name>: <reason>
+# Deliberately no `set -e`: PID 1 must never exit on its own (that would
+# panic the kernel and hide the reason); every failure goes through fail().
+
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+/bin/busybox mkdir -p /proc /sys /dev /tmp /mnt /run
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sysfs /sys
+/bin/busybox mount -t devtmpfs devtmpfs /dev
+/bin/busybox mount -t tmpfs tmpfs /tmp
+# The kernel opened the console before devtmpfs was mounted; reopen it so
+# the output surely reaches ttyS0.
+exec </dev/console >/dev/console 2>&1
+/bin/busybox --install -s /bin
+
+DISK=/dev/vda
+TEST=unknown
+
+# Markers are printed on a line of their own; the leading newline protects
+# against a partial line left on the console by the kernel or fio.
+pass() {
+    echo
+    echo "THINBLK-E2E PASS $TEST"
+    finish
+}
+fail() {
+    echo
+    echo "THINBLK-E2E FAIL $TEST: $*"
+    finish
+}
+finish() {
+    sync
+    # -f: there is no init system to ask; the ACPI power-off ends QEMU.
+    poweroff -f
+    sleep 10
+}
+
+# Run a command, echoing it first so the serial log shows what failed.
+run() {
+    echo "+ $*"
+    "$@"
+}
+
+read -r cmdline </proc/cmdline
+for arg in $cmdline; do
+    case "$arg" in
+        thinblk.test=*) TEST="${arg#thinblk.test=}" ;;
+    esac
+done
+echo "thinblk-e2e guest: kernel $(uname -r), $(nproc) cpus, test=$TEST"
+
+# Modules in dependency order, computed on the host by build-guest.sh.
+# Drivers built into the kernel are simply not in the list.
+while read -r mod; do
+    [ -n "$mod" ] || continue
+    insmod "/lib/modules/$mod.ko" || fail "insmod $mod failed"
+done </lib/modules/load-order
+
+# virtio_blk probes asynchronously; under TCG that can take a few seconds.
+i=0
+while [ ! -b "$DISK" ]; do
+    i=$((i + 1))
+    [ "$i" -le 200 ] || fail "$DISK did not appear (is the vhost-user backend connected?)"
+    sleep 0.1
+done
+# Facts that help when reading a failed log: size, queue count, limits.
+set -- /sys/block/vda/mq/*
+echo "disk: $DISK $(cat /sys/block/vda/size) sectors," \
+    "$# hw queues," \
+    "max_segments=$(cat /sys/block/vda/queue/max_segments)," \
+    "max_sectors_kb=$(cat /sys/block/vda/queue/max_sectors_kb)," \
+    "write_cache=$(cat /sys/block/vda/queue/write_cache 2>/dev/null)"
+
+# set_cache "write back"|"write through": switch the device's volatile write
+# cache through virtio_blk's cache_type attribute (a config space write of
+# `wce`, which QEMU passes to the backend as VHOST_USER_SET_CONFIG). Needs
+# VIRTIO_BLK_F_CONFIG_WCE; without it the mode stays what the device
+# offered, which is reported but not a failure.
+set_cache() {
+    if [ -w /sys/block/vda/cache_type ]; then
+        echo "$1" >/sys/block/vda/cache_type \
+            || fail "cannot set cache_type to '$1'"
+        now=$(cat /sys/block/vda/cache_type)
+        [ "$now" = "$1" ] || fail "cache_type is '$now' after setting '$1'"
+    fi
+    echo "cache mode: $(cat /sys/block/vda/cache_type 2>/dev/null)," \
+        "queue write_cache: $(cat /sys/block/vda/queue/write_cache)"
+}
+
+# pick_engine ENGINE...: first fio ioengine that can read one block of the
+# disk. io_uring/libaio may be missing from a guest kernel; psync never is.
+pick_engine() {
+    for e in "$@"; do
+        if fio --name=probe --filename="$DISK" --rw=read --bs=4k --size=4k \
+            --ioengine="$e" --direct=1 --output=/dev/null >/dev/null 2>&1; then
+            echo "$e"
+            return
+        fi
+    done
+    echo psync
+}
+
+# run_fio WHAT ARGS...: run fio; on failure fail with fio's first error
+# (e.g. "verify: bad magic header ...") so the host's one-line reason
+# already says what went wrong.
+run_fio() {
+    what=$1
+    shift
+    echo "+ fio $*"
+    fio "$@" >/tmp/fio.out 2>&1
+    rc=$?
+    cat /tmp/fio.out
+    if [ "$rc" -ne 0 ]; then
+        first=$(grep -m1 -E '^verify:|err=|error' /tmp/fio.out)
+        fail "$what: fio exited $rc: ${first:-no error message}"
+    fi
+}
+
+test_fio() {
+    # Run 1 in write-through mode. 4 KiB random writes, two jobs pinned to the two vCPUs so that
+    # blk-mq submits on both virtqueues, each job on its own 16 MiB region
+    # (offset_increment), so fio's "multiple writers may overwrite" warning
+    # does not apply.
+    # fio writes, then reads everything back and checks crc32c headers.
+    set_cache "write through"
+    e1=$(pick_engine libaio io_uring)
+    echo "fio run 1: 4k randwrite, ioengine=$e1"
+    run_fio "run 1 (4k randwrite, $e1)" --name=rand4k --filename="$DISK" --rw=randwrite --bs=4k \
+        --size=16M --numjobs=2 --offset_increment=16M \
+        --cpus_allowed=0-1 --cpus_allowed_policy=split \
+        --ioengine="$e1" --iodepth=16 --direct=1 \
+        --verify=crc32c --do_verify=1 --verify_fatal=1 \
+        --group_reporting
+
+    # Runs 2 and 3 with the write cache on: completions may precede
+    # durability and fdatasync becomes VIRTIO_BLK_T_FLUSH.
+    set_cache "write back"
+
+    # Run 2: random sizes 4k..128k: large requests span several descriptors
+    # (multi-segment) and are not multiples of each other. Each run has its
+    # own region so one run's data is never what another run verifies.
+    e2=$(pick_engine io_uring libaio)
+    echo "fio run 2: 4k-128k randwrite, ioengine=$e2"
+    run_fio "run 2 (4k-128k randwrite, $e2)" --name=randvar --filename="$DISK" --rw=randwrite \
+        --bsrange=4k-128k --offset=32M --size=32M \
+        --ioengine="$e2" --iodepth=8 --direct=1 \
+        --fdatasync=16 \
+        --verify=crc32c --do_verify=1 --verify_fatal=1
+
+    # Run 3: sequential 1 MiB writes: requests at the kernel's size limit,
+    # up to max_segments descriptors each.
+    echo "fio run 3: 1M sequential write, ioengine=$e2"
+    run_fio "run 3 (1M write, $e2)" --name=seq1m --filename="$DISK" --rw=write \
+        --bs=1M --offset=64M --size=64M \
+        --ioengine="$e2" --iodepth=4 --direct=1 --fdatasync=8 \
+        --verify=crc32c --do_verify=1 --verify_fatal=1
+    pass
+}
+
+# fs1: make a filesystem, fill it with known data, record checksums on it.
+# fs2 (the next boot, a new QEMU process) checks them.
+test_fs1() {
+    # Write-back, as a VM normally runs: ext4's journal commits then rely
+    # on flushes (and FUA, which the kernel emulates with flushes here).
+    set_cache "write back"
+    run mkfs.ext4 -F -q "$DISK" || fail "mkfs.ext4 exited $?"
+    run mount -t ext4 "$DISK" /mnt || fail "mount after mkfs failed"
+    mkdir -p /mnt/big /mnt/small/a/b || fail "mkdir failed"
+    # Large files from /dev/urandom: incompressible, many multi-block writes.
+    for n in 1 2 3; do
+        dd if=/dev/urandom of=/mnt/big/f$n bs=1M count=$((n * 3)) 2>/dev/null \
+            || fail "writing big/f$n failed"
+    done
+    # One file written in odd-sized pieces so blocks are partially updated.
+    for n in 1 2 3 4 5 6 7; do
+        dd if=/dev/urandom bs=1000 count=$((n * 37)) 2>/dev/null >>/mnt/big/odd \
+            || fail "appending to big/odd failed"
+    done
+    # Many small files: metadata-heavy (inodes, directories, journal).
+    n=0
+    while [ "$n" -lt 200 ]; do
+        echo "small file $n $(head -c 64 /dev/urandom | sha256sum)" \
+            >"/mnt/small/a/b/s$n" || fail "writing small/a/b/s$n failed"
+        n=$((n + 1))
+    done
+    (cd /mnt && find big small -type f | sort | xargs sha256sum >SHA256SUMS) \
+        || fail "sha256sum failed"
+    echo "recorded $(wc -l </mnt/SHA256SUMS) checksums, $(du -sk /mnt | cut -f1) KiB"
+    # Read back through the device, not the page cache, before unmounting.
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+    (cd /mnt && sha256sum -c -s SHA256SUMS) || fail "checksums wrong right after writing"
+    run umount /mnt || fail "umount failed"
+    sync
+    pass
+}
+
+test_fs2() {
+    # Write-through (the guest turns the cache off): every write must be
+    # durable when it completes.
+    set_cache "write through"
+    # The filesystem was cleanly unmounted by fs1, so a forced read-only
+    # check must find nothing to fix.
+    if command -v e2fsck >/dev/null; then
+        run e2fsck -fn "$DISK" || fail "e2fsck -fn exited $?"
+    fi
+    run mount -t ext4 "$DISK" /mnt || fail "mount failed"
+    [ -s /mnt/SHA256SUMS ] || fail "SHA256SUMS missing: fs1's data did not survive"
+    (cd /mnt && sha256sum -c -s SHA256SUMS) || fail "checksums differ after reboot"
+    echo "verified $(wc -l </mnt/SHA256SUMS) checksums"
+    run umount /mnt || fail "umount failed"
+    pass
+}
+
+case "$TEST" in
+    fio) test_fio ;;
+    fs1) test_fs1 ;;
+    fs2) test_fs2 ;;
+    # For debugging by hand (run-qemu.sh with INTERACTIVE=1).
+    shell) echo "thinblk-e2e: shell; poweroff -f to quit"; setsid cttyhack sh; finish ;;
+    *) fail "unknown test (use thinblk.test=fio|fs1|fs2|shell)" ;;
+esac
+fail "test function returned without a verdict"
