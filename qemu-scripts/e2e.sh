@@ -184,6 +184,7 @@ for t in $TESTS; do
         gtest=fs2
         stop_server
         [ "$STOP_RC" -eq 0 ] || pre_fail="server exited with status $STOP_RC on SIGTERM"
+        log "restart: starting the server again on the same file, then fs2's checks"
         if ! start_server; then
             SERVER_UP=0
             record FAIL "$t" $(($(date +%s) - start)) "server did not start again"

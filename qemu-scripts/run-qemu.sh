@@ -14,8 +14,8 @@
 #   -q N        virtqueues of the disk (default: 2)
 #   -i          interactive: serial on this terminal, no timeout, no log
 #               (use TEST=shell to get a guest shell; Ctrl-A x quits)
-# Environment: QEMU (binary), QEMU_MEM (1G), QEMU_SMP (2), QEMU_APPEND (extra
-# kernel arguments).
+# Environment: QEMU (binary), QEMU_MEM (1G), QEMU_SMP (2), QEMU_ACCEL (tcg;
+# e.g. kvm where it works), QEMU_APPEND (extra kernel arguments).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -60,7 +60,7 @@ fi
 # for the timeout.
 # shellcheck disable=SC2054 # the commas belong to QEMU's option syntax
 args=(
-    -accel tcg -m "$MEM" -smp "${QEMU_SMP:-2}"
+    -accel "${QEMU_ACCEL:-tcg}" -m "$MEM" -smp "${QEMU_SMP:-2}"
     -object "memory-backend-memfd,id=mem,size=$MEM,share=on"
     -numa node,memdev=mem
     -nodefaults -no-user-config -display none -no-reboot
