@@ -88,7 +88,9 @@ impl BlkBackend {
             // Two descriptors of every chain hold the header and the status.
             seg_max: u32::from(self.settings.queue_size.saturating_sub(2).max(1)),
             num_queues: self.settings.num_queues,
-            writeback: self.writeback(),
+            // The cache bit as the guest set it (default on). VMMs read the config before the
+            // driver negotiates features, so this must not wait for FLUSH to be acked.
+            writeback: self.writeback.load(Ordering::Acquire),
         }
     }
 
