@@ -707,8 +707,6 @@ fn a_new_connection_reads_what_the_previous_one_wrote() {
 }
 
 #[test]
-#[ignore = "src bug: BlkBackend::process_queue propagates add_used's InvalidDescriptorIndex, \
-            which ends the queue's worker thread"]
 fn a_head_index_past_the_ring_does_not_stop_the_queue() {
     let d = serve("");
     let mut vm = d.connect(1);

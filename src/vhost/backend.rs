@@ -46,6 +46,8 @@ pub struct BlkBackend {
     writeback: AtomicBool,
     /// One ring per queue; `None` where io_uring is unavailable (everything runs synchronously).
     rings: Vec<Mutex<Option<QueueRing>>>,
+    /// Malformed requests seen, for rate-limited logging.
+    rejections: AtomicU64,
 }
 
 fn queue_error(e: virtio_queue::Error) -> io::Error {
@@ -67,6 +69,7 @@ impl BlkBackend {
             .collect();
         BlkBackend {
             rings,
+            rejections: AtomicU64::new(0),
             dev,
             settings,
             mem: RwLock::new(None),
@@ -103,6 +106,17 @@ impl BlkBackend {
         }
     }
 
+    /// Logs a malformed request without letting a guest flood the log: the 1st, 2nd, 4th, 8th...
+    /// occurrence is a warning, the rest debug messages.
+    fn note_rejection(&self, reason: &str) {
+        let n = self.rejections.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            warn!("rejected request ({n} so far): {reason}");
+        } else {
+            debug!("rejected request: {reason}");
+        }
+    }
+
     /// The epoll event id of every queue's completion eventfd (each worker has its own epoll).
     pub fn completion_event(&self) -> u16 {
         self.settings.num_queues + 1
@@ -129,7 +143,7 @@ impl BlkBackend {
             })
             .collect();
         parse(mem, &descs).map_err(|rejection| {
-            warn!("rejected request: {}", rejection.reason);
+            self.note_rejection(rejection.reason);
             match rejection.status {
                 Some(addr) => match vm_memory::Bytes::write_obj(mem, rejection.code, addr) {
                     Ok(()) => 1,
@@ -171,8 +185,11 @@ impl BlkBackend {
                     complete(mem, &req, &target)
                 }
             };
-            vring.add_used(head, len).map_err(queue_error)?;
-            used = true;
+            // A head the guest made up cannot be returned; the queue must live on regardless.
+            match vring.add_used(head, len) {
+                Ok(()) => used = true,
+                Err(e) => self.note_rejection(&format!("cannot return chain {head}: {e}")),
+            }
         }
         if let Some(r) = ring.as_mut().and_then(|g| g.as_mut()) {
             r.submit()?;

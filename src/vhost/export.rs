@@ -3,6 +3,7 @@
 //! Each connection gets a fresh vhost-user daemon (fresh vrings and worker threads), so a
 //! guest reboot or a VMM restart reconnects to the same export without a thinblk restart.
 
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +23,8 @@ use crate::sockets::{bind_private, SocketError};
 /// An export being served on its own thread.
 pub struct Export {
     socket: PathBuf,
+    /// A duplicate of the listening socket, to end a blocked accept at shutdown.
+    wake: Option<UnixListener>,
     stopping: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -34,6 +37,7 @@ impl Export {
         socket: &Path,
     ) -> Result<Export, SocketError> {
         let listener = bind_private(socket)?;
+        let wake = listener.try_clone().ok();
         let stopping = Arc::new(AtomicBool::new(false));
         let backend = Arc::new(BlkBackend::new(dev, settings));
         let name = socket.display().to_string();
@@ -47,6 +51,7 @@ impl Export {
             })?;
         Ok(Export {
             socket: socket.to_path_buf(),
+            wake,
             stopping,
             thread: Some(thread),
         })
@@ -67,7 +72,12 @@ impl Export {
 impl Drop for Export {
     fn drop(&mut self) {
         self.stopping.store(true, Ordering::Release);
-        // Wake the accept with a connection of our own; the loop sees the flag and ends.
+        // Shutting the listening socket down makes a blocked accept fail at once, even if the
+        // socket's path has been removed; the serving loop then sees the flag and ends.
+        if let Some(l) = &self.wake {
+            // SAFETY: shutdown on a descriptor this struct owns; no memory is involved.
+            unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
+        }
         let _ = UnixStream::connect(&self.socket);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -97,7 +107,10 @@ fn serve(name: &str, listener: UnixListener, backend: Arc<BlkBackend>, stopping:
             }
         }
         if let Err(e) = daemon.start(&mut listener) {
-            error!("{name}: accepting a frontend failed: {e}");
+            if !stopping.load(Ordering::Acquire) {
+                error!("{name}: accepting a frontend failed: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
             continue;
         }
         if stopping.load(Ordering::Acquire) {

@@ -250,7 +250,7 @@ impl QueueRing {
                 finish(&f.mem, &f.req, outcome)
             };
             if let Err(e) = f.vring.add_used(f.head, len) {
-                warn!("cannot return a chain: {e}");
+                warn!("cannot return chain {}: {e}", f.head);
             }
             last_vring = Some(f.vring);
         }
