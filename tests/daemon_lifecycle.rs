@@ -1,4 +1,5 @@
 //! Starting and stopping the daemon.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
