@@ -1,0 +1,8 @@
+//! Tests of the cache as a whole; the stores test themselves beside their code.
+
+mod basics;
+mod concurrency;
+mod failures;
+mod model;
+mod pressure;
+mod support;
