@@ -2,9 +2,11 @@
 //! without taking that lock.
 //!
 //! Invariants the rest of the cache relies on:
-//! - `pins` counts everyone who may touch the bytes (guards, write-back, prefetch). It only goes
-//!   up while the caller holds the block's shard lock, so a thread holding that shard lock for
-//!   writing and seeing `pins == 0` knows nobody can start using the buffer before it is removed.
+//! - `pins` counts the guards lent out (and a loader's hold while it reads the block in). It
+//!   only goes up while the caller holds the block's shard lock, so a thread holding that shard
+//!   lock for writing and seeing `pins == 0` knows no guard can appear before it removes the
+//!   buffer. Write-back does not pin: it only writes dirty buffers, which eviction leaves alone,
+//!   and forgetting one is covered by `io` below.
 //! - `dirty` is set when a write guard is released and cleared by write-back while it holds the
 //!   read lock, so a change made after a write started can never be marked clean by that write.
 //! - `cached` is cleared, under the shard lock, when the buffer leaves the map. Write-back checks
@@ -77,10 +79,6 @@ impl Pin {
     pub fn new(buf: &Arc<Buffer>) -> Self {
         buf.pins.fetch_add(1, Ordering::AcqRel);
         Pin(Arc::clone(buf))
-    }
-
-    pub fn buffer(&self) -> &Arc<Buffer> {
-        &self.0
     }
 }
 

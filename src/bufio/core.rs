@@ -45,7 +45,7 @@ pub(super) enum Pressure {
 enum Sweep {
     Evicted,
     /// Nothing clean was evictable; these cold dirty buffers could be written back.
-    Dirty(Vec<Pin>),
+    Dirty(Vec<Arc<Buffer>>),
     Nothing,
 }
 
@@ -282,9 +282,7 @@ impl Inner {
             }
             if buf.is_dirty() {
                 if gather_dirty {
-                    if let Some(pin) = self.pin_if_cached(buf) {
-                        dirty.push(pin);
-                    }
+                    dirty.push(Arc::clone(buf));
                 }
                 // A full batch is worth writing now rather than sweeping on.
                 let stop = (dirty.len() >= WRITEBACK_BATCH).then_some(false);
@@ -303,14 +301,6 @@ impl Inner {
             Sweep::Dirty(dirty)
         } else {
             Sweep::Nothing
-        }
-    }
-
-    fn pin_if_cached(&self, buf: &Arc<Buffer>) -> Option<Pin> {
-        let map = self.shard(buf.block).read();
-        match map.get(&buf.block) {
-            Some(b) if Arc::ptr_eq(b, buf) => Some(Pin::new(buf)),
-            _ => None,
         }
     }
 
@@ -333,19 +323,18 @@ impl Inner {
     }
 
     /// Writes back cold dirty buffers without waiting for any buffer lock, then evicts those
-    /// that became clean. Returns whether anything was written.
-    fn write_back_victims(&self, mut victims: Vec<Pin>) -> Result<bool> {
-        victims.sort_by_key(|pin| pin.block);
-        let mut written = Vec::new();
-        for pin in victims {
-            if self.write_back(&pin, super::writeback::Wait::Try)? {
-                written.push(Arc::clone(pin.buffer()));
-            }
+    /// that are clean now (written here, or by a write-back pass running alongside). Returns
+    /// whether that made any progress.
+    fn write_back_victims(&self, mut victims: Vec<Arc<Buffer>>) -> Result<bool> {
+        victims.sort_by_key(|buf| buf.block);
+        let mut progress = false;
+        for buf in &victims {
+            progress |= self.write_back(buf, super::writeback::Wait::Try)?;
         }
-        for buf in &written {
-            let _ = self.try_evict(buf);
+        for buf in &victims {
+            progress |= matches!(self.try_evict(buf), Evict::Done);
         }
-        Ok(!written.is_empty())
+        Ok(progress)
     }
 
     /// Removes this exact buffer from the map, whoever holds it. Returns whether it was there.
@@ -371,6 +360,8 @@ impl Inner {
                 buf.cached.store(false, Ordering::Release);
                 drop(map);
                 self.unreserve();
+                // A write-back may have picked it up already: see `discard_dirty`.
+                drop(buf.io.lock());
             }
         }
     }
@@ -408,14 +399,15 @@ impl Inner {
         stats
     }
 
-    /// Every cached dirty buffer, pinned, in ascending block order.
-    pub fn dirty_pins(&self) -> Vec<Pin> {
-        let mut pins = Vec::new();
+    /// Every cached dirty buffer, in ascending block order. Not pinned: a write-back must not
+    /// stop eviction of what it has already cleaned, and is safe without (see buffer.rs).
+    pub fn dirty_buffers(&self) -> Vec<Arc<Buffer>> {
+        let mut dirty = Vec::new();
         for shard in self.shards.iter() {
             let map = shard.read();
-            pins.extend(map.values().filter(|b| b.is_dirty()).map(Pin::new));
+            dirty.extend(map.values().filter(|b| b.is_dirty()).cloned());
         }
-        pins.sort_by_key(|pin| pin.block);
-        pins
+        dirty.sort_by_key(|buf| buf.block);
+        dirty
     }
 }

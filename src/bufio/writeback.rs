@@ -3,7 +3,7 @@
 
 use std::sync::atomic::Ordering;
 
-use super::buffer::Pin;
+use super::buffer::Buffer;
 use super::core::Inner;
 use super::error::{BufioError, Result};
 use super::stats::Counters;
@@ -19,45 +19,45 @@ pub(super) enum Wait {
 
 impl Inner {
     /// Writes one buffer if it is still cached, dirty and loaded. Returns whether it wrote.
-    pub(super) fn write_back(&self, pin: &Pin, wait: Wait) -> Result<bool> {
+    pub(super) fn write_back(&self, buf: &Buffer, wait: Wait) -> Result<bool> {
         let lock = match wait {
-            Wait::Block => pin.data.read_recursive(),
-            Wait::Try => match pin.data.try_read_recursive() {
+            Wait::Block => buf.data.read_recursive(),
+            Wait::Try => match buf.data.try_read_recursive() {
                 Some(lock) => lock,
                 None => return Ok(false),
             },
         };
         // Checked under `io`: a buffer forgotten or discarded after this check is waited for
         // by whoever removed it (see buffer.rs), so this write cannot outlive its removal.
-        let _io = pin.io.lock();
-        if !pin.is_cached() || !pin.is_dirty() || !lock.valid {
+        let _io = buf.io.lock();
+        if !buf.is_cached() || !buf.is_dirty() || !lock.valid {
             return Ok(false);
         }
         self.store
-            .write_block(pin.block, &lock.bytes)
+            .write_block(buf.block, &lock.bytes)
             .map_err(|source| BufioError::Io {
-                block: pin.block,
+                block: buf.block,
                 source,
             })?;
         Counters::bump(&self.counters.writes);
         // Still under the read lock: no writer can have changed the bytes since they were
         // written, so clearing the bit loses nothing.
-        pin.dirty.store(false, Ordering::Release);
+        buf.dirty.store(false, Ordering::Release);
         Ok(true)
     }
 
     /// Writes every buffer dirty at the start, lowest block first, stopping at the first error
     /// (that buffer and the ones after it stay dirty). The caller holds `self.pass`.
-    fn write_pass(&self) -> Result<()> {
-        for pin in self.dirty_pins() {
-            self.write_back(&pin, Wait::Block)?;
+    fn write_pass(&self, wait: Wait) -> Result<()> {
+        for buf in self.dirty_buffers() {
+            self.write_back(&buf, wait)?;
         }
         Ok(())
     }
 
     pub(super) fn write_dirty(&self) -> Result<()> {
         let _pass = self.pass.lock();
-        let pass = self.write_pass();
+        let pass = self.write_pass(Wait::Block);
         let earlier = self.async_error.lock().take();
         pass?;
         self.store
@@ -77,7 +77,9 @@ impl Inner {
         // Cleared first, so a request made while this pass runs queues another one.
         self.async_pending.store(false, Ordering::Release);
         let _pass = self.pass.lock();
-        if let Err(err) = self.write_pass() {
+        // Buffers being modified are skipped, not waited for: the pass promises nothing, and
+        // waiting could hang dropping the cache while a guard is still out.
+        if let Err(err) = self.write_pass(Wait::Try) {
             log::warn!("background metadata write-back failed: {err}");
             let mut slot = self.async_error.lock();
             if slot.is_none() {

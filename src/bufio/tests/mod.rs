@@ -2,6 +2,7 @@
 
 mod basics;
 mod concurrency;
+mod crash_model;
 mod failures;
 mod model;
 mod pressure;
