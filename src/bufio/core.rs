@@ -240,7 +240,7 @@ impl Inner {
             map.insert(block, Arc::clone(&buf));
             Pin::new(&buf)
         };
-        self.clock.lock().insert(buf, self.cached_blocks());
+        self.clock.lock().insert(&buf, self.cached_blocks());
         if !new {
             Counters::bump(&self.counters.reads);
             if let Err(source) = self.store.read_block(block, &mut lock.bytes) {
