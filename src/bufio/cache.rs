@@ -92,8 +92,11 @@ impl BufferCache {
 
     /// Writes every buffer that was dirty when called, in ascending block order, then flushes
     /// the store. On a write error the failing block (named in the error) and those after it
-    /// stay dirty and nothing is flushed. Also reports the first error of any asynchronous
-    /// write-back since the last call.
+    /// stay dirty and nothing is flushed; a later call retries them. Also reports the first
+    /// error of any asynchronous write-back since the last call.
+    ///
+    /// A failed flush is final: this and every later call fail (`Poisoned`), because what the
+    /// device kept is unknown. Reads go on working.
     pub fn write_dirty(&self) -> Result<()> {
         self.inner.write_dirty()
     }
@@ -183,6 +186,11 @@ impl BufferCache {
     /// Blocks on the store now.
     pub fn nr_blocks(&self) -> u64 {
         self.inner.store.nr_blocks()
+    }
+
+    /// Whether a flush has failed, so `write_dirty` will refuse from now on.
+    pub fn is_poisoned(&self) -> bool {
+        self.inner.poisoned.load(Ordering::Acquire)
     }
 
     /// The memory limit in effect, in bytes.

@@ -107,6 +107,8 @@ pub(super) struct Inner {
     pub async_error: Mutex<Option<BufioError>>,
     pub async_pending: AtomicBool,
     pub shutting_down: AtomicBool,
+    /// Set for good when a flush fails; see `BufioError::Poisoned`.
+    pub poisoned: AtomicBool,
 }
 
 impl Inner {
@@ -125,6 +127,7 @@ impl Inner {
             async_error: Mutex::new(None),
             async_pending: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
+            poisoned: AtomicBool::new(false),
         }
     }
 

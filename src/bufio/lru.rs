@@ -109,7 +109,10 @@ mod tests {
         forgotten.cached.store(false, Ordering::Release);
         let weak = Arc::downgrade(&gone);
         drop(gone);
-        assert!(weak.upgrade().is_none(), "the clock must not keep a buffer alive");
+        assert!(
+            weak.upgrade().is_none(),
+            "the clock must not keep a buffer alive"
+        );
         assert_eq!(evict_first(&mut clock), None);
         assert_eq!(clock.len(), 0);
     }
