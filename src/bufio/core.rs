@@ -147,7 +147,11 @@ impl Inner {
     fn lookup(&self, block: u64) -> Option<Pin> {
         let map = self.shard(block).read();
         let buf = map.get(&block)?;
-        buf.referenced.store(true, Ordering::Relaxed);
+        // Load first: hot blocks (btree roots) are hit from every core, and an unconditional
+        // store would bounce their cache line between them.
+        if !buf.referenced.load(Ordering::Relaxed) {
+            buf.referenced.store(true, Ordering::Relaxed);
+        }
         Some(Pin::new(buf))
     }
 

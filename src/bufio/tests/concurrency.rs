@@ -188,3 +188,45 @@ fn forget_and_release_move_racing_write_back_never_resurrect_old_data() {
         }
     }
 }
+
+#[test]
+fn get_returns_nothing_while_a_block_is_being_read_in() {
+    let mut trace = TraceStore::new(Arc::new(MemStore::new(BS, 16)));
+    trace.read_delay = Duration::from_millis(100);
+    let store = Arc::new(trace);
+    let cache = Arc::new(BufferCache::new(store.clone(), config(8)));
+    let reader = {
+        let cache = Arc::clone(&cache);
+        thread::spawn(move || drop(cache.read(3).unwrap()))
+    };
+    assert!(eventually(|| cache.contains(3)));
+    assert!(cache.get(3).is_none(), "get must not wait for the read");
+    reader.join().unwrap();
+    assert!(cache.get(3).is_some());
+}
+
+#[test]
+fn every_waiter_on_a_failing_read_gets_an_error_naming_the_block() {
+    let store = Arc::new(crate::bufio::CrashStore::new(BS, 16));
+    store.fail_read(9);
+    let cache = Arc::new(BufferCache::new(store.clone(), config(8)));
+    let barrier = Arc::new(Barrier::new(4));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let (cache, barrier) = (Arc::clone(&cache), Arc::clone(&barrier));
+            thread::spawn(move || {
+                barrier.wait();
+                match cache.read(9) {
+                    Err(crate::bufio::BufioError::Io { block, .. }) => block,
+                    other => panic!("expected an Io error, got {other:?}"),
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        assert_eq!(t.join().unwrap(), 9);
+    }
+    assert_eq!(cache.stats().cached_bytes, 0);
+    store.clear_faults();
+    assert!(cache.read(9).is_ok());
+}
