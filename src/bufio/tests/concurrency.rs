@@ -191,16 +191,16 @@ fn forget_and_release_move_racing_write_back_never_resurrect_old_data() {
 
 #[test]
 fn get_returns_nothing_while_a_block_is_being_read_in() {
-    let mut trace = TraceStore::new(Arc::new(MemStore::new(BS, 16)));
-    trace.read_delay = Duration::from_millis(100);
-    let store = Arc::new(trace);
+    let store = Arc::new(TraceStore::new(Arc::new(MemStore::new(BS, 16))));
     let cache = Arc::new(BufferCache::new(store.clone(), config(8)));
+    store.close_gate();
     let reader = {
         let cache = Arc::clone(&cache);
         thread::spawn(move || drop(cache.read(3).unwrap()))
     };
     assert!(eventually(|| cache.contains(3)));
     assert!(cache.get(3).is_none(), "get must not wait for the read");
+    store.open_gate();
     reader.join().unwrap();
     assert!(cache.get(3).is_some());
 }
