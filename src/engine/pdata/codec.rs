@@ -99,7 +99,6 @@ pub fn u32_at(bytes: &[u8], at: usize) -> Option<u32> {
 
 #[cfg(test)]
 mod tests {
-    use super::on_disk;
 
     on_disk! {
         #[derive(Debug, PartialEq)]

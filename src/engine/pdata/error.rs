@@ -94,14 +94,8 @@ pub enum FormatError {
 pub enum PdataError {
     #[error(transparent)]
     Format(#[from] FormatError),
-    #[error("metadata I/O failed on block {block}")]
-    Io {
-        block: u64,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("metadata flush failed")]
-    Flush(#[source] std::io::Error),
+    #[error("metadata block cache")]
+    Bufio(#[from] crate::bufio::BufioError),
     /// A non-blocking lookup needed a block that is not in the cache.
     #[error("lookup would block on block {block}")]
     WouldBlock { block: u64 },
@@ -125,6 +119,10 @@ pub enum PdataError {
     },
     #[error("multi-level key has {found} parts, the tree has {levels} levels")]
     BadKeyLength { found: usize, levels: usize },
+    #[error("block {block} has no references and cannot be shadowed")]
+    UnreferencedBlock { block: u64 },
+    #[error("commit called with space-map changes not written by pre_commit")]
+    CommitWithoutPreCommit,
     #[error("the transaction manager is read-only after an earlier failure")]
     ReadOnly,
 }

@@ -13,3 +13,6 @@ pub mod superblock;
 pub mod values;
 
 pub use error::{FormatError, PdataError, Result};
+pub mod block_manager;
+pub mod btree;
+pub mod tm;
