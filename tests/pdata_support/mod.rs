@@ -2,6 +2,8 @@
 //! what a pool's metadata holds, and the `thin_dump` XML parsed into the same shape.
 #![allow(dead_code)]
 
+pub mod pool;
+
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -58,7 +60,9 @@ pub fn mem_bm(image: &[u8], cache_bytes: usize) -> (Arc<MemStore>, Arc<BlockMana
     let store = Arc::new(MemStore::new(BLOCK_SIZE, nr));
     for (i, chunk) in image.chunks_exact(BLOCK_SIZE).enumerate() {
         if chunk.iter().any(|&b| b != 0) {
-            store.write_block(i as u64, chunk).expect("write to memory store");
+            store
+                .write_block(i as u64, chunk)
+                .expect("write to memory store");
         }
     }
     (store.clone(), bm_over(store, cache_bytes))
@@ -66,7 +70,13 @@ pub fn mem_bm(image: &[u8], cache_bytes: usize) -> (Arc<MemStore>, Arc<BlockMana
 
 pub fn bm_over(store: Arc<dyn BlockStore>, cache_bytes: usize) -> Arc<BlockManager> {
     let nr = store.nr_blocks();
-    let cache = BufferCache::new(store, BufioConfig { block_size: BLOCK_SIZE, memory_limit: cache_bytes });
+    let cache = BufferCache::new(
+        store,
+        BufioConfig {
+            block_size: BLOCK_SIZE,
+            memory_limit: cache_bytes,
+        },
+    );
     Arc::new(BlockManager::new(Arc::new(cache), nr))
 }
 
@@ -95,7 +105,13 @@ pub struct Device {
 pub fn dump<S: BlockSource + ?Sized>(src: &S, sb: &Superblock) -> Result<Dump> {
     let mut devices = BTreeMap::new();
     btree::walk::<DeviceDetails, S, _>(src, sb.device_details_root, 0, |dev, details| {
-        devices.insert(dev, Device { details, mappings: BTreeMap::new() });
+        devices.insert(
+            dev,
+            Device {
+                details,
+                mappings: BTreeMap::new(),
+            },
+        );
         Ok(true)
     })?;
     let mut roots = Vec::new();
@@ -145,10 +161,19 @@ pub fn parse_xml(xml: &str) -> Dump {
                 creation_time: a("creation_time") as u32,
                 snapshotted_time: a("snap_time") as u32,
             };
-            d.devices.insert(id, Device { details, mappings: BTreeMap::new() });
+            d.devices.insert(
+                id,
+                Device {
+                    details,
+                    mappings: BTreeMap::new(),
+                },
+            );
             cur = Some(id);
         } else if line.starts_with("<range_mapping") || line.starts_with("<single_mapping") {
-            let dev = d.devices.get_mut(&cur.expect("mapping inside a device")).expect("device");
+            let dev = d
+                .devices
+                .get_mut(&cur.expect("mapping inside a device"))
+                .expect("device");
             let time = a("time") as u32;
             let (ob, db, len) = if line.starts_with("<range") {
                 (a("origin_begin"), a("data_begin"), a("length"))
@@ -156,7 +181,13 @@ pub fn parse_xml(xml: &str) -> Dump {
                 (a("origin_block"), a("data_block"), 1)
             };
             for i in 0..len {
-                dev.mappings.insert(ob + i, BlockTime { block: db + i, time });
+                dev.mappings.insert(
+                    ob + i,
+                    BlockTime {
+                        block: db + i,
+                        time,
+                    },
+                );
             }
         }
     }
@@ -167,14 +198,25 @@ pub fn parse_xml(xml: &str) -> Dump {
 pub fn thin_dump(path: &Path) -> Option<Dump> {
     let exe = tool("thin_dump")?;
     let out = Command::new(exe).arg(path).output().expect("run thin_dump");
-    assert!(out.status.success(), "thin_dump failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "thin_dump failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Some(parse_xml(&String::from_utf8_lossy(&out.stdout)))
 }
 
 /// Runs `thin_check` on a file; returns (success, combined output).
 pub fn thin_check(path: &Path) -> Option<(bool, String)> {
     let exe = tool("thin_check")?;
-    let out = Command::new(exe).arg(path).output().expect("run thin_check");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(exe)
+        .arg(path)
+        .output()
+        .expect("run thin_check");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     Some((out.status.success(), text))
 }

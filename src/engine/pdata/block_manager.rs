@@ -46,7 +46,11 @@ impl BlockManager {
 
     fn check_range(&self, b: u64) -> Result<()> {
         if b >= self.nr_blocks {
-            return Err(PdataError::BlockOutOfRange { what: "metadata", block: b, nr_blocks: self.nr_blocks });
+            return Err(PdataError::BlockOutOfRange {
+                what: "metadata",
+                block: b,
+                nr_blocks: self.nr_blocks,
+            });
         }
         Ok(())
     }
@@ -77,7 +81,10 @@ impl BlockManager {
     /// [`PdataError::WouldBlock`].
     pub fn try_read(&self, b: u64, kind: BlockKind) -> Result<ReadBlock> {
         self.check_range(b)?;
-        let guard = self.cache.get(b).ok_or(PdataError::WouldBlock { block: b })?;
+        let guard = self
+            .cache
+            .get(b)
+            .ok_or(PdataError::WouldBlock { block: b })?;
         Self::validate(&guard, kind)?;
         Ok(ReadBlock { guard })
     }

@@ -4,6 +4,7 @@
 //! The byte layout is described in `docs/format.md` and the fixtures' README; every decoder
 //! here validates what it reads and reports [`FormatError`]s naming the block.
 
+pub mod check;
 pub mod checksum;
 pub mod codec;
 pub mod error;

@@ -64,13 +64,21 @@ impl TransactionManager {
     pub fn create(bm: Arc<BlockManager>) -> Result<TransactionManager> {
         let mut sm = MetadataSpaceMap::create(bm.nr_blocks())?;
         sm.inc(SUPERBLOCK_LOCATION)?;
-        Ok(TransactionManager { bm, sm, shadows: HashSet::new() })
+        Ok(TransactionManager {
+            bm,
+            sm,
+            shadows: HashSet::new(),
+        })
     }
 
     /// Opens the metadata space map described by a committed superblock's root.
     pub fn open(bm: Arc<BlockManager>, metadata_sm_root: &SmRoot) -> Result<TransactionManager> {
         let sm = MetadataSpaceMap::open(&bm, metadata_sm_root)?;
-        Ok(TransactionManager { bm, sm, shadows: HashSet::new() })
+        Ok(TransactionManager {
+            bm,
+            sm,
+            shadows: HashSet::new(),
+        })
     }
 
     pub fn block_manager(&self) -> &Arc<BlockManager> {
@@ -214,7 +222,9 @@ impl TransactionManager {
             }
         }
         for i in std::mem::take(&mut self.sm.dirty) {
-            let Some(loc) = self.sm.entries.get(i).map(|e| e.blocknr) else { continue };
+            let Some(loc) = self.sm.entries.get(i).map(|e| e.blocknr) else {
+                continue;
+            };
             let mut w = self.bm.write_zeroed(loc, BlockKind::Bitmap)?;
             let entry = self.sm.encode_bitmap(i, &mut w);
             drop(w);
@@ -222,7 +232,9 @@ impl TransactionManager {
                 *e = entry;
             }
         }
-        let mut w = self.bm.write_zeroed(self.sm.index_block, BlockKind::Index)?;
+        let mut w = self
+            .bm
+            .write_zeroed(self.sm.index_block, BlockKind::Index)?;
         index::encode(&mut w, &self.sm.entries);
         drop(w);
         Ok(self.sm.root())
@@ -234,7 +246,9 @@ impl TransactionManager {
             return Err(PdataError::CommitWithoutPreCommit);
         }
         self.bm.flush()?;
-        let mut w = self.bm.write_zeroed(SUPERBLOCK_LOCATION, BlockKind::Superblock)?;
+        let mut w = self
+            .bm
+            .write_zeroed(SUPERBLOCK_LOCATION, BlockKind::Superblock)?;
         sb.encode(&mut w, SUPERBLOCK_LOCATION);
         drop(w);
         self.bm.flush()?;

@@ -20,11 +20,20 @@ pub fn clone_root(tm: &mut TransactionManager, root: u64) -> Result<()> {
 
 /// Drops one reference to the tree at `root`; nodes nobody else holds are freed and their
 /// values lose a reference.
-pub fn del<V: Value>(tm: &mut TransactionManager, rc: &mut dyn RefCounter<V>, root: u64) -> Result<()> {
+pub fn del<V: Value>(
+    tm: &mut TransactionManager,
+    rc: &mut dyn RefCounter<V>,
+    root: u64,
+) -> Result<()> {
     del_rec::<V>(tm, rc, root, 0)
 }
 
-fn del_rec<V: Value>(tm: &mut TransactionManager, rc: &mut dyn RefCounter<V>, b: u64, depth: usize) -> Result<()> {
+fn del_rec<V: Value>(
+    tm: &mut TransactionManager,
+    rc: &mut dyn RefCounter<V>,
+    b: u64,
+    depth: usize,
+) -> Result<()> {
     if depth >= MAX_DEPTH {
         return Err(too_deep(b));
     }

@@ -35,7 +35,9 @@ where
             None => 0,
         };
         for i in start..n.nr_entries() {
-            let (Some(k), Some(bytes)) = (n.key(i), n.value_bytes(i)) else { break };
+            let (Some(k), Some(bytes)) = (n.key(i), n.value_bytes(i)) else {
+                break;
+            };
             if !f(k, unpack::<V>(bytes, b)?)? {
                 return Ok(false);
             }
@@ -57,7 +59,12 @@ where
 }
 
 /// Every entry with `from <= key < to`, in order.
-pub fn range<V: Value, S: BlockSource + ?Sized>(src: &S, root: u64, from: u64, to: u64) -> Result<Vec<(u64, V)>> {
+pub fn range<V: Value, S: BlockSource + ?Sized>(
+    src: &S,
+    root: u64,
+    from: u64,
+    to: u64,
+) -> Result<Vec<(u64, V)>> {
     let mut out = Vec::new();
     walk::<V, S, _>(src, root, from, |k, v| {
         if k >= to {

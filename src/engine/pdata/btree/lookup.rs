@@ -11,7 +11,11 @@ fn missing_child(block: u64) -> crate::engine::pdata::error::PdataError {
 }
 
 /// The value under `key`, if any.
-pub fn lookup<V: Value, S: BlockSource + ?Sized>(src: &S, root: u64, key: u64) -> Result<Option<V>> {
+pub fn lookup<V: Value, S: BlockSource + ?Sized>(
+    src: &S,
+    root: u64,
+    key: u64,
+) -> Result<Option<V>> {
     let mut b = root;
     for _ in 0..MAX_DEPTH {
         let blk = read_node::<V, S>(src, b)?;
@@ -44,14 +48,22 @@ pub fn first_at_or_after<V: Value, S: BlockSource + ?Sized>(
     Ok(found)
 }
 
-fn end_key<V: Value, S: BlockSource + ?Sized>(src: &S, root: u64, highest: bool) -> Result<Option<u64>> {
+fn end_key<V: Value, S: BlockSource + ?Sized>(
+    src: &S,
+    root: u64,
+    highest: bool,
+) -> Result<Option<u64>> {
     let mut b = root;
     for _ in 0..MAX_DEPTH {
         let blk = read_node::<V, S>(src, b)?;
         let n = NodeView::new(&blk, b)?;
         let nr = n.nr_entries();
         if nr == 0 {
-            return if n.is_leaf() { Ok(None) } else { Err(missing_child(b)) };
+            return if n.is_leaf() {
+                Ok(None)
+            } else {
+                Err(missing_child(b))
+            };
         }
         let i = if highest { nr - 1 } else { 0 };
         if n.is_leaf() {

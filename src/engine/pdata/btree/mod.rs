@@ -16,7 +16,9 @@ pub use del::{clone_root, del, empty};
 pub use insert::{insert, insert_keep_old};
 pub use iter::{range, walk};
 pub use lookup::{first_at_or_after, highest_key, lookup, lowest_key};
-pub use nested::{insert_nested, lookup_nested, remove_nested, DataRefs, SubtreeRefs};
+pub use nested::{
+    insert_nested, lookup_nested, remove_nested, remove_range_nested, DataRefs, SubtreeRefs,
+};
 pub use remove::{remove, remove_range};
 
 use super::block_manager::WriteBlock;
@@ -68,7 +70,11 @@ pub(crate) fn pack<V: Value>(v: &V) -> Vec<u8> {
 }
 
 fn too_deep(block: u64) -> super::error::PdataError {
-    FormatError::TooDeep { block, max: MAX_DEPTH }.into()
+    FormatError::TooDeep {
+        block,
+        max: MAX_DEPTH,
+    }
+    .into()
 }
 
 /// Shadows node `b`, decodes it, and gives the children of a copied shared node their extra

@@ -34,7 +34,12 @@ impl<V: Value> RefCounter<u64> for SubtreeRefs<'_, V> {
 }
 
 /// The value under `(k0, k1)` of a two-level tree.
-pub fn lookup_nested<V: Value, S: BlockSource + ?Sized>(src: &S, root: u64, k0: u64, k1: u64) -> Result<Option<V>> {
+pub fn lookup_nested<V: Value, S: BlockSource + ?Sized>(
+    src: &S,
+    root: u64,
+    k0: u64,
+    k1: u64,
+) -> Result<Option<V>> {
     match lookup::<u64, S>(src, root, k0)? {
         Some(sub) => lookup::<V, S>(src, sub, k1),
         None => Ok(None),
@@ -90,13 +95,41 @@ pub fn remove_nested<V: Value>(
     k0: u64,
     k1: u64,
 ) -> Result<(u64, Option<V>)> {
-    let Some(sub) = lookup::<u64, _>(tm, root, k0)? else { return Ok((root, None)) };
+    let Some(sub) = lookup::<u64, _>(tm, root, k0)? else {
+        return Ok((root, None));
+    };
     if lookup::<V, _>(tm, sub, k1)?.is_none() {
         return Ok((root, None));
     }
     let (root, sub) = own_top(tm, leaf_rc, root, k0)?;
-    let Some(sub) = sub else { return Ok((root, None)) };
+    let Some(sub) = sub else {
+        return Ok((root, None));
+    };
     let (new_sub, old) = remove::<V>(tm, leaf_rc, sub, k1)?;
     let (root, _) = insert_keep_old::<u64>(tm, &mut NoRefs, root, k0, &new_sub)?;
     Ok((root, old))
+}
+
+/// Removes every `(k0, k1)` with `begin <= k1 < end`. Returns the new root and how many
+/// entries went.
+pub fn remove_range_nested<V: Value>(
+    tm: &mut TransactionManager,
+    leaf_rc: &mut dyn RefCounter<V>,
+    root: u64,
+    k0: u64,
+    begin: u64,
+    end: u64,
+) -> Result<(u64, u64)> {
+    let Some(sub) = lookup::<u64, _>(tm, root, k0)? else {
+        return Ok((root, 0));
+    };
+    match super::first_at_or_after::<V, _>(tm, sub, begin)? {
+        Some((k, _)) if k < end => {}
+        _ => return Ok((root, 0)),
+    }
+    let (root, sub) = own_top(tm, leaf_rc, root, k0)?;
+    let Some(sub) = sub else { return Ok((root, 0)) };
+    let (new_sub, n) = super::remove_range::<V>(tm, leaf_rc, sub, begin, end)?;
+    let (root, _) = insert_keep_old::<u64>(tm, &mut NoRefs, root, k0, &new_sub)?;
+    Ok((root, n))
 }

@@ -106,7 +106,10 @@ fn remove_rec<V: Value>(
         }
         return Ok((loc, node));
     }
-    let Some(i) = node.lower_bound(first).or(if node.is_empty() { None } else { Some(0) }) else {
+    let Some(i) = node
+        .lower_bound(first)
+        .or(if node.is_empty() { None } else { Some(0) })
+    else {
         return Ok((loc, node));
     };
     let (cloc, child) = remove_rec::<V>(tm, rc, node.child(i), first, last, depth + 1, removed)?;
@@ -131,12 +134,19 @@ fn rebalance<V: Value>(
     cloc: u64,
     child: Node,
 ) -> Result<()> {
-    let (li, ri) = if i + 1 < parent.len() { (i, i + 1) } else { (i - 1, i) };
+    let (li, ri) = if i + 1 < parent.len() {
+        (i, i + 1)
+    } else {
+        (i - 1, i)
+    };
     let sib = if li == i { ri } else { li };
     let (sloc, sibling) = shadow_node::<V>(tm, rc, parent.child(sib))?;
     parent.set_value(sib, &sloc.to_le_bytes());
-    let ((lloc, mut left), (rloc, mut right)) =
-        if li == i { ((cloc, child), (sloc, sibling)) } else { ((sloc, sibling), (cloc, child)) };
+    let ((lloc, mut left), (rloc, mut right)) = if li == i {
+        ((cloc, child), (sloc, sibling))
+    } else {
+        ((sloc, sibling), (cloc, child))
+    };
     let cap = left.max_entries.min(right.max_entries);
     if left.len() + right.len() <= cap {
         left.append(&mut right);

@@ -46,7 +46,11 @@ impl DiskSpaceMap {
     pub fn create(bm: Arc<BlockManager>, nr_blocks: u64) -> DiskSpaceMap {
         let n = nr_blocks.div_ceil(ENTRIES_PER_BITMAP) as usize;
         let entries = (0..n)
-            .map(|i| IndexEntry { blocknr: 0, nr_free: entries_in(nr_blocks, i) as u32, none_free_before: 0 })
+            .map(|i| IndexEntry {
+                blocknr: 0,
+                nr_free: entries_in(nr_blocks, i) as u32,
+                none_free_before: 0,
+            })
             .collect();
         DiskSpaceMap {
             bm,
@@ -79,7 +83,11 @@ impl DiskSpaceMap {
             bad = Some("index btree does not list every bitmap");
         }
         if let Some(what) = bad {
-            return Err(FormatError::BadSpaceMapRoot { block: root.bitmap_root, what }.into());
+            return Err(FormatError::BadSpaceMapRoot {
+                block: root.bitmap_root,
+                what,
+            }
+            .into());
         }
         let nr_allocated = entries
             .iter()
@@ -117,7 +125,11 @@ impl DiskSpaceMap {
 
     fn check(&self, b: u64) -> Result<()> {
         if b >= self.nr_blocks {
-            return Err(PdataError::BlockOutOfRange { what: WHAT, block: b, nr_blocks: self.nr_blocks });
+            return Err(PdataError::BlockOutOfRange {
+                what: WHAT,
+                block: b,
+                nr_blocks: self.nr_blocks,
+            });
         }
         Ok(())
     }
@@ -136,8 +148,11 @@ impl DiskSpaceMap {
             return Ok(u32::from(c));
         }
         btree::lookup::<u32, _>(&*self.bm, self.ref_count_root, b)?.ok_or_else(|| {
-            FormatError::BadSpaceMapRoot { block: self.ref_count_root, what: "overflowed count missing from ref-count btree" }
-                .into()
+            FormatError::BadSpaceMapRoot {
+                block: self.ref_count_root,
+                what: "overflowed count missing from ref-count btree",
+            }
+            .into()
         })
     }
 
@@ -153,14 +168,19 @@ impl DiskSpaceMap {
         }
         let mut by_bitmap: BTreeMap<usize, Vec<(u64, u32)>> = BTreeMap::new();
         for (&b, &c) in &self.changes {
-            by_bitmap.entry((b / ENTRIES_PER_BITMAP) as usize).or_default().push((b, c));
+            by_bitmap
+                .entry((b / ENTRIES_PER_BITMAP) as usize)
+                .or_default()
+                .push((b, c));
         }
         for i in std::mem::take(&mut self.dirty) {
             by_bitmap.entry(i).or_default();
         }
         let mut overflow: Vec<(u64, Option<u32>)> = Vec::new();
         for (i, changes) in by_bitmap {
-            let Some(entry) = self.entries.get(i).copied() else { continue };
+            let Some(entry) = self.entries.get(i).copied() else {
+                continue;
+            };
             let mut w = if entry.blocknr == 0 {
                 tm.new_block(BlockKind::Bitmap)?
             } else {
@@ -182,13 +202,19 @@ impl DiskSpaceMap {
             let n = entries_in(self.nr_blocks, i);
             let counts = bitmap::decode_entries(&w, n);
             let nr_free = counts.iter().filter(|&&c| c == 0).count() as u32;
-            let none_free_before = counts.iter().position(|&c| c == 0).unwrap_or(counts.len()) as u32;
-            let e = IndexEntry { blocknr: w.location(), nr_free, none_free_before };
+            let none_free_before =
+                counts.iter().position(|&c| c == 0).unwrap_or(counts.len()) as u32;
+            let e = IndexEntry {
+                blocknr: w.location(),
+                nr_free,
+                none_free_before,
+            };
             drop(w);
             if let Some(slot) = self.entries.get_mut(i) {
                 *slot = e;
             }
-            self.index_root = btree::insert::<IndexEntry>(tm, &mut NoRefs, self.index_root, i as u64, &e)?;
+            self.index_root =
+                btree::insert::<IndexEntry>(tm, &mut NoRefs, self.index_root, i as u64, &e)?;
         }
         overflow.sort_unstable();
         for (b, c) in overflow {
@@ -203,13 +229,19 @@ impl DiskSpaceMap {
     }
 
     fn find_free_in(&self, i: usize, from: u64) -> Result<Option<u64>> {
-        let Some(e) = self.entries.get(i) else { return Ok(None) };
+        let Some(e) = self.entries.get(i) else {
+            return Ok(None);
+        };
         if e.nr_free == 0 {
             return Ok(None);
         }
         let start = i as u64 * ENTRIES_PER_BITMAP;
         let n = entries_in(self.nr_blocks, i);
-        let blk = if e.blocknr == 0 { None } else { Some(self.bm.read(e.blocknr, BlockKind::Bitmap)?) };
+        let blk = if e.blocknr == 0 {
+            None
+        } else {
+            Some(self.bm.read(e.blocknr, BlockKind::Bitmap)?)
+        };
         let mut off = from;
         while off < n {
             let cand = match &blk {
@@ -269,13 +301,19 @@ impl SpaceMap for DiskSpaceMap {
 
     fn inc(&mut self, b: u64) -> Result<()> {
         let c = self.count(b)?;
-        let n = c.checked_add(1).ok_or(PdataError::CountOverflow { what: WHAT, block: b })?;
+        let n = c.checked_add(1).ok_or(PdataError::CountOverflow {
+            what: WHAT,
+            block: b,
+        })?;
         self.set_count(b, n)
     }
 
     fn dec(&mut self, b: u64) -> Result<()> {
         let c = self.count(b)?;
-        let n = c.checked_sub(1).ok_or(PdataError::CountUnderflow { what: WHAT, block: b })?;
+        let n = c.checked_sub(1).ok_or(PdataError::CountUnderflow {
+            what: WHAT,
+            block: b,
+        })?;
         self.set_count(b, n)
     }
 
@@ -287,7 +325,11 @@ impl SpaceMap for DiskSpaceMap {
         let first = ((self.cursor / ENTRIES_PER_BITMAP) as usize).min(n - 1);
         for step in 0..=n {
             let i = (first + step) % n;
-            let from = if step == 0 { self.cursor % ENTRIES_PER_BITMAP } else { 0 };
+            let from = if step == 0 {
+                self.cursor % ENTRIES_PER_BITMAP
+            } else {
+                0
+            };
             if let Some(b) = self.find_free_in(i, from)? {
                 self.set_count(b, 1)?;
                 self.cursor = b + 1;
@@ -299,7 +341,11 @@ impl SpaceMap for DiskSpaceMap {
 
     fn extend(&mut self, extra: u64) -> Result<()> {
         let old = self.nr_blocks;
-        let new = old.checked_add(extra).ok_or(PdataError::CannotShrink { what: WHAT, from: old, to: old })?;
+        let new = old.checked_add(extra).ok_or(PdataError::CannotShrink {
+            what: WHAT,
+            from: old,
+            to: old,
+        })?;
         let n = new.div_ceil(ENTRIES_PER_BITMAP) as usize;
         let old_n = self.entries.len();
         if let Some(last) = old_n.checked_sub(1) {
@@ -312,7 +358,11 @@ impl SpaceMap for DiskSpaceMap {
             }
         }
         for i in old_n..n {
-            self.entries.push(IndexEntry { blocknr: 0, nr_free: entries_in(new, i) as u32, none_free_before: 0 });
+            self.entries.push(IndexEntry {
+                blocknr: 0,
+                nr_free: entries_in(new, i) as u32,
+                none_free_before: 0,
+            });
             self.dirty.insert(i);
         }
         self.nr_blocks = new;

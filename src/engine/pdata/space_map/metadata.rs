@@ -45,7 +45,11 @@ impl MetadataSpaceMap {
     /// A new map of `nr_blocks`, all free, nothing on disk yet.
     pub fn create(nr_blocks: u64) -> Result<MetadataSpaceMap> {
         if nr_blocks > MAX_METADATA_BLOCKS {
-            return Err(PdataError::BlockOutOfRange { what: WHAT, block: nr_blocks, nr_blocks: MAX_METADATA_BLOCKS });
+            return Err(PdataError::BlockOutOfRange {
+                what: WHAT,
+                block: nr_blocks,
+                nr_blocks: MAX_METADATA_BLOCKS,
+            });
         }
         let n = nr_bitmaps(nr_blocks);
         Ok(MetadataSpaceMap {
@@ -80,7 +84,10 @@ impl MetadataSpaceMap {
             let want = (root.nr_blocks - i as u64 * ENTRIES_PER_BITMAP).min(ENTRIES_PER_BITMAP);
             counts.extend(bitmap::decode_entries(&b, want).into_iter().map(u32::from));
         }
-        let overflowing = counts.iter().filter(|&&c| c == u32::from(bitmap::OVERFLOW)).count();
+        let overflowing = counts
+            .iter()
+            .filter(|&&c| c == u32::from(bitmap::OVERFLOW))
+            .count();
         let mut matched = 0usize;
         let mut stray = false;
         btree::walk::<u32, _, _>(bm, root.ref_count_root, 0, |k, v| {
@@ -159,7 +166,11 @@ impl MetadataSpaceMap {
 
     fn check(&self, b: u64) -> Result<usize> {
         if b >= self.counts.len() as u64 {
-            return Err(PdataError::BlockOutOfRange { what: WHAT, block: b, nr_blocks: self.counts.len() as u64 });
+            return Err(PdataError::BlockOutOfRange {
+                what: WHAT,
+                block: b,
+                nr_blocks: self.counts.len() as u64,
+            });
         }
         Ok(b as usize)
     }
@@ -181,7 +192,9 @@ impl SpaceMap for MetadataSpaceMap {
 
     fn set_count(&mut self, b: u64, new: u32) -> Result<()> {
         let i = self.check(b)?;
-        let Some(slot) = self.counts.get_mut(i) else { return Ok(()) };
+        let Some(slot) = self.counts.get_mut(i) else {
+            return Ok(());
+        };
         let old = *slot;
         if old == new {
             return Ok(());
@@ -210,13 +223,19 @@ impl SpaceMap for MetadataSpaceMap {
 
     fn inc(&mut self, b: u64) -> Result<()> {
         let c = self.count(b)?;
-        let n = c.checked_add(1).ok_or(PdataError::CountOverflow { what: WHAT, block: b })?;
+        let n = c.checked_add(1).ok_or(PdataError::CountOverflow {
+            what: WHAT,
+            block: b,
+        })?;
         self.set_count(b, n)
     }
 
     fn dec(&mut self, b: u64) -> Result<()> {
         let c = self.count(b)?;
-        let n = c.checked_sub(1).ok_or(PdataError::CountUnderflow { what: WHAT, block: b })?;
+        let n = c.checked_sub(1).ok_or(PdataError::CountUnderflow {
+            what: WHAT,
+            block: b,
+        })?;
         self.set_count(b, n)
     }
 
@@ -237,7 +256,11 @@ impl SpaceMap for MetadataSpaceMap {
         let old = self.counts.len() as u64;
         let new = old.saturating_add(extra);
         if new > MAX_METADATA_BLOCKS {
-            return Err(PdataError::BlockOutOfRange { what: WHAT, block: new, nr_blocks: MAX_METADATA_BLOCKS });
+            return Err(PdataError::BlockOutOfRange {
+                what: WHAT,
+                block: new,
+                nr_blocks: MAX_METADATA_BLOCKS,
+            });
         }
         self.counts.resize(new as usize, 0);
         let (ob, nb) = (nr_bitmaps(old), nr_bitmaps(new));
