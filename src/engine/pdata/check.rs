@@ -424,11 +424,11 @@ fn compare_data(w: &mut Walker<'_>, bm: &Arc<BlockManager>, root: &SmRoot, repor
         Err(e) => return w.read_err("data space map", e),
     };
     report.data_blocks_used = sm.nr_allocated();
-    for b in 0..sm.nr_blocks() {
-        let in_sm = match sm.count(b) {
-            Ok(c) => c,
-            Err(e) => return w.read_err("data space map", e),
-        };
+    let counts = match sm.counts(0, sm.nr_blocks()) {
+        Ok(c) => c,
+        Err(e) => return w.read_err("data space map", e),
+    };
+    for (b, &in_sm) in (0u64..).zip(&counts) {
         let referenced = w.data_refs.get(&b).copied().unwrap_or(0);
         if in_sm != referenced {
             w.problems.push(Problem::DataCount {

@@ -156,6 +156,36 @@ impl DiskSpaceMap {
         })
     }
 
+    /// The counts of blocks `[begin, end)`, reading each bitmap once.
+    pub fn counts(&self, begin: u64, end: u64) -> Result<Vec<u32>> {
+        let end = end.min(self.nr_blocks);
+        let mut out = Vec::with_capacity(end.saturating_sub(begin) as usize);
+        let mut b = begin;
+        while b < end {
+            let i = (b / ENTRIES_PER_BITMAP) as usize;
+            let start = i as u64 * ENTRIES_PER_BITMAP;
+            let stop = (start + ENTRIES_PER_BITMAP).min(end);
+            let loc = self.entries.get(i).map_or(0, |e| e.blocknr);
+            let disk: Vec<u8> = if loc == 0 {
+                vec![0; (stop - start) as usize]
+            } else {
+                bitmap::decode_entries(&self.bm.read(loc, BlockKind::Bitmap)?, stop - start)
+            };
+            for x in b..stop {
+                let c = match self.changes.get(&x) {
+                    Some(&c) => c,
+                    None => match disk.get((x - start) as usize).copied().unwrap_or(0) {
+                        OVERFLOW => self.disk_count(x)?,
+                        c => u32::from(c),
+                    },
+                };
+                out.push(c);
+            }
+            b = stop;
+        }
+        Ok(out)
+    }
+
     /// Writes this transaction's changes (bitmaps, index and ref-count btrees) through `tm`
     /// and returns the root for the superblock. Blocks freed before this may be reused
     /// after it: allocate nothing until the superblock is committed.
