@@ -126,3 +126,65 @@ fn fresh_pool_with_one_empty_device_passes_thin_check() {
         pool.dump().expect("dump")
     );
 }
+
+#[test]
+fn held_metadata_snapshot_keeps_its_view_and_passes_thin_check() {
+    if tool("thin_check").is_none() {
+        return;
+    }
+    let mut pool = random_workload(11, 400);
+    let before = pool.dump().expect("dump");
+    let held = pool.reserve_metadata_snap().expect("reserve");
+    let devs: Vec<u64> = before.devices.keys().copied().collect();
+    for &d in &devs {
+        pool.unmap_range(d, 0, 10_000).expect("unmap range");
+        for v in 0..50 {
+            pool.map(d, v * 11).expect("map");
+        }
+    }
+    pool.commit().expect("commit");
+    let report = check_pool(&pool.bm);
+    assert!(
+        report.is_clean(),
+        "{:?}",
+        report
+            .problems
+            .iter()
+            .take(5)
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+    );
+    let blk = pool
+        .bm
+        .read(
+            held,
+            thinblk::engine::pdata::checksum::BlockKind::Superblock,
+        )
+        .expect("held");
+    let held_sb = thinblk::engine::pdata::Superblock::decode(&blk, held).expect("held superblock");
+    drop(blk);
+    let mut snap = pdata_support::dump(&*pool.bm, &held_sb).expect("dump held");
+    snap.nr_data_blocks = before.nr_data_blocks;
+    assert_eq!(snap.devices, before.devices);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("meta.bin");
+    pool.write_image(&path);
+    let (ok, out) = thin_check(&path).expect("thin_check");
+    assert!(ok, "thin_check with a held root:\n{out}");
+    pool.release_metadata_snap().expect("release");
+    pool.commit().expect("commit");
+    let report = check_pool(&pool.bm);
+    assert!(
+        report.is_clean(),
+        "{:?}",
+        report
+            .problems
+            .iter()
+            .take(5)
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+    );
+    pool.write_image(&path);
+    let (ok, out) = thin_check(&path).expect("thin_check");
+    assert!(ok, "thin_check after release:\n{out}");
+}

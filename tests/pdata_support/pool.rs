@@ -117,6 +117,44 @@ impl TestPool {
         Ok(())
     }
 
+    /// Holds a read-only copy of the committed metadata (the kernel's metadata snapshot).
+    pub fn reserve_metadata_snap(&mut self) -> Result<u64> {
+        self.commit()?;
+        self.tm.inc(0)?;
+        let (mut w, _) = self
+            .tm
+            .shadow(0, thinblk::engine::pdata::checksum::BlockKind::Superblock)?;
+        let loc = w.location();
+        let mut copy = Superblock::decode(&w, 0)?;
+        copy.data_sm_root = Default::default();
+        copy.metadata_sm_root = Default::default();
+        copy.encode(&mut w, loc);
+        drop(w);
+        self.tm.inc(copy.data_mapping_root)?;
+        self.tm.inc(copy.device_details_root)?;
+        self.committed.held_root = loc;
+        self.commit()?;
+        Ok(loc)
+    }
+
+    /// Drops the held metadata snapshot.
+    pub fn release_metadata_snap(&mut self) -> Result<()> {
+        let held = self.committed.held_root;
+        let blk = self.tm.read(
+            held,
+            thinblk::engine::pdata::checksum::BlockKind::Superblock,
+        )?;
+        let copy = Superblock::decode(&blk, held)?;
+        drop(blk);
+        let mut data = DataRefs(&mut self.data_sm);
+        let mut top = SubtreeRefs { leaf: &mut data };
+        btree::del::<u64>(&mut self.tm, &mut top, copy.data_mapping_root)?;
+        btree::del::<DeviceDetails>(&mut self.tm, &mut NoRefs, copy.device_details_root)?;
+        self.tm.dec(held)?;
+        self.committed.held_root = 0;
+        Ok(())
+    }
+
     pub fn details(&self, dev: u64) -> Result<Option<DeviceDetails>> {
         btree::lookup::<DeviceDetails, _>(&self.tm, self.details_root, dev)
     }
