@@ -89,11 +89,9 @@ impl DiskSpaceMap {
             }
             .into());
         }
-        let nr_allocated = entries
-            .iter()
-            .enumerate()
-            .map(|(i, e)| entries_in(root.nr_blocks, i).saturating_sub(u64::from(e.nr_free)))
-            .sum();
+        // The kernel counts a whole last bitmap as free in its index entry, so the root's
+        // figure is the one to keep.
+        let nr_allocated = root.nr_allocated.min(root.nr_blocks);
         Ok(DiskSpaceMap {
             bm,
             nr_blocks: root.nr_blocks,
