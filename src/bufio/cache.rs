@@ -17,7 +17,8 @@ use super::worker::{Job, Worker};
 pub struct BufioConfig {
     /// Bytes per block. The store's own block size wins if they differ.
     pub block_size: usize,
-    /// Most bytes of block data to keep cached. At least one block is always allowed.
+    /// Most bytes of block data to keep cached (per-buffer bookkeeping, about 200 bytes, is not
+    /// counted). At least one block is always allowed.
     pub memory_limit: usize,
 }
 
@@ -35,7 +36,14 @@ impl Default for BufioConfig {
 /// Deadlock rules for callers, as in Linux's dm-bufio: a thread may hold several guards, but
 /// must not ask for a write guard on a block it already holds, and must not call
 /// [`BufferCache::write_dirty`] while it holds a write guard (that call waits for every write
-/// guard on a dirty block to be released). Read guards on one block may be nested.
+/// guard on a dirty block to be released). Read guards on one block may be nested: a read
+/// never queues behind a waiting writer while other reads of that block are held, which keeps
+/// a thread re-reading a block it holds from deadlocking, at the price that a steady stream of
+/// overlapping readers can delay a writer of that block.
+///
+/// When the limit is reached and every buffer is held, `read`, `write` and `new_block` fail
+/// with [`super::BufioError::CacheFull`] rather than wait: size the limit for the guards your
+/// threads hold at once.
 ///
 /// Dropping the cache discards dirty buffers without writing them, like an aborted
 /// transaction: commit with `write_dirty` first.
@@ -84,8 +92,11 @@ impl BufferCache {
 
     /// Writes every buffer that was dirty when called, in ascending block order, then flushes
     /// the store. On a write error the failing block (named in the error) and those after it
-    /// stay dirty and nothing is flushed. Also reports the first error of any asynchronous
-    /// write-back since the last call.
+    /// stay dirty and nothing is flushed; a later call retries them. Also reports the first
+    /// error of any asynchronous write-back since the last call.
+    ///
+    /// A failed flush is final: this and every later call fail (`Poisoned`), because what the
+    /// device kept is unknown. Reads go on working.
     pub fn write_dirty(&self) -> Result<()> {
         self.inner.write_dirty()
     }
@@ -107,7 +118,8 @@ impl BufferCache {
     /// a half-made change never reaches the old location.
     ///
     /// May exceed the memory limit by one block for the moment between creating the new
-    /// buffer and dropping the old, when nothing clean can be evicted.
+    /// buffer and dropping the old, when nothing clean can be evicted. Waits for other holders
+    /// of `new_block` to release it, so the caller must not hold it itself.
     pub fn release_move(&self, guard: WriteGuard, new_block: u64) -> Result<()> {
         if new_block == guard.block() {
             return Ok(());
@@ -174,6 +186,11 @@ impl BufferCache {
     /// Blocks on the store now.
     pub fn nr_blocks(&self) -> u64 {
         self.inner.store.nr_blocks()
+    }
+
+    /// Whether a flush has failed, so `write_dirty` will refuse from now on.
+    pub fn is_poisoned(&self) -> bool {
+        self.inner.poisoned.load(Ordering::Acquire)
     }
 
     /// The memory limit in effect, in bytes.

@@ -27,7 +27,42 @@ const NR_SHARDS: usize = 16;
 /// the sweep, few enough that one reader does not stall behind a long write-back.
 const WRITEBACK_BATCH: usize = 16;
 
-type Map = HashMap<u64, Arc<Buffer>>;
+type Map = HashMap<u64, Arc<Buffer>, BuildBlockHasher>;
+
+/// Block numbers are not chosen by an adversary who could exploit a weak hash to flood one
+/// bucket (a corrupt image can only name blocks the cache then reads one by one), so a
+/// multiply-and-fold hash replaces SipHash on the lookup path.
+#[derive(Default, Clone, Copy)]
+struct BuildBlockHasher;
+
+#[derive(Default)]
+struct BlockHasher(u64);
+
+impl std::hash::BuildHasher for BuildBlockHasher {
+    type Hasher = BlockHasher;
+
+    fn build_hasher(&self) -> BlockHasher {
+        BlockHasher(0)
+    }
+}
+
+impl std::hash::Hasher for BlockHasher {
+    fn finish(&self) -> u64 {
+        // Fold the well-mixed high half down: a shard's keys share their low bits.
+        let h = self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        h ^ (h >> 32)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 ^= n;
+    }
+}
 
 /// How hard a new buffer may push to make room.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +107,8 @@ pub(super) struct Inner {
     pub async_error: Mutex<Option<BufioError>>,
     pub async_pending: AtomicBool,
     pub shutting_down: AtomicBool,
+    /// Set for good when a flush fails; see `BufioError::Poisoned`.
+    pub poisoned: AtomicBool,
 }
 
 impl Inner {
@@ -80,7 +117,9 @@ impl Inner {
             store,
             block_size,
             limit,
-            shards: (0..NR_SHARDS).map(|_| RwLock::new(Map::new())).collect(),
+            shards: (0..NR_SHARDS)
+                .map(|_| RwLock::new(Map::default()))
+                .collect(),
             clock: Mutex::new(Clock::default()),
             cached_bytes: AtomicUsize::new(0),
             counters: Counters::default(),
@@ -88,6 +127,7 @@ impl Inner {
             async_error: Mutex::new(None),
             async_pending: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
+            poisoned: AtomicBool::new(false),
         }
     }
 
@@ -107,7 +147,11 @@ impl Inner {
     fn lookup(&self, block: u64) -> Option<Pin> {
         let map = self.shard(block).read();
         let buf = map.get(&block)?;
-        buf.referenced.store(true, Ordering::Relaxed);
+        // Load first: hot blocks (btree roots) are hit from every core, and an unconditional
+        // store would bounce their cache line between them.
+        if !buf.referenced.load(Ordering::Relaxed) {
+            buf.referenced.store(true, Ordering::Relaxed);
+        }
         Some(Pin::new(buf))
     }
 
@@ -203,7 +247,7 @@ impl Inner {
             map.insert(block, Arc::clone(&buf));
             Pin::new(&buf)
         };
-        self.clock.lock().insert(buf, self.cached_blocks());
+        self.clock.lock().insert(&buf, self.cached_blocks());
         if !new {
             Counters::bump(&self.counters.reads);
             if let Err(source) = self.store.read_block(block, &mut lock.bytes) {

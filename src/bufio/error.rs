@@ -19,6 +19,11 @@ pub enum BufioError {
         #[source]
         source: io::Error,
     },
+    /// A flush failed earlier. Blocks written since the last good flush may or may not be
+    /// durable, and a retried flush can succeed without them (the kernel drops pages whose
+    /// write-back failed), so this cache will not vouch for durability again. Reopen the pool.
+    #[error("an earlier flush of the metadata device failed; refusing to commit again")]
+    Poisoned,
     /// The block lies past the end of the metadata device.
     #[error("metadata block {block} is past the end of the device ({nr_blocks} blocks)")]
     OutOfRange { block: u64, nr_blocks: u64 },

@@ -89,8 +89,18 @@ impl FileStore {
     /// Opens an existing file or block device for reading and writing. A trailing partial block
     /// is ignored.
     pub fn open(path: impl AsRef<Path>, block_size: usize) -> io::Result<Self> {
+        Self::open_with(path, block_size, true)
+    }
+
+    /// Opens an existing file or block device for reading only (offline checks and dumps);
+    /// writes, flushes and resizes then fail.
+    pub fn open_read_only(path: impl AsRef<Path>, block_size: usize) -> io::Result<Self> {
+        Self::open_with(path, block_size, false)
+    }
+
+    fn open_with(path: impl AsRef<Path>, block_size: usize, write: bool) -> io::Result<Self> {
         check_block_size(block_size)?;
-        let mut file = OpenOptions::new().read(true).write(true).open(path)?;
+        let mut file = OpenOptions::new().read(true).write(write).open(path)?;
         let is_block_device = file.metadata()?.file_type().is_block_device();
         // Seeking to the end gives the size of block devices too, where metadata().len() is 0.
         let bytes = file.seek(SeekFrom::End(0))?;
@@ -118,6 +128,22 @@ impl FileStore {
             nr_blocks: AtomicU64::new(nr_blocks),
             is_block_device: false,
         })
+    }
+
+    /// Takes an advisory exclusive lock (flock) on the device without waiting, so a second
+    /// daemon, or an offline tool that asks for [`FileStore::lock_shared`], sees the pool is in
+    /// use. Released when the store is dropped.
+    pub fn lock_exclusive(&self) -> io::Result<()> {
+        self.file
+            .try_lock()
+            .map_err(|err| lock_error(err, "exclusively"))
+    }
+
+    /// Takes an advisory shared lock without waiting: several readers, no daemon.
+    pub fn lock_shared(&self) -> io::Result<()> {
+        self.file
+            .try_lock_shared()
+            .map_err(|err| lock_error(err, "for reading"))
     }
 
     fn offset(&self, block: u64) -> io::Result<u64> {
@@ -173,6 +199,16 @@ impl BlockStore for FileStore {
         }
         self.nr_blocks.store(nr_blocks, Ordering::Release);
         Ok(())
+    }
+}
+
+fn lock_error(err: std::fs::TryLockError, how: &str) -> io::Error {
+    match err {
+        std::fs::TryLockError::WouldBlock => io::Error::new(
+            io::ErrorKind::WouldBlock,
+            format!("cannot lock the metadata device {how}: another process holds it"),
+        ),
+        std::fs::TryLockError::Error(err) => err,
     }
 }
 
@@ -336,6 +372,22 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 10 * 4096);
         assert!(store.resize(3).is_err());
         assert_eq!(FileStore::open(&path, 4096).unwrap().nr_blocks(), 10);
+    }
+
+    #[test]
+    fn a_locked_file_store_cannot_be_locked_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta");
+        let daemon = FileStore::create(&path, 4096, 2).unwrap();
+        daemon.lock_exclusive().unwrap();
+        let tool = FileStore::open_read_only(&path, 4096).unwrap();
+        let err = tool.lock_shared().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+        drop(daemon);
+        tool.lock_shared().unwrap();
+        let other = FileStore::open_read_only(&path, 4096).unwrap();
+        other.lock_shared().unwrap();
+        assert!(other.write_block(0, &[0u8; 4096]).is_err());
     }
 
     #[test]

@@ -57,12 +57,17 @@ impl Inner {
 
     pub(super) fn write_dirty(&self) -> Result<()> {
         let _pass = self.pass.lock();
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(BufioError::Poisoned);
+        }
         let pass = self.write_pass(Wait::Block);
         let earlier = self.async_error.lock().take();
         pass?;
-        self.store
-            .flush()
-            .map_err(|source| BufioError::Flush { source })?;
+        if let Err(source) = self.store.flush() {
+            self.poisoned.store(true, Ordering::Release);
+            log::error!("metadata flush failed ({source}); no further commits from this cache");
+            return Err(BufioError::Flush { source });
+        }
         Counters::bump(&self.counters.flushes);
         // Reported even though this pass rewrote whatever it left dirty: the caller must
         // learn that the device failed a write, as Linux's dm-bufio reports it.
@@ -77,6 +82,9 @@ impl Inner {
         // Cleared first, so a request made while this pass runs queues another one.
         self.async_pending.store(false, Ordering::Release);
         let _pass = self.pass.lock();
+        if self.poisoned.load(Ordering::Acquire) {
+            return;
+        }
         // Buffers being modified are skipped, not waited for: the pass promises nothing, and
         // waiting could hang dropping the cache while a guard is still out.
         if let Err(err) = self.write_pass(Wait::Try) {

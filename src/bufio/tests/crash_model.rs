@@ -105,7 +105,10 @@ impl Model {
             let allowed = &self.durable[&b];
             let pending = self.since_commit.get(&b);
             let ok = allowed.contains(&got) || (torn && pending.is_some_and(|p| p.contains(&got)));
-            assert!(ok, "block {b} holds {got} after a cut; allowed {allowed:?}, pending {pending:?}");
+            assert!(
+                ok,
+                "block {b} holds {got} after a cut; allowed {allowed:?}, pending {pending:?}"
+            );
             self.current.insert(b, got);
         }
         self.committed();
@@ -151,7 +154,10 @@ impl Model {
                     Self::check_error(&e);
                     // Unflushed, but a later flush may make any of these durable.
                     for (b, vals) in &self.since_commit {
-                        self.durable.entry(*b).or_default().extend(vals.iter().copied());
+                        self.durable
+                            .entry(*b)
+                            .or_default()
+                            .extend(vals.iter().copied());
                     }
                 }
             },

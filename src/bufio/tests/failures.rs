@@ -57,15 +57,23 @@ fn a_write_error_names_the_block_and_leaves_it_and_later_blocks_dirty() {
 }
 
 #[test]
-fn a_failed_flush_is_reported() {
+fn a_failed_flush_poisons_every_later_write_dirty_but_not_reads() {
     let (store, cache) = crash_cache(16, 8);
     put(&cache, 1, 1);
     store.fail_flush(true);
     assert!(matches!(cache.write_dirty(), Err(BufioError::Flush { .. })));
+    assert!(cache.is_poisoned());
     store.fail_flush(false);
-    cache.write_dirty().unwrap();
-    store.cut_power();
-    assert_eq!(store.peek(1), filled(1));
+    put(&cache, 2, 2);
+    assert!(matches!(cache.write_dirty(), Err(BufioError::Poisoned)));
+    assert_eq!(&cache.read(1).unwrap()[..], &filled(1)[..]);
+    let flushes = store.io_counts().flushes;
+    cache.write_dirty_async();
+    assert!(matches!(cache.write_dirty(), Err(BufioError::Poisoned)));
+    assert_eq!(store.io_counts().flushes, flushes);
+    drop(cache);
+    let reopened = BufferCache::new(store.clone(), config(8));
+    reopened.write_dirty().unwrap();
 }
 
 #[test]

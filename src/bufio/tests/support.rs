@@ -4,7 +4,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use crate::bufio::{BlockStore, BufferCache, BufioConfig, MemStore};
 
@@ -23,6 +23,9 @@ pub struct TraceStore {
     pub inner: Arc<dyn BlockStore>,
     pub ops: Mutex<Vec<Op>>,
     pub read_delay: Duration,
+    /// While true, reads wait: lets a test hold a load in flight for as long as it needs.
+    gate_closed: Mutex<bool>,
+    gate: Condvar,
 }
 
 impl TraceStore {
@@ -31,7 +34,18 @@ impl TraceStore {
             inner,
             ops: Mutex::new(Vec::new()),
             read_delay: Duration::ZERO,
+            gate_closed: Mutex::new(false),
+            gate: Condvar::new(),
         }
+    }
+
+    pub fn close_gate(&self) {
+        *self.gate_closed.lock() = true;
+    }
+
+    pub fn open_gate(&self) {
+        *self.gate_closed.lock() = false;
+        self.gate.notify_all();
     }
 
     pub fn take_ops(&self) -> Vec<Op> {
@@ -48,6 +62,11 @@ impl BlockStore for TraceStore {
     }
     fn read_block(&self, block: u64, buf: &mut [u8]) -> io::Result<()> {
         self.ops.lock().push(Op::Read(block));
+        let mut closed = self.gate_closed.lock();
+        while *closed {
+            self.gate.wait(&mut closed);
+        }
+        drop(closed);
         if !self.read_delay.is_zero() {
             std::thread::sleep(self.read_delay);
         }
@@ -98,7 +117,7 @@ pub fn put(cache: &BufferCache, block: u64, v: u8) {
 
 /// Waits (briefly) until `cond` holds; for effects of the background thread.
 pub fn eventually(mut cond: impl FnMut() -> bool) -> bool {
-    for _ in 0..500 {
+    for _ in 0..2500 {
         if cond() {
             return true;
         }
