@@ -188,3 +188,50 @@ fn held_metadata_snapshot_keeps_its_view_and_passes_thin_check() {
     let (ok, out) = thin_check(&path).expect("thin_check");
     assert!(ok, "thin_check after release:\n{out}");
 }
+
+#[test]
+fn growing_both_devices_across_a_bitmap_boundary_passes_thin_check() {
+    if tool("thin_check").is_none() {
+        return;
+    }
+    let store = Arc::new(MemStore::new(BLOCK_SIZE, 300));
+    let mut pool = TestPool::create(store, 16_000, 8 << 20).expect("create");
+    pool.create_thin(1).expect("create thin");
+    for v in 0..2_000 {
+        pool.map(1, v).expect("map");
+    }
+    pool.commit().expect("commit");
+    pool.bm.grow(17_000).expect("grow metadata device");
+    pool.tm
+        .extend_to_device()
+        .expect("extend metadata space map");
+    thinblk::engine::pdata::SpaceMap::extend(&mut pool.data_sm, 4_000)
+        .expect("extend data space map");
+    for v in 2_000..19_000 {
+        pool.map(1, v).expect("map after growing");
+    }
+    pool.committed.metadata_nr_blocks = 17_000;
+    pool.commit().expect("commit");
+    let report = check_pool(&pool.bm);
+    assert!(
+        report.is_clean(),
+        "{:?}",
+        report
+            .problems
+            .iter()
+            .take(5)
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("meta.bin");
+    pool.write_image(&path);
+    let (ok, out) = thin_check(&path).expect("thin_check");
+    assert!(ok, "thin_check after growing:\n{out}");
+    assert_eq!(
+        thin_dump(&path).expect("thin_dump"),
+        pool.dump().expect("dump")
+    );
+    let reopened = TestPool::open(pool.store.clone(), 8 << 20).expect("reopen");
+    assert_eq!(reopened.dump().expect("dump"), pool.dump().expect("dump"));
+}

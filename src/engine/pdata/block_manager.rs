@@ -5,6 +5,7 @@
 //! written through a [`WriteBlock`] is sealed (location and checksum) when the guard drops.
 
 use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::bufio::{BufferCache, ReadGuard, WriteGuard};
@@ -16,7 +17,7 @@ use super::node::NodeView;
 /// Typed access to the metadata device's blocks. Shareable between threads.
 pub struct BlockManager {
     cache: Arc<BufferCache>,
-    nr_blocks: u64,
+    nr_blocks: AtomicU64,
 }
 
 /// A validated block, shared for reading.
@@ -33,11 +34,36 @@ pub struct WriteBlock {
 impl BlockManager {
     /// Wraps a cache over a device of `nr_blocks` 4 KiB blocks.
     pub fn new(cache: Arc<BufferCache>, nr_blocks: u64) -> BlockManager {
-        BlockManager { cache, nr_blocks }
+        BlockManager {
+            cache,
+            nr_blocks: AtomicU64::new(nr_blocks),
+        }
     }
 
     pub fn nr_blocks(&self) -> u64 {
-        self.nr_blocks
+        self.nr_blocks.load(Ordering::Acquire)
+    }
+
+    /// Grows the metadata device to `nr_blocks`; the space map follows with
+    /// [`TransactionManager::extend_to_device`](super::tm::TransactionManager::extend_to_device).
+    pub fn grow(&self, nr_blocks: u64) -> Result<()> {
+        let now = self.nr_blocks();
+        if nr_blocks < now {
+            return Err(PdataError::CannotShrink {
+                what: "metadata device",
+                from: now,
+                to: nr_blocks,
+            });
+        }
+        self.cache
+            .store()
+            .resize(nr_blocks)
+            .map_err(|source| crate::bufio::BufioError::Io {
+                block: nr_blocks,
+                source,
+            })?;
+        self.nr_blocks.store(nr_blocks, Ordering::Release);
+        Ok(())
     }
 
     pub fn cache(&self) -> &Arc<BufferCache> {
@@ -45,11 +71,12 @@ impl BlockManager {
     }
 
     fn check_range(&self, b: u64) -> Result<()> {
-        if b >= self.nr_blocks {
+        let nr_blocks = self.nr_blocks();
+        if b >= nr_blocks {
             return Err(PdataError::BlockOutOfRange {
                 what: "metadata",
                 block: b,
-                nr_blocks: self.nr_blocks,
+                nr_blocks,
             });
         }
         Ok(())
