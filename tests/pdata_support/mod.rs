@@ -1,0 +1,222 @@
+//! Shared helpers for the pdata integration tests: fixtures, in-memory devices, a dump of
+//! what a pool's metadata holds, and the `thin_dump` XML parsed into the same shape.
+#![allow(dead_code)]
+
+pub mod pool;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use thinblk::bufio::{BlockStore, BufferCache, BufioConfig, MemStore};
+use thinblk::engine::pdata::block_manager::BlockManager;
+use thinblk::engine::pdata::btree;
+use thinblk::engine::pdata::checksum::BlockKind;
+use thinblk::engine::pdata::error::Result;
+use thinblk::engine::pdata::superblock::{Superblock, BLOCK_SIZE};
+use thinblk::engine::pdata::tm::BlockSource;
+use thinblk::engine::pdata::values::{BlockTime, DeviceDetails};
+
+pub fn fixture_dir() -> Option<PathBuf> {
+    let candidates = [
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/dm-thin"),
+        PathBuf::from("/work/shared/fixtures/dm-thin"),
+    ];
+    candidates.into_iter().find(|p| p.join("pool.xml").exists())
+}
+
+/// Decompresses a fixture image, or `None` (with a message) when fixtures are absent.
+pub fn fixture_image(rel: &str) -> Option<Vec<u8>> {
+    let Some(dir) = fixture_dir() else {
+        eprintln!("skipping: dm-thin fixtures not found");
+        return None;
+    };
+    let file = std::fs::File::open(dir.join(rel)).ok()?;
+    let mut dec = ruzstd::decoding::StreamingDecoder::new(std::io::BufReader::new(file)).ok()?;
+    let mut out = Vec::new();
+    dec.read_to_end(&mut out).ok()?;
+    Some(out)
+}
+
+pub fn fixture_text(rel: &str) -> Option<String> {
+    std::fs::read_to_string(fixture_dir()?.join(rel)).ok()
+}
+
+pub fn tool(name: &str) -> Option<PathBuf> {
+    let p = PathBuf::from("/usr/sbin").join(name);
+    if p.exists() {
+        Some(p)
+    } else {
+        eprintln!("skipping: {name} not installed");
+        None
+    }
+}
+
+/// A block manager over a memory copy of `image`.
+pub fn mem_bm(image: &[u8], cache_bytes: usize) -> (Arc<MemStore>, Arc<BlockManager>) {
+    let nr = (image.len() / BLOCK_SIZE) as u64;
+    let store = Arc::new(MemStore::new(BLOCK_SIZE, nr));
+    for (i, chunk) in image.chunks_exact(BLOCK_SIZE).enumerate() {
+        if chunk.iter().any(|&b| b != 0) {
+            store
+                .write_block(i as u64, chunk)
+                .expect("write to memory store");
+        }
+    }
+    (store.clone(), bm_over(store, cache_bytes))
+}
+
+pub fn bm_over(store: Arc<dyn BlockStore>, cache_bytes: usize) -> Arc<BlockManager> {
+    let nr = store.nr_blocks();
+    let cache = BufferCache::new(
+        store,
+        BufioConfig {
+            block_size: BLOCK_SIZE,
+            memory_limit: cache_bytes,
+        },
+    );
+    Arc::new(BlockManager::new(Arc::new(cache), nr))
+}
+
+pub fn read_superblock<S: BlockSource + ?Sized>(src: &S) -> Result<Superblock> {
+    let blk = src.read_block(0, BlockKind::Superblock)?;
+    Ok(Superblock::decode(&blk, 0)?)
+}
+
+/// What a pool's metadata says, in the shape `thin_dump` prints.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Dump {
+    pub time: u32,
+    pub transaction: u64,
+    pub data_block_size: u32,
+    pub nr_data_blocks: u64,
+    pub devices: BTreeMap<u64, Device>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Device {
+    pub details: DeviceDetails,
+    pub mappings: BTreeMap<u64, BlockTime>,
+}
+
+/// Reads every device and mapping reachable from the superblock.
+pub fn dump<S: BlockSource + ?Sized>(src: &S, sb: &Superblock) -> Result<Dump> {
+    let mut devices = BTreeMap::new();
+    btree::walk::<DeviceDetails, S, _>(src, sb.device_details_root, 0, |dev, details| {
+        devices.insert(
+            dev,
+            Device {
+                details,
+                mappings: BTreeMap::new(),
+            },
+        );
+        Ok(true)
+    })?;
+    let mut roots = Vec::new();
+    btree::walk::<u64, S, _>(src, sb.data_mapping_root, 0, |dev, root| {
+        roots.push((dev, root));
+        Ok(true)
+    })?;
+    for (dev, root) in roots {
+        let d = devices.entry(dev).or_default();
+        btree::walk::<BlockTime, S, _>(src, root, 0, |k, v| {
+            d.mappings.insert(k, v);
+            Ok(true)
+        })?;
+    }
+    Ok(Dump {
+        time: sb.time,
+        transaction: sb.trans_id,
+        data_block_size: sb.data_block_size,
+        nr_data_blocks: sb.data_sm_root.nr_blocks,
+        devices,
+    })
+}
+
+fn attr(line: &str, name: &str) -> Option<u64> {
+    let pat = format!(" {name}=\"");
+    let start = line.find(&pat)? + pat.len();
+    let end = line.get(start..)?.find('"')? + start;
+    line.get(start..end)?.parse().ok()
+}
+
+/// Parses `thin_dump`'s XML.
+pub fn parse_xml(xml: &str) -> Dump {
+    let mut d = Dump::default();
+    let mut cur: Option<u64> = None;
+    for line in xml.lines().map(str::trim) {
+        let a = |n| attr(line, n).unwrap_or_else(|| panic!("attribute {n} in {line}"));
+        if line.starts_with("<superblock") {
+            d.time = a("time") as u32;
+            d.transaction = a("transaction");
+            d.data_block_size = a("data_block_size") as u32;
+            d.nr_data_blocks = a("nr_data_blocks");
+        } else if line.starts_with("<device") {
+            let id = a("dev_id");
+            let details = DeviceDetails {
+                mapped_blocks: a("mapped_blocks"),
+                transaction_id: a("transaction"),
+                creation_time: a("creation_time") as u32,
+                snapshotted_time: a("snap_time") as u32,
+            };
+            d.devices.insert(
+                id,
+                Device {
+                    details,
+                    mappings: BTreeMap::new(),
+                },
+            );
+            cur = Some(id);
+        } else if line.starts_with("<range_mapping") || line.starts_with("<single_mapping") {
+            let dev = d
+                .devices
+                .get_mut(&cur.expect("mapping inside a device"))
+                .expect("device");
+            let time = a("time") as u32;
+            let (ob, db, len) = if line.starts_with("<range") {
+                (a("origin_begin"), a("data_begin"), a("length"))
+            } else {
+                (a("origin_block"), a("data_block"), 1)
+            };
+            for i in 0..len {
+                dev.mappings.insert(
+                    ob + i,
+                    BlockTime {
+                        block: db + i,
+                        time,
+                    },
+                );
+            }
+        }
+    }
+    d
+}
+
+/// Runs `thin_dump` on a file and parses it.
+pub fn thin_dump(path: &Path) -> Option<Dump> {
+    let exe = tool("thin_dump")?;
+    let out = Command::new(exe).arg(path).output().expect("run thin_dump");
+    assert!(
+        out.status.success(),
+        "thin_dump failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(parse_xml(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Runs `thin_check` on a file; returns (success, combined output).
+pub fn thin_check(path: &Path) -> Option<(bool, String)> {
+    let exe = tool("thin_check")?;
+    let out = Command::new(exe)
+        .arg(path)
+        .output()
+        .expect("run thin_check");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some((out.status.success(), text))
+}
