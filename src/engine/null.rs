@@ -57,8 +57,11 @@ mod tests {
     fn reads_fill_every_buffer_with_zeros() {
         let dev = NullDevice::new(1 << 20);
         let (mut a, mut b) = ([7u8; 512], [9u8; 1024]);
-        dev.read(4096, &mut [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)])
-            .unwrap();
+        dev.read(
+            4096,
+            &mut [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)],
+        )
+        .unwrap();
         assert!(a.iter().chain(b.iter()).all(|&x| x == 0));
     }
 
