@@ -13,6 +13,8 @@ pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 pub enum Backing {
     /// A raw file or host block device, byte for byte.
     Raw(PathBuf),
+    /// A device of this many bytes that stores nothing: reads return zeros.
+    Null(u64),
 }
 
 /// One parsed `--export`.
@@ -35,10 +37,14 @@ pub enum SpecError {
     NotKeyValue(String),
     #[error("key '{0}' given twice")]
     Duplicate(String),
-    #[error("unknown key '{0}' (known: raw, socket, id, queues, queue-size, readonly, direct)")]
+    #[error(
+        "unknown key '{0}' (known: raw, null, socket, id, queues, queue-size, readonly, direct)"
+    )]
     UnknownKey(String),
     #[error("missing '{0}='")]
     Missing(&'static str),
+    #[error("give one of 'raw=PATH' or 'null=SIZE'")]
+    Backing,
     #[error("{key}={value}: {why}")]
     BadValue {
         key: &'static str,
@@ -82,6 +88,36 @@ fn parse_bool(key: &'static str, value: &str) -> Result<bool, SpecError> {
     }
 }
 
+/// A size in bytes with an optional binary suffix (K, M, G, T): `16G`, `512`, `4k`.
+pub fn parse_size(key: &'static str, value: &str) -> Result<u64, SpecError> {
+    let bad = |why: &str| SpecError::BadValue {
+        key,
+        value: value.into(),
+        why: why.into(),
+    };
+    let (digits, shift) = match value.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(bad("expected a number with K, M, G or T")),
+            };
+            (value.get(..i).unwrap_or(""), shift)
+        }
+        _ => (value, 0),
+    };
+    let n: u64 = digits.parse().map_err(|_| bad("not a size"))?;
+    let bytes = n
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| bad("too large"))?;
+    if bytes == 0 || bytes % 512 != 0 {
+        return Err(bad("must be a positive multiple of 512"));
+    }
+    Ok(bytes)
+}
+
 fn parse_ranged(key: &'static str, value: &str, max: u16) -> Result<u16, SpecError> {
     let bad = |why: String| SpecError::BadValue {
         key,
@@ -109,7 +145,11 @@ impl std::str::FromStr for ExportSpec {
             }
         }
         let mut take = |k: &str| kv.remove(k);
-        let raw = take("raw").ok_or(SpecError::Missing("raw"))?;
+        let backing = match (take("raw"), take("null")) {
+            (Some(path), None) => Backing::Raw(PathBuf::from(path)),
+            (None, Some(size)) => Backing::Null(parse_size("null", &size)?),
+            _ => return Err(SpecError::Backing),
+        };
         let socket = PathBuf::from(take("socket").ok_or(SpecError::Missing("socket"))?);
         let id = take("id").unwrap_or_else(|| {
             socket
@@ -144,7 +184,7 @@ impl std::str::FromStr for ExportSpec {
             return Err(SpecError::UnknownKey(k));
         }
         Ok(ExportSpec {
-            backing: Backing::Raw(PathBuf::from(raw)),
+            backing,
             socket,
             id,
             queues,
@@ -193,5 +233,28 @@ mod tests {
         assert!(e("raw=a,socket=s,colour=red").contains("unknown key 'colour'"));
         assert!(e("raw=a,socket=s,readonly=maybe").contains("on or off"));
         assert!(e("raw=a,raw=b,socket=s").contains("twice"));
+        assert!(e("raw=a,null=1G,socket=s").contains("one of"));
+    }
+
+    #[test]
+    fn null_takes_a_size_with_a_binary_suffix() {
+        let s: ExportSpec = "null=16G,socket=/tmp/n.sock".parse().unwrap();
+        assert_eq!(s.backing, Backing::Null(16 << 30));
+        let size = |v: &str| parse_size("null", v);
+        assert_eq!(size("4096"), Ok(4096));
+        assert_eq!(size("4k"), Ok(4096));
+        assert_eq!(size("3M"), Ok(3 << 20));
+        assert_eq!(size("2T"), Ok(2 << 40));
+    }
+
+    #[test]
+    fn bad_null_sizes_are_refused() {
+        let e = |v: &str| parse_size("null", v).unwrap_err().to_string();
+        assert!(e("0").contains("positive multiple of 512"));
+        assert!(e("1000").contains("positive multiple of 512"));
+        assert!(e("16X").contains("K, M, G or T"));
+        assert!(e("G").contains("not a size"));
+        assert!(e("-1G").contains("not a size"));
+        assert!(e("99999999999T").contains("too large"));
     }
 }

@@ -30,7 +30,8 @@ enum Command {
 struct ServeArgs {
     /// An export, as comma-separated key=value pairs (repeat the flag for several).
     ///
-    /// raw=PATH: the file or block device to serve byte for byte (required).
+    /// raw=PATH: the file or block device to serve byte for byte (this or null= is required).
+    /// null=SIZE: a device that stores nothing and reads zeros, for benchmarks (e.g. 16G).
     /// socket=PATH: the vhost-user socket to create, mode 0600 (required); a stale socket is
     /// replaced, a socket some server still listens on is an error.
     /// id=NAME: the export name, also the disk serial the guest reads (default: socket name).

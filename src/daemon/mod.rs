@@ -7,6 +7,7 @@ use anyhow::Context;
 use log::info;
 
 use crate::control::ControlServer;
+use crate::engine::null::NullDevice;
 use crate::engine::raw::{RawDevice, RawOptions};
 use crate::engine::BlockDevice;
 use crate::export_spec::{Backing, ExportSpec, DEFAULT_QUEUES, DEFAULT_QUEUE_SIZE};
@@ -59,6 +60,10 @@ fn open_device(spec: &ExportSpec) -> anyhow::Result<Arc<dyn BlockDevice>> {
                 }
             );
             Ok(Arc::new(dev))
+        }
+        Backing::Null(size) => {
+            info!("{}: null device of {size} bytes", spec.id);
+            Ok(Arc::new(NullDevice::new(*size)))
         }
     }
 }

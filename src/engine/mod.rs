@@ -7,6 +7,7 @@
 mod aligned;
 mod error;
 pub mod memory;
+pub mod null;
 pub mod pdata;
 pub mod raw;
 

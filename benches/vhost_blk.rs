@@ -1,0 +1,191 @@
+//! Side-by-side benchmark of vhost-user-blk servers through libblkio.
+//!
+//! ```text
+//! cargo bench --bench vhost_blk -- --socket PATH [--seconds N] [--jobs a,b]   # any server
+//! cargo bench --bench vhost_blk -- --suite [--seconds N] [--sections raw,null,thin]
+//! ```
+//!
+//! `--suite` starts thinblk and qemu-storage-daemon itself, one after the other for every job
+//! on the same files, runs the same jobs with fio on the file, and prints Markdown tables of
+//! throughput, latency percentiles, ratios and server cost. Under `cargo test` (no `--bench`
+//! argument) it runs a short smoke test against a thinblk null export instead.
+#![allow(clippy::expect_used)]
+
+#[path = "vhost_blk/client.rs"]
+mod client;
+#[path = "vhost_blk/fio.rs"]
+mod fio;
+#[path = "vhost_blk/images.rs"]
+mod images;
+#[path = "vhost_blk/job.rs"]
+mod job;
+#[path = "vhost_blk/server.rs"]
+mod server;
+#[path = "vhost_blk/stats.rs"]
+mod stats;
+#[path = "vhost_blk/suite.rs"]
+mod suite;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+
+use client::Client;
+use job::Job;
+use server::{cpu_seconds, peak_rss_kib};
+use stats::{cost, show, Cell};
+use suite::{Section, Settings};
+
+/// Benchmarks vhost-user-blk servers through libblkio: 4 KiB random read and write at queue
+/// depth 1 and 32, 128 KiB sequential read and write at queue depth 8.
+#[derive(Parser, Debug)]
+#[command(name = "vhost_blk")]
+struct Args {
+    /// Drive this vhost-user-blk socket (write jobs overwrite the disk's data).
+    #[arg(long, value_name = "PATH", required_unless_present = "suite")]
+    socket: Option<PathBuf>,
+    /// With --socket: the server's pid, to report its CPU time per I/O and peak RSS.
+    #[arg(long, requires = "socket")]
+    pid: Option<u32>,
+    /// Start thinblk and qemu-storage-daemon and compare them side by side.
+    #[arg(long, conflicts_with = "socket")]
+    suite: bool,
+    /// Measured seconds per job.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Warm-up seconds per job, not measured.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Jobs to run, by name (default: all).
+    #[arg(long, value_delimiter = ',')]
+    jobs: Vec<String>,
+    /// Parts of the suite to run.
+    #[arg(long, value_delimiter = ',', default_value = "raw,null,thin")]
+    sections: Vec<Section>,
+    /// Scratch directory for backing files and sockets (default: target/bench).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Size of the raw backing file, written once and reused.
+    #[arg(long, default_value = "1G", value_parser = size)]
+    file_size: u64,
+    /// Size of the null devices.
+    #[arg(long, default_value = "16G", value_parser = size)]
+    null_size: u64,
+    /// Passed by `cargo bench`.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+fn size(v: &str) -> Result<u64, String> {
+    thinblk::export_spec::parse_size("size", v).map_err(|e| e.to_string())
+}
+
+fn seconds(s: f64) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(s).map_err(|e| format!("{s} seconds: {e}"))
+}
+
+fn pick_jobs(names: &[String]) -> Result<Vec<Job>, String> {
+    let all = job::standard();
+    if names.is_empty() {
+        return Ok(all);
+    }
+    names
+        .iter()
+        .map(|n| {
+            all.iter().find(|j| &j.name == n).cloned().ok_or_else(|| {
+                let known: Vec<_> = all.iter().map(|j| j.name.as_str()).collect();
+                format!("unknown job {n} (known: {})", known.join(", "))
+            })
+        })
+        .collect()
+}
+
+/// `--socket`: every job against one server that someone else started.
+fn run_socket(args: &Args, socket: &Path) -> Result<String, String> {
+    let (warmup, measure) = (seconds(args.warmup)?, seconds(args.seconds)?);
+    let mut out = format!(
+        "| job | {} | server cost |\n|---|---|---|\n",
+        socket.display()
+    );
+    for job in pick_jobs(&args.jobs)? {
+        let pid = args.pid;
+        let cell: Cell = Client::connect(socket, job.qd * job.bs).and_then(|mut c| {
+            let cpu = || pid.and_then(cpu_seconds);
+            let mut s = c.run(&job, u64::MAX, warmup, measure, &cpu)?.summary();
+            s.peak_rss_kib = pid.and_then(peak_rss_kib);
+            Ok(s)
+        });
+        eprintln!("  {:<22}{}", job.name, show(&cell));
+        out.push_str(&format!(
+            "| {} | {} | {} |\n",
+            job.name,
+            show(&cell),
+            cost(&cell)
+        ));
+    }
+    Ok(out)
+}
+
+/// `cargo test --benches`: every job for a moment against a thinblk null export.
+fn smoke() {
+    job::self_test();
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let socket = dir.path().join("null.sock");
+    let server =
+        server::Server::thinblk("null=1G", &socket, dir.path()).expect("thinblk null export");
+    for job in job::standard() {
+        let mut c = Client::connect(&socket, job.qd * job.bs).expect("blkio connect");
+        let pid = server.pid();
+        let m = c
+            .run(
+                &job,
+                u64::MAX,
+                Duration::from_millis(20),
+                Duration::from_millis(100),
+                &|| cpu_seconds(pid),
+            )
+            .expect("job runs");
+        assert!(m.ios > 0, "{}: no I/O completed", job.name);
+        assert!(
+            m.server_cpu_seconds.is_some(),
+            "{}: no CPU sample",
+            job.name
+        );
+        println!("smoke {}: {}", job.name, m.summary().cell());
+    }
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        smoke();
+        return;
+    }
+    let args = Args::parse();
+    let result = match (&args.socket, args.suite) {
+        (Some(socket), _) => run_socket(&args, socket),
+        (None, _) => seconds(args.warmup)
+            .and_then(|warmup| Ok((warmup, seconds(args.seconds)?)))
+            .and_then(|(warmup, measure)| {
+                let settings = Settings {
+                    dir: args.dir.clone().unwrap_or_else(|| {
+                        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench")
+                    }),
+                    file_size: args.file_size,
+                    null_size: args.null_size,
+                    warmup,
+                    measure,
+                    jobs: pick_jobs(&args.jobs)?,
+                    sections: args.sections.clone(),
+                };
+                suite::run(&settings)
+            }),
+    };
+    match result {
+        Ok(table) => println!("\n{table}"),
+        Err(e) => {
+            eprintln!("vhost_blk: {e}");
+            std::process::exit(1);
+        }
+    }
+}

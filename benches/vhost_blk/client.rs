@@ -1,0 +1,154 @@
+//! The load generator: one blkio queue (libblkio's virtio-blk-vhost-user driver) kept at the
+//! job's queue depth for a fixed time, latency recorded per request.
+
+use std::mem::MaybeUninit;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+
+use crate::job::{Job, Offsets, Op};
+use crate::stats::Measurement;
+
+/// A connected blkio instance with one queue and one mapped buffer region.
+pub struct Client {
+    queue: Blkioq,
+    // Kept alive for the queue and the region; blkio frees the region when both are dropped.
+    _blkio: Blkio,
+    region: MemoryRegion,
+    pub capacity: u64,
+}
+
+fn err(what: &str) -> impl Fn(blkio::Error) -> String + '_ {
+    move |e| format!("{what}: {e}")
+}
+
+impl Client {
+    /// Connects to `socket` with one queue and a buffer region of at least `buf_len` bytes.
+    pub fn connect(socket: &Path, buf_len: usize) -> Result<Client, String> {
+        let mut blkio = Blkio::new("virtio-blk-vhost-user").map_err(err("blkio"))?;
+        let path = socket.to_str().ok_or("socket path is not UTF-8")?;
+        blkio.set_str("path", path).map_err(err("path"))?;
+        blkio.connect().map_err(err("connect"))?;
+        blkio.set_i32("num-queues", 1).map_err(err("num-queues"))?;
+        let queue = blkio
+            .start()
+            .map_err(err("start"))?
+            .queues
+            .pop()
+            .ok_or("blkio started without a queue")?;
+        let capacity = blkio.get_u64("capacity").map_err(err("capacity"))?;
+        let align = blkio
+            .get_u64("mem-region-alignment")
+            .map_err(err("alignment"))? as usize;
+        let len = buf_len.div_ceil(align.max(1)) * align.max(1);
+        let region = blkio
+            .alloc_mem_region(len)
+            .map_err(err("alloc_mem_region"))?;
+        blkio
+            .map_mem_region(&region)
+            .map_err(err("map_mem_region"))?;
+        // SAFETY: blkio allocated `len` bytes at `addr` for this client; nothing is in flight.
+        unsafe { std::ptr::write_bytes(region.addr as *mut u8, 0x5a, region.len) };
+        Ok(Client {
+            queue,
+            _blkio: blkio,
+            region,
+            capacity,
+        })
+    }
+
+    fn submit(&mut self, job: &Job, slot: usize, offset: u64) {
+        let buf = (self.region.addr + slot * job.bs) as *mut u8;
+        match job.op {
+            Op::Read => self
+                .queue
+                .read(offset, buf, job.bs, slot, ReqFlags::empty()),
+            Op::Write => self
+                .queue
+                .write(offset, buf, job.bs, slot, ReqFlags::empty()),
+        }
+    }
+
+    /// Runs `job` for `warmup` then `measure`, over the first `span` bytes of the device.
+    /// `cpu` samples the server's CPU time at the start and end of the measured window.
+    pub fn run(
+        &mut self,
+        job: &Job,
+        span: u64,
+        warmup: Duration,
+        measure: Duration,
+        cpu: &dyn Fn() -> Option<f64>,
+    ) -> Result<Measurement, String> {
+        if job.qd * job.bs > self.region.len {
+            return Err("buffer region too small for the job".into());
+        }
+        let span = span.min(self.capacity);
+        let mut offsets = Offsets::new(job, span);
+        let mut started = vec![Instant::now(); job.qd];
+        for (slot, t) in started.iter_mut().enumerate() {
+            let offset = offsets.next_offset();
+            self.submit(job, slot, offset);
+            *t = Instant::now();
+        }
+        let mut in_flight = job.qd;
+        let window_start = Instant::now() + warmup;
+        let window_end = window_start + measure;
+        let mut cpu_start = None;
+        let mut cpu_end = None;
+        let (mut ios, mut lat_ns) = (0u64, Vec::with_capacity(1 << 20));
+        let mut done: Vec<_> = (0..job.qd)
+            .map(|_| MaybeUninit::<Completion>::uninit())
+            .collect();
+        while in_flight > 0 {
+            let mut timeout = Duration::from_secs(30);
+            let n = self
+                .queue
+                .do_io(&mut done, 1, Some(&mut timeout), None)
+                .map_err(err("do_io"))?;
+            if n == 0 {
+                return Err("no completion within 30 s".into());
+            }
+            let now = Instant::now();
+            if now >= window_start && cpu_start.is_none() {
+                cpu_start = Some(cpu());
+            }
+            if now >= window_end && cpu_end.is_none() {
+                cpu_end = Some(cpu());
+            }
+            for c in &done[..n] {
+                // SAFETY: do_io wrote `n` completions into the first `n` slots.
+                let c = unsafe { c.assume_init_ref() };
+                if c.ret != 0 {
+                    return Err(format!("request failed: errno {}", -c.ret));
+                }
+                let slot = c.user_data;
+                if now >= window_start && now < window_end {
+                    ios += 1;
+                    lat_ns.push(now.duration_since(started[slot]).as_nanos() as u64);
+                }
+                in_flight -= 1;
+                if now < window_end {
+                    let offset = offsets.next_offset();
+                    self.submit(job, slot, offset);
+                    started[slot] = Instant::now();
+                    in_flight += 1;
+                }
+            }
+        }
+        let server_cpu_seconds = match (cpu_start.flatten(), cpu_end.flatten()) {
+            (Some(a), Some(b)) => Some(b - a),
+            _ => None,
+        };
+        Ok(Measurement {
+            ios,
+            bytes: ios * job.bs as u64,
+            seconds: measure.as_secs_f64(),
+            lat_ns,
+            server_cpu_seconds,
+            note: offsets
+                .wrapped
+                .then(|| "ran out of fresh clusters: later writes were overwrites".into()),
+        })
+    }
+}

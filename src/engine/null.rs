@@ -1,0 +1,94 @@
+//! A disk with no storage: reads return zeros, writes vanish. It measures what the vhost layer
+//! and the client cost with no host I/O at all (the counterpart of QEMU's `null-co`).
+
+use std::io::{IoSlice, IoSliceMut};
+
+use super::{check_range, iovec_len, BlockDevice, BlockError};
+
+/// A disk of fixed size that stores nothing but still refuses out-of-range I/O.
+pub struct NullDevice {
+    size: u64,
+}
+
+impl NullDevice {
+    /// A disk of `size` bytes (rounded down to a whole sector).
+    pub fn new(size: u64) -> Self {
+        NullDevice { size: size & !511 }
+    }
+}
+
+impl BlockDevice for NullDevice {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<(), BlockError> {
+        let len = iovec_len(bufs).ok_or(BlockError::Unsupported("iovec length"))?;
+        check_range(offset, len, self.size)?;
+        for buf in bufs.iter_mut() {
+            buf.fill(0);
+        }
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<(), BlockError> {
+        let len = iovec_len(bufs).ok_or(BlockError::Unsupported("iovec length"))?;
+        check_range(offset, len, self.size)
+    }
+
+    fn flush(&self) -> Result<(), BlockError> {
+        Ok(())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        check_range(offset, len, self.size)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, _may_unmap: bool) -> Result<(), BlockError> {
+        check_range(offset, len, self.size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_fill_every_buffer_with_zeros() {
+        let dev = NullDevice::new(1 << 20);
+        let (mut a, mut b) = ([7u8; 512], [9u8; 1024]);
+        dev.read(
+            4096,
+            &mut [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)],
+        )
+        .unwrap();
+        assert!(a.iter().chain(b.iter()).all(|&x| x == 0));
+    }
+
+    #[test]
+    fn writes_are_accepted_and_forgotten() {
+        let dev = NullDevice::new(1 << 20);
+        dev.write(0, &[IoSlice::new(&[1; 4096])]).unwrap();
+        dev.flush().unwrap();
+        let mut out = [5u8; 4096];
+        dev.read(0, &mut [IoSliceMut::new(&mut out)]).unwrap();
+        assert_eq!(out, [0; 4096]);
+    }
+
+    #[test]
+    fn size_is_rounded_down_to_a_sector() {
+        assert_eq!(NullDevice::new(4096 + 100).size(), 4096);
+    }
+
+    #[test]
+    fn every_operation_refuses_ranges_past_the_end() {
+        let dev = NullDevice::new(8192);
+        let mut out = [0u8; 512];
+        let past = |r: Result<(), BlockError>| matches!(r, Err(BlockError::OutOfRange { .. }));
+        assert!(past(dev.read(8192, &mut [IoSliceMut::new(&mut out)])));
+        assert!(past(dev.write(7680, &[IoSlice::new(&[0; 1024])])));
+        assert!(past(dev.discard(u64::MAX - 10, 512)));
+        assert!(past(dev.write_zeroes(8192, 512, true)));
+        assert!(dev.write_zeroes(7680, 512, false).is_ok());
+    }
+}
