@@ -10,6 +10,7 @@ pub mod memory;
 pub mod null;
 pub mod pdata;
 pub mod raw;
+pub mod thin;
 
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::RawFd;
