@@ -90,7 +90,7 @@ impl PoolMetadata {
         nr_data_blocks: u64,
     ) -> Result<Self> {
         if !(MIN_BLOCK_SECTORS..=MAX_BLOCK_SECTORS).contains(&block_sectors)
-            || block_sectors % MIN_BLOCK_SECTORS != 0
+            || !block_sectors.is_multiple_of(MIN_BLOCK_SECTORS)
         {
             return Err(ThinError::BadBlockSize(block_sectors));
         }
