@@ -9,6 +9,10 @@ pub enum BlockError {
     ReadOnly,
     #[error("operation not supported: {0}")]
     Unsupported(&'static str),
+    #[error("the pool is out of data space")]
+    NoSpace,
+    #[error("thin pool: {0}")]
+    Thin(#[source] Box<crate::engine::thin::ThinError>),
     #[error("host I/O failed at byte {offset}: {source}")]
     Io {
         offset: u64,

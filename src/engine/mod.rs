@@ -6,6 +6,7 @@
 
 mod aligned;
 mod error;
+pub mod iov;
 pub mod memory;
 pub mod null;
 pub mod pdata;

@@ -10,6 +10,7 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::aligned::{read_bufs_aligned, write_bufs_aligned};
 use super::{check_range, iovec_len, BlockDevice, BlockError, Extent, MapOp};
@@ -40,7 +41,8 @@ pub struct RawDevice {
     buffered: File,
     direct: Option<File>,
     is_block_device: bool,
-    size: u64,
+    /// Bytes, a multiple of 512; changes only through `refresh_size`.
+    size: AtomicU64,
     read_only: bool,
 }
 
@@ -81,7 +83,7 @@ impl RawDevice {
             buffered,
             direct,
             is_block_device,
-            size,
+            size: AtomicU64::new(size),
             read_only: opts.read_only,
         })
     }
@@ -98,6 +100,17 @@ impl RawDevice {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    /// Re-reads the size of the file or device (after it grew); returns it.
+    pub fn refresh_size(&self) -> io::Result<u64> {
+        let size = if self.is_block_device {
+            block_device_size(&self.buffered)?
+        } else {
+            self.buffered.metadata()?.len()
+        } & !511;
+        self.size.store(size, Ordering::Release);
+        Ok(size)
     }
 
     /// Whether aligned I/O bypasses the host page cache.
@@ -230,14 +243,14 @@ fn pwrite_all(file: &File, mut bufs: &mut [IoSlice<'_>], mut offset: u64) -> io:
 
 impl BlockDevice for RawDevice {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
     }
 
     fn map(&self, op: MapOp, offset: u64, len: u64) -> Result<Option<Vec<Extent>>, BlockError> {
         if op == MapOp::Write {
             self.writable()?;
         }
-        check_range(offset, len, self.size)?;
+        check_range(offset, len, self.size())?;
         let (fd, direct) = match &self.direct {
             Some(f) => (f.as_raw_fd(), true),
             None => (self.buffered.as_raw_fd(), false),
@@ -256,7 +269,7 @@ impl BlockDevice for RawDevice {
 
     fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<(), BlockError> {
         let len = iovec_len(bufs).ok_or(BlockError::Unsupported("iovec length"))?;
-        check_range(offset, len, self.size)?;
+        check_range(offset, len, self.size())?;
         if let Some(direct) = self
             .direct
             .as_ref()
@@ -285,7 +298,7 @@ impl BlockDevice for RawDevice {
     fn write(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<(), BlockError> {
         self.writable()?;
         let len = iovec_len(bufs).ok_or(BlockError::Unsupported("iovec length"))?;
-        check_range(offset, len, self.size)?;
+        check_range(offset, len, self.size())?;
         let mut attempt: Vec<IoSlice<'_>> = bufs.to_vec();
         if let Some(direct) = self
             .direct
@@ -307,7 +320,7 @@ impl BlockDevice for RawDevice {
 
     fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         self.writable()?;
-        check_range(offset, len, self.size)?;
+        check_range(offset, len, self.size())?;
         let result = if self.is_block_device {
             self.range_ioctl(BLKDISCARD, offset, len)
         } else {
@@ -327,7 +340,7 @@ impl BlockDevice for RawDevice {
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<(), BlockError> {
         self.writable()?;
-        check_range(offset, len, self.size)?;
+        check_range(offset, len, self.size())?;
         let result = if self.is_block_device {
             self.range_ioctl(BLKZEROOUT, offset, len)
         } else if may_unmap {

@@ -1,0 +1,375 @@
+//! A thin device: a virtual disk whose blocks are provisioned from the pool on first write.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use log::warn;
+
+use super::pool::{Pool, PoolMode};
+use crate::engine::iov::{gather_into, zero, IovCursor};
+use crate::engine::{check_range, iovec_len, BlockDevice, BlockError};
+
+/// Largest buffer used to copy or zero inside one data block.
+const CHUNK: u64 = 1 << 20;
+
+pub struct ThinDevice {
+    pool: Arc<Pool>,
+    dev: u64,
+    size: AtomicU64,
+}
+
+/// The part of one data block a byte range covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Piece {
+    vblock: u64,
+    within: u64,
+    len: u64,
+}
+
+/// Cuts `[offset, offset + len)` at block boundaries.
+fn pieces(offset: u64, len: u64, block: u64) -> impl Iterator<Item = Piece> {
+    let mut pos = offset;
+    let end = offset + len;
+    std::iter::from_fn(move || {
+        if pos >= end {
+            return None;
+        }
+        let vblock = pos / block;
+        let within = pos % block;
+        let n = (block - within).min(end - pos);
+        pos += n;
+        Some(Piece {
+            vblock,
+            within,
+            len: n,
+        })
+    })
+}
+
+fn thin(e: super::ThinError) -> BlockError {
+    match e {
+        super::ThinError::NoDataSpace => BlockError::NoSpace,
+        e => BlockError::Thin(Box::new(e)),
+    }
+}
+
+impl ThinDevice {
+    pub fn new(pool: Arc<Pool>, dev: u64, size: u64) -> Self {
+        ThinDevice {
+            pool,
+            dev,
+            size: AtomicU64::new(size & !511),
+        }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.dev
+    }
+
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    /// Changes the virtual size (growing a disk).
+    pub fn set_size(&self, size: u64) {
+        self.size.store(size & !511, Ordering::Release);
+    }
+
+    fn writable(&self) -> Result<(), BlockError> {
+        match self.pool.mode() {
+            PoolMode::Write | PoolMode::OutOfDataSpace => Ok(()),
+            PoolMode::ReadOnly | PoolMode::Fail => Err(BlockError::ReadOnly),
+        }
+    }
+
+    /// Writes `part` at `within` of virtual block `vblock`, provisioning or unsharing the
+    /// block first when it needs it.
+    fn write_piece(&self, p: Piece, part: &[IoSlice<'_>]) -> Result<(), BlockError> {
+        let pool = &self.pool;
+        let started = Instant::now();
+        loop {
+            let gate = pool.io_gate();
+            let found = pool
+                .meta()
+                .find_block(self.dev, p.vblock, true)
+                .map_err(thin)?;
+            if let Some(l) = found.filter(|l| !l.shared) {
+                return pool.write_data(l.block, p.within, part);
+            }
+            let cell = pool.prison.lock((self.dev, p.vblock));
+            // Another writer may have provisioned the block while this one waited.
+            let found = pool
+                .meta()
+                .find_block(self.dev, p.vblock, true)
+                .map_err(thin)?;
+            if let Some(l) = found.filter(|l| !l.shared) {
+                return pool.write_data(l.block, p.within, part);
+            }
+            let new = match pool.alloc_data_block() {
+                Ok(b) => b,
+                Err(BlockError::NoSpace) => {
+                    // Wait without holding anything a commit or a resize needs.
+                    drop(cell);
+                    drop(gate);
+                    if pool.wait_for_space(started) {
+                        continue;
+                    }
+                    return Err(BlockError::NoSpace);
+                }
+                Err(e) => return Err(e),
+            };
+            let filled = self.fill_new_block(new, found.map(|l| l.block), p, part);
+            if let Err(e) = filled {
+                if let Err(e2) = pool.change(|m| m.dec_data_range(new, new + 1)) {
+                    warn!("cannot release data block {new} after a failed write: {e2}");
+                }
+                return Err(e);
+            }
+            pool.change(|m| m.insert_block(self.dev, p.vblock, new))
+                .map_err(thin)?;
+            return Ok(());
+        }
+    }
+
+    /// Makes a newly allocated block hold `part` and, around it, the old block's data (when
+    /// breaking sharing) or zeros: a new block never shows what it held before.
+    fn fill_new_block(
+        &self,
+        new: u64,
+        old: Option<u64>,
+        p: Piece,
+        part: &[IoSlice<'_>],
+    ) -> Result<(), BlockError> {
+        let pool = &self.pool;
+        let bs = pool.block_size();
+        if p.within == 0 && p.len == bs {
+            return pool.write_data(new, 0, part);
+        }
+        let end = p.within + p.len;
+        let mut around = Vec::new();
+        if p.within > 0 {
+            around.push((0, p.within));
+        }
+        if end < bs {
+            around.push((end, bs - end));
+        }
+        for (at, len) in around {
+            match old {
+                None => {
+                    let base = new * bs;
+                    pool.data().write_zeroes(base + at, len, false)?;
+                }
+                Some(old) => {
+                    let mut buf = vec![0u8; CHUNK.min(len) as usize];
+                    let mut done = 0;
+                    while done < len {
+                        let n = CHUNK.min(len - done) as usize;
+                        let chunk = buf.get_mut(..n).unwrap_or_default();
+                        pool.read_data(old, at + done, &mut [IoSliceMut::new(chunk)])?;
+                        pool.write_data(new, at + done, &[IoSlice::new(chunk)])?;
+                        done += n as u64;
+                    }
+                }
+            }
+        }
+        // Small pieces go in one write together with nothing else; gathering first keeps
+        // O_DIRECT alignment for callers whose buffers are fragmented.
+        if p.len <= CHUNK {
+            let mut buf = vec![0u8; p.len as usize];
+            gather_into(&mut buf, 0, part);
+            pool.write_data(new, p.within, &[IoSlice::new(&buf)])
+        } else {
+            pool.write_data(new, p.within, part)
+        }
+    }
+
+    /// Unmaps whole blocks `[begin, end)` and releases the data blocks nobody else uses.
+    fn unmap_blocks(&self, begin: u64, end: u64) -> Result<(), BlockError> {
+        if begin >= end {
+            return Ok(());
+        }
+        let pool = &self.pool;
+        // Held until the holes are punched: the freed blocks cannot be reused meanwhile.
+        let _gate = pool.io_gate();
+        let mapped = pool.meta().mappings(self.dev, begin, end).map_err(thin)?;
+        if mapped.is_empty() {
+            return Ok(());
+        }
+        pool.change(|m| m.remove_range(self.dev, begin, end))
+            .map_err(thin)?;
+        let bs = pool.block_size();
+        let meta = pool.meta();
+        let mut freed: Vec<u64> = mapped
+            .iter()
+            .map(|(_, bt)| bt.block)
+            .filter(|b| meta.data_block_count(*b).map(|c| c == 0).unwrap_or(false))
+            .collect();
+        drop(meta);
+        freed.sort_unstable();
+        let mut i = 0;
+        while i < freed.len() {
+            let start = freed[i];
+            let mut n = 1;
+            while freed.get(i + n as usize) == Some(&(start + n)) {
+                n += 1;
+            }
+            if let Err(e) = pool.data().discard(start * bs, n * bs) {
+                warn!("discard of data blocks {start}+{n} failed: {e}");
+            }
+            i += n as usize;
+        }
+        Ok(())
+    }
+
+    /// Zeroes a byte range inside mapped blocks (unmapped ones already read as zeros).
+    fn zero_range(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        let zeros = vec![0u8; CHUNK.min(len) as usize];
+        for p in pieces(offset, len, self.pool.block_size()) {
+            let mapped = self
+                .pool
+                .meta()
+                .find_block(self.dev, p.vblock, true)
+                .map_err(thin)?
+                .is_some();
+            if !mapped {
+                continue;
+            }
+            let mut done = 0;
+            while done < p.len {
+                let n = CHUNK.min(p.len - done);
+                let buf = zeros.get(..n as usize).unwrap_or_default();
+                let sub = Piece {
+                    vblock: p.vblock,
+                    within: p.within + done,
+                    len: n,
+                };
+                self.write_piece(sub, &[IoSlice::new(buf)])?;
+                done += n;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whole blocks inside `[offset, offset + len)`, and the partial edges around them.
+    fn split_whole(&self, offset: u64, len: u64) -> (u64, u64, Vec<(u64, u64)>) {
+        let bs = self.pool.block_size();
+        let end = offset + len;
+        let first = offset.div_ceil(bs);
+        let last = end / bs;
+        if first >= last {
+            return (0, 0, vec![(offset, len)]);
+        }
+        let mut edges = Vec::new();
+        if offset < first * bs {
+            edges.push((offset, first * bs - offset));
+        }
+        if last * bs < end {
+            edges.push((last * bs, end - last * bs));
+        }
+        (first, last, edges)
+    }
+}
+
+impl BlockDevice for ThinDevice {
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<(), BlockError> {
+        let len = iovec_len(bufs).ok_or(BlockError::Unsupported("iovec length"))?;
+        check_range(offset, len, self.size())?;
+        let mut cursor = IovCursor::from_mut(bufs);
+        let _gate = self.pool.io_gate();
+        for p in pieces(offset, len, self.pool.block_size()) {
+            // SAFETY: the cursor was made from `bufs`, borrowed mutably for this whole call,
+            // and each piece of it is taken once.
+            let mut part = unsafe { cursor.take_mut(p.len as usize) };
+            match self
+                .pool
+                .meta()
+                .find_block(self.dev, p.vblock, true)
+                .map_err(thin)?
+            {
+                Some(l) => self.pool.read_data(l.block, p.within, &mut part)?,
+                None => zero(&mut part),
+            }
+        }
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<(), BlockError> {
+        self.writable()?;
+        let len = iovec_len(bufs).ok_or(BlockError::Unsupported("iovec length"))?;
+        check_range(offset, len, self.size())?;
+        let mut cursor = IovCursor::from_ref(bufs);
+        for p in pieces(offset, len, self.pool.block_size()) {
+            // SAFETY: the cursor was made from `bufs`, borrowed for this whole call.
+            let part = unsafe { cursor.take_ref(p.len as usize) };
+            self.write_piece(p, &part)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), BlockError> {
+        self.pool.commit()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.writable()?;
+        check_range(offset, len, self.size())?;
+        // Partial blocks keep their data: discard is advisory.
+        let (first, last, _) = self.split_whole(offset, len);
+        self.unmap_blocks(first, last)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<(), BlockError> {
+        self.writable()?;
+        check_range(offset, len, self.size())?;
+        if !may_unmap {
+            return self.zero_range(offset, len);
+        }
+        let (first, last, edges) = self.split_whole(offset, len);
+        self.unmap_blocks(first, last)?;
+        for (at, n) in edges {
+            self.zero_range(at, n)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_are_cut_at_block_boundaries() {
+        let got: Vec<Piece> = pieces(100, 300, 128).collect();
+        assert_eq!(
+            got,
+            vec![
+                Piece {
+                    vblock: 0,
+                    within: 100,
+                    len: 28
+                },
+                Piece {
+                    vblock: 1,
+                    within: 0,
+                    len: 128
+                },
+                Piece {
+                    vblock: 2,
+                    within: 0,
+                    len: 128
+                },
+                Piece {
+                    vblock: 3,
+                    within: 0,
+                    len: 16
+                },
+            ]
+        );
+    }
+}

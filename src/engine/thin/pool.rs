@@ -1,0 +1,515 @@
+//! A running thin pool: metadata behind a lock, the data device, commits (on FLUSH, on a
+//! timer, grouped), the pool's mode, and what thin devices need to provision blocks.
+//!
+//! Locking, in the order taken:
+//! - `io_gate`: every data I/O of a thin device holds it shared, from its lookup to its
+//!   completion; a commit holds it exclusively, so when a commit returns no I/O that looked
+//!   up a block before the commit is still in flight. Blocks freed in a transaction become
+//!   reusable only after its commit, so no I/O can touch a block that was reused.
+//! - the prison cell of a virtual block, while it is being provisioned;
+//! - `meta`: shared for lookups, exclusive for changes, never held across data I/O.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use log::{error, info, warn};
+use parking_lot::{Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use super::error::ThinError;
+use super::metadata::PoolMetadata;
+use super::prison::Prison;
+use crate::bufio::{BlockStore, BufferCache, BufioConfig, FileStore};
+use crate::engine::raw::{RawDevice, RawOptions};
+use crate::engine::{BlockDevice, BlockError};
+
+/// What the pool can do right now, as dm-thin reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoolMode {
+    /// Normal operation.
+    Write,
+    /// No free data blocks: writes that need one wait (or fail with `error_if_no_space`).
+    OutOfDataSpace,
+    /// Metadata cannot change (out of metadata space, or after a metadata error).
+    ReadOnly,
+    /// Nothing works but reads of what is committed.
+    Fail,
+}
+
+impl PoolMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolMode::Write => "write",
+            PoolMode::OutOfDataSpace => "out-of-data-space",
+            PoolMode::ReadOnly => "read-only",
+            PoolMode::Fail => "fail",
+        }
+    }
+}
+
+/// Things a pool tells its owner about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PoolEvent {
+    ModeChanged(PoolMode),
+    /// Free data blocks dropped below the low-water mark.
+    DataLowWater {
+        free: u64,
+    },
+    /// Free metadata blocks dropped below the low-water mark.
+    MetadataLowWater {
+        free: u64,
+    },
+}
+
+pub type EventSink = Arc<dyn Fn(&PoolEvent) + Send + Sync>;
+
+/// How a pool behaves.
+#[derive(Clone, Debug)]
+pub struct PoolOptions {
+    /// Fail writes at once when the data device is full, instead of waiting for it to grow.
+    pub error_if_no_space: bool,
+    /// How long writes wait for space before they fail.
+    pub no_space_timeout: Duration,
+    /// Commit at least this often while there are changes.
+    pub commit_interval: Duration,
+    /// Memory for cached metadata blocks.
+    pub metadata_cache: usize,
+    /// O_DIRECT on the data device.
+    pub direct: bool,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        PoolOptions {
+            error_if_no_space: false,
+            no_space_timeout: Duration::from_secs(60),
+            commit_interval: Duration::from_secs(1),
+            metadata_cache: 64 << 20,
+            direct: true,
+        }
+    }
+}
+
+/// Where a new pool's files go and how big they are.
+#[derive(Clone, Debug)]
+pub struct PoolGeometry {
+    /// Data block size in bytes: 64 KiB to 1 GiB, a multiple of 64 KiB.
+    pub block_size: u64,
+    pub metadata_size: u64,
+    pub data_size: u64,
+}
+
+struct CommitState {
+    /// The change generation the last commit covered.
+    committed: u64,
+}
+
+pub struct Pool {
+    meta: RwLock<PoolMetadata>,
+    data: RawDevice,
+    data_path: PathBuf,
+    block_size: u64,
+    io_gate: RwLock<()>,
+    pub(super) prison: Prison,
+    /// Bumped by every metadata change; a commit records the value it covered.
+    changes: AtomicU64,
+    commit_state: Mutex<CommitState>,
+    mode: Mutex<PoolMode>,
+    space_grown: Condvar,
+    options: PoolOptions,
+    events: Mutex<Vec<EventSink>>,
+    data_low_water: AtomicU64,
+    data_low_fired: AtomicBool,
+    stopping: Arc<AtomicBool>,
+}
+
+fn thin_err(e: ThinError) -> BlockError {
+    match e {
+        ThinError::NoDataSpace => BlockError::NoSpace,
+        e => BlockError::Thin(Box::new(e)),
+    }
+}
+
+impl Pool {
+    /// Opens the pool in these files, formatting a new one if the metadata is all zeros
+    /// (a file just created). Missing files are created sparse with `geometry`'s sizes.
+    pub fn open(
+        metadata_path: &Path,
+        data_path: &Path,
+        geometry: &PoolGeometry,
+        options: PoolOptions,
+    ) -> Result<Arc<Pool>, PoolOpenError> {
+        let block_sectors = u32::try_from(geometry.block_size / 512)
+            .map_err(|_| ThinError::BadBlockSize(u32::MAX))?;
+        if !metadata_path.exists() {
+            let nr = geometry.metadata_size / 4096;
+            FileStore::create(metadata_path, 4096, nr)
+                .map_err(|e| PoolOpenError::file(metadata_path, e))?;
+        }
+        RawDevice::create_sparse(data_path, geometry.data_size)
+            .map_err(|e| PoolOpenError::file(data_path, e))?;
+        let store = FileStore::open(metadata_path, 4096)
+            .map_err(|e| PoolOpenError::file(metadata_path, e))?;
+        store
+            .lock_exclusive()
+            .map_err(|e| PoolOpenError::file(metadata_path, e))?;
+        let mut first = vec![0u8; 4096];
+        store
+            .read_block(0, &mut first)
+            .map_err(|e| PoolOpenError::file(metadata_path, e))?;
+        let cache = Arc::new(BufferCache::new(
+            Arc::new(store),
+            BufioConfig {
+                block_size: 4096,
+                memory_limit: options.metadata_cache,
+            },
+        ));
+        let data = RawDevice::open(
+            data_path,
+            RawOptions {
+                read_only: false,
+                direct: options.direct,
+            },
+        )
+        .map_err(|e| PoolOpenError::file(data_path, e))?;
+        let meta = if first.iter().all(|&b| b == 0) {
+            let nr_data = data.size() / geometry.block_size;
+            info!(
+                "formatting a new pool: {nr_data} data blocks of {} KiB",
+                geometry.block_size >> 10
+            );
+            PoolMetadata::format(cache, block_sectors, nr_data)?
+        } else {
+            PoolMetadata::open(cache)?
+        };
+        let block_size = u64::from(meta.data_block_size()) * 512;
+        let nr_data = data.size() / block_size;
+        let mut meta = meta;
+        if nr_data > meta.data_dev_size() {
+            info!("data device grew to {nr_data} blocks");
+            meta.resize_data_dev(nr_data)?;
+            meta.commit()?;
+        } else if nr_data < meta.data_dev_size() {
+            return Err(PoolOpenError::DataTooSmall {
+                blocks: nr_data,
+                needed: meta.data_dev_size(),
+            });
+        }
+        let mode = if meta.is_read_only() {
+            PoolMode::ReadOnly
+        } else {
+            PoolMode::Write
+        };
+        let pool = Arc::new(Pool {
+            meta: RwLock::new(meta),
+            data,
+            data_path: data_path.to_path_buf(),
+            block_size,
+            io_gate: RwLock::new(()),
+            prison: Prison::default(),
+            changes: AtomicU64::new(0),
+            commit_state: Mutex::new(CommitState { committed: 0 }),
+            mode: Mutex::new(mode),
+            space_grown: Condvar::new(),
+            options,
+            events: Mutex::new(Vec::new()),
+            data_low_water: AtomicU64::new(0),
+            data_low_fired: AtomicBool::new(false),
+            stopping: Arc::new(AtomicBool::new(false)),
+        });
+        start_commit_timer(&pool);
+        Ok(pool)
+    }
+
+    /// Data block size in bytes.
+    pub fn block_size(&self) -> u64 {
+        self.block_size
+    }
+
+    pub fn mode(&self) -> PoolMode {
+        *self.mode.lock()
+    }
+
+    pub fn options(&self) -> &PoolOptions {
+        &self.options
+    }
+
+    pub fn subscribe(&self, sink: EventSink) {
+        self.events.lock().push(sink);
+    }
+
+    fn emit(&self, event: PoolEvent) {
+        let sinks = self.events.lock().clone();
+        for s in sinks {
+            s(&event);
+        }
+    }
+
+    fn set_mode(&self, mode: PoolMode) {
+        let changed = {
+            let mut m = self.mode.lock();
+            let changed = *m != mode;
+            *m = mode;
+            changed
+        };
+        if changed {
+            warn!("pool mode: {}", mode.as_str());
+            self.emit(PoolEvent::ModeChanged(mode));
+        }
+    }
+
+    /// Read access to the metadata (lookups, queries).
+    pub fn meta(&self) -> RwLockReadGuard<'_, PoolMetadata> {
+        self.meta.read()
+    }
+
+    /// Changes metadata; a fatal error turns the pool read-only.
+    pub fn change<T>(
+        &self,
+        f: impl FnOnce(&mut PoolMetadata) -> Result<T, ThinError>,
+    ) -> Result<T, ThinError> {
+        let mut meta = self.meta.write();
+        let result = f(&mut meta);
+        self.changes.fetch_add(1, Ordering::AcqRel);
+        if let Err(e) = &result {
+            if e.is_fatal() {
+                error!("metadata error, the pool becomes read-only: {e}");
+                meta.fail();
+                drop(meta);
+                self.set_mode(PoolMode::ReadOnly);
+            }
+        }
+        result
+    }
+
+    /// Records a metadata change made through `quiesce`, so the next commit covers it.
+    pub fn note_change(&self) {
+        self.changes.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Quiesces all thin I/O (held while a snapshot is taken, for example).
+    pub fn quiesce(&self) -> (RwLockWriteGuard<'_, ()>, RwLockWriteGuard<'_, PoolMetadata>) {
+        let gate = self.io_gate.write();
+        (gate, self.meta.write())
+    }
+
+    pub(super) fn io_gate(&self) -> RwLockReadGuard<'_, ()> {
+        self.io_gate.read()
+    }
+
+    pub(super) fn data(&self) -> &RawDevice {
+        &self.data
+    }
+
+    /// Allocates a data block, waiting for the pool to grow when it is full (unless the
+    /// pool fails at once). The caller must hold no cell or gate while this waits: the
+    /// `release` closure drops them and the caller retries from the start on `Ok(None)`.
+    pub(super) fn alloc_data_block(&self) -> Result<u64, BlockError> {
+        match self.change(|m| m.alloc_data_block()) {
+            Ok(b) => {
+                self.check_data_low_water();
+                Ok(b)
+            }
+            Err(ThinError::NoDataSpace) => {
+                self.set_mode(PoolMode::OutOfDataSpace);
+                Err(BlockError::NoSpace)
+            }
+            Err(e) => Err(thin_err(e)),
+        }
+    }
+
+    /// After a failed allocation: waits for the pool to grow. Returns whether to retry.
+    pub(super) fn wait_for_space(&self, since: Instant) -> bool {
+        if self.options.error_if_no_space {
+            return false;
+        }
+        let deadline = since + self.options.no_space_timeout;
+        let mut mode = self.mode.lock();
+        while *mode == PoolMode::OutOfDataSpace {
+            if self.space_grown.wait_until(&mut mode, deadline).timed_out() {
+                return *mode != PoolMode::OutOfDataSpace;
+            }
+        }
+        *mode == PoolMode::Write
+    }
+
+    /// Sets the free-block count below which a low-water event is sent (0: never).
+    pub fn set_data_low_water(&self, blocks: u64) {
+        self.data_low_water.store(blocks, Ordering::Release);
+        self.data_low_fired.store(false, Ordering::Release);
+        self.check_data_low_water();
+    }
+
+    fn check_data_low_water(&self) {
+        let mark = self.data_low_water.load(Ordering::Acquire);
+        if mark == 0 {
+            return;
+        }
+        let free = self.meta.read().free_data_blocks();
+        if free < mark && !self.data_low_fired.swap(true, Ordering::AcqRel) {
+            self.emit(PoolEvent::DataLowWater { free });
+        }
+    }
+
+    /// Grows the pool to the data device's current size (after the file was extended).
+    pub fn grow_data(&self, new_size: u64) -> Result<(), BlockError> {
+        let current = self.data.size();
+        if new_size > current {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&self.data_path)
+                .and_then(|f| f.set_len(new_size));
+            if let Err(e) = f {
+                return Err(BlockError::io(0, e));
+            }
+        }
+        let size = self.data.refresh_size().map_err(|e| BlockError::io(0, e))?;
+        let nr = size / self.block_size;
+        self.change(|m| m.resize_data_dev(nr)).map_err(thin_err)?;
+        self.data_low_fired.store(false, Ordering::Release);
+        let mut mode = self.mode.lock();
+        if *mode == PoolMode::OutOfDataSpace {
+            *mode = PoolMode::Write;
+            drop(mode);
+            self.emit(PoolEvent::ModeChanged(PoolMode::Write));
+        }
+        self.space_grown.notify_all();
+        Ok(())
+    }
+
+    /// Makes everything completed so far durable: data first, then the metadata that points
+    /// at it. Concurrent callers share one commit.
+    pub fn commit(&self) -> Result<(), BlockError> {
+        let wanted = self.changes.load(Ordering::Acquire);
+        let mut state = self.commit_state.lock();
+        if state.committed >= wanted {
+            // A commit that began after our changes covered them; the data still needs flushing
+            // for writes into blocks that were already mapped.
+            drop(state);
+            return self.data.flush();
+        }
+        // No data I/O may be in flight: its block could be reused right after this commit,
+        // and its mapping must not be committed before its data is durable.
+        let _gate = self.io_gate.write();
+        let covered = self.changes.load(Ordering::Acquire);
+        self.data.flush()?;
+        let mut meta = self.meta.write();
+        match meta.commit() {
+            Ok(()) => {
+                state.committed = covered;
+                Ok(())
+            }
+            Err(e) => {
+                if e.is_fatal() {
+                    error!("commit failed, the pool becomes read-only: {e}");
+                    meta.fail();
+                    drop(meta);
+                    self.set_mode(PoolMode::ReadOnly);
+                }
+                Err(thin_err(e))
+            }
+        }
+    }
+
+    fn has_uncommitted(&self) -> bool {
+        self.commit_state.lock().committed < self.changes.load(Ordering::Acquire)
+    }
+
+    /// Stops the commit timer and commits what is left.
+    pub fn close(&self) {
+        self.stopping.store(true, Ordering::Release);
+        if self.mode() != PoolMode::ReadOnly && self.has_uncommitted() {
+            if let Err(e) = self.commit() {
+                error!("final commit failed: {e}");
+            }
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn start_commit_timer(pool: &Arc<Pool>) {
+    let weak: Weak<Pool> = Arc::downgrade(pool);
+    let stopping = pool.stopping.clone();
+    let interval = pool.options.commit_interval;
+    let spawned = std::thread::Builder::new()
+        .name("thin-commit".into())
+        .spawn(move || {
+            let mut last = Instant::now();
+            while !stopping.load(Ordering::Acquire) {
+                // Short naps so that closing the pool does not wait a whole interval.
+                std::thread::sleep(interval.min(Duration::from_millis(100)));
+                if last.elapsed() < interval {
+                    continue;
+                }
+                last = Instant::now();
+                let Some(pool) = weak.upgrade() else { break };
+                let writable = matches!(pool.mode(), PoolMode::Write | PoolMode::OutOfDataSpace);
+                if writable && pool.has_uncommitted() {
+                    if let Err(e) = pool.commit() {
+                        error!("periodic commit failed: {e}");
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        error!("cannot start the commit timer: {e}; commits happen only on FLUSH");
+    }
+}
+
+/// Why a pool could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolOpenError {
+    #[error("{path}: {source}")]
+    File {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Metadata(#[from] ThinError),
+    #[error("the data device holds {blocks} blocks but the metadata describes {needed}")]
+    DataTooSmall { blocks: u64, needed: u64 },
+}
+
+impl PoolOpenError {
+    fn file(path: &Path, source: std::io::Error) -> Self {
+        PoolOpenError::File {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+}
+
+impl From<crate::engine::pdata::PdataError> for PoolOpenError {
+    fn from(e: crate::engine::pdata::PdataError) -> Self {
+        PoolOpenError::Metadata(ThinError::Pdata(e))
+    }
+}
+
+/// Data I/O helpers for thin devices.
+impl Pool {
+    pub(super) fn read_data(
+        &self,
+        block: u64,
+        within: u64,
+        bufs: &mut [IoSliceMut<'_>],
+    ) -> Result<(), BlockError> {
+        self.data.read(block * self.block_size + within, bufs)
+    }
+
+    pub(super) fn write_data(
+        &self,
+        block: u64,
+        within: u64,
+        bufs: &[IoSlice<'_>],
+    ) -> Result<(), BlockError> {
+        self.data.write(block * self.block_size + within, bufs)
+    }
+}

@@ -1,0 +1,326 @@
+//! Named thin devices in a pool: create, snapshot, delete, resize, open, list.
+//!
+//! Every change commits the metadata before the catalog is saved, so a crash in between
+//! leaves a device without a name (it is named after its id at the next start) or a name
+//! without a device (dropped at the next start), never a name pointing at the wrong device.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use log::{info, warn};
+use parking_lot::Mutex;
+
+use super::catalog::{Catalog, CatalogError, Entry};
+use super::device::ThinDevice;
+use super::error::ThinError;
+use super::pool::Pool;
+use crate::engine::BlockError;
+
+/// dm-thin device ids are 24-bit.
+pub const MAX_DEVICE_ID: u64 = (1 << 24) - 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error("no thin device named '{0}'")]
+    NoSuchDisk(String),
+    #[error("a thin device named '{0}' already exists")]
+    DiskExists(String),
+    #[error("thin device '{0}' is in use")]
+    InUse(String),
+    #[error("'{0}' is not a valid device name (1-64 characters: letters, digits, '-', '_', '.')")]
+    BadName(String),
+    #[error("size {size} is not a positive multiple of 512 bytes")]
+    BadSize { size: u64 },
+    #[error("thin device '{name}' cannot shrink from {from} to {to} bytes")]
+    Shrink { name: String, from: u64, to: u64 },
+    #[error("the pool has no free device ids")]
+    NoIds,
+    #[error(transparent)]
+    Thin(#[from] ThinError),
+    #[error(transparent)]
+    Block(#[from] BlockError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+}
+
+/// What a listing shows of a device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskInfo {
+    pub name: String,
+    pub id: u64,
+    pub size: u64,
+    pub mapped_blocks: u64,
+    pub creation_time: u32,
+    pub snapshotted_time: u32,
+    pub origin: Option<String>,
+    pub created: u64,
+    pub open: bool,
+}
+
+pub struct ThinPool {
+    pool: Arc<Pool>,
+    catalog_path: PathBuf,
+    catalog: Mutex<Catalog>,
+    devices: Mutex<HashMap<String, Weak<ThinDevice>>>,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.starts_with('.')
+}
+
+impl ThinPool {
+    /// Opens the named view of `pool`, reconciling the catalog with the metadata.
+    pub fn open(pool: Arc<Pool>, catalog_path: &Path) -> Result<Arc<ThinPool>, VolumeError> {
+        let mut catalog = Catalog::load(catalog_path)?;
+        let ids = pool.meta().device_ids();
+        let before = catalog.clone();
+        catalog.devices.retain(|name, e| {
+            let keep = ids.contains(&e.id);
+            if !keep {
+                warn!(
+                    "catalog names '{name}' (device {}), which the pool does not have",
+                    e.id
+                );
+            }
+            keep
+        });
+        for id in ids {
+            if catalog.name_of(id).is_none() {
+                let name = format!("dev{id}");
+                let meta = pool.meta();
+                let blocks = meta.highest_mapped_block(id)?.map_or(0, |b| b + 1);
+                drop(meta);
+                let size = (blocks * pool.block_size()).max(pool.block_size());
+                warn!("device {id} has no name in the catalog; calling it '{name}'");
+                catalog.devices.insert(
+                    name,
+                    Entry {
+                        id,
+                        size,
+                        origin: None,
+                        created: 0,
+                    },
+                );
+            }
+        }
+        if catalog != before {
+            catalog.save(catalog_path)?;
+        }
+        info!("thin pool: {} devices", catalog.devices.len());
+        Ok(Arc::new(ThinPool {
+            pool,
+            catalog_path: catalog_path.to_path_buf(),
+            catalog: Mutex::new(catalog),
+            devices: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    pub fn exists(&self, name: &str) -> bool {
+        self.catalog.lock().devices.contains_key(name)
+    }
+
+    fn next_id(&self) -> Result<u64, VolumeError> {
+        let ids = self.pool.meta().device_ids();
+        let next = ids.iter().max().map_or(1, |m| m + 1);
+        if next > MAX_DEVICE_ID {
+            return Err(VolumeError::NoIds);
+        }
+        Ok(next)
+    }
+
+    fn check_new(&self, name: &str, catalog: &Catalog) -> Result<(), VolumeError> {
+        if !valid_name(name) {
+            return Err(VolumeError::BadName(name.into()));
+        }
+        if catalog.devices.contains_key(name) {
+            return Err(VolumeError::DiskExists(name.into()));
+        }
+        Ok(())
+    }
+
+    /// Creates an empty thin device of `size` bytes.
+    pub fn create(&self, name: &str, size: u64) -> Result<u64, VolumeError> {
+        if size == 0 || !size.is_multiple_of(512) {
+            return Err(VolumeError::BadSize { size });
+        }
+        let mut catalog = self.catalog.lock();
+        self.check_new(name, &catalog)?;
+        let id = self.next_id()?;
+        self.pool.change(|m| m.create_thin(id))?;
+        self.pool.commit()?;
+        catalog.devices.insert(
+            name.into(),
+            Entry {
+                id,
+                size,
+                origin: None,
+                created: now(),
+            },
+        );
+        catalog.save(&self.catalog_path)?;
+        info!("created thin device {name} (id {id}, {size} bytes)");
+        Ok(id)
+    }
+
+    /// Snapshots `origin` as `name`. Atomic with respect to I/O: every write completed before
+    /// this call is in the snapshot, none that starts after it.
+    pub fn snapshot(&self, origin: &str, name: &str) -> Result<u64, VolumeError> {
+        self.snapshot_many(&[(origin, name)])
+            .map(|ids| ids.first().copied().unwrap_or(0))
+    }
+
+    /// Snapshots several devices at one instant, all or nothing.
+    pub fn snapshot_many(&self, pairs: &[(&str, &str)]) -> Result<Vec<u64>, VolumeError> {
+        let mut catalog = self.catalog.lock();
+        let mut planned = Vec::new();
+        for (i, (origin, name)) in pairs.iter().enumerate() {
+            self.check_new(name, &catalog)?;
+            if pairs.iter().take(i).any(|(_, n)| n == name) {
+                return Err(VolumeError::DiskExists((*name).into()));
+            }
+            let entry = catalog
+                .devices
+                .get(*origin)
+                .ok_or_else(|| VolumeError::NoSuchDisk((*origin).into()))?;
+            planned.push((entry.id, entry.size, *origin, *name));
+        }
+        let first_id = self.next_id()?;
+        let ids: Vec<u64> = (0..planned.len() as u64).map(|i| first_id + i).collect();
+        {
+            // In-flight I/O drains and new I/O waits while the snapshots are taken.
+            let (_gate, mut meta) = self.pool.quiesce();
+            for ((origin_id, ..), id) in planned.iter().zip(&ids) {
+                if let Err(e) = meta.create_snap(*id, *origin_id) {
+                    let _ = meta.abort();
+                    return Err(e.into());
+                }
+            }
+        }
+        self.pool.note_change();
+        self.pool.commit()?;
+        for ((_, size, origin, name), id) in planned.iter().zip(&ids) {
+            catalog.devices.insert(
+                (*name).into(),
+                Entry {
+                    id: *id,
+                    size: *size,
+                    origin: Some((*origin).into()),
+                    created: now(),
+                },
+            );
+            info!("snapshot {name} (id {id}) of {origin}");
+        }
+        catalog.save(&self.catalog_path)?;
+        Ok(ids)
+    }
+
+    /// Deletes a device; refused while it is open unless `force`.
+    pub fn delete(&self, name: &str, force: bool) -> Result<(), VolumeError> {
+        let mut catalog = self.catalog.lock();
+        let entry = catalog
+            .devices
+            .get(name)
+            .cloned()
+            .ok_or_else(|| VolumeError::NoSuchDisk(name.into()))?;
+        if !force && self.is_open(name) {
+            return Err(VolumeError::InUse(name.into()));
+        }
+        {
+            let (_gate, mut meta) = self.pool.quiesce();
+            meta.delete_thin(entry.id)?;
+        }
+        self.pool.note_change();
+        self.pool.commit()?;
+        catalog.devices.remove(name);
+        catalog.save(&self.catalog_path)?;
+        self.devices.lock().remove(name);
+        info!("deleted thin device {name} (id {})", entry.id);
+        Ok(())
+    }
+
+    /// Grows a device.
+    pub fn resize(&self, name: &str, size: u64) -> Result<(), VolumeError> {
+        if size == 0 || !size.is_multiple_of(512) {
+            return Err(VolumeError::BadSize { size });
+        }
+        let mut catalog = self.catalog.lock();
+        let entry = catalog
+            .devices
+            .get_mut(name)
+            .ok_or_else(|| VolumeError::NoSuchDisk(name.into()))?;
+        if size < entry.size {
+            return Err(VolumeError::Shrink {
+                name: name.into(),
+                from: entry.size,
+                to: size,
+            });
+        }
+        entry.size = size;
+        catalog.save(&self.catalog_path)?;
+        if let Some(dev) = self.devices.lock().get(name).and_then(Weak::upgrade) {
+            dev.set_size(size);
+        }
+        Ok(())
+    }
+
+    fn is_open(&self, name: &str) -> bool {
+        self.devices
+            .lock()
+            .get(name)
+            .is_some_and(|w| w.strong_count() > 0)
+    }
+
+    /// The device called `name`, shared by everyone who opens it.
+    pub fn device(&self, name: &str) -> Result<Arc<ThinDevice>, VolumeError> {
+        let catalog = self.catalog.lock();
+        let entry = catalog
+            .devices
+            .get(name)
+            .ok_or_else(|| VolumeError::NoSuchDisk(name.into()))?;
+        let mut devices = self.devices.lock();
+        if let Some(dev) = devices.get(name).and_then(Weak::upgrade) {
+            return Ok(dev);
+        }
+        let dev = Arc::new(ThinDevice::new(self.pool.clone(), entry.id, entry.size));
+        devices.insert(name.into(), Arc::downgrade(&dev));
+        Ok(dev)
+    }
+
+    pub fn list(&self) -> Result<Vec<DiskInfo>, VolumeError> {
+        let catalog = self.catalog.lock();
+        let meta = self.pool.meta();
+        let mut out = Vec::new();
+        for (name, e) in &catalog.devices {
+            let d = meta.details(e.id)?;
+            out.push(DiskInfo {
+                name: name.clone(),
+                id: e.id,
+                size: e.size,
+                mapped_blocks: d.mapped_blocks,
+                creation_time: d.creation_time,
+                snapshotted_time: d.snapshotted_time,
+                origin: e.origin.clone(),
+                created: e.created,
+                open: self.is_open(name),
+            });
+        }
+        Ok(out)
+    }
+}
