@@ -13,7 +13,9 @@
 # Prints one line per case and "N passed, M failed"; exits 1 if any failed.
 #
 # Environment:
-#   SERVER=thinblk (default) | qsd   which server to test; qsd-null is a
+#   SERVER=thinblk (default: a raw file) | thin (a thin device in a pool,
+#                    with the extra cases "snapshot" and "check") | qsd
+#                    which server to test; qsd-null is a
 #                    self-check of the harness: a disk that drops writes and
 #                    reads zeros, so every case must FAIL
 #   THINBLK=PATH     thinblk binary (default: target/release/thinblk if it
@@ -31,14 +33,18 @@ ROOT=$(repo_root)
 cd "$ROOT"
 
 SERVER=${SERVER:-thinblk}
-TESTS=${E2E_TESTS:-fio fs1 fs2 restart}
+if [ "$SERVER" = thin ]; then
+    TESTS=${E2E_TESTS:-fio fs1 fs2 restart snapshot check}
+else
+    TESTS=${E2E_TESTS:-fio fs1 fs2 restart}
+fi
 QUEUES=${E2E_QUEUES:-2}
 TIMEOUT=${E2E_TIMEOUT:-180}
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 GUEST=$TARGET/guest
 
 case "$SERVER" in
-    thinblk)
+    thinblk | thin)
         if [ -z "${THINBLK:-}" ]; then
             THINBLK=$TARGET/debug/thinblk
             [ -x "$TARGET/release/thinblk" ] && THINBLK=$TARGET/release/thinblk
@@ -46,7 +52,7 @@ case "$SERVER" in
         ;;
     # qemu-storage-daemon comes with qemu-system-x86 (qemu-system-common).
     qsd | qsd-null) ensure_packages qemu-system-x86 ;;
-    *) die "SERVER must be thinblk, qsd or qsd-null, not '$SERVER'" ;;
+    *) die "SERVER must be thinblk, thin, qsd or qsd-null, not '$SERVER'" ;;
 esac
 
 "$HERE/build-guest.sh" "$GUEST"
@@ -56,6 +62,10 @@ esac
 SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/thinblk-e2e.XXXXXX")
 DISK=$SCRATCH/disk.raw
 SOCK=$SCRATCH/disk.sock
+POOL=$SCRATCH/pool
+SNAP_SOCK=$SCRATCH/snap.sock
+# Extra thinblk arguments for the next server start (the snapshot case adds an export).
+THIN_EXTRA=()
 SERVER_LOG=$SCRATCH/server.log
 SERVER_PID=
 STOP_RC=0
@@ -108,6 +118,16 @@ start_server() {
             "$THINBLK" serve --export "raw=$DISK,socket=$SOCK,queues=$QUEUES" \
                 >>"$SERVER_LOG" 2>&1 &
             ;;
+        thin)
+            [ -x "$THINBLK" ] || {
+                echo "thinblk binary not found at $THINBLK" >>"$SERVER_LOG"
+                return 1
+            }
+            log "server: $THINBLK serve --dir $POOL (thin device disk, 256 MiB) ${THIN_EXTRA[*]}"
+            "$THINBLK" serve --dir "$POOL" --metadata-size 64M --data-size 1G \
+                --export "name=disk,size=256M,socket=$SOCK,queues=$QUEUES" \
+                "${THIN_EXTRA[@]}" >>"$SERVER_LOG" 2>&1 &
+            ;;
         qsd)
             log "server: qemu-storage-daemon, vhost-user-blk export at $SOCK"
             qemu-storage-daemon \
@@ -154,7 +174,7 @@ PASSED=0
 FAILED=0
 record() { # STATUS NAME SECONDS [REASON]
     local line
-    line=$(printf '%-4s %-7s %4ss  %s' "$1" "$2" "$3" "${4:-}" | sed 's/ *$//')
+    line=$(printf '%-4s %-8s %4ss  %s' "$1" "$2" "$3" "${4:-}" | sed 's/ *$//')
     RESULTS+=("$line")
     if [ "$1" = PASS ]; then PASSED=$((PASSED + 1)); else FAILED=$((FAILED + 1)); FAILED_ANY=1; fi
 }
@@ -179,7 +199,35 @@ for t in $TESTS; do
     # fs2's checks again: the data must be in the file, not only in the
     # old server process.
     gtest=$t
+    gsock=$SOCK
     pre_fail=
+    if [ "$t" = check ]; then
+        # The pool's metadata, as thinblk left it, must pass Debian's thin_check.
+        stop_server
+        SERVER_UP=0
+        ensure_packages thin-provisioning-tools
+        if out=$(thin_check "$POOL/metadata" 2>&1); then
+            record PASS "$t" $(($(date +%s) - start))
+        else
+            record FAIL "$t" $(($(date +%s) - start)) "thin_check: $(echo "$out" | tail -n1)"
+        fi
+        continue
+    fi
+    if [ "$t" = snapshot ]; then
+        # A snapshot taken while no guest runs, of the disk the guest wrote: a guest
+        # booted on the snapshot finds fs1's files intact.
+        gtest=fs2
+        gsock=$SNAP_SOCK
+        stop_server
+        THIN_EXTRA=(--export "name=snap,snapshot-of=disk,socket=$SNAP_SOCK,queues=$QUEUES")
+        log "snapshot: restarting with a snapshot of disk exported at $SNAP_SOCK"
+        if ! start_server; then
+            SERVER_UP=0
+            record FAIL "$t" $(($(date +%s) - start)) "server did not start with the snapshot"
+            show_tail "$SERVER_LOG" "server log"
+            continue
+        fi
+    fi
     if [ "$t" = restart ]; then
         gtest=fs2
         stop_server
@@ -193,7 +241,7 @@ for t in $TESTS; do
         fi
     fi
     glog=$SCRATCH/guest-$t.log
-    "$HERE/run-qemu.sh" -g "$GUEST" -l "$glog" -q "$QUEUES" -t "$TIMEOUT" "$SOCK" "$gtest" \
+    "$HERE/run-qemu.sh" -g "$GUEST" -l "$glog" -q "$QUEUES" -t "$TIMEOUT" "$gsock" "$gtest" \
         2>"$SCRATCH/run-$t.err" &
     RUN_PID=$!
     # Watch the server while the guest runs: when a vhost-user backend dies,

@@ -15,13 +15,21 @@ pub enum Backing {
     Raw(PathBuf),
     /// A device of this many bytes that stores nothing: reads return zeros.
     Null(u64),
+    /// A thin device of the pool. If it does not exist yet, it is created: as a snapshot of
+    /// `snapshot_of`, or empty with `size` bytes.
+    Thin {
+        name: String,
+        size: Option<u64>,
+        snapshot_of: Option<String>,
+    },
 }
 
 /// One parsed `--export`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExportSpec {
     pub backing: Backing,
-    pub socket: PathBuf,
+    /// Required for raw and null exports; a thin export defaults to `<pool dir>/<name>.sock`.
+    pub socket: Option<PathBuf>,
     /// Export name: the GET_ID serial and the name used in logs.
     pub id: String,
     pub queues: u16,
@@ -38,12 +46,12 @@ pub enum SpecError {
     #[error("key '{0}' given twice")]
     Duplicate(String),
     #[error(
-        "unknown key '{0}' (known: raw, null, socket, id, queues, queue-size, readonly, direct)"
+        "unknown key '{0}' (known: name, size, snapshot-of, raw, null, socket, id, queues, queue-size, readonly, direct)"
     )]
     UnknownKey(String),
     #[error("missing '{0}='")]
     Missing(&'static str),
-    #[error("give one of 'raw=PATH' or 'null=SIZE'")]
+    #[error("give one of 'name=NAME', 'raw=PATH' or 'null=SIZE'")]
     Backing,
     #[error("{key}={value}: {why}")]
     BadValue {
@@ -145,17 +153,57 @@ impl std::str::FromStr for ExportSpec {
             }
         }
         let mut take = |k: &str| kv.remove(k);
-        let backing = match (take("raw"), take("null")) {
-            (Some(path), None) => Backing::Raw(PathBuf::from(path)),
-            (None, Some(size)) => Backing::Null(parse_size("null", &size)?),
+        let size = take("size").map(|v| parse_size("size", &v)).transpose()?;
+        let snapshot_of = take("snapshot-of");
+        let backing = match (take("name"), take("raw"), take("null")) {
+            (Some(name), None, None) => Backing::Thin {
+                name,
+                size,
+                snapshot_of: snapshot_of.clone(),
+            },
+            (None, Some(path), None) => Backing::Raw(PathBuf::from(path)),
+            (None, None, Some(size)) => Backing::Null(parse_size("null", &size)?),
             _ => return Err(SpecError::Backing),
         };
-        let socket = PathBuf::from(take("socket").ok_or(SpecError::Missing("socket"))?);
-        let id = take("id").unwrap_or_else(|| {
-            socket
+        if let Backing::Thin {
+            size: Some(_),
+            snapshot_of: Some(origin),
+            ..
+        } = &backing
+        {
+            return Err(SpecError::BadValue {
+                key: "size",
+                value: origin.clone(),
+                why: "a snapshot takes its origin's size; give size= or snapshot-of=".into(),
+            });
+        }
+        if !matches!(backing, Backing::Thin { .. }) {
+            if let Some(size) = size {
+                return Err(SpecError::BadValue {
+                    key: "size",
+                    value: size.to_string(),
+                    why: "only thin exports (name=) take a size".into(),
+                });
+            }
+            if let Some(origin) = snapshot_of {
+                return Err(SpecError::BadValue {
+                    key: "snapshot-of",
+                    value: origin,
+                    why: "only thin exports (name=) can be snapshots".into(),
+                });
+            }
+        }
+        let socket = take("socket").map(PathBuf::from);
+        if socket.is_none() && !matches!(backing, Backing::Thin { .. }) {
+            return Err(SpecError::Missing("socket"));
+        }
+        let id = take("id").unwrap_or_else(|| match (&backing, &socket) {
+            (Backing::Thin { name, .. }, _) => name.clone(),
+            (_, Some(socket)) => socket
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "thinblk".into())
+                .unwrap_or_else(|| "thinblk".into()),
+            _ => "thinblk".into(),
         });
         let queues = take("queues")
             .map(|v| parse_ranged("queues", &v, MAX_QUEUES))
@@ -227,13 +275,40 @@ mod tests {
     #[test]
     fn bad_specs_say_what_is_wrong() {
         let e = |s: &str| s.parse::<ExportSpec>().unwrap_err().to_string();
-        assert!(e("socket=s").contains("raw="));
+        assert!(e("socket=s").contains("name="));
+        assert!(e("raw=a").contains("socket="));
+        assert!(e("raw=a,socket=s,size=1G").contains("only thin"));
         assert!(e("raw=a,socket=s,queues=17").contains("1 to 16"));
         assert!(e("raw=a,socket=s,queue-size=100").contains("power of two"));
         assert!(e("raw=a,socket=s,colour=red").contains("unknown key 'colour'"));
         assert!(e("raw=a,socket=s,readonly=maybe").contains("on or off"));
         assert!(e("raw=a,raw=b,socket=s").contains("twice"));
         assert!(e("raw=a,null=1G,socket=s").contains("one of"));
+    }
+
+    #[test]
+    fn thin_exports_name_a_device_and_may_create_it() {
+        let s: ExportSpec = "name=vm1,size=16G".parse().unwrap();
+        assert_eq!(
+            s.backing,
+            Backing::Thin {
+                name: "vm1".into(),
+                size: Some(16 << 30),
+                snapshot_of: None,
+            }
+        );
+        assert_eq!((s.socket, s.id.as_str()), (None, "vm1"));
+        let s: ExportSpec = "name=vm1,socket=/run/v.sock,readonly=on".parse().unwrap();
+        assert_eq!(s.socket, Some(PathBuf::from("/run/v.sock")));
+        assert!(s.read_only);
+        let s: ExportSpec = "name=s1,snapshot-of=vm1".parse().unwrap();
+        assert!(matches!(s.backing, Backing::Thin { snapshot_of: Some(o), .. } if o == "vm1"));
+        assert!("name=s1,snapshot-of=vm1,size=1G"
+            .parse::<ExportSpec>()
+            .is_err());
+        assert!("raw=x,socket=s,snapshot-of=vm1"
+            .parse::<ExportSpec>()
+            .is_err());
     }
 
     #[test]

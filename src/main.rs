@@ -1,10 +1,12 @@
 //! The `thinblk` command line.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use thinblk::daemon;
-use thinblk::export_spec::ExportSpec;
+use thinblk::daemon::{self, PoolLocation, ServeConfig};
+use thinblk::engine::thin::{PoolGeometry, PoolOptions};
+use thinblk::export_spec::{parse_size, ExportSpec};
 
 /// thinblk: thin-provisioned block storage for virtual machines, served over vhost-user-blk.
 ///
@@ -21,65 +23,155 @@ struct Cli {
 enum Command {
     /// Serve disks to virtual machines over vhost-user-blk sockets.
     ///
-    /// With no --export, serves a 16 GiB sparse disk ./thinblk-pool/disk0.raw (created on the
-    /// first run) at ./thinblk-pool/disk0.sock. Runs until SIGINT or SIGTERM.
+    /// With no options at all: a thin pool in ./thinblk-pool/ (sparse `metadata` and `data`
+    /// files, created on the first run), its 16 GiB disk `disk0` (created on the first run)
+    /// exported at ./thinblk-pool/disk0.sock, and the QMP socket ./thinblk-pool/control.sock.
+    /// Runs until SIGINT or SIGTERM.
     Serve(ServeArgs),
+}
+
+fn size_arg(s: &str) -> Result<u64, String> {
+    parse_size("size", s).map_err(|e| e.to_string())
 }
 
 #[derive(clap::Args, Debug, Default)]
 struct ServeArgs {
     /// An export, as comma-separated key=value pairs (repeat the flag for several).
     ///
-    /// raw=PATH: the file or block device to serve byte for byte (this or null= is required).
+    /// name=NAME: a thin device of the pool (created when size= is given and it is missing);
+    /// raw=PATH: a file or block device served byte for byte;
     /// null=SIZE: a device that stores nothing and reads zeros, for benchmarks (e.g. 16G).
-    /// socket=PATH: the vhost-user socket to create, mode 0600 (required); a stale socket is
-    /// replaced, a socket some server still listens on is an error.
-    /// id=NAME: the export name, also the disk serial the guest reads (default: socket name).
+    /// One of name=, raw= or null= is required.
+    /// size=SIZE: with name=, the size of a device to create (e.g. 16G).
+    /// snapshot-of=NAME: with name=, create the device as a snapshot of NAME if missing.
+    /// socket=PATH: the vhost-user socket to create, mode 0600 (required for raw= and null=;
+    /// thin exports default to DIR/NAME.sock); a stale socket is replaced, a socket some
+    /// server still listens on is an error.
+    /// id=NAME: the export name, also the disk serial the guest reads (default: the device
+    /// name, or the socket's file name).
     /// queues=N: virtqueues, one worker thread each, 1 to 16 (default 2).
     /// queue-size=N: entries per virtqueue, a power of two up to 1024 (default 256).
     /// readonly=on|off: refuse writes and tell the guest the disk is read-only (default off).
-    /// direct=on|off: O_DIRECT on the backing file, bypassing the host page cache (default on).
+    /// direct=on|off: O_DIRECT on a raw backing file, bypassing the host page cache (default on).
     /// Write a literal comma in a value as ",,".
     #[arg(long = "export", value_name = "SPEC", verbatim_doc_comment)]
     exports: Vec<ExportSpec>,
 
-    /// Directory for the default disk and sockets when no --export is given.
-    #[arg(long, value_name = "DIR", default_value = daemon::DEFAULT_POOL_DIR)]
-    dir: PathBuf,
+    /// Directory of the pool: its `metadata`, `data` and `devices.json` files (unless
+    /// --metadata/--data say otherwise) and the sockets of thin exports [default: thinblk-pool]
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
 
-    /// The QMP control socket (mode 0600). Default with no --export: DIR/control.sock;
-    /// with --export: none unless given.
+    /// The pool's metadata file or device (created sparse with --metadata-size when missing).
+    #[arg(long, value_name = "PATH")]
+    metadata: Option<PathBuf>,
+
+    /// The pool's data file or device (created sparse with --data-size when missing).
+    #[arg(long, value_name = "PATH")]
+    data: Option<PathBuf>,
+
+    /// Size of a new metadata file.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = size_arg)]
+    metadata_size: u64,
+
+    /// Size of a new data file.
+    #[arg(long, value_name = "SIZE", default_value = "64G", value_parser = size_arg)]
+    data_size: u64,
+
+    /// Data block size of a new pool: 64K to 1G, a multiple of 64K.
+    #[arg(long, value_name = "SIZE", default_value = "64K", value_parser = size_arg)]
+    block_size: u64,
+
+    /// Fail writes at once when the pool's data space runs out, instead of queueing them
+    /// for up to --no-space-timeout seconds while waiting for the pool to grow.
+    #[arg(long)]
+    error_if_no_space: bool,
+
+    /// Seconds writes wait for data space before they fail.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    no_space_timeout: u64,
+
+    /// Memory for cached metadata blocks.
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = size_arg)]
+    metadata_cache: u64,
+
+    /// The QMP control socket (mode 0600) [default: DIR/control.sock when a pool is open]
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    fn into_config(self) -> anyhow::Result<ServeConfig> {
+        let block_ok = (64 << 10..=1 << 30).contains(&self.block_size)
+            && self.block_size.is_multiple_of(64 << 10);
+        if !block_ok {
+            anyhow::bail!("--block-size must be 64K to 1G and a multiple of 64K");
+        }
+        let only_devices = !self.exports.is_empty()
+            && self
+                .exports
+                .iter()
+                .all(|e| !matches!(e.backing, thinblk::export_spec::Backing::Thin { .. }));
+        let wants_pool =
+            !only_devices || self.dir.is_some() || self.metadata.is_some() || self.data.is_some();
+        let dir = self
+            .dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(daemon::DEFAULT_POOL_DIR));
+        let pool = wants_pool.then(|| {
+            let geometry = PoolGeometry {
+                block_size: self.block_size,
+                metadata_size: self.metadata_size,
+                data_size: self.data_size,
+            };
+            let options = PoolOptions {
+                error_if_no_space: self.error_if_no_space,
+                no_space_timeout: Duration::from_secs(self.no_space_timeout),
+                metadata_cache: usize::try_from(self.metadata_cache).unwrap_or(usize::MAX),
+                ..PoolOptions::default()
+            };
+            let mut loc = PoolLocation::in_dir(&dir, geometry, options);
+            if let Some(m) = &self.metadata {
+                loc.catalog = m.with_extension("devices.json");
+                loc.metadata = m.clone();
+            }
+            if let Some(d) = &self.data {
+                loc.data = d.clone();
+            }
+            loc
+        });
+        let control = self
+            .control
+            .clone()
+            .or_else(|| pool.as_ref().map(|p| p.dir.join("control.sock")));
+        let exports = if self.exports.is_empty() {
+            vec![daemon::default_export()]
+        } else {
+            self.exports
+        };
+        Ok(ServeConfig {
+            exports,
+            pool,
+            control,
+        })
+    }
 }
 
 fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
-    match cli
-        .command
-        .unwrap_or(Command::Serve(ServeArgs::default_with_dir()))
-    {
-        Command::Serve(args) => {
-            let (exports, control) = if args.exports.is_empty() {
-                let control = args
-                    .control
-                    .unwrap_or_else(|| args.dir.join("control.sock"));
-                (vec![daemon::default_export(&args.dir)?], Some(control))
-            } else {
-                (args.exports, args.control)
-            };
-            daemon::serve(&exports, control.as_deref())
-        }
+    match cli.command {
+        None => daemon::serve(ServeArgs::default_args().into_config()?),
+        Some(Command::Serve(args)) => daemon::serve(args.into_config()?),
     }
 }
 
 impl ServeArgs {
-    fn default_with_dir() -> Self {
-        ServeArgs {
-            exports: Vec::new(),
-            dir: PathBuf::from(daemon::DEFAULT_POOL_DIR),
-            control: None,
+    /// What a bare `thinblk` (no subcommand) runs: `thinblk serve` with its defaults.
+    fn default_args() -> Self {
+        match Cli::parse_from(["thinblk", "serve"]).command {
+            Some(Command::Serve(args)) => args,
+            _ => ServeArgs::default(),
         }
     }
 }

@@ -1,4 +1,5 @@
-//! `thinblk serve`: opens the devices, starts the exports, and waits for a signal to stop.
+//! `thinblk serve`: opens the pool and devices, starts the exports and the control socket,
+//! and waits for a signal to stop.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use log::info;
 use crate::control::ControlServer;
 use crate::engine::null::NullDevice;
 use crate::engine::raw::{RawDevice, RawOptions};
+use crate::engine::thin::{Pool, PoolGeometry, PoolOptions, ThinPool};
 use crate::engine::BlockDevice;
 use crate::export_spec::{Backing, ExportSpec, DEFAULT_QUEUES, DEFAULT_QUEUE_SIZE};
 use state::{ExportConfig, Node, State};
@@ -17,29 +19,93 @@ pub mod state;
 
 /// Size of the disk `thinblk serve` creates when run with no options.
 pub const DEFAULT_DISK_SIZE: u64 = 16 << 30;
+/// Name of that disk.
+pub const DEFAULT_DISK: &str = "disk0";
 /// Where `thinblk serve` keeps its files when run with no options.
 pub const DEFAULT_POOL_DIR: &str = "thinblk-pool";
 
-/// The export a bare `thinblk serve` runs: a sparse raw disk in `dir`, created if missing.
-pub fn default_export(dir: &Path) -> anyhow::Result<ExportSpec> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-        .with_context(|| format!("restricting {}", dir.display()))?;
-    let image = dir.join("disk0.raw");
-    RawDevice::create_sparse(&image, DEFAULT_DISK_SIZE)
-        .with_context(|| format!("creating {}", image.display()))?;
-    Ok(ExportSpec {
-        backing: Backing::Raw(image),
-        socket: dir.join("disk0.sock"),
-        id: "disk0".into(),
+/// Where a pool lives and how a new one is shaped.
+#[derive(Clone, Debug)]
+pub struct PoolLocation {
+    /// Holds the sockets of thin exports that name none (and, by default, the pool files).
+    pub dir: PathBuf,
+    pub metadata: PathBuf,
+    pub data: PathBuf,
+    /// The device names, beside the metadata.
+    pub catalog: PathBuf,
+    pub geometry: PoolGeometry,
+    pub options: PoolOptions,
+}
+
+impl PoolLocation {
+    /// The files of a pool kept in one directory.
+    pub fn in_dir(dir: &Path, geometry: PoolGeometry, options: PoolOptions) -> Self {
+        PoolLocation {
+            dir: dir.to_path_buf(),
+            metadata: dir.join("metadata"),
+            data: dir.join("data"),
+            catalog: dir.join("devices.json"),
+            geometry,
+            options,
+        }
+    }
+}
+
+/// Everything `serve` runs.
+pub struct ServeConfig {
+    pub exports: Vec<ExportSpec>,
+    pub pool: Option<PoolLocation>,
+    pub control: Option<PathBuf>,
+}
+
+/// The export a bare `thinblk serve` runs: the thin disk `disk0`, created on the first run.
+pub fn default_export() -> ExportSpec {
+    ExportSpec {
+        backing: Backing::Thin {
+            name: DEFAULT_DISK.into(),
+            size: Some(DEFAULT_DISK_SIZE),
+            snapshot_of: None,
+        },
+        socket: None,
+        id: DEFAULT_DISK.into(),
         queues: DEFAULT_QUEUES,
         queue_size: DEFAULT_QUEUE_SIZE,
         read_only: false,
         direct: true,
-    })
+    }
 }
 
-fn open_device(spec: &ExportSpec) -> anyhow::Result<Arc<dyn BlockDevice>> {
+fn private_dir(dir: &Path) -> anyhow::Result<()> {
+    if !dir.exists() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .with_context(|| format!("restricting {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+fn open_pool(loc: &PoolLocation) -> anyhow::Result<Arc<ThinPool>> {
+    private_dir(&loc.dir)?;
+    let pool = Pool::open(&loc.metadata, &loc.data, &loc.geometry, loc.options.clone())
+        .with_context(|| format!("opening the pool {}", loc.metadata.display()))?;
+    let m = pool.meta();
+    info!(
+        "pool {}: {} of {} data blocks free ({} KiB each), {} of {} metadata blocks free",
+        loc.metadata.display(),
+        m.free_data_blocks(),
+        m.data_dev_size(),
+        pool.block_size() >> 10,
+        m.free_metadata_blocks(),
+        m.metadata_dev_size()
+    );
+    drop(m);
+    Ok(ThinPool::open(pool, &loc.catalog)?)
+}
+
+fn open_device(
+    spec: &ExportSpec,
+    thin: Option<&Arc<ThinPool>>,
+) -> anyhow::Result<Arc<dyn BlockDevice>> {
     match &spec.backing {
         Backing::Raw(path) => {
             let opts = RawOptions {
@@ -65,6 +131,29 @@ fn open_device(spec: &ExportSpec) -> anyhow::Result<Arc<dyn BlockDevice>> {
             info!("{}: null device of {size} bytes", spec.id);
             Ok(Arc::new(NullDevice::new(*size)))
         }
+        Backing::Thin {
+            name,
+            size,
+            snapshot_of,
+        } => {
+            let thin = thin.context("thin exports need a pool")?;
+            if !thin.exists(name) {
+                match (size, snapshot_of) {
+                    (_, Some(origin)) => {
+                        thin.snapshot(origin, name)?;
+                    }
+                    (Some(size), None) => {
+                        thin.create(name, *size)?;
+                    }
+                    (None, None) => anyhow::bail!(
+                        "thin device '{name}' does not exist; give size= or snapshot-of= to create it"
+                    ),
+                }
+            }
+            let dev = thin.device(name)?;
+            info!("{}: thin device {name} ({} bytes)", spec.id, dev.size());
+            Ok(dev)
+        }
     }
 }
 
@@ -79,29 +168,41 @@ pub fn qemu_options(socket: &Path, queues: u16) -> String {
 }
 
 /// Starts every export and the control socket; they run until SIGINT or SIGTERM.
-pub fn serve(specs: &[ExportSpec], control: Option<&Path>) -> anyhow::Result<()> {
+pub fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let signals = crate::signals::block_termination()?;
-    let state = State::new();
-    for spec in specs {
-        let dev = open_device(spec)?;
-        state.add_node(
-            &spec.id,
-            Node {
-                dev,
-                read_only: spec.read_only,
-            },
-        )?;
+    let thin = config.pool.as_ref().map(open_pool).transpose()?;
+    let state = State::new(thin.clone());
+    for spec in &config.exports {
+        let dev = open_device(spec, thin.as_ref())?;
+        let socket = match (&spec.socket, &config.pool) {
+            (Some(s), _) => s.clone(),
+            (None, Some(loc)) => loc.dir.join(format!("{}.sock", spec.id)),
+            (None, None) => anyhow::bail!("export {} needs socket=", spec.id),
+        };
+        if !matches!(spec.backing, Backing::Thin { .. }) {
+            state.add_node(
+                &spec.id,
+                Node {
+                    dev,
+                    read_only: spec.read_only,
+                },
+            )?;
+        }
+        let node = match &spec.backing {
+            Backing::Thin { name, .. } => name.clone(),
+            _ => spec.id.clone(),
+        };
         state
             .add_export(ExportConfig {
                 id: spec.id.clone(),
-                node: spec.id.clone(),
-                socket: spec.socket.clone(),
+                node,
+                socket: socket.clone(),
                 writable: !spec.read_only,
                 num_queues: spec.queues,
                 queue_size: spec.queue_size,
             })
             .with_context(|| format!("starting export {}", spec.id))?;
-        let socket = absolute(&spec.socket);
+        let socket = absolute(&socket);
         println!("export {} at {}", spec.id, socket.display());
         println!("  QEMU: {}", qemu_options(&socket, spec.queues));
         println!(
@@ -110,7 +211,7 @@ pub fn serve(specs: &[ExportSpec], control: Option<&Path>) -> anyhow::Result<()>
             spec.queues
         );
     }
-    let _control = match control {
+    let _control = match &config.control {
         Some(path) => {
             let server = ControlServer::start(path, state.clone())
                 .with_context(|| format!("starting the control socket {}", path.display()))?;
@@ -122,6 +223,9 @@ pub fn serve(specs: &[ExportSpec], control: Option<&Path>) -> anyhow::Result<()>
     let sig = signals.wait()?;
     info!("signal {sig}: stopping");
     state.stop_all();
+    if let Some(thin) = thin {
+        thin.pool().close();
+    }
     Ok(())
 }
 

@@ -14,6 +14,7 @@ use parking_lot::Mutex;
 use serde_json::Value;
 
 use crate::control::protocol::{encode, event};
+use crate::engine::thin::ThinPool;
 use crate::engine::BlockDevice;
 use crate::sockets::SocketError;
 use crate::vhost::{DeviceSettings, Export};
@@ -62,6 +63,8 @@ pub enum StateError {
 /// The daemon's shared state.
 #[derive(Default)]
 pub struct State {
+    /// The thin pool, whose devices are block nodes by name.
+    thin: Option<Arc<ThinPool>>,
     nodes: Mutex<BTreeMap<String, Node>>,
     exports: Mutex<BTreeMap<String, RunningExport>>,
     listeners: Mutex<Vec<(u64, Arc<Mutex<UnixStream>>)>>,
@@ -69,8 +72,15 @@ pub struct State {
 }
 
 impl State {
-    pub fn new() -> Arc<State> {
-        Arc::new(State::default())
+    pub fn new(thin: Option<Arc<ThinPool>>) -> Arc<State> {
+        Arc::new(State {
+            thin,
+            ..State::default()
+        })
+    }
+
+    pub fn thin(&self) -> Option<&Arc<ThinPool>> {
+        self.thin.as_ref()
     }
 
     pub fn add_node(&self, name: &str, node: Node) -> Result<(), StateError> {
@@ -82,16 +92,28 @@ impl State {
         Ok(())
     }
 
+    /// Named nodes and thin devices.
     pub fn node_names(&self) -> Vec<String> {
-        self.nodes.lock().keys().cloned().collect()
+        let mut names: Vec<String> = self.nodes.lock().keys().cloned().collect();
+        if let Some(thin) = &self.thin {
+            names.extend(thin.list().unwrap_or_default().into_iter().map(|d| d.name));
+        }
+        names
     }
 
     pub fn node(&self, name: &str) -> Result<Node, StateError> {
-        self.nodes
-            .lock()
-            .get(name)
-            .cloned()
-            .ok_or_else(|| StateError::NoNode(name.into()))
+        if let Some(node) = self.nodes.lock().get(name).cloned() {
+            return Ok(node);
+        }
+        match &self.thin {
+            Some(thin) if thin.exists(name) => Ok(Node {
+                dev: thin
+                    .device(name)
+                    .map_err(|_| StateError::NoNode(name.into()))?,
+                read_only: false,
+            }),
+            _ => Err(StateError::NoNode(name.into())),
+        }
     }
 
     /// Starts serving a node on a new socket.

@@ -1,6 +1,7 @@
 //! Running a framed request against a [`BlockDevice`] and writing its status.
 
 use std::io::{IoSlice, IoSliceMut};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use log::{debug, warn};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
@@ -9,6 +10,9 @@ use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 use super::config::{MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS, SECTOR_SIZE};
 use super::request::{gather, Op, Request, Segment};
 use crate::engine::{BlockDevice, BlockError};
+
+const BAD_RANGE: &str = "sector range outside the device or not whole sectors";
+const NOT_IN_MEMORY: &str = "buffer outside guest memory";
 
 /// Longest serial GET_ID returns (`VIRTIO_BLK_ID_BYTES`).
 pub const ID_BYTES: usize = 20;
@@ -29,6 +33,8 @@ pub struct Target<'a> {
 pub struct Outcome {
     pub status: u8,
     pub written: u32,
+    /// Why the request failed, for the log.
+    pub reason: &'static str,
 }
 
 impl Outcome {
@@ -36,26 +42,29 @@ impl Outcome {
         Outcome {
             status: VIRTIO_BLK_S_OK as u8,
             written,
+            reason: "",
         }
     }
-    pub fn ioerr() -> Self {
+    pub fn ioerr(reason: &'static str) -> Self {
         Outcome {
             status: VIRTIO_BLK_S_IOERR as u8,
             written: 0,
+            reason,
         }
     }
-    fn unsupp() -> Self {
+    fn unsupp(reason: &'static str) -> Self {
         Outcome {
             status: VIRTIO_BLK_S_UNSUPP as u8,
             written: 0,
+            reason,
         }
     }
 }
 
 fn from_block(err: &BlockError) -> Outcome {
     match err {
-        BlockError::Unsupported(_) => Outcome::unsupp(),
-        _ => Outcome::ioerr(),
+        BlockError::Unsupported(_) => Outcome::unsupp("unsupported by the device"),
+        _ => Outcome::ioerr("the device failed"),
     }
 }
 
@@ -65,7 +74,16 @@ pub fn host_slices(mem: &GuestMemoryMmap, segs: &[Segment]) -> Option<Vec<(*mut 
     for s in segs {
         let len = usize::try_from(s.len).ok()?;
         for slice in GuestMemoryBackend::get_slices(mem, s.addr, len) {
-            let slice = slice.ok()?;
+            let slice = match slice {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!(
+                        "guest buffer {:#x}+{len} is not in guest memory: {e}",
+                        s.addr.0
+                    );
+                    return None;
+                }
+            };
             out.push((slice.ptr_guard_mut().as_ptr(), slice.len()));
         }
     }
@@ -80,10 +98,7 @@ pub fn complete(mem: &GuestMemoryMmap, req: &Request, target: &Target<'_>) -> u3
 /// Stores a finished request's status byte. Returns the used length for the chain.
 pub fn finish(mem: &GuestMemoryMmap, req: &Request, outcome: Outcome) -> u32 {
     if outcome.status != VIRTIO_BLK_S_OK as u8 {
-        debug!(
-            "{:?} at sector {} failed with status {}",
-            req.op, req.sector, outcome.status
-        );
+        note_failure(req, &outcome);
     }
     match mem.write_obj(outcome.status, req.status) {
         Ok(()) => outcome.written.saturating_add(1),
@@ -91,6 +106,19 @@ pub fn finish(mem: &GuestMemoryMmap, req: &Request, outcome: Outcome) -> u32 {
             warn!("cannot write request status: {e}");
             0
         }
+    }
+}
+
+/// Logs a failed request without letting a guest flood the log: the 1st, 2nd, 4th, 8th...
+/// failure is a warning, the rest debug messages.
+fn note_failure(req: &Request, outcome: &Outcome) {
+    static FAILURES: AtomicU64 = AtomicU64::new(0);
+    let n = FAILURES.fetch_add(1, Ordering::Relaxed) + 1;
+    let (op, sector, status, why) = (req.op, req.sector, outcome.status, outcome.reason);
+    if n.is_power_of_two() {
+        warn!("{op:?} at sector {sector} failed with status {status}: {why} ({n} failures so far)");
+    } else {
+        debug!("{op:?} at sector {sector} failed with status {status}: {why}");
     }
 }
 
@@ -109,7 +137,7 @@ pub fn io_range(req: &Request, dev: &dyn BlockDevice) -> Option<(u64, u64)> {
 fn run(mem: &GuestMemoryMmap, req: &Request, t: &Target<'_>) -> Outcome {
     let mutates = matches!(req.op, Op::Write | Op::Discard | Op::WriteZeroes);
     if mutates && t.read_only {
-        return Outcome::ioerr();
+        return Outcome::ioerr("write to a read-only export");
     }
     let result = match req.op {
         Op::Read => return read(mem, req, t),
@@ -130,10 +158,10 @@ fn run(mem: &GuestMemoryMmap, req: &Request, t: &Target<'_>) -> Outcome {
 
 fn read(mem: &GuestMemoryMmap, req: &Request, t: &Target<'_>) -> Outcome {
     let Some((offset, len)) = io_range(req, t.dev) else {
-        return Outcome::ioerr();
+        return Outcome::ioerr(BAD_RANGE);
     };
     let Some(slices) = host_slices(mem, &req.data) else {
-        return Outcome::ioerr();
+        return Outcome::ioerr(NOT_IN_MEMORY);
     };
     let mut iovs: Vec<IoSliceMut<'_>> = slices
         .iter()
@@ -152,8 +180,8 @@ fn read(mem: &GuestMemoryMmap, req: &Request, t: &Target<'_>) -> Outcome {
 }
 
 fn write(mem: &GuestMemoryMmap, req: &Request, t: &Target<'_>) -> Result<(), Outcome> {
-    let (offset, len) = io_range(req, t.dev).ok_or_else(Outcome::ioerr)?;
-    let slices = host_slices(mem, &req.data).ok_or_else(Outcome::ioerr)?;
+    let (offset, len) = io_range(req, t.dev).ok_or(Outcome::ioerr(BAD_RANGE))?;
+    let slices = host_slices(mem, &req.data).ok_or(Outcome::ioerr(NOT_IN_MEMORY))?;
     let iovs: Vec<IoSlice<'_>> = slices
         .iter()
         // SAFETY: as in `read`: mapped for the call, `n` bytes long, owned by the request.
@@ -178,7 +206,7 @@ fn get_id(mem: &GuestMemoryMmap, req: &Request, t: &Target<'_>) -> Outcome {
             break;
         }
         if mem.write_slice(&id[pos..pos + take], s.addr).is_err() {
-            return Outcome::ioerr();
+            return Outcome::ioerr(NOT_IN_MEMORY);
         }
         pos += take;
     }
@@ -187,16 +215,17 @@ fn get_id(mem: &GuestMemoryMmap, req: &Request, t: &Target<'_>) -> Outcome {
 
 /// DISCARD and WRITE_ZEROES: every segment is checked before any of them runs.
 fn ranges(mem: &GuestMemoryMmap, req: &Request, t: &Target<'_>) -> Result<(), Outcome> {
-    let len = data_len(req).ok_or_else(Outcome::ioerr)?;
+    let bad_list = Outcome::ioerr("malformed range list");
+    let len = data_len(req).ok_or(bad_list)?;
     if len == 0 || len % RANGE_SEGMENT_LEN != 0 {
-        return Err(Outcome::ioerr());
+        return Err(bad_list);
     }
     let bytes = gather(
         mem,
         &req.data,
         u64::from(MAX_RANGE_SEGMENTS) * RANGE_SEGMENT_LEN,
     )
-    .ok_or_else(Outcome::ioerr)?;
+    .ok_or(bad_list)?;
     let mut work = Vec::new();
     for seg in bytes.chunks_exact(RANGE_SEGMENT_LEN as usize) {
         let field = |r: std::ops::Range<usize>| seg.get(r).unwrap_or(&[]).to_vec();
@@ -205,16 +234,18 @@ fn ranges(mem: &GuestMemoryMmap, req: &Request, t: &Target<'_>) -> Result<(), Ou
         let flags = u32::from_le_bytes(field(12..16).try_into().unwrap_or_default());
         let unmap = flags & RANGE_FLAG_UNMAP != 0;
         if flags & !RANGE_FLAG_UNMAP != 0 || (unmap && req.op == Op::Discard) {
-            return Err(Outcome::unsupp());
+            return Err(Outcome::unsupp("unknown range flags"));
         }
         if sectors > MAX_RANGE_SECTORS {
-            return Err(Outcome::ioerr());
+            return Err(Outcome::ioerr("range longer than the limit"));
         }
-        let offset = sector.checked_mul(SECTOR_SIZE).ok_or_else(Outcome::ioerr)?;
+        let offset = sector
+            .checked_mul(SECTOR_SIZE)
+            .ok_or(Outcome::ioerr(BAD_RANGE))?;
         let n = u64::from(sectors) * SECTOR_SIZE;
         match offset.checked_add(n) {
             Some(end) if end <= t.dev.size() => work.push((offset, n, unmap)),
-            _ => return Err(Outcome::ioerr()),
+            _ => return Err(Outcome::ioerr(BAD_RANGE)),
         }
     }
     for (offset, n, unmap) in work {

@@ -238,11 +238,11 @@ impl QueueRing {
                 complete(&f.mem, &f.req, t)
             } else {
                 let outcome = if f.failed {
-                    Outcome::ioerr()
+                    Outcome::ioerr("host I/O failed")
                 } else if f.req.op == Op::Write && !t.writeback {
                     match t.dev.flush() {
                         Ok(()) => Outcome::ok(f.written),
-                        Err(_) => Outcome::ioerr(),
+                        Err(_) => Outcome::ioerr("flush after a write-through write failed"),
                     }
                 } else {
                     Outcome::ok(f.written)
