@@ -302,10 +302,13 @@ impl PoolMetadata {
         Ok(())
     }
 
-    /// After an error that may have left metadata half-changed: stop changing it and ask for a
-    /// check. What the last commit holds stays intact.
+    /// After an error that may have left metadata half-changed: stop changing it, go back to
+    /// the last commit (which lookups keep serving) and ask for a check.
     pub fn fail(&mut self) {
         self.read_only = true;
+        if let Err(e) = self.abort() {
+            log::error!("cannot return to the last commit: {e}");
+        }
         self.set_needs_check();
     }
 
@@ -331,13 +334,19 @@ impl PoolMetadata {
     }
 
     /// Records on disk, best effort, that the metadata must be checked before it is trusted:
-    /// the last commit is rewritten with the flag set.
+    /// the last commit's superblock is rewritten with the flag set. Uncommitted changes are
+    /// dropped first, since only the superblock may change.
     pub fn set_needs_check(&mut self) {
         self.needs_check = true;
+        if let Err(e) = self.abort() {
+            log::error!("cannot return to the last commit: {e}");
+            return;
+        }
         let mut sb = self.committed.clone();
         sb.flags |= FLAG_NEEDS_CHECK;
-        if self.tm.abort(&self.committed.metadata_sm_root).is_ok() && self.tm.commit(&sb).is_ok() {
-            self.committed = sb;
+        match self.tm.commit(&sb) {
+            Ok(()) => self.committed = sb,
+            Err(e) => log::error!("cannot record needs_check in the superblock: {e}"),
         }
     }
 

@@ -141,26 +141,36 @@ impl Pool {
         geometry: &PoolGeometry,
         options: PoolOptions,
     ) -> Result<Arc<Pool>, PoolOpenError> {
-        let block_sectors = u32::try_from(geometry.block_size / 512)
-            .map_err(|_| ThinError::BadBlockSize(u32::MAX))?;
         if !metadata_path.exists() {
             let nr = geometry.metadata_size / 4096;
             FileStore::create(metadata_path, 4096, nr)
                 .map_err(|e| PoolOpenError::file(metadata_path, e))?;
         }
-        RawDevice::create_sparse(data_path, geometry.data_size)
-            .map_err(|e| PoolOpenError::file(data_path, e))?;
         let store = FileStore::open(metadata_path, 4096)
             .map_err(|e| PoolOpenError::file(metadata_path, e))?;
         store
             .lock_exclusive()
             .map_err(|e| PoolOpenError::file(metadata_path, e))?;
+        Pool::open_on(Arc::new(store), data_path, geometry, options)
+    }
+
+    /// Opens (or formats, when block 0 is all zeros) the pool whose metadata is `store`.
+    pub fn open_on(
+        store: Arc<dyn BlockStore>,
+        data_path: &Path,
+        geometry: &PoolGeometry,
+        options: PoolOptions,
+    ) -> Result<Arc<Pool>, PoolOpenError> {
+        let block_sectors = u32::try_from(geometry.block_size / 512)
+            .map_err(|_| ThinError::BadBlockSize(u32::MAX))?;
+        RawDevice::create_sparse(data_path, geometry.data_size)
+            .map_err(|e| PoolOpenError::file(data_path, e))?;
         let mut first = vec![0u8; 4096];
         store
             .read_block(0, &mut first)
-            .map_err(|e| PoolOpenError::file(metadata_path, e))?;
+            .map_err(|e| PoolOpenError::file(data_path, e))?;
         let cache = Arc::new(BufferCache::new(
-            Arc::new(store),
+            store,
             BufioConfig {
                 block_size: 4096,
                 memory_limit: options.metadata_cache,
