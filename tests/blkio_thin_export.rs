@@ -80,7 +80,7 @@ fn a_thin_disk_reads_zeros_until_written_and_keeps_data_across_restarts() {
     assert_eq!(wait_one(&mut c.queues[0]), 0);
     drop(c);
     drop(daemon);
-    let _daemon = Daemon::start(&thin_args(d, &[&format!("name=vm")]), &[&sock(d, "vm")]);
+    let _daemon = Daemon::start(&thin_args(d, &["name=vm"]), &[&sock(d, "vm")]);
     let mut c = Client::connect(&sock(d, "vm"), 1);
     for (off, data) in &written {
         assert_eq!(&read_at(&mut c, *off, data.len()), data, "after restart");
