@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use thinblk::daemon;
 use thinblk::export_spec::ExportSpec;
+use thinblk::tools;
 
 /// thinblk: thin-provisioned block storage for virtual machines, served over vhost-user-blk.
 ///
@@ -24,6 +25,16 @@ enum Command {
     /// With no --export, serves a 16 GiB sparse disk ./thinblk-pool/disk0.raw (created on the
     /// first run) at ./thinblk-pool/disk0.sock. Runs until SIGINT or SIGTERM.
     Serve(ServeArgs),
+    /// Check a pool's metadata (like thin_check, plus data ref counts and mapped_blocks).
+    Check(tools::cli::CheckArgs),
+    /// Print a pool's metadata as thin_dump XML (or JSON).
+    Dump(tools::cli::DumpArgs),
+    /// Write a pool's metadata from thin_dump XML.
+    Restore(tools::cli::RestoreArgs),
+    /// List thin devices (like thin_ls).
+    Ls(tools::cli::LsArgs),
+    /// Show how two thin devices differ (like thin_delta).
+    Delta(tools::cli::DeltaArgs),
 }
 
 #[derive(clap::Args, Debug, Default)]
@@ -71,6 +82,11 @@ fn main() -> anyhow::Result<()> {
             };
             daemon::serve(&exports, control.as_deref())
         }
+        Command::Check(a) => Ok(tools::cli::run_check(&a)?),
+        Command::Dump(a) => Ok(tools::cli::run_dump(&a)?),
+        Command::Restore(a) => Ok(tools::cli::run_restore(&a)?),
+        Command::Ls(a) => Ok(tools::cli::run_ls(&a)?),
+        Command::Delta(a) => Ok(tools::cli::run_delta(&a)?),
     }
 }
 
