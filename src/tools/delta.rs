@@ -176,11 +176,15 @@ pub fn delta(md: &Metadata, opts: &DeltaOptions, out: &mut dyn Write) -> Result<
     let right = mappings(md, &sb, opts.snap2)?;
     let runs = diff(&left, &right, opts.verbose);
     let write = |out: &mut dyn Write| -> io::Result<()> {
-        writeln!(
+        write!(
             out,
-            "<superblock uuid=\"\" time=\"{}\" transaction=\"{}\" data_block_size=\"{}\" nr_data_blocks=\"{}\">",
+            "<superblock uuid=\"\" time=\"{}\" transaction=\"{}\" data_block_size=\"{}\" nr_data_blocks=\"{}\"",
             sb.time, sb.trans_id, sb.data_block_size, sb.data_sm_root.nr_blocks
         )?;
+        if sb.held_root != 0 {
+            write!(out, " metadata_snap=\"{}\"", sb.held_root)?;
+        }
+        writeln!(out, ">")?;
         writeln!(
             out,
             "  <diff left=\"{}\" right=\"{}\">",
