@@ -77,7 +77,7 @@ fn stage_of(p: &Problem) -> Stage {
 fn superblock_problems(sb: &Superblock, device_blocks: u64) -> Vec<String> {
     let mut out = Vec::new();
     let dbs = sb.data_block_size;
-    if dbs == 0 || dbs % 128 != 0 || dbs > 2_097_152 {
+    if !super::data_block_size_ok(dbs) {
         out.push(format!(
             "superblock (block 0): data_block_size {dbs} is not a multiple of 128 sectors in 128..=2097152"
         ));

@@ -259,7 +259,7 @@ pub fn ls(md: &Metadata, opts: &LsOptions, out: &mut dyn Write) -> Result<()> {
     if opts.headers {
         rows.push(opts.fields.iter().map(|f| f.name().to_string()).collect());
     }
-    let block_sectors = u64::from(sb.data_block_size.max(live.data_block_size));
+    let block_sectors = u64::from(live.data_block_size);
     for ((dev, d), ex) in devs.iter().zip(&exclusive) {
         rows.push(
             opts.fields

@@ -137,6 +137,12 @@ pub fn read_superblock(bm: &BlockManager, location: u64) -> Result<Superblock> {
     })
 }
 
+/// Whether a data block size (in 512-byte sectors) is one the kernel accepts: a multiple of
+/// 64 KiB up to 1 GiB.
+pub fn data_block_size_ok(sectors: u32) -> bool {
+    sectors != 0 && sectors.is_multiple_of(128) && sectors <= 2_097_152
+}
+
 fn lock_error(path: &Path, source: io::Error) -> ToolError {
     if source.kind() == io::ErrorKind::WouldBlock {
         ToolError::Locked {

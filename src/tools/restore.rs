@@ -42,27 +42,29 @@ pub struct RestoreReport {
     pub warnings: Vec<String>,
 }
 
-/// Metadata blocks a pool needs: `(at least, comfortably)`. Leaves filled by sequential
-/// inserts end up about half full; the comfortable figure allows for that and more.
+/// Metadata blocks a pool needs: `(at least, comfortably)`.
+///
+/// At least: full leaves of mappings (252 per 4 KiB node), device trees, one bitmap per
+/// 16320 data blocks and the index over them, and a few fixed blocks (superblock,
+/// space-map index, empty ref-count trees). Comfortably: leaves filled by sequential
+/// inserts end up about half full, internal nodes, a ref-count tree entry for every data
+/// block shared three or more times, metadata bitmaps, and a quarter more.
 pub fn metadata_blocks_needed(s: &Summary) -> (u64, u64) {
-    let entries = |n: u64, per_node: u64| n.div_ceil(per_node);
+    let nodes = |n: u64, per_node: u64| n.div_ceil(per_node);
     let bitmaps = s.superblock.nr_data_blocks.div_ceil(ENTRIES_PER_BITMAP);
-    // Fixed: superblock, two space-map roots' trees, metadata bitmaps and index, top trees.
-    let fixed = 16 + MAX_METADATA_BLOCKS.div_ceil(ENTRIES_PER_BITMAP).min(4);
-    let least = fixed
-        + entries(s.mappings, 252)
-        + entries(s.devices, 126)
-        + bitmaps
-        + entries(bitmaps, 252);
-    let leaves = entries(s.mappings, 126) + s.devices;
-    let comfortable = fixed
+    let fixed = 16;
+    let least =
+        fixed + nodes(s.mappings, 252) + nodes(s.devices, 126) + bitmaps + nodes(bitmaps, 252);
+    let leaves = nodes(s.mappings, 126) + s.devices;
+    let used = fixed
         + leaves
-        + entries(leaves, 60)
-        + 2 * entries(s.devices, 42)
+        + nodes(leaves, 60)
+        + 2 * nodes(s.devices, 42)
         + bitmaps
-        + entries(bitmaps, 60)
-        + entries(s.mappings, 3 * 112);
-    (least, comfortable.saturating_mul(5) / 4 + 64)
+        + nodes(bitmaps, 60)
+        + nodes(s.mappings / 3, 112);
+    let with_bitmaps = used + nodes(used, ENTRIES_PER_BITMAP);
+    (least, with_bitmaps.saturating_mul(5) / 4 + 64)
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ToolError + '_ {
@@ -127,7 +129,34 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport> {
     };
     let summary = xml::scan(&input).map_err(xml_err)?;
     let (least, comfortable) = metadata_blocks_needed(&summary);
+    if least > MAX_METADATA_BLOCKS {
+        return Err(ToolError::MetadataTooSmall {
+            available: MAX_METADATA_BLOCKS,
+            needed: least,
+        });
+    }
+    let created = !opts.output.exists();
     let store = open_output(opts, comfortable)?;
+    let result = write_pool(opts, &summary, &input, store, (least, comfortable));
+    if result.is_err() && created {
+        // Best effort: a half-written new file is worth nothing.
+        let _ = std::fs::remove_file(&opts.output);
+    }
+    result
+}
+
+/// Writes the pool into the opened output.
+fn write_pool(
+    opts: &RestoreOptions,
+    summary: &Summary,
+    input: &[u8],
+    store: FileStore,
+    (least, comfortable): (u64, u64),
+) -> Result<RestoreReport> {
+    let xml_err = |source| ToolError::Xml {
+        path: opts.input.clone(),
+        source,
+    };
     let available = store.nr_blocks().min(MAX_METADATA_BLOCKS);
     if available < least {
         return Err(ToolError::MetadataTooSmall {
@@ -151,7 +180,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport> {
     };
     let sb = &summary.superblock;
     let mut w = PoolWriter::create(bm, sb.nr_data_blocks, sb.data_block_size).map_err(no_space)?;
-    let mut report = write_devices(&mut w, &input).map_err(|e| match e {
+    let mut report = write_devices(&mut w, input).map_err(|e| match e {
         WriteError::Xml(e) => xml_err(e),
         WriteError::Pdata(e) => no_space(e),
     })?;

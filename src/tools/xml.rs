@@ -658,7 +658,7 @@ impl<'a> Reader<'a> {
             return Err(a.err(XmlErrorKind::BadVersion(sb.version)));
         }
         let dbs = sb.data_block_size;
-        if dbs == 0 || dbs % 128 != 0 || dbs > 2_097_152 {
+        if !super::data_block_size_ok(dbs) {
             return Err(a.err(XmlErrorKind::BadDataBlockSize(dbs)));
         }
         a.finish()?;

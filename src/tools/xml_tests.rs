@@ -65,7 +65,8 @@ fn errors_name_their_line() {
 
 #[test]
 fn structural_mistakes_are_refused() {
-    let cases: &[(&str, fn(&XmlErrorKind) -> bool)] = &[
+    type Expect = fn(&XmlErrorKind) -> bool;
+    let cases: &[(&str, Expect)] = &[
         ("", |k| matches!(k, XmlErrorKind::NoSuperblock)),
         ("<device/>", |k| matches!(k, XmlErrorKind::Misplaced { .. })),
         ("<superblock time=\"1\"", |k| {
