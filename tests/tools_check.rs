@@ -215,3 +215,45 @@ fn check_refuses_metadata_a_daemon_holds() {
     let (ok, text) = check(&meta, &[]);
     assert!(ok, "{text}");
 }
+
+#[test]
+fn super_block_only_stops_after_the_superblock() {
+    let Some((_dir, meta)) = image("meta.bin.zst") else {
+        return;
+    };
+    let mut bytes = std::fs::read(&meta).expect("read");
+    bytes[10 * BLOCK + 100] ^= 0x40;
+    std::fs::write(&meta, bytes).expect("write");
+    let (ok, text) = check(&meta, &["--super-block-only"]);
+    assert!(ok, "{text}");
+    assert!(!text.contains("examining devices tree"), "{text}");
+}
+
+#[test]
+fn no_tool_panics_on_a_damaged_block_anywhere() {
+    let Some((dir, meta)) = image("meta.bin.zst") else {
+        return;
+    };
+    let good = std::fs::read(&meta).expect("read");
+    for b in 0..13 {
+        let mut bytes = good.clone();
+        bytes[b * BLOCK + 40] ^= 0x01;
+        let path = dir.path().join(format!("damaged-{b}.bin"));
+        std::fs::write(&path, bytes).expect("write");
+        let p = s(&path);
+        for args in [
+            vec!["check", p],
+            vec!["dump", p],
+            vec!["ls", "-o", "DEV,EXCLUSIVE_BLOCKS", p],
+            vec!["delta", "--snap1", "1", "--snap2", "3", p],
+        ] {
+            let out = thinblk(&args);
+            assert_ne!(out.status.code(), Some(101), "{args:?} panicked");
+            if b != 8 && args[0] == "check" {
+                let err = String::from_utf8_lossy(&out.stderr);
+                assert!(!out.status.success(), "damaged block {b} passed: {err}");
+                assert!(err.contains(&format!("block {b}")), "block {b}: {err}");
+            }
+        }
+    }
+}
