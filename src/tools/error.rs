@@ -71,6 +71,8 @@ pub enum ToolError {
     WouldShrink { path: PathBuf, from: u64, to: u64 },
     #[error("writing the pool: {0}")]
     Write(#[source] PdataError),
+    #[error("restoring the pool: {0}")]
+    Restore(#[source] crate::engine::thin::ThinError),
     #[error("the metadata check found {problems} problem(s)")]
     CheckFailed { problems: usize },
     #[error("the needs_check flag is set (run with --clear-needs-check to clear it once the pool checks clean)")]

@@ -12,13 +12,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::error::{Result, ToolError};
-use super::pool::PoolWriter;
 use super::xml::{self, Event, Summary};
 use crate::bufio::{BlockStore, FileStore};
 use crate::engine::pdata::error::PdataError;
 use crate::engine::pdata::space_map::bitmap::ENTRIES_PER_BITMAP;
 use crate::engine::pdata::space_map::metadata::MAX_METADATA_BLOCKS;
 use crate::engine::pdata::superblock::{BLOCK_SIZE, SUPERBLOCK_LOCATION};
+use crate::engine::thin::{PoolMetadata, ThinError};
 
 /// Smallest metadata device created by default (4 MiB, like the fixtures).
 const MIN_DEFAULT_BLOCKS: u64 = 1024;
@@ -171,36 +171,36 @@ fn write_pool(
         .map_err(io_err(out))?;
     let store: Arc<dyn BlockStore> = Arc::new(store);
     let bm = super::block_manager(store);
-    let no_space = |e: PdataError| match e {
-        PdataError::NoSpace(_) => ToolError::MetadataTooSmall {
-            available,
-            needed: comfortable,
-        },
-        e => ToolError::Write(e),
+    let no_space = |e: ThinError| match e {
+        ThinError::NoMetadataSpace | ThinError::Pdata(PdataError::NoSpace(_)) => {
+            ToolError::MetadataTooSmall {
+                available,
+                needed: comfortable,
+            }
+        }
+        ThinError::Pdata(e) => ToolError::Write(e),
+        e => ToolError::Restore(e),
     };
     let sb = &summary.superblock;
-    let mut w = PoolWriter::create(bm, sb.nr_data_blocks, sb.data_block_size).map_err(no_space)?;
-    let mut report = write_devices(&mut w, input).map_err(|e| match e {
+    let mut meta = PoolMetadata::format(bm.cache().clone(), sb.data_block_size, sb.nr_data_blocks)
+        .map_err(no_space)?;
+    let mut report = write_devices(&mut meta, input).map_err(|e| match e {
         WriteError::Xml(e) => xml_err(e),
-        WriteError::Pdata(e) => no_space(e),
+        WriteError::Thin(e) => no_space(e),
     })?;
     let mut uuid = [0u8; 16];
     for (d, s) in uuid.iter_mut().zip(sb.uuid.bytes()) {
         *d = s;
     }
-    w.committed.uuid = uuid;
-    w.committed.flags = sb.flags;
-    w.committed.version = sb.version;
-    w.time = sb.time;
-    w.trans_id = sb.transaction;
-    w.commit().map_err(no_space)?;
+    meta.restore_header(uuid, sb.flags, sb.version, sb.time, sb.transaction);
+    meta.commit().map_err(no_space)?;
     report.metadata_blocks = available;
     Ok(report)
 }
 
 enum WriteError {
     Xml(xml::XmlError),
-    Pdata(PdataError),
+    Thin(ThinError),
 }
 
 impl From<xml::XmlError> for WriteError {
@@ -209,41 +209,39 @@ impl From<xml::XmlError> for WriteError {
     }
 }
 
-impl From<PdataError> for WriteError {
-    fn from(e: PdataError) -> Self {
-        WriteError::Pdata(e)
+impl From<ThinError> for WriteError {
+    fn from(e: ThinError) -> Self {
+        WriteError::Thin(e)
     }
 }
 
 /// Second pass over the (already validated) input: builds every device.
-fn write_devices(w: &mut PoolWriter, input: &[u8]) -> Result<RestoreReport, WriteError> {
+fn write_devices(meta: &mut PoolMetadata, input: &[u8]) -> Result<RestoreReport, WriteError> {
     let mut report = RestoreReport::default();
     let mut reader = xml::Reader::new(input);
     let mut cur = None;
     while let Some((line, e)) = reader.next_event()? {
         match e {
             Event::Device { dev, details } => {
-                let root = w.new_mapping_tree()?;
-                cur = Some((line, dev, details, root, 0u64));
+                meta.restore_device(dev, details)?;
+                cur = Some((line, dev, details));
             }
             Event::Mapping(run) => {
-                if let Some((_, _, _, root, count)) = cur.as_mut() {
+                if let Some((_, dev, _)) = cur {
                     for (k, v) in run.mappings() {
-                        *root = w.insert_mapping(*root, k, &v)?;
+                        meta.restore_mapping(dev, k, v)?;
                     }
-                    *count += run.length;
                 }
             }
             Event::DeviceEnd => {
-                if let Some((line, dev, mut details, root, count)) = cur.take() {
+                if let Some((line, dev, details)) = cur.take() {
+                    let count = meta.mapped_count(dev)?;
                     if details.mapped_blocks != count {
                         report.warnings.push(format!(
                             "line {line}: device {dev} says mapped_blocks=\"{}\" but has {count} mappings; writing {count}",
                             details.mapped_blocks
                         ));
                     }
-                    details.mapped_blocks = count;
-                    w.add_device(dev, &details, root)?;
                     report.devices += 1;
                     report.mappings += count;
                 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod pool;
+pub mod writer;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

@@ -4,13 +4,13 @@
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
+use super::writer::PoolWriter;
 use thinblk::bufio::BlockStore;
 use thinblk::engine::pdata::btree::{self, DataRefs, NoRefs, SubtreeRefs};
 use thinblk::engine::pdata::error::Result;
 use thinblk::engine::pdata::space_map::SpaceMap;
 use thinblk::engine::pdata::superblock::{Superblock, BLOCK_SIZE};
 use thinblk::engine::pdata::values::{BlockTime, DeviceDetails};
-use thinblk::tools::pool::PoolWriter;
 
 use super::{bm_over, Dump};
 

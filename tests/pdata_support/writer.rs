@@ -1,15 +1,17 @@
-//! Writing a pool's metadata: the device details tree, the two-level mapping tree and both
-//! space maps over one transaction manager, committed in the kernel's order.
+//! A pool writer for the persistent-data tests: the device details tree, the two-level mapping
+//! tree and both space maps over one transaction manager, with every field reachable so the
+//! tests can drive the trees directly. (thinblk itself uses `engine::thin::PoolMetadata`.)
+#![allow(dead_code)]
 
 use std::sync::Arc;
 
-use crate::engine::pdata::block_manager::BlockManager;
-use crate::engine::pdata::btree::{self, DataRefs, NoRefs};
-use crate::engine::pdata::error::Result;
-use crate::engine::pdata::space_map::{DiskSpaceMap, SpaceMap};
-use crate::engine::pdata::superblock::{Superblock, SUPERBLOCK_LOCATION, SUPERBLOCK_VERSION};
-use crate::engine::pdata::tm::TransactionManager;
-use crate::engine::pdata::values::{BlockTime, DeviceDetails};
+use thinblk::engine::pdata::block_manager::BlockManager;
+use thinblk::engine::pdata::btree::{self, DataRefs, NoRefs};
+use thinblk::engine::pdata::error::Result;
+use thinblk::engine::pdata::space_map::{DiskSpaceMap, SpaceMap};
+use thinblk::engine::pdata::superblock::{Superblock, SUPERBLOCK_LOCATION, SUPERBLOCK_VERSION};
+use thinblk::engine::pdata::tm::TransactionManager;
+use thinblk::engine::pdata::values::{BlockTime, DeviceDetails};
 
 /// An open pool being written. Fields are public so tests can drive the trees directly.
 pub struct PoolWriter {
@@ -75,7 +77,7 @@ impl PoolWriter {
     pub fn open(bm: Arc<BlockManager>) -> Result<PoolWriter> {
         let blk = bm.read(
             SUPERBLOCK_LOCATION,
-            crate::engine::pdata::checksum::BlockKind::Superblock,
+            thinblk::engine::pdata::checksum::BlockKind::Superblock,
         )?;
         let sb = Superblock::decode(&blk, SUPERBLOCK_LOCATION)?;
         drop(blk);
