@@ -51,6 +51,14 @@ pub trait BlockDevice: Send + Sync {
     }
 }
 
+/// Where a thin pool keeps its data blocks: a [`BlockDevice`] that can also grow. The pool
+/// takes it as a trait object, so tests put fault-injecting and power-cut devices under it.
+pub trait DataDevice: BlockDevice {
+    /// Extends the device to at least `size` bytes where it can (a regular file), then re-reads
+    /// its size and returns it. Never shrinks.
+    fn grow_to(&self, size: u64) -> Result<u64, BlockError>;
+}
+
 /// What a mapped range is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MapOp {

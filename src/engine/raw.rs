@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::aligned::{read_bufs_aligned, write_bufs_aligned};
-use super::{check_range, iovec_len, BlockDevice, BlockError, Extent, MapOp};
+use super::{check_range, iovec_len, BlockDevice, BlockError, DataDevice, Extent, MapOp};
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 const BLKDISCARD: libc::c_ulong = 0x1277;
@@ -182,8 +182,8 @@ fn off_t(offset: u64) -> io::Result<libc::off_t> {
 }
 
 /// preadv until every buffer is full; a read past the end of the file is an error.
-fn pread_all(file: &File, mut bufs: &mut [IoSliceMut<'_>], mut offset: u64) -> io::Result<()> {
-    while !bufs.is_empty() {
+fn pread_all(file: &File, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {
+    read_fully(bufs, offset, |bufs, offset| {
         let count = bufs.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
         // SAFETY: IoSliceMut is ABI-compatible with iovec and each points to writable memory
         // that outlives the call; count never exceeds the slice length.
@@ -195,25 +195,13 @@ fn pread_all(file: &File, mut bufs: &mut [IoSliceMut<'_>], mut offset: u64) -> i
                 off_t(offset)?,
             )
         };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
-        }
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        offset += n as u64;
-        IoSliceMut::advance_slices(&mut bufs, n as usize);
-    }
-    Ok(())
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    })
 }
 
 /// pwritev until every buffer is written.
-fn pwrite_all(file: &File, mut bufs: &mut [IoSlice<'_>], mut offset: u64) -> io::Result<()> {
-    while !bufs.is_empty() {
+fn pwrite_all(file: &File, bufs: &mut [IoSlice<'_>], offset: u64) -> io::Result<()> {
+    write_fully(bufs, offset, |bufs, offset| {
         let count = bufs.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
         // SAFETY: IoSlice is ABI-compatible with iovec and each points to readable memory that
         // outlives the call; count never exceeds the slice length.
@@ -225,18 +213,47 @@ fn pwrite_all(file: &File, mut bufs: &mut [IoSlice<'_>], mut offset: u64) -> io:
                 off_t(offset)?,
             )
         };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    })
+}
+
+/// Calls `read` (one preadv) until every buffer is full: a short transfer goes on from where
+/// it stopped, EINTR is retried, and a transfer of nothing (end of file) is an error.
+fn read_fully(
+    mut bufs: &mut [IoSliceMut<'_>],
+    mut offset: u64,
+    mut read: impl FnMut(&mut [IoSliceMut<'_>], u64) -> io::Result<usize>,
+) -> io::Result<()> {
+    while !bufs.is_empty() {
+        match read(bufs, offset) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => {
+                offset += n as u64;
+                IoSliceMut::advance_slices(&mut bufs, n);
             }
-            return Err(err);
         }
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
+    }
+    Ok(())
+}
+
+/// Calls `write` (one pwritev) until every buffer is written, as [`read_fully`] reads.
+fn write_fully(
+    mut bufs: &mut [IoSlice<'_>],
+    mut offset: u64,
+    mut write: impl FnMut(&[IoSlice<'_>], u64) -> io::Result<usize>,
+) -> io::Result<()> {
+    while !bufs.is_empty() {
+        match write(bufs, offset) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                offset += n as u64;
+                IoSlice::advance_slices(&mut bufs, n);
+            }
         }
-        offset += n as u64;
-        IoSlice::advance_slices(&mut bufs, n as usize);
     }
     Ok(())
 }
@@ -371,6 +388,18 @@ impl BlockDevice for RawDevice {
     }
 }
 
+impl DataDevice for RawDevice {
+    fn grow_to(&self, size: u64) -> Result<u64, BlockError> {
+        if !self.is_block_device && size > self.size() {
+            self.writable()?;
+            self.buffered
+                .set_len(size)
+                .map_err(|e| BlockError::io(size, e))?;
+        }
+        self.refresh_size().map_err(|e| BlockError::io(0, e))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -425,6 +454,88 @@ mod tests {
         assert!(matches!(
             dev.write(0, &[IoSlice::new(&[0; 512])]),
             Err(BlockError::ReadOnly)
+        ));
+    }
+
+    /// A file that transfers at most `max` bytes per call, and fails once with EINTR.
+    struct Stingy {
+        bytes: Vec<u8>,
+        max: usize,
+        interrupted: bool,
+    }
+
+    impl Stingy {
+        fn read(&mut self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<usize> {
+            if !self.interrupted {
+                self.interrupted = true;
+                return Err(io::ErrorKind::Interrupted.into());
+            }
+            let start = (offset as usize).min(self.bytes.len());
+            let n = self.max.min(bufs[0].len()).min(self.bytes.len() - start);
+            bufs[0][..n].copy_from_slice(&self.bytes[start..start + n]);
+            Ok(n)
+        }
+
+        fn write(&mut self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<usize> {
+            let start = offset as usize;
+            let n = self.max.min(bufs[0].len());
+            self.bytes[start..start + n].copy_from_slice(&bufs[0][..n]);
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn short_transfers_are_continued_where_they_stopped() {
+        let mut file = Stingy {
+            bytes: vec![0; 4096],
+            max: 100,
+            interrupted: false,
+        };
+        let a: Vec<u8> = (0..700u32).map(|i| i as u8).collect();
+        let b: Vec<u8> = (0..300u32).map(|i| (i * 7) as u8).collect();
+        let mut bufs = [IoSlice::new(&a), IoSlice::new(&b)];
+        write_fully(&mut bufs, 512, |bufs, off| file.write(bufs, off)).unwrap();
+        assert_eq!(&file.bytes[512..1212], &a[..]);
+        assert_eq!(&file.bytes[1212..1512], &b[..]);
+        let (mut x, mut y) = (vec![0u8; 650], vec![0u8; 350]);
+        let mut bufs = [IoSliceMut::new(&mut x), IoSliceMut::new(&mut y)];
+        read_fully(&mut bufs, 512, |bufs, off| file.read(bufs, off)).unwrap();
+        assert_eq!(&x[..], &a[..650]);
+        assert_eq!(&y[..50], &a[650..]);
+        assert_eq!(&y[50..], &b[..]);
+    }
+
+    #[test]
+    fn a_read_that_stops_at_the_end_of_the_file_is_an_error_not_zeros() {
+        let mut file = Stingy {
+            bytes: vec![9; 1000],
+            max: 4096,
+            interrupted: true,
+        };
+        let mut out = vec![0u8; 512];
+        let err = read_fully(&mut [IoSliceMut::new(&mut out)], 768, |bufs, off| {
+            file.read(bufs, off)
+        })
+        .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        let err = write_fully(&mut [IoSlice::new(&out)], 0, |_, _| Ok(0)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WriteZero);
+    }
+
+    #[test]
+    fn a_data_file_truncated_under_the_device_fails_reads_past_its_end() {
+        let (dir, dev) = device(1 << 20);
+        dev.write(0, &[IoSlice::new(&vec![5u8; 65536])]).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("disk"))
+            .unwrap()
+            .set_len(4096 + 100)
+            .unwrap();
+        let mut out = vec![0u8; 8192];
+        assert!(matches!(
+            dev.read(0, &mut [IoSliceMut::new(&mut out)]),
+            Err(BlockError::Io { .. })
         ));
     }
 

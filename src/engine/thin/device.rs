@@ -157,10 +157,7 @@ impl ThinDevice {
         }
         for (at, len) in around {
             match old {
-                None => {
-                    let base = new * bs;
-                    pool.data().write_zeroes(base + at, len, false)?;
-                }
+                None => pool.zero_data(new, at, len)?,
                 Some(old) => {
                     let mut buf = vec![0u8; CHUNK.min(len) as usize];
                     let mut done = 0;

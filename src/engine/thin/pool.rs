@@ -10,7 +10,7 @@
 //! - `meta`: shared for lookups, exclusive for changes, never held across data I/O.
 
 use std::io::{IoSlice, IoSliceMut};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -23,7 +23,7 @@ use super::metadata::PoolMetadata;
 use super::prison::Prison;
 use crate::bufio::{BlockStore, BufferCache, BufioConfig, FileStore};
 use crate::engine::raw::{RawDevice, RawOptions};
-use crate::engine::{BlockDevice, BlockError};
+use crate::engine::{BlockError, DataDevice};
 
 /// What the pool can do right now, as dm-thin reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,8 +108,7 @@ struct CommitState {
 
 pub struct Pool {
     meta: RwLock<PoolMetadata>,
-    data: RawDevice,
-    data_path: PathBuf,
+    data: Arc<dyn DataDevice>,
     block_size: u64,
     io_gate: RwLock<()>,
     pub(super) prison: Prison,
@@ -154,28 +153,16 @@ impl Pool {
         Pool::open_on(Arc::new(store), data_path, geometry, options)
     }
 
-    /// Opens (or formats, when block 0 is all zeros) the pool whose metadata is `store`.
+    /// Opens (or formats, when block 0 is all zeros) the pool whose metadata is `store` and
+    /// whose data is the file `data_path` (created sparse with `geometry`'s size if missing).
     pub fn open_on(
         store: Arc<dyn BlockStore>,
         data_path: &Path,
         geometry: &PoolGeometry,
         options: PoolOptions,
     ) -> Result<Arc<Pool>, PoolOpenError> {
-        let block_sectors = u32::try_from(geometry.block_size / 512)
-            .map_err(|_| ThinError::BadBlockSize(u32::MAX))?;
         RawDevice::create_sparse(data_path, geometry.data_size)
             .map_err(|e| PoolOpenError::file(data_path, e))?;
-        let mut first = vec![0u8; 4096];
-        store
-            .read_block(0, &mut first)
-            .map_err(|e| PoolOpenError::file(data_path, e))?;
-        let cache = Arc::new(BufferCache::new(
-            store,
-            BufioConfig {
-                block_size: 4096,
-                memory_limit: options.metadata_cache,
-            },
-        ));
         let data = RawDevice::open(
             data_path,
             RawOptions {
@@ -184,6 +171,30 @@ impl Pool {
             },
         )
         .map_err(|e| PoolOpenError::file(data_path, e))?;
+        Pool::open_with(store, Arc::new(data), geometry, options)
+    }
+
+    /// Opens (or formats, when block 0 is all zeros) the pool whose metadata is `store` and
+    /// whose data blocks live on `data`.
+    pub fn open_with(
+        store: Arc<dyn BlockStore>,
+        data: Arc<dyn DataDevice>,
+        geometry: &PoolGeometry,
+        options: PoolOptions,
+    ) -> Result<Arc<Pool>, PoolOpenError> {
+        let block_sectors = u32::try_from(geometry.block_size / 512)
+            .map_err(|_| ThinError::BadBlockSize(u32::MAX))?;
+        let mut first = vec![0u8; 4096];
+        store
+            .read_block(0, &mut first)
+            .map_err(PoolOpenError::MetadataRead)?;
+        let cache = Arc::new(BufferCache::new(
+            store,
+            BufioConfig {
+                block_size: 4096,
+                memory_limit: options.metadata_cache,
+            },
+        ));
         let meta = if first.iter().all(|&b| b == 0) {
             let nr_data = data.size() / geometry.block_size;
             info!(
@@ -215,7 +226,6 @@ impl Pool {
         let pool = Arc::new(Pool {
             meta: RwLock::new(meta),
             data,
-            data_path: data_path.to_path_buf(),
             block_size,
             io_gate: RwLock::new(()),
             prison: Prison::default(),
@@ -309,8 +319,29 @@ impl Pool {
         self.io_gate.read()
     }
 
-    pub(super) fn data(&self) -> &RawDevice {
-        &self.data
+    pub(super) fn data(&self) -> &dyn DataDevice {
+        &*self.data
+    }
+
+    /// After a failed write or flush of the data device: what the guest wrote since the last
+    /// commit may be lost or torn, so no mapping made since then may ever be committed. The
+    /// pool turns read-only (reads of what is mapped keep working) until it is reopened.
+    fn data_failed(&self, e: &BlockError) {
+        if !matches!(e, BlockError::Io { .. }) {
+            return;
+        }
+        error!("data device failed, the pool becomes read-only: {e}");
+        self.meta.write().set_read_only();
+        self.set_mode(PoolMode::ReadOnly);
+    }
+
+    /// Flushes the data device; a failure turns the pool read-only.
+    fn flush_data(&self) -> Result<(), BlockError> {
+        let result = self.data.flush();
+        if let Err(e) = &result {
+            self.data_failed(e);
+        }
+        result
     }
 
     /// Allocates a data block, waiting for the pool to grow when it is full (unless the
@@ -365,17 +396,7 @@ impl Pool {
 
     /// Grows the pool to the data device's current size (after the file was extended).
     pub fn grow_data(&self, new_size: u64) -> Result<(), BlockError> {
-        let current = self.data.size();
-        if new_size > current {
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&self.data_path)
-                .and_then(|f| f.set_len(new_size));
-            if let Err(e) = f {
-                return Err(BlockError::io(0, e));
-            }
-        }
-        let size = self.data.refresh_size().map_err(|e| BlockError::io(0, e))?;
+        let size = self.data.grow_to(new_size)?;
         let nr = size / self.block_size;
         self.change(|m| m.resize_data_dev(nr)).map_err(thin_err)?;
         self.data_low_fired.store(false, Ordering::Release);
@@ -398,13 +419,13 @@ impl Pool {
             // A commit that began after our changes covered them; the data still needs flushing
             // for writes into blocks that were already mapped.
             drop(state);
-            return self.data.flush();
+            return self.flush_data();
         }
         // No data I/O may be in flight: its block could be reused right after this commit,
         // and its mapping must not be committed before its data is durable.
         let _gate = self.io_gate.write();
         let covered = self.changes.load(Ordering::Acquire);
-        self.data.flush()?;
+        self.flush_data()?;
         let mut meta = self.meta.write();
         match meta.commit() {
             Ok(()) => {
@@ -484,6 +505,8 @@ pub enum PoolOpenError {
     },
     #[error(transparent)]
     Metadata(#[from] ThinError),
+    #[error("reading the metadata superblock: {0}")]
+    MetadataRead(#[source] std::io::Error),
     #[error("the data device holds {blocks} blocks but the metadata describes {needed}")]
     DataTooSmall { blocks: u64, needed: u64 },
 }
@@ -514,12 +537,28 @@ impl Pool {
         self.data.read(block * self.block_size + within, bufs)
     }
 
+    /// Zeroes `len` bytes at `within` of data block `block`; a failure turns the pool
+    /// read-only.
+    pub(super) fn zero_data(&self, block: u64, within: u64, len: u64) -> Result<(), BlockError> {
+        let result = self
+            .data
+            .write_zeroes(block * self.block_size + within, len, false);
+        if let Err(e) = &result {
+            self.data_failed(e);
+        }
+        result
+    }
+
     pub(super) fn write_data(
         &self,
         block: u64,
         within: u64,
         bufs: &[IoSlice<'_>],
     ) -> Result<(), BlockError> {
-        self.data.write(block * self.block_size + within, bufs)
+        let result = self.data.write(block * self.block_size + within, bufs);
+        if let Err(e) = &result {
+            self.data_failed(e);
+        }
+        result
     }
 }
