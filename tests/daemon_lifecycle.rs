@@ -78,3 +78,49 @@ fn help_explains_every_export_key() {
         assert!(help.contains(key), "serve --help does not explain {key}");
     }
 }
+
+#[test]
+fn sigterm_stops_the_daemon_while_a_frontend_is_connected() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vm.sock");
+    let args: Vec<String> = [
+        "--dir",
+        dir.path().to_str().unwrap(),
+        "--metadata-size",
+        "16M",
+        "--data-size",
+        "64M",
+        "--export",
+        "name=vm,size=1M",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_thinblk"))
+        .arg("serve")
+        .args(&args)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut client = loop {
+        if let Ok(c) = Client::try_connect(&sock, 1) {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "never connected");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let p = client.buf_ptr(0);
+    assert_eq!(write(&mut client.queues[0], p, 0, 4096), 0);
+    // SAFETY: kill with a pid we own has no memory effects.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert!(
+        status.expect("thinblk did not exit within 10 s of SIGTERM").success(),
+        "thinblk failed to stop cleanly"
+    );
+    drop(client);
+}

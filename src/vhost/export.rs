@@ -11,8 +11,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use log::{error, info};
+use parking_lot::Mutex;
 use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
@@ -26,6 +27,8 @@ pub struct Export {
     /// A duplicate of the listening socket, to end a blocked accept at shutdown.
     wake: Option<UnixListener>,
     stopping: Arc<AtomicBool>,
+    /// Ends the connection of the frontend being served, if there is one.
+    connection: Arc<Mutex<Option<ShutdownHandle>>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -42,9 +45,11 @@ impl Export {
         let backend = Arc::new(BlkBackend::new(dev, settings));
         let name = socket.display().to_string();
         let stop = stopping.clone();
+        let connection = Arc::new(Mutex::new(None));
+        let conn = connection.clone();
         let thread = std::thread::Builder::new()
             .name("export".into())
-            .spawn(move || serve(&name, listener, backend, &stop))
+            .spawn(move || serve(&name, listener, backend, &stop, &conn))
             .map_err(|source| SocketError::Io {
                 path: socket.display().to_string(),
                 source,
@@ -53,6 +58,7 @@ impl Export {
             socket: socket.to_path_buf(),
             wake,
             stopping,
+            connection,
             thread: Some(thread),
         })
     }
@@ -71,7 +77,12 @@ impl Export {
 
 impl Drop for Export {
     fn drop(&mut self) {
-        self.stopping.store(true, Ordering::Release);
+        self.stopping.store(true, Ordering::SeqCst);
+        // A connected frontend would keep the serving thread in its session for as long as it
+        // likes: end the session (the frontend sees the socket close, as after a crash).
+        if let Some(conn) = self.connection.lock().as_ref() {
+            conn.shutdown();
+        }
         // Shutting the listening socket down makes a blocked accept fail at once, even if the
         // socket's path has been removed; the serving loop then sees the flag and ends.
         if let Some(l) = &self.wake {
@@ -86,7 +97,13 @@ impl Drop for Export {
     }
 }
 
-fn serve(name: &str, listener: UnixListener, backend: Arc<BlkBackend>, stopping: &AtomicBool) {
+fn serve(
+    name: &str,
+    listener: UnixListener,
+    backend: Arc<BlkBackend>,
+    stopping: &AtomicBool,
+    connection: &Mutex<Option<ShutdownHandle>>,
+) {
     let mut listener = Listener::from(listener);
     while !stopping.load(Ordering::Acquire) {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
@@ -113,12 +130,17 @@ fn serve(name: &str, listener: UnixListener, backend: Arc<BlkBackend>, stopping:
             }
             continue;
         }
-        if stopping.load(Ordering::Acquire) {
+        // Published before `stopping` is read again: either `Drop` finds the handle, or this
+        // thread sees the flag (the mutex orders the two).
+        *connection.lock() = daemon.shutdown_handle();
+        if stopping.load(Ordering::SeqCst) {
             daemon.request_shutdown();
         } else {
             info!("{name}: frontend connected");
         }
-        match daemon.wait() {
+        let ended = daemon.wait();
+        *connection.lock() = None;
+        match ended {
             Ok(()) => info!("{name}: frontend disconnected"),
             Err(e) => info!("{name}: connection ended: {e}"),
         }

@@ -51,12 +51,35 @@ impl Daemon {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// SIGKILL, then reap: the daemon gets no chance to flush or commit anything.
+    pub fn kill9(mut self) {
+        // SAFETY: kill with a pid we own (not yet reaped) and a valid signal has no memory
+        // effects.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+
+    /// Peak resident memory of the daemon (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("read /proc/PID/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmHWM in /proc/PID/status")
+            * 1024
+    }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        // SAFETY: kill with a pid we own and a valid signal number has no memory effects.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        if matches!(self.child.try_wait(), Ok(None)) {
+            // SAFETY: kill with a pid we own (still running, not reaped) and a valid signal
+            // number has no memory effects.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        }
         let _ = self.child.wait();
     }
 }
