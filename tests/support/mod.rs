@@ -512,6 +512,56 @@ impl DataDevice for FaultyDevice {
     }
 }
 
+/// A metadata store whose `n`-th write from now fails once with EIO, as a transient error
+/// does (the writes after it succeed).
+pub struct FlakyStore {
+    pub inner: Arc<CrashStore>,
+    fail_at: AtomicI64,
+}
+
+impl FlakyStore {
+    pub fn new(inner: Arc<CrashStore>) -> Arc<FlakyStore> {
+        Arc::new(FlakyStore {
+            inner,
+            fail_at: AtomicI64::new(-1),
+        })
+    }
+
+    /// The write after the next `n` fails once.
+    pub fn fail_write_once_after(&self, n: i64) {
+        self.fail_at.store(n, Ordering::Release);
+    }
+}
+
+impl BlockStore for FlakyStore {
+    fn block_size(&self) -> usize {
+        self.inner.block_size()
+    }
+
+    fn nr_blocks(&self) -> u64 {
+        self.inner.nr_blocks()
+    }
+
+    fn read_block(&self, block: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.inner.read_block(block, buf)
+    }
+
+    fn write_block(&self, block: u64, buf: &[u8]) -> io::Result<()> {
+        if self.fail_at.fetch_sub(1, Ordering::AcqRel) == 0 {
+            return Err(io::Error::other(format!("transient EIO writing block {block}")));
+        }
+        self.inner.write_block(block, buf)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.inner.flush()
+    }
+
+    fn resize(&self, nr_blocks: u64) -> io::Result<()> {
+        self.inner.resize(nr_blocks)
+    }
+}
+
 /// Writes what a metadata store holds now (as reads see it) to `path`.
 pub fn save_image(store: &CrashStore, path: &Path) {
     let mut bytes = Vec::with_capacity(store.nr_blocks() as usize * store.block_size());
