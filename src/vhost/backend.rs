@@ -16,7 +16,7 @@ use vmm_sys_util::event::{
 };
 
 use super::config::{self, BlkConfig, SECTOR_SIZE, WRITEBACK_OFFSET};
-use super::execute::{complete, Target};
+use super::execute::{complete, FailureSink, Target};
 use super::request::{parse, Desc, Request};
 use super::uring::{QueueRing, Started};
 use crate::engine::BlockDevice;
@@ -48,6 +48,8 @@ pub struct BlkBackend {
     rings: Vec<Mutex<Option<QueueRing>>>,
     /// Malformed requests seen, for rate-limited logging.
     rejections: AtomicU64,
+    /// Told of every failed request.
+    on_failure: Option<FailureSink>,
 }
 
 fn queue_error(e: virtio_queue::Error) -> io::Error {
@@ -70,6 +72,7 @@ impl BlkBackend {
         BlkBackend {
             rings,
             rejections: AtomicU64::new(0),
+            on_failure: None,
             dev,
             settings,
             mem: RwLock::new(None),
@@ -77,6 +80,12 @@ impl BlkBackend {
             acked_features: AtomicU64::new(0),
             writeback: AtomicBool::new(true),
         }
+    }
+
+    /// Tells `sink` of every request that fails (after it is logged).
+    pub fn with_failure_sink(mut self, sink: FailureSink) -> Self {
+        self.on_failure = Some(sink);
+        self
     }
 
     /// Whether completed writes may sit in a volatile cache until FLUSH.
@@ -103,6 +112,7 @@ impl BlkBackend {
             read_only: self.settings.read_only,
             serial: self.settings.serial.as_bytes(),
             writeback: self.writeback(),
+            on_failure: self.on_failure.as_deref(),
         }
     }
 

@@ -17,6 +17,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use super::backend::{BlkBackend, DeviceSettings};
+use super::execute::FailureSink;
 use crate::engine::BlockDevice;
 use crate::sockets::{bind_private, SocketError};
 
@@ -36,10 +37,24 @@ impl Export {
         settings: DeviceSettings,
         socket: &Path,
     ) -> Result<Export, SocketError> {
+        Self::start_with(dev, settings, socket, None)
+    }
+
+    /// [`Export::start`], telling `on_failure` of every request that fails.
+    pub fn start_with(
+        dev: Arc<dyn BlockDevice>,
+        settings: DeviceSettings,
+        socket: &Path,
+        on_failure: Option<FailureSink>,
+    ) -> Result<Export, SocketError> {
         let listener = bind_private(socket)?;
         let wake = listener.try_clone().ok();
         let stopping = Arc::new(AtomicBool::new(false));
-        let backend = Arc::new(BlkBackend::new(dev, settings));
+        let mut backend = BlkBackend::new(dev, settings);
+        if let Some(sink) = on_failure {
+            backend = backend.with_failure_sink(sink);
+        }
+        let backend = Arc::new(backend);
         let name = socket.display().to_string();
         let stop = stopping.clone();
         let thread = std::thread::Builder::new()

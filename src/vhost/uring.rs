@@ -247,7 +247,7 @@ impl QueueRing {
                 } else {
                     Outcome::ok(f.written)
                 };
-                finish(&f.mem, &f.req, outcome)
+                finish(&f.mem, &f.req, outcome, t)
             };
             if let Err(e) = f.vring.add_used(f.head, len) {
                 warn!("cannot return chain {}: {e}", f.head);

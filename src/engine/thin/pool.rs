@@ -352,6 +352,11 @@ impl Pool {
         self.check_data_low_water();
     }
 
+    /// The free-block count below which a low-water event is sent (0: none).
+    pub fn data_low_water(&self) -> u64 {
+        self.data_low_water.load(Ordering::Acquire)
+    }
+
     fn check_data_low_water(&self) {
         let mark = self.data_low_water.load(Ordering::Acquire);
         if mark == 0 {
