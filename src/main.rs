@@ -28,6 +28,9 @@ enum Command {
     /// exported at ./thinblk-pool/disk0.sock, and the QMP socket ./thinblk-pool/control.sock.
     /// Runs until SIGINT or SIGTERM.
     Serve(ServeArgs),
+    /// Send one QMP command to a running daemon and print the reply as JSON (exit status 1
+    /// on an error reply), or print its events with --events.
+    Ctl(thinblk::control::client::CtlArgs),
 }
 
 fn size_arg(s: &str) -> Result<u64, String> {
@@ -163,6 +166,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         None => daemon::serve(ServeArgs::default_args().into_config()?),
         Some(Command::Serve(args)) => daemon::serve(args.into_config()?),
+        Some(Command::Ctl(args)) => std::process::exit(thinblk::control::client::run(&args)?),
     }
 }
 

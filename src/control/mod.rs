@@ -1,5 +1,6 @@
 //! The QMP control socket: QEMU's wire format, so existing clients (qemu.qmp, qmp-shell) work.
 
+pub mod client;
 pub mod commands;
 pub mod json_stream;
 pub mod protocol;

@@ -57,7 +57,7 @@ pub enum StateError {
     ExportExists(String),
     #[error("block node '{0}' is read-only; the export cannot be writable")]
     ReadOnlyNode(String),
-    #[error("block node '{node}' is exported as '{export}'")]
+    #[error("block node '{node}' is exported as '{export}'; force=true stops the export first")]
     Exported { node: String, export: String },
     #[error(transparent)]
     Socket(#[from] SocketError),
