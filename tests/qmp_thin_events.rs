@@ -1,5 +1,6 @@
 //! QMP on a thin pool with a real frontend (libblkio) writing: write thresholds, the pool's
 //! low-water and mode events, I/O error reports, thin-delta between snapshots, resize.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
