@@ -213,3 +213,39 @@ pub fn forward_pool_events(thin: &ThinPool, state: Weak<State>) {
         }
     }));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_threshold_fires_once_for_the_first_write_past_it() {
+        let t = WriteThreshold::default();
+        assert_eq!(t.passed(u64::MAX), None, "disarmed by default");
+        t.set(4096);
+        assert_eq!(
+            t.passed(4096),
+            None,
+            "ending at the threshold is not past it"
+        );
+        assert_eq!(t.passed(4097), Some(4096));
+        assert_eq!(t.get(), 0);
+        assert_eq!(t.passed(1 << 30), None);
+    }
+
+    #[test]
+    fn an_io_error_sink_outliving_its_state_is_harmless() {
+        // The state is gone (the daemon is stopping): failures are dropped quietly.
+        let sink = io_error_sink(Weak::new(), "e", "n");
+        let f = Failure {
+            op: Op::Write,
+            sector: 0,
+            status: 1,
+            nospace: true,
+            reason: "test",
+        };
+        for _ in 0..100 {
+            sink(&f);
+        }
+    }
+}

@@ -77,6 +77,8 @@ pub(super) fn thin_delete(state: &State, v: Value) -> Result<Value, QmpError> {
         state.remove_export(id)?;
     }
     thin.delete(&a.name, a.force)?;
+    // A later device of the same name starts without this one's threshold.
+    state.write_threshold(&a.name).set(0);
     Ok(json!({}))
 }
 
