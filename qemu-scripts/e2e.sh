@@ -15,6 +15,8 @@
 #        then two of the snapshots (the middle and the last) are exported
 #        (block-export-add) and a second guest verifies, verify-only, every
 #        region each snapshot claims complete. Reports the I/O pauses.
+#   resize (thin)  block-resize grows the disk while a guest runs; the guest
+#        must see the new capacity (virtio config change) and use its end.
 # Prints one line per case and "N passed, M failed"; exits 1 if any failed.
 #
 # Environment:
@@ -39,7 +41,7 @@ cd "$ROOT"
 
 SERVER=${SERVER:-thinblk}
 if [ "$SERVER" = thin ]; then
-    TESTS=${E2E_TESTS:-fio fs1 fs2 restart snapshot live-snapshot check}
+    TESTS=${E2E_TESTS:-fio fs1 fs2 restart snapshot live-snapshot resize check}
 else
     TESTS=${E2E_TESTS:-fio fs1 fs2 restart}
 fi
@@ -252,6 +254,36 @@ live_snapshot_case() {
         "$n snapshots, max pause ${max}us; verified phases ${phases[*]}"
 }
 
+# resize: grow the disk under a running guest, which must notice. Records its own result.
+resize_case() {
+    local start=$1 glog=$SCRATCH/guest-resize.log rc=0 out
+    "$HERE/run-qemu.sh" -g "$GUEST" -l "$glog" -q "$QUEUES" -t "$TIMEOUT" "$SOCK" resize \
+        2>"$SCRATCH/run-resize.err" &
+    RUN_PID=$!
+    while kill -0 "$RUN_PID" 2>/dev/null && ! grep -q "waiting for resize" "$glog" 2>/dev/null; do
+        sleep 0.2
+    done
+    if ! out=$(ctl block-resize node-name=disk size=536870912 2>&1); then
+        kill -TERM "$RUN_PID" 2>/dev/null || true
+        wait "$RUN_PID" 2>/dev/null || true
+        RUN_PID=
+        record FAIL resize $(($(date +%s) - start)) "block-resize: $out"
+        return
+    fi
+    wait "$RUN_PID" || rc=$?
+    RUN_PID=
+    cat "$SCRATCH/run-resize.err" >&2
+    if [ "$rc" -ne 0 ]; then
+        show_tail "$glog" "guest serial log"
+        show_tail "$SERVER_LOG" "server log"
+        record FAIL resize $(($(date +%s) - start)) \
+            "$(tr -d '\r' <"$glog" | sed -n 's/^THINBLK-E2E FAIL resize: //p')"
+        return
+    fi
+    record PASS resize $(($(date +%s) - start)) \
+        "$(tr -d '\r' <"$glog" | sed -n 's/^capacity now //p')"
+}
+
 SERVER_UP=0
 t0=$(date +%s)
 if start_server; then
@@ -284,6 +316,10 @@ for t in $TESTS; do
         else
             record FAIL "$t" $(($(date +%s) - start)) "thin_check: $(echo "$out" | tail -n1)"
         fi
+        continue
+    fi
+    if [ "$t" = resize ]; then
+        resize_case "$start"
         continue
     fi
     if [ "$t" = live-snapshot ]; then

@@ -266,14 +266,36 @@ test_liveverify() {
     pass
 }
 
+# resize: the host grows the disk while this guest runs; the virtio config-change interrupt
+# must bring the new capacity, and its last sector must be readable and writable.
+test_resize() {
+    before=$(cat /sys/block/vda/size)
+    echo "waiting for resize from $before sectors"
+    i=0
+    while [ "$(cat /sys/block/vda/size)" = "$before" ]; do
+        i=$((i + 1))
+        [ "$i" -le 600 ] || fail "capacity still $before sectors after 60 s"
+        sleep 0.1
+    done
+    after=$(cat /sys/block/vda/size)
+    echo "capacity now $after sectors (was $before)"
+    [ "$after" -gt "$before" ] || fail "capacity shrank from $before to $after sectors"
+    echo resized | dd of="$DISK" bs=512 seek=$((after - 1)) count=1 conv=sync,fsync 2>/dev/null \
+        || fail "cannot write the new last sector"
+    got=$(dd if="$DISK" bs=512 skip=$((after - 1)) count=1 iflag=direct 2>/dev/null | head -n1)
+    [ "$got" = resized ] || fail "the new last sector reads back '$got'"
+    pass
+}
+
 case "$TEST" in
     fio) test_fio ;;
+    resize) test_resize ;;
     livewrite) test_livewrite ;;
     liveverify) test_liveverify ;;
     fs1) test_fs1 ;;
     fs2) test_fs2 ;;
     # For debugging by hand (run-qemu.sh with INTERACTIVE=1).
     shell) echo "thinblk-e2e: shell; poweroff -f to quit"; setsid cttyhack sh; finish ;;
-    *) fail "unknown test (use thinblk.test=fio|fs1|fs2|livewrite|liveverify|shell)" ;;
+    *) fail "unknown test (use thinblk.test=fio|fs1|fs2|livewrite|liveverify|resize|shell)" ;;
 esac
 fail "test function returned without a verdict"

@@ -42,7 +42,7 @@ pub struct ExportConfig {
 struct RunningExport {
     config: ExportConfig,
     /// Dropping it stops the export and removes its socket.
-    _export: Export,
+    export: Export,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -167,13 +167,7 @@ impl State {
             config.node,
             config.socket.display()
         );
-        exports.insert(
-            config.id.clone(),
-            RunningExport {
-                config,
-                _export: export,
-            },
-        );
+        exports.insert(config.id.clone(), RunningExport { config, export });
         Ok(())
     }
 
@@ -195,6 +189,15 @@ impl State {
             .values()
             .map(|e| e.config.clone())
             .collect()
+    }
+
+    /// Tells the frontends of every export of `node` that its size changed.
+    pub fn node_resized(&self, node: &str) {
+        for e in self.exports.lock().values() {
+            if e.config.node == node {
+                e.export.config_changed();
+            }
+        }
     }
 
     /// The ids of the exports serving node `node`.

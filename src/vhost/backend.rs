@@ -7,6 +7,7 @@ use std::sync::Arc;
 use log::{debug, warn};
 use parking_lot::{Mutex, RwLock};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
@@ -50,6 +51,8 @@ pub struct BlkBackend {
     rejections: AtomicU64,
     /// Told of every failed request.
     on_failure: Option<FailureSink>,
+    /// The channel to the current frontend, if it set one up (BACKEND_REQ).
+    to_frontend: Mutex<Option<Backend>>,
 }
 
 fn queue_error(e: virtio_queue::Error) -> io::Error {
@@ -73,6 +76,7 @@ impl BlkBackend {
             rings,
             rejections: AtomicU64::new(0),
             on_failure: None,
+            to_frontend: Mutex::new(None),
             dev,
             settings,
             mem: RwLock::new(None),
@@ -86,6 +90,22 @@ impl BlkBackend {
     pub fn with_failure_sink(mut self, sink: FailureSink) -> Self {
         self.on_failure = Some(sink);
         self
+    }
+
+    /// Tells the connected frontend that the config space changed (the device's size, read
+    /// from the device on every GET_CONFIG), so it reads it again. Returns `Ok(false)` when
+    /// the frontend set up no channel to hear it on (it sees the change when it reconnects).
+    pub fn notify_config_change(&self) -> io::Result<bool> {
+        let Some(channel) = self.to_frontend.lock().clone() else {
+            return Ok(false);
+        };
+        channel.handle_config_change()?;
+        Ok(true)
+    }
+
+    /// Forgets the channel to a frontend that went away.
+    pub fn frontend_gone(&self) {
+        *self.to_frontend.lock() = None;
     }
 
     /// Whether completed writes may sit in a volatile cache until FLUSH.
@@ -245,6 +265,10 @@ impl VhostUserBackend for BlkBackend {
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         config::protocol_features()
+    }
+
+    fn set_backend_req_fd(&self, backend: Backend) {
+        *self.to_frontend.lock() = Some(backend);
     }
 
     fn set_event_idx(&self, enabled: bool) {

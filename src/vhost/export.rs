@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use log::{error, info};
+use log::{error, info, warn};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -28,6 +28,7 @@ pub struct Export {
     wake: Option<UnixListener>,
     stopping: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    backend: Arc<BlkBackend>,
 }
 
 impl Export {
@@ -57,9 +58,10 @@ impl Export {
         let backend = Arc::new(backend);
         let name = socket.display().to_string();
         let stop = stopping.clone();
+        let served = backend.clone();
         let thread = std::thread::Builder::new()
             .name("export".into())
-            .spawn(move || serve(&name, listener, backend, &stop))
+            .spawn(move || serve(&name, listener, served, &stop))
             .map_err(|source| SocketError::Io {
                 path: socket.display().to_string(),
                 source,
@@ -69,7 +71,29 @@ impl Export {
             wake,
             stopping,
             thread: Some(thread),
+            backend,
         })
+    }
+
+    /// Tells the connected frontend, if any, that the device's config space changed (its
+    /// size). The frontend acks from its own event loop, so this runs on a thread of its own
+    /// and only logs the outcome.
+    pub fn config_changed(&self) {
+        let backend = self.backend.clone();
+        let name = self.socket.display().to_string();
+        let thread_name = name.clone();
+        let spawned = std::thread::Builder::new()
+            .name("config-change".into())
+            .spawn(move || match backend.notify_config_change() {
+                Ok(true) => info!("{name}: told the frontend the config changed"),
+                Ok(false) => {
+                    info!("{name}: no frontend channel; the change shows at the next connection")
+                }
+                Err(e) => warn!("{name}: cannot tell the frontend the config changed: {e}"),
+            });
+        if let Err(e) = spawned {
+            warn!("{thread_name}: cannot start the config-change thread: {e}");
+        }
     }
 
     pub fn socket(&self) -> &Path {
@@ -137,6 +161,7 @@ fn serve(name: &str, listener: UnixListener, backend: Arc<BlkBackend>, stopping:
             Ok(()) => info!("{name}: frontend disconnected"),
             Err(e) => info!("{name}: connection ended: {e}"),
         }
+        backend.frontend_gone();
         for handler in daemon.get_epoll_handlers() {
             handler.send_exit_event();
         }

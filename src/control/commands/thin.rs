@@ -91,8 +91,8 @@ struct Resize {
     size: u64,
 }
 
-/// Grows a thin device. The running guest sees the new capacity when its frontend next
-/// connects (the vhost crate offers no way to send CONFIG_CHANGE_MSG).
+/// Grows a thin device and tells the frontends of its exports (a running QEMU guest sees the
+/// new capacity at once; a frontend without the backend channel, at its next connection).
 pub(super) fn block_resize(state: &State, v: Value) -> Result<Value, QmpError> {
     let a: Resize = args(v)?;
     let name = match (a.node_name, a.device) {
@@ -112,6 +112,7 @@ pub(super) fn block_resize(state: &State, v: Value) -> Result<Value, QmpError> {
         )));
     }
     thin.resize(&name, a.size)?;
+    state.node_resized(&name);
     Ok(json!({}))
 }
 
