@@ -367,3 +367,48 @@ impl VhostUserBackend for BlkBackend {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+    use crate::engine::memory::MemoryDevice;
+
+    fn backend() -> BlkBackend {
+        let dev = Arc::new(MemoryDevice::new(1 << 20).unwrap());
+        let settings = DeviceSettings {
+            serial: "resized".into(),
+            num_queues: 1,
+            queue_size: 16,
+            read_only: false,
+        };
+        BlkBackend::new(dev, settings)
+    }
+
+    #[test]
+    fn a_config_change_goes_to_the_frontend_channel_as_backend_config_change_msg() {
+        let b = backend();
+        assert!(!b.notify_config_change().unwrap(), "no channel yet");
+        let (ours, mut frontend) = UnixStream::pair().unwrap();
+        b.set_backend_req_fd(Backend::from_stream(ours));
+        assert!(b.notify_config_change().unwrap());
+        // The vhost-user header: request, flags (version 1), payload size; no payload.
+        let mut hdr = [0u8; 12];
+        frontend.read_exact(&mut hdr).unwrap();
+        let word = |i: usize| u32::from_le_bytes(hdr[i..i + 4].try_into().unwrap());
+        assert_eq!(word(0), 2, "VHOST_USER_BACKEND_CONFIG_CHANGE_MSG");
+        assert_eq!(word(4) & 0x3, 1, "protocol version");
+        assert_eq!(word(8), 0, "payload size");
+        b.frontend_gone();
+        assert!(!b.notify_config_change().unwrap());
+    }
+
+    #[test]
+    fn backend_req_is_offered() {
+        assert!(backend()
+            .protocol_features()
+            .contains(VhostUserProtocolFeatures::BACKEND_REQ));
+    }
+}
