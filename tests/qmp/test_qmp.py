@@ -280,7 +280,7 @@ def test_thin_devices_are_created_listed_and_deleted(pool):
         err = await error_of(qmp, "thin-create", {"name": "x", "size": 512, "colour": 1})
         assert "colour" in err.desc
         err = await error_of(qmp, "thin-create", {"name": "x", "size": "big"})
-        assert "string" in err.desc
+        assert "'size'" in err.desc and "string" in err.desc
 
         await qmp.execute("thin-delete", {"name": "data1"})
         assert "data1" not in by_name(await qmp.execute("query-thin-devices"))

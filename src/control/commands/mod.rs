@@ -76,9 +76,32 @@ impl From<ThinError> for QmpError {
     }
 }
 
-/// Decodes `arguments` into `T`, naming the offending key on failure.
+/// Decodes `arguments` into `T`, naming the offending key on failure. The arguments are
+/// decoded from their pretty-printed text, one key a line, so that the line of a mistyped
+/// value tells its key (serde names missing and unknown keys itself).
 fn args<T: DeserializeOwned>(v: Value) -> Result<T, QmpError> {
-    serde_json::from_value(v).map_err(|e| QmpError::generic(format!("invalid arguments: {e}")))
+    let text = serde_json::to_string_pretty(&v)
+        .map_err(|e| QmpError::generic(format!("invalid arguments: {e}")))?;
+    serde_json::from_str(&text).map_err(|e| {
+        let full = e.to_string();
+        let msg = full.split(" at line ").next().unwrap_or(&full);
+        match key_on_line(&text, e.line()) {
+            Some(key) if !msg.contains(&format!("`{key}`")) => {
+                QmpError::generic(format!("invalid arguments: '{key}': {msg}"))
+            }
+            _ => QmpError::generic(format!("invalid arguments: {msg}")),
+        }
+    })
+}
+
+/// The object key that begins line `line` (1-based) of pretty-printed JSON, if one does.
+fn key_on_line(text: &str, line: usize) -> Option<String> {
+    let l = text.lines().nth(line.checked_sub(1)?)?.trim_start();
+    if !l.starts_with('"') {
+        return None;
+    }
+    let end = l.find("\": ")?;
+    serde_json::from_str(l.get(..=end)?).ok()
 }
 
 /// The daemon's thin pool, or the error every pool command gives without one.
@@ -92,3 +115,46 @@ fn thin(state: &State) -> Result<&ThinPool, QmpError> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NoArgs {}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Probe {
+        name: String,
+        size: u64,
+        addr: Option<Addr>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Addr {
+        path: String,
+    }
+
+    fn desc(v: Value) -> String {
+        args::<Probe>(v)
+            .map(|_| String::new())
+            .unwrap_or_else(|e| e.desc)
+    }
+
+    #[test]
+    fn argument_errors_name_the_key() {
+        assert!(desc(json!({"name": "a", "size": "big"})).contains("'size'"));
+        assert!(desc(json!({"name": 5, "size": 1})).contains("'name'"));
+        assert!(desc(json!({"name": "a", "size": 1, "addr": {"path": 1}})).contains("'path'"));
+        assert!(desc(json!({"name": "a"})).contains("`size`"));
+        let unknown = desc(json!({"name": "a", "size": 1, "colour": 1}));
+        assert!(
+            unknown.contains("`colour`") && !unknown.contains("'colour'"),
+            "{unknown}"
+        );
+        assert!(!desc(json!({"name": "a", "size": 1})).contains("invalid"));
+    }
+}
