@@ -174,16 +174,19 @@ impl BlkBackend {
             let head = chain.head_index();
             let len = match self.frame(mem, chain) {
                 Err(len) => len,
-                Ok(req) => {
-                    let req = match ring.as_mut().and_then(|g| g.as_mut()) {
-                        Some(r) => match r.start(vring, head, mem, req, &target)? {
-                            Started::Queued => continue,
-                            Started::NotTaken(req) => req,
-                        },
-                        None => req,
-                    };
-                    complete(mem, &req, &target)
-                }
+                Ok(req) => match ring.as_mut().and_then(|g| g.as_mut()) {
+                    Some(r) => match r.start(vring, head, mem, req, &target)? {
+                        Started::Queued => continue,
+                        Started::Done(len) => len,
+                        Started::NotTaken(req) => {
+                            // A synchronous request may wait for the device (a thin pool's
+                            // commit waits for this queue's I/O in flight): finish that first.
+                            r.drain(&target)?;
+                            complete(mem, &req, &target)
+                        }
+                    },
+                    None => complete(mem, &req, &target),
+                },
             };
             // A head the guest made up cannot be returned; the queue must live on regardless.
             match vring.add_used(head, len) {
