@@ -2,13 +2,15 @@
 //! problems, never panic, and never loop.
 //!
 //! Input: a mode byte, then
-//! - mode bit 0 clear: edits to a small committed pool ([`super::pool_image`]), each
-//!   a block number (u8), an offset (u16), a length (u8) and that many bytes;
+//! - mode bit 0 clear: edits to a small committed pool ([`super::pool_image`]), each a block
+//!   number (u8), an offset (u16) and an op (u8): below 0x80, that many literal bytes follow;
+//!   otherwise one u64 follows and is written to `(op & 0x3f) + 1` consecutive u64 slots,
+//!   incremented from slot to slot if op bit 0x40 is set (btree keys, runs of children);
 //! - mode bit 0 set: the image itself, up to 16 blocks.
 //!
 //! Unless mode bit 1 is set, every block is then resealed with the checksum of the kind it
-//! was (edits), or of the kind named by the block's last byte modulo 5 (raw images), so
-//! the walk gets past checksums to the structure.
+//! was (edits; unused blocks become nodes), or of the kind named by the block's last byte
+//! modulo 5 (raw images), so the walk gets past checksums to the structure.
 
 use std::sync::OnceLock;
 
@@ -25,10 +27,36 @@ fn template() -> &'static (Vec<u8>, Vec<Option<BlockKind>>) {
         let kinds = img
             .chunks_exact(BLOCK_SIZE)
             .enumerate()
-            .map(|(b, blk)| kind_of(blk, b as u64))
+            .map(|(b, blk)| kind_of(blk, b as u64).or(Some(BlockKind::Node)))
             .collect();
         (img, kinds)
     })
+}
+
+/// Applies one edit (see the module comment) to `img`.
+fn edit(img: &mut [u8], input: &mut Input<'_>) {
+    let nr = img.len() / BLOCK_SIZE;
+    let block = usize::from(input.u8()) % nr;
+    let offset = usize::from(input.u16()) % BLOCK_SIZE;
+    let op = input.u8();
+    let blk = &mut img[block * BLOCK_SIZE..(block + 1) * BLOCK_SIZE];
+    if op < 0x80 {
+        for b in blk.iter_mut().skip(offset).take(usize::from(op)) {
+            *b = input.u8();
+        }
+        return;
+    }
+    let mut value = input.u64();
+    let step = u64::from(op & 0x40 != 0);
+    for slot in blk
+        .get_mut(offset..)
+        .unwrap_or(&mut [])
+        .chunks_exact_mut(8)
+        .take(usize::from(op & 0x3f) + 1)
+    {
+        slot.copy_from_slice(&value.to_le_bytes());
+        value = value.wrapping_add(step);
+    }
 }
 
 const MAX_RAW_BLOCKS: usize = 16;
@@ -40,15 +68,8 @@ pub fn run(data: &[u8]) {
     let (image, kinds) = if mode & 1 == 0 {
         let (img, kinds) = template();
         let mut img = img.clone();
-        let nr = img.len() / BLOCK_SIZE;
         while !input.rest().is_empty() {
-            let block = usize::from(input.u8()) % nr;
-            let offset = usize::from(input.u16()) % BLOCK_SIZE;
-            let len = usize::from(input.u8()).min(BLOCK_SIZE - offset);
-            let at = block * BLOCK_SIZE + offset;
-            for b in &mut img[at..at + len] {
-                *b = input.u8();
-            }
+            edit(&mut img, &mut input);
         }
         (img, kinds.clone())
     } else {
