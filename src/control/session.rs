@@ -221,3 +221,25 @@ impl Session {
         self.send(&answer)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_wait_for_negotiation_and_replies_echo_ids() {
+        let state = State::new();
+        let r = replies(
+            &state,
+            br#"{"execute":"query-version","id":1}{"execute":"qmp_capabilities"} }
+                {"execute":"block-export-del","arguments":{"id":"x"},"id":"d"}"#,
+        );
+        assert_eq!(r.len(), 4);
+        assert_eq!(r[0]["error"]["class"], "CommandNotFound");
+        assert_eq!(r[0]["id"], 1);
+        assert_eq!(r[1], json!({"return": {}}));
+        assert_eq!(r[2]["error"]["class"], "GenericError");
+        assert_eq!(r[3]["error"]["class"], "DeviceNotFound");
+        assert_eq!(r[3]["id"], "d");
+    }
+}
