@@ -23,7 +23,7 @@ targets=("${@:-${all[@]}}")
 
 if ! command -v c++ >/dev/null; then
     echo "run.sh: libFuzzer needs a C++ compiler; installing g++" >&2
-    apt-get install -y g++ >/dev/null
+    apt-get update -qq && apt-get install -y -qq g++ >/dev/null
 fi
 
 triple=$(rustc -vV | sed -n 's/^host: //p')
