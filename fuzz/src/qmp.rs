@@ -41,7 +41,7 @@ pub fn run(data: &[u8]) {
         stream.extend_from_slice(br#"{"execute":"qmp_capabilities"}"#);
     }
     stream.extend_from_slice(bytes);
-    let state = State::new();
+    let state = State::new(None);
     for r in replies(&state, &stream) {
         let Value::Object(m) = &r else {
             panic!("reply is not an object: {r}");

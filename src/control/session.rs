@@ -228,7 +228,7 @@ mod tests {
 
     #[test]
     fn commands_wait_for_negotiation_and_replies_echo_ids() {
-        let state = State::new();
+        let state = State::new(None);
         let r = replies(
             &state,
             br#"{"execute":"query-version","id":1}{"execute":"qmp_capabilities"} }
