@@ -14,3 +14,4 @@ pub mod daemon;
 pub mod export_spec;
 mod signals;
 pub mod sockets;
+pub mod tools;

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use thinblk::daemon::{self, PoolLocation, ServeConfig};
 use thinblk::engine::thin::{PoolGeometry, PoolOptions};
 use thinblk::export_spec::{parse_size, ExportSpec};
+use thinblk::tools;
 
 /// thinblk: thin-provisioned block storage for virtual machines, served over vhost-user-blk.
 ///
@@ -28,6 +29,16 @@ enum Command {
     /// exported at ./thinblk-pool/disk0.sock, and the QMP socket ./thinblk-pool/control.sock.
     /// Runs until SIGINT or SIGTERM.
     Serve(ServeArgs),
+    /// Check a pool's metadata (like thin_check, plus data ref counts and mapped_blocks).
+    Check(tools::cli::CheckArgs),
+    /// Print a pool's metadata as thin_dump XML (or JSON).
+    Dump(tools::cli::DumpArgs),
+    /// Write a pool's metadata from thin_dump XML.
+    Restore(tools::cli::RestoreArgs),
+    /// List thin devices (like thin_ls).
+    Ls(tools::cli::LsArgs),
+    /// Show how two thin devices differ (like thin_delta).
+    Delta(tools::cli::DeltaArgs),
     /// Send one QMP command to a running daemon and print the reply as JSON (exit status 1
     /// on an error reply), or print its events with --events.
     Ctl(thinblk::control::client::CtlArgs),
@@ -166,6 +177,11 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         None => daemon::serve(ServeArgs::default_args().into_config()?),
         Some(Command::Serve(args)) => daemon::serve(args.into_config()?),
+        Some(Command::Check(a)) => Ok(tools::cli::run_check(&a)?),
+        Some(Command::Dump(a)) => Ok(tools::cli::run_dump(&a)?),
+        Some(Command::Restore(a)) => Ok(tools::cli::run_restore(&a)?),
+        Some(Command::Ls(a)) => Ok(tools::cli::run_ls(&a)?),
+        Some(Command::Delta(a)) => Ok(tools::cli::run_delta(&a)?),
         Some(Command::Ctl(args)) => std::process::exit(thinblk::control::client::run(&args)?),
     }
 }

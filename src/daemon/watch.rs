@@ -13,7 +13,7 @@ use serde_json::json;
 
 use super::state::State;
 use crate::engine::thin::{PoolEvent, ThinPool};
-use crate::engine::{BlockDevice, BlockError, Extent, MapOp};
+use crate::engine::{BlockDevice, BlockError, MapOp, Mapping};
 use crate::vhost::request::Op;
 use crate::vhost::{Failure, FailureSink};
 
@@ -114,7 +114,7 @@ impl BlockDevice for Watched {
         self.check(offset, len);
         self.inner.write_zeroes(offset, len, may_unmap)
     }
-    fn map(&self, op: MapOp, offset: u64, len: u64) -> Result<Option<Vec<Extent>>, BlockError> {
+    fn map(&self, op: MapOp, offset: u64, len: u64) -> Result<Option<Mapping>, BlockError> {
         if op == MapOp::Write {
             self.check(offset, len);
         }

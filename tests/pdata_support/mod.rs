@@ -3,8 +3,8 @@
 #![allow(dead_code)]
 
 pub mod pool;
+pub mod writer;
 
-use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -12,12 +12,10 @@ use std::sync::Arc;
 
 use thinblk::bufio::{BlockStore, BufferCache, BufioConfig, MemStore};
 use thinblk::engine::pdata::block_manager::BlockManager;
-use thinblk::engine::pdata::btree;
 use thinblk::engine::pdata::checksum::BlockKind;
 use thinblk::engine::pdata::error::Result;
 use thinblk::engine::pdata::superblock::{Superblock, BLOCK_SIZE};
 use thinblk::engine::pdata::tm::BlockSource;
-use thinblk::engine::pdata::values::{BlockTime, DeviceDetails};
 
 pub fn fixture_dir() -> Option<PathBuf> {
     let candidates = [
@@ -86,112 +84,19 @@ pub fn read_superblock<S: BlockSource + ?Sized>(src: &S) -> Result<Superblock> {
 }
 
 /// What a pool's metadata says, in the shape `thin_dump` prints.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Dump {
-    pub time: u32,
-    pub transaction: u64,
-    pub data_block_size: u32,
-    pub nr_data_blocks: u64,
-    pub devices: BTreeMap<u64, Device>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Device {
-    pub details: DeviceDetails,
-    pub mappings: BTreeMap<u64, BlockTime>,
-}
+#[allow(unused_imports)]
+pub use thinblk::tools::model::{DeviceContents as Device, PoolContents as Dump};
 
 /// Reads every device and mapping reachable from the superblock.
 pub fn dump<S: BlockSource + ?Sized>(src: &S, sb: &Superblock) -> Result<Dump> {
-    let mut devices = BTreeMap::new();
-    btree::walk::<DeviceDetails, S, _>(src, sb.device_details_root, 0, |dev, details| {
-        devices.insert(
-            dev,
-            Device {
-                details,
-                mappings: BTreeMap::new(),
-            },
-        );
-        Ok(true)
-    })?;
-    let mut roots = Vec::new();
-    btree::walk::<u64, S, _>(src, sb.data_mapping_root, 0, |dev, root| {
-        roots.push((dev, root));
-        Ok(true)
-    })?;
-    for (dev, root) in roots {
-        let d = devices.entry(dev).or_default();
-        btree::walk::<BlockTime, S, _>(src, root, 0, |k, v| {
-            d.mappings.insert(k, v);
-            Ok(true)
-        })?;
-    }
-    Ok(Dump {
-        time: sb.time,
-        transaction: sb.trans_id,
-        data_block_size: sb.data_block_size,
-        nr_data_blocks: sb.data_sm_root.nr_blocks,
-        devices,
-    })
-}
-
-fn attr(line: &str, name: &str) -> Option<u64> {
-    let pat = format!(" {name}=\"");
-    let start = line.find(&pat)? + pat.len();
-    let end = line.get(start..)?.find('"')? + start;
-    line.get(start..end)?.parse().ok()
+    thinblk::tools::model::read_pool(src, sb)
 }
 
 /// Parses `thin_dump`'s XML.
 pub fn parse_xml(xml: &str) -> Dump {
-    let mut d = Dump::default();
-    let mut cur: Option<u64> = None;
-    for line in xml.lines().map(str::trim) {
-        let a = |n| attr(line, n).unwrap_or_else(|| panic!("attribute {n} in {line}"));
-        if line.starts_with("<superblock") {
-            d.time = a("time") as u32;
-            d.transaction = a("transaction");
-            d.data_block_size = a("data_block_size") as u32;
-            d.nr_data_blocks = a("nr_data_blocks");
-        } else if line.starts_with("<device") {
-            let id = a("dev_id");
-            let details = DeviceDetails {
-                mapped_blocks: a("mapped_blocks"),
-                transaction_id: a("transaction"),
-                creation_time: a("creation_time") as u32,
-                snapshotted_time: a("snap_time") as u32,
-            };
-            d.devices.insert(
-                id,
-                Device {
-                    details,
-                    mappings: BTreeMap::new(),
-                },
-            );
-            cur = Some(id);
-        } else if line.starts_with("<range_mapping") || line.starts_with("<single_mapping") {
-            let dev = d
-                .devices
-                .get_mut(&cur.expect("mapping inside a device"))
-                .expect("device");
-            let time = a("time") as u32;
-            let (ob, db, len) = if line.starts_with("<range") {
-                (a("origin_begin"), a("data_begin"), a("length"))
-            } else {
-                (a("origin_block"), a("data_block"), 1)
-            };
-            for i in 0..len {
-                dev.mappings.insert(
-                    ob + i,
-                    BlockTime {
-                        block: db + i,
-                        time,
-                    },
-                );
-            }
-        }
-    }
-    d
+    thinblk::tools::xml::parse(xml.as_bytes())
+        .expect("valid thin_dump XML")
+        .1
 }
 
 /// Runs `thin_dump` on a file and parses it.
