@@ -21,7 +21,8 @@
 #
 # Environment:
 #   SERVER=thinblk (default: a raw file) | thin (a thin device in a pool,
-#                    with the extra cases "snapshot" and "check") | qsd
+#                    with the extra cases "snapshot", "live-snapshot",
+#                    "resize" and "check") | qsd
 #                    which server to test; qsd-null is a
 #                    self-check of the harness: a disk that drops writes and
 #                    reads zeros, so every case must FAIL
