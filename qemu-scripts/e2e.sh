@@ -10,11 +10,19 @@
 #        accepts a second frontend connection after the first one went away.
 #   restart  stop the server (it must exit 0 on SIGTERM), start it again on
 #        the same file, and run fs2's checks once more.
+#   live-snapshot (thin)  a guest writes 12 fio regions one after another while
+#        the host snapshots the disk every second (thinblk ctl thin-snapshot);
+#        then two of the snapshots (the middle and the last) are exported
+#        (block-export-add) and a second guest verifies, verify-only, every
+#        region each snapshot claims complete. Reports the I/O pauses.
+#   resize (thin)  block-resize grows the disk while a guest runs; the guest
+#        must see the new capacity (virtio config change) and use its end.
 # Prints one line per case and "N passed, M failed"; exits 1 if any failed.
 #
 # Environment:
 #   SERVER=thinblk (default: a raw file) | thin (a thin device in a pool,
-#                    with the extra cases "snapshot" and "check") | qsd
+#                    with the extra cases "snapshot", "live-snapshot",
+#                    "resize" and "check") | qsd
 #                    which server to test; qsd-null is a
 #                    self-check of the harness: a disk that drops writes and
 #                    reads zeros, so every case must FAIL
@@ -34,7 +42,7 @@ cd "$ROOT"
 
 SERVER=${SERVER:-thinblk}
 if [ "$SERVER" = thin ]; then
-    TESTS=${E2E_TESTS:-fio fs1 fs2 restart snapshot check}
+    TESTS=${E2E_TESTS:-fio fs1 fs2 restart snapshot live-snapshot resize check}
 else
     TESTS=${E2E_TESTS:-fio fs1 fs2 restart}
 fi
@@ -179,6 +187,104 @@ record() { # STATUS NAME SECONDS [REASON]
     if [ "$1" = PASS ]; then PASSED=$((PASSED + 1)); else FAILED=$((FAILED + 1)); FAILED_ANY=1; fi
 }
 
+CONTROL=$POOL/control.sock
+ctl() { "$THINBLK" ctl --socket "$CONTROL" "$@"; }
+
+# live-snapshot: snapshots of the disk taken through the control socket while a guest
+# writes, each later read back by a second guest. Records its own result.
+live_snapshot_case() {
+    local start=$1 glog=$SCRATCH/guest-livewrite.log n=0 pauses=() commits=() rc=0 out
+    "$HERE/run-qemu.sh" -g "$GUEST" -l "$glog" -q "$QUEUES" -t "$TIMEOUT" "$SOCK" livewrite \
+        2>"$SCRATCH/run-livewrite.err" &
+    RUN_PID=$!
+    # Wait for the guest's first phase so snapshots land during the writes, not the boot.
+    while kill -0 "$RUN_PID" 2>/dev/null && ! grep -q "phase 1 written" "$glog" 2>/dev/null; do
+        sleep 0.5
+    done
+    while kill -0 "$RUN_PID" 2>/dev/null; do
+        n=$((n + 1))
+        if ! out=$(ctl thin-snapshot device=disk "name=live$n" 2>&1); then
+            kill -TERM "$RUN_PID" 2>/dev/null || true
+            wait "$RUN_PID" 2>/dev/null || true
+            RUN_PID=
+            record FAIL live-snapshot $(($(date +%s) - start)) "thin-snapshot: $out"
+            return
+        fi
+        pauses+=("$(echo "$out" | sed -n 's/.*"pause-us": \([0-9]*\).*/\1/p')")
+        commits+=("$(echo "$out" | sed -n 's/.*"commit-us": \([0-9]*\).*/\1/p')")
+        sleep 1
+    done
+    wait "$RUN_PID" || rc=$?
+    RUN_PID=
+    cat "$SCRATCH/run-livewrite.err" >&2
+    if [ "$rc" -ne 0 ]; then
+        record FAIL live-snapshot $(($(date +%s) - start)) "the writing guest failed"
+        show_tail "$glog" "guest serial log"
+        return
+    fi
+    local sorted max
+    sorted=$(printf '%s\n' "${pauses[@]}" | sort -n)
+    max=$(echo "$sorted" | tail -n1)
+    log "live-snapshot: $n snapshots while the guest wrote; I/O pause (us): $(echo $sorted)"
+    log "live-snapshot: the commit after each (I/O waits too, as in every commit; us):" \
+        "$(printf '%s\n' "${commits[@]}" | sort -n | tr '\n' ' ')"
+    if [ "$n" -lt 2 ]; then
+        record FAIL live-snapshot $(($(date +%s) - start)) "only $n snapshots were taken"
+        return
+    fi
+    local s phases=() vsock vlog
+    for s in $(((n + 1) / 2)) "$n"; do
+        vsock=$SCRATCH/live$s.sock
+        vlog=$SCRATCH/guest-liveverify$s.log
+        if ! out=$(ctl block-export-add type=vhost-user-blk "id=live$s" "node-name=live$s" \
+            addr.type=unix "addr.path=$vsock" writable=true 2>&1); then
+            record FAIL live-snapshot $(($(date +%s) - start)) "block-export-add live$s: $out"
+            return
+        fi
+        if ! "$HERE/run-qemu.sh" -g "$GUEST" -l "$vlog" -q "$QUEUES" -t "$TIMEOUT" "$vsock" \
+            liveverify 2>"$SCRATCH/run-liveverify$s.err"; then
+            cat "$SCRATCH/run-liveverify$s.err" >&2
+            show_tail "$vlog" "guest serial log"
+            record FAIL live-snapshot $(($(date +%s) - start)) "snapshot live$s does not verify"
+            return
+        fi
+        phases+=("live$s:$(tr -d '\r' <"$vlog" | sed -n 's/^LIVE-VERIFIED //p')")
+        ctl block-export-del "id=live$s" >/dev/null || true
+    done
+    record PASS live-snapshot $(($(date +%s) - start)) \
+        "$n snapshots, max pause ${max}us; verified phases ${phases[*]}"
+}
+
+# resize: grow the disk under a running guest, which must notice. Records its own result.
+resize_case() {
+    local start=$1 glog=$SCRATCH/guest-resize.log rc=0 out
+    "$HERE/run-qemu.sh" -g "$GUEST" -l "$glog" -q "$QUEUES" -t "$TIMEOUT" "$SOCK" resize \
+        2>"$SCRATCH/run-resize.err" &
+    RUN_PID=$!
+    while kill -0 "$RUN_PID" 2>/dev/null && ! grep -q "waiting for resize" "$glog" 2>/dev/null; do
+        sleep 0.2
+    done
+    if ! out=$(ctl block-resize node-name=disk size=536870912 2>&1); then
+        kill -TERM "$RUN_PID" 2>/dev/null || true
+        wait "$RUN_PID" 2>/dev/null || true
+        RUN_PID=
+        record FAIL resize $(($(date +%s) - start)) "block-resize: $out"
+        return
+    fi
+    wait "$RUN_PID" || rc=$?
+    RUN_PID=
+    cat "$SCRATCH/run-resize.err" >&2
+    if [ "$rc" -ne 0 ]; then
+        show_tail "$glog" "guest serial log"
+        show_tail "$SERVER_LOG" "server log"
+        record FAIL resize $(($(date +%s) - start)) \
+            "$(tr -d '\r' <"$glog" | sed -n 's/^THINBLK-E2E FAIL resize: //p')"
+        return
+    fi
+    record PASS resize $(($(date +%s) - start)) \
+        "$(tr -d '\r' <"$glog" | sed -n 's/^capacity now //p')"
+}
+
 SERVER_UP=0
 t0=$(date +%s)
 if start_server; then
@@ -214,6 +320,14 @@ for t in $TESTS; do
         else
             record PASS "$t" $(($(date +%s) - start))
         fi
+        continue
+    fi
+    if [ "$t" = resize ]; then
+        resize_case "$start"
+        continue
+    fi
+    if [ "$t" = live-snapshot ]; then
+        live_snapshot_case "$start"
         continue
     fi
     if [ "$t" = snapshot ]; then

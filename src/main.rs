@@ -39,6 +39,9 @@ enum Command {
     Ls(tools::cli::LsArgs),
     /// Show how two thin devices differ (like thin_delta).
     Delta(tools::cli::DeltaArgs),
+    /// Send one QMP command to a running daemon and print the reply as JSON (exit status 1
+    /// on an error reply), or print its events with --events.
+    Ctl(thinblk::control::client::CtlArgs),
 }
 
 fn size_arg(s: &str) -> Result<u64, String> {
@@ -179,6 +182,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Restore(a)) => Ok(tools::cli::run_restore(&a)?),
         Some(Command::Ls(a)) => Ok(tools::cli::run_ls(&a)?),
         Some(Command::Delta(a)) => Ok(tools::cli::run_delta(&a)?),
+        Some(Command::Ctl(args)) => std::process::exit(thinblk::control::client::run(&args)?),
     }
 }
 

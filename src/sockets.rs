@@ -74,4 +74,27 @@ mod tests {
         ));
         assert_eq!(fs::read(&path).unwrap(), b"precious");
     }
+
+    #[test]
+    fn a_directory_or_a_symlink_is_never_replaced_or_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("sub");
+        fs::create_dir(&sub).unwrap();
+        assert!(matches!(bind_private(&sub), Err(SocketError::NotASocket(_))));
+        assert!(sub.is_dir());
+        let target = dir.path().join("precious");
+        fs::write(&target, b"precious").unwrap();
+        let link = dir.path().join("link.sock");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(matches!(bind_private(&link), Err(SocketError::NotASocket(_))));
+        assert_eq!(fs::read(&target).unwrap(), b"precious");
+        // A dangling symlink is not a socket either: nothing is created where it points.
+        let dangling = dir.path().join("dangling.sock");
+        std::os::unix::fs::symlink(dir.path().join("elsewhere"), &dangling).unwrap();
+        assert!(matches!(
+            bind_private(&dangling),
+            Err(SocketError::NotASocket(_))
+        ));
+        assert!(!dir.path().join("elsewhere").exists());
+    }
 }

@@ -1,9 +1,12 @@
 //! The QMP control socket: QEMU's wire format, so existing clients (qemu.qmp, qmp-shell) work.
 
+pub mod client;
 pub mod commands;
 pub mod json_stream;
 pub mod protocol;
 mod session;
+
+pub use session::replies;
 
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};

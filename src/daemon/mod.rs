@@ -16,6 +16,7 @@ use crate::export_spec::{Backing, ExportSpec, DEFAULT_QUEUES, DEFAULT_QUEUE_SIZE
 use state::{ExportConfig, Node, State};
 
 pub mod state;
+pub mod watch;
 
 /// Size of the disk `thinblk serve` creates when run with no options.
 pub const DEFAULT_DISK_SIZE: u64 = 16 << 30;

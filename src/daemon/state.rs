@@ -1,18 +1,19 @@
 //! What a running daemon holds: named block nodes, the exports serving them, and the clients
 //! that listen for events. The control socket and the command line both act through this.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use log::{info, warn};
 use parking_lot::Mutex;
 use serde_json::Value;
 
+use super::watch::{forward_pool_events, io_error_sink, Watched, WriteThreshold};
 use crate::control::protocol::{encode, event};
 use crate::engine::thin::ThinPool;
 use crate::engine::BlockDevice;
@@ -41,7 +42,7 @@ pub struct ExportConfig {
 struct RunningExport {
     config: ExportConfig,
     /// Dropping it stops the export and removes its socket.
-    _export: Export,
+    export: Export,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +57,8 @@ pub enum StateError {
     ExportExists(String),
     #[error("block node '{0}' is read-only; the export cannot be writable")]
     ReadOnlyNode(String),
+    #[error("block node '{node}' is exported as '{export}'; force=true stops the export first")]
+    Exported { node: String, export: String },
     #[error(transparent)]
     Socket(#[from] SocketError),
 }
@@ -69,14 +72,32 @@ pub struct State {
     exports: Mutex<BTreeMap<String, RunningExport>>,
     listeners: Mutex<Vec<(u64, Arc<Mutex<UnixStream>>)>>,
     next_listener: AtomicU64,
+    /// Write thresholds by node name; every export of a node writes through its threshold.
+    thresholds: Mutex<HashMap<String, Arc<WriteThreshold>>>,
+    /// This state, for the callbacks (exports, the pool) that report back to it.
+    me: Weak<State>,
 }
 
 impl State {
     pub fn new(thin: Option<Arc<ThinPool>>) -> Arc<State> {
-        Arc::new(State {
+        let state = Arc::new_cyclic(|me| State {
             thin,
+            me: me.clone(),
             ..State::default()
-        })
+        });
+        if let Some(thin) = &state.thin {
+            forward_pool_events(thin, state.me.clone());
+        }
+        state
+    }
+
+    /// The write threshold of node `name` (created disarmed).
+    pub fn write_threshold(&self, name: &str) -> Arc<WriteThreshold> {
+        self.thresholds
+            .lock()
+            .entry(name.to_string())
+            .or_default()
+            .clone()
     }
 
     pub fn thin(&self) -> Option<&Arc<ThinPool>> {
@@ -132,20 +153,21 @@ impl State {
             queue_size: config.queue_size,
             read_only: !config.writable,
         };
-        let export = Export::start(node.dev, settings, &config.socket)?;
+        let dev: Arc<dyn BlockDevice> = Arc::new(Watched::new(
+            node.dev,
+            &config.node,
+            self.write_threshold(&config.node),
+            self.me.clone(),
+        ));
+        let sink = io_error_sink(self.me.clone(), &config.id, &config.node);
+        let export = Export::start_with(dev, settings, &config.socket, Some(sink))?;
         info!(
             "export {} of node {} at {}",
             config.id,
             config.node,
             config.socket.display()
         );
-        exports.insert(
-            config.id.clone(),
-            RunningExport {
-                config,
-                _export: export,
-            },
-        );
+        exports.insert(config.id.clone(), RunningExport { config, export });
         Ok(())
     }
 
@@ -166,6 +188,25 @@ impl State {
             .lock()
             .values()
             .map(|e| e.config.clone())
+            .collect()
+    }
+
+    /// Tells the frontends of every export of `node` that its size changed.
+    pub fn node_resized(&self, node: &str) {
+        for e in self.exports.lock().values() {
+            if e.config.node == node {
+                e.export.config_changed();
+            }
+        }
+    }
+
+    /// The ids of the exports serving node `node`.
+    pub fn exports_of(&self, node: &str) -> Vec<String> {
+        self.exports
+            .lock()
+            .values()
+            .filter(|e| e.config.node == node)
+            .map(|e| e.config.id.clone())
             .collect()
     }
 

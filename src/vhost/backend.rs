@@ -7,6 +7,7 @@ use std::sync::Arc;
 use log::{debug, warn};
 use parking_lot::{Mutex, RwLock};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
@@ -16,7 +17,7 @@ use vmm_sys_util::event::{
 };
 
 use super::config::{self, BlkConfig, SECTOR_SIZE, WRITEBACK_OFFSET};
-use super::execute::{complete, Target};
+use super::execute::{complete, FailureSink, Target};
 use super::request::{parse, Desc, Request};
 use super::uring::{QueueRing, Started};
 use crate::engine::BlockDevice;
@@ -48,6 +49,10 @@ pub struct BlkBackend {
     rings: Vec<Mutex<Option<QueueRing>>>,
     /// Malformed requests seen, for rate-limited logging.
     rejections: AtomicU64,
+    /// Told of every failed request.
+    on_failure: Option<FailureSink>,
+    /// The channel to the current frontend, if it set one up (BACKEND_REQ).
+    to_frontend: Mutex<Option<Backend>>,
 }
 
 fn queue_error(e: virtio_queue::Error) -> io::Error {
@@ -70,6 +75,8 @@ impl BlkBackend {
         BlkBackend {
             rings,
             rejections: AtomicU64::new(0),
+            on_failure: None,
+            to_frontend: Mutex::new(None),
             dev,
             settings,
             mem: RwLock::new(None),
@@ -77,6 +84,28 @@ impl BlkBackend {
             acked_features: AtomicU64::new(0),
             writeback: AtomicBool::new(true),
         }
+    }
+
+    /// Tells `sink` of every request that fails (after it is logged).
+    pub fn with_failure_sink(mut self, sink: FailureSink) -> Self {
+        self.on_failure = Some(sink);
+        self
+    }
+
+    /// Tells the connected frontend that the config space changed (the device's size, read
+    /// from the device on every GET_CONFIG), so it reads it again. Returns `Ok(false)` when
+    /// the frontend set up no channel to hear it on (it sees the change when it reconnects).
+    pub fn notify_config_change(&self) -> io::Result<bool> {
+        let Some(channel) = self.to_frontend.lock().clone() else {
+            return Ok(false);
+        };
+        channel.handle_config_change()?;
+        Ok(true)
+    }
+
+    /// Forgets the channel to a frontend that went away.
+    pub fn frontend_gone(&self) {
+        *self.to_frontend.lock() = None;
     }
 
     /// Whether completed writes may sit in a volatile cache until FLUSH.
@@ -103,6 +132,7 @@ impl BlkBackend {
             read_only: self.settings.read_only,
             serial: self.settings.serial.as_bytes(),
             writeback: self.writeback(),
+            on_failure: self.on_failure.as_deref(),
         }
     }
 
@@ -155,35 +185,41 @@ impl BlkBackend {
     }
 
     /// Drains the available ring: reads, writes and flushes go to the queue's io_uring, the
-    /// rest completes here; the guest is notified once for what completed here.
+    /// rest completes here; the guest is notified once for what completed here. Returns how
+    /// many chains it took.
     fn process_queue(
         &self,
         queue: usize,
         vring: &VringRwLock,
         mem: &Arc<GuestMemoryMmap>,
-    ) -> io::Result<()> {
+    ) -> io::Result<usize> {
         let target = self.target();
         let mut ring = self.rings.get(queue).map(|r| r.lock());
         let mut used = false;
+        let mut taken = 0usize;
         loop {
             let chain = vring
                 .get_mut()
                 .get_queue_mut()
                 .pop_descriptor_chain(mem.as_ref());
             let Some(chain) = chain else { break };
+            taken += 1;
             let head = chain.head_index();
             let len = match self.frame(mem, chain) {
                 Err(len) => len,
-                Ok(req) => {
-                    let req = match ring.as_mut().and_then(|g| g.as_mut()) {
-                        Some(r) => match r.start(vring, head, mem, req, &target)? {
-                            Started::Queued => continue,
-                            Started::NotTaken(req) => req,
-                        },
-                        None => req,
-                    };
-                    complete(mem, &req, &target)
-                }
+                Ok(req) => match ring.as_mut().and_then(|g| g.as_mut()) {
+                    Some(r) => match r.start(vring, head, mem, req, &target)? {
+                        Started::Queued => continue,
+                        Started::Done(len) => len,
+                        Started::NotTaken(req) => {
+                            // A synchronous request may wait for the device (a thin pool's
+                            // commit waits for this queue's I/O in flight): finish that first.
+                            r.drain(&target)?;
+                            complete(mem, &req, &target)
+                        }
+                    },
+                    None => complete(mem, &req, &target),
+                },
             };
             // A head the guest made up cannot be returned; the queue must live on regardless.
             match vring.add_used(head, len) {
@@ -197,7 +233,7 @@ impl BlkBackend {
         if used && vring.needs_notification().map_err(queue_error)? {
             vring.signal_used_queue()?;
         }
-        Ok(())
+        Ok(taken)
     }
 
     fn reap(&self, queue: usize) -> io::Result<()> {
@@ -235,6 +271,10 @@ impl VhostUserBackend for BlkBackend {
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         config::protocol_features()
+    }
+
+    fn set_backend_req_fd(&self, backend: Backend) {
+        *self.to_frontend.lock() = Some(backend);
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -320,16 +360,72 @@ impl VhostUserBackend for BlkBackend {
         if self.event_idx.load(Ordering::Acquire) {
             // With EVENT_IDX the guest kicks once per batch: drain until re-enabling
             // notifications finds nothing new, or a request could be stranded.
+            //
+            // A pass that takes nothing right after the ring said it had more means the ring
+            // is broken (an available index more than a queue ahead, or an entry outside
+            // guest memory): nothing can ever be taken, so stop rather than spin. The guest's
+            // next kick looks again.
+            let mut more_promised = false;
             loop {
                 vring.disable_notification().map_err(queue_error)?;
-                self.process_queue(queue, vring, &mem)?;
+                let taken = self.process_queue(queue, vring, &mem)?;
+                if more_promised && taken == 0 {
+                    self.note_rejection("available ring is broken; waiting for the next kick");
+                    break;
+                }
                 if !vring.enable_notification().map_err(queue_error)? {
                     break;
                 }
+                more_promised = true;
             }
         } else {
             self.process_queue(queue, vring, &mem)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+    use crate::engine::memory::MemoryDevice;
+
+    fn backend() -> BlkBackend {
+        let dev = Arc::new(MemoryDevice::new(1 << 20).unwrap());
+        let settings = DeviceSettings {
+            serial: "resized".into(),
+            num_queues: 1,
+            queue_size: 16,
+            read_only: false,
+        };
+        BlkBackend::new(dev, settings)
+    }
+
+    #[test]
+    fn a_config_change_goes_to_the_frontend_channel_as_backend_config_change_msg() {
+        let b = backend();
+        assert!(!b.notify_config_change().unwrap(), "no channel yet");
+        let (ours, mut frontend) = UnixStream::pair().unwrap();
+        b.set_backend_req_fd(Backend::from_stream(ours));
+        assert!(b.notify_config_change().unwrap());
+        // The vhost-user header: request, flags (version 1), payload size; no payload.
+        let mut hdr = [0u8; 12];
+        frontend.read_exact(&mut hdr).unwrap();
+        let word = |i: usize| u32::from_le_bytes(hdr[i..i + 4].try_into().unwrap());
+        assert_eq!(word(0), 2, "VHOST_USER_BACKEND_CONFIG_CHANGE_MSG");
+        assert_eq!(word(4) & 0x3, 1, "protocol version");
+        assert_eq!(word(8), 0, "payload size");
+        b.frontend_gone();
+        assert!(!b.notify_config_change().unwrap());
+    }
+
+    #[test]
+    fn backend_req_is_offered() {
+        assert!(backend()
+            .protocol_features()
+            .contains(VhostUserProtocolFeatures::BACKEND_REQ));
     }
 }

@@ -50,12 +50,15 @@ pub fn device_features(read_only: bool) -> u64 {
     f
 }
 
-/// vhost-user protocol features: what QEMU, cloud-hypervisor and libblkio need.
+/// vhost-user protocol features: what QEMU, cloud-hypervisor and libblkio need. BACKEND_REQ
+/// gives the backend a channel to the frontend, on which a capacity change is announced
+/// (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG; the frontend acks it when REPLY_ACK is on).
 pub fn protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::BACKEND_REQ
 }
 
 /// Whether the driver acked `VIRTIO_BLK_F_FLUSH`: without it the device must write through.

@@ -19,6 +19,20 @@ pub const ID_BYTES: usize = 20;
 const RANGE_SEGMENT_LEN: u64 = 16;
 const RANGE_FLAG_UNMAP: u32 = 1;
 
+/// A request that failed, as the export's owner hears of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub op: Op,
+    pub sector: u64,
+    pub status: u8,
+    /// The device ran out of space (a thin pool without free data blocks).
+    pub nospace: bool,
+    pub reason: &'static str,
+}
+
+/// Told about every failed request, from the queue worker that completes it: keep it short.
+pub type FailureSink = std::sync::Arc<dyn Fn(&Failure) + Send + Sync>;
+
 /// What a request runs against.
 pub struct Target<'a> {
     pub dev: &'a dyn BlockDevice,
@@ -26,6 +40,8 @@ pub struct Target<'a> {
     pub serial: &'a [u8],
     /// The guest's write cache mode: when off, writes are flushed before they complete.
     pub writeback: bool,
+    /// Who hears of failed requests, besides the log.
+    pub on_failure: Option<&'a (dyn Fn(&Failure) + Send + Sync)>,
 }
 
 /// Status and bytes written into device-writable buffers, excluding the status byte.
@@ -35,6 +51,8 @@ pub struct Outcome {
     pub written: u32,
     /// Why the request failed, for the log.
     pub reason: &'static str,
+    /// It failed because the device is out of space.
+    pub nospace: bool,
 }
 
 impl Outcome {
@@ -43,6 +61,7 @@ impl Outcome {
             status: VIRTIO_BLK_S_OK as u8,
             written,
             reason: "",
+            nospace: false,
         }
     }
     pub fn ioerr(reason: &'static str) -> Self {
@@ -50,6 +69,7 @@ impl Outcome {
             status: VIRTIO_BLK_S_IOERR as u8,
             written: 0,
             reason,
+            nospace: false,
         }
     }
     fn unsupp(reason: &'static str) -> Self {
@@ -57,6 +77,7 @@ impl Outcome {
             status: VIRTIO_BLK_S_UNSUPP as u8,
             written: 0,
             reason,
+            nospace: false,
         }
     }
 }
@@ -64,6 +85,11 @@ impl Outcome {
 fn from_block(err: &BlockError) -> Outcome {
     match err {
         BlockError::Unsupported(_) => Outcome::unsupp("unsupported by the device"),
+        BlockError::NoSpace => Outcome {
+            nospace: true,
+            ..Outcome::ioerr("the device is out of space")
+        },
+        BlockError::ReadOnly => Outcome::ioerr("the device is read-only"),
         _ => Outcome::ioerr("the device failed"),
     }
 }
@@ -92,13 +118,22 @@ pub fn host_slices(mem: &GuestMemoryMmap, segs: &[Segment]) -> Option<Vec<(*mut 
 
 /// Runs `req` synchronously and stores its status byte. Returns the used length for the chain.
 pub fn complete(mem: &GuestMemoryMmap, req: &Request, target: &Target<'_>) -> u32 {
-    finish(mem, req, run(mem, req, target))
+    finish(mem, req, run(mem, req, target), target)
 }
 
 /// Stores a finished request's status byte. Returns the used length for the chain.
-pub fn finish(mem: &GuestMemoryMmap, req: &Request, outcome: Outcome) -> u32 {
+pub fn finish(mem: &GuestMemoryMmap, req: &Request, outcome: Outcome, t: &Target<'_>) -> u32 {
     if outcome.status != VIRTIO_BLK_S_OK as u8 {
         note_failure(req, &outcome);
+        if let Some(sink) = t.on_failure {
+            sink(&Failure {
+                op: req.op,
+                sector: req.sector,
+                status: outcome.status,
+                nospace: outcome.nospace,
+                reason: outcome.reason,
+            });
+        }
     }
     match mem.write_obj(outcome.status, req.status) {
         Ok(()) => outcome.written.saturating_add(1),

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use log::{error, info};
+use log::{error, info, warn};
 use parking_lot::Mutex;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
@@ -18,6 +18,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use super::backend::{BlkBackend, DeviceSettings};
+use super::execute::FailureSink;
 use crate::engine::BlockDevice;
 use crate::sockets::{bind_private, SocketError};
 
@@ -30,6 +31,7 @@ pub struct Export {
     /// Ends the connection of the frontend being served, if there is one.
     connection: Arc<Mutex<Option<ShutdownHandle>>>,
     thread: Option<JoinHandle<()>>,
+    backend: Arc<BlkBackend>,
 }
 
 impl Export {
@@ -39,17 +41,32 @@ impl Export {
         settings: DeviceSettings,
         socket: &Path,
     ) -> Result<Export, SocketError> {
+        Self::start_with(dev, settings, socket, None)
+    }
+
+    /// [`Export::start`], telling `on_failure` of every request that fails.
+    pub fn start_with(
+        dev: Arc<dyn BlockDevice>,
+        settings: DeviceSettings,
+        socket: &Path,
+        on_failure: Option<FailureSink>,
+    ) -> Result<Export, SocketError> {
         let listener = bind_private(socket)?;
         let wake = listener.try_clone().ok();
         let stopping = Arc::new(AtomicBool::new(false));
-        let backend = Arc::new(BlkBackend::new(dev, settings));
+        let mut backend = BlkBackend::new(dev, settings);
+        if let Some(sink) = on_failure {
+            backend = backend.with_failure_sink(sink);
+        }
+        let backend = Arc::new(backend);
         let name = socket.display().to_string();
         let stop = stopping.clone();
+        let served = backend.clone();
         let connection = Arc::new(Mutex::new(None));
         let conn = connection.clone();
         let thread = std::thread::Builder::new()
             .name("export".into())
-            .spawn(move || serve(&name, listener, backend, &stop, &conn))
+            .spawn(move || serve(&name, listener, served, &stop, &conn))
             .map_err(|source| SocketError::Io {
                 path: socket.display().to_string(),
                 source,
@@ -60,7 +77,29 @@ impl Export {
             stopping,
             connection,
             thread: Some(thread),
+            backend,
         })
+    }
+
+    /// Tells the connected frontend, if any, that the device's config space changed (its
+    /// size). The frontend acks from its own event loop, so this runs on a thread of its own
+    /// and only logs the outcome.
+    pub fn config_changed(&self) {
+        let backend = self.backend.clone();
+        let name = self.socket.display().to_string();
+        let thread_name = name.clone();
+        let spawned = std::thread::Builder::new()
+            .name("config-change".into())
+            .spawn(move || match backend.notify_config_change() {
+                Ok(true) => info!("{name}: told the frontend the config changed"),
+                Ok(false) => {
+                    info!("{name}: no frontend channel; the change shows at the next connection")
+                }
+                Err(e) => warn!("{name}: cannot tell the frontend the config changed: {e}"),
+            });
+        if let Err(e) = spawned {
+            warn!("{thread_name}: cannot start the config-change thread: {e}");
+        }
     }
 
     pub fn socket(&self) -> &Path {
@@ -144,6 +183,7 @@ fn serve(
             Ok(()) => info!("{name}: frontend disconnected"),
             Err(e) => info!("{name}: connection ended: {e}"),
         }
+        backend.frontend_gone();
         for handler in daemon.get_epoll_handlers() {
             handler.send_exit_event();
         }

@@ -10,6 +10,7 @@ pub mod request;
 pub mod uring;
 
 pub use backend::{BlkBackend, DeviceSettings, MAX_QUEUES, MAX_QUEUE_SIZE};
+pub use execute::{Failure, FailureSink};
 pub use export::Export;
 
 #[cfg(test)]

@@ -3,7 +3,10 @@
 //!
 //! Only reads, writes and flushes of devices that map their ranges to host files go through the
 //! ring; everything else, and anything the ring refuses (unaligned O_DIRECT, short transfers),
-//! runs synchronously through the `BlockDevice` methods.
+//! runs synchronously through the `BlockDevice` methods. So does a transfer the ring failed:
+//! the device's own method decides what the error means (a thin pool turns read-only when a
+//! data write fails) and reports it. Such a rerun waits until nothing else of the queue is in
+//! flight, since a synchronous thin I/O may wait for a commit, which waits for those.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -31,11 +34,12 @@ struct InFlight {
     /// Bytes each submission must transfer.
     expected: Vec<u64>,
     pending: usize,
-    /// Something the ring could not do: rerun the request synchronously.
+    /// Something the ring could not do, or failed: rerun the request synchronously.
     retry_sync: bool,
-    failed: bool,
     /// Used length on success (data bytes written to the guest).
     written: u32,
+    /// Keeps the device's mapping valid until the I/O is done.
+    _hold: Option<Box<dyn Send + Sync>>,
 }
 
 // SAFETY: the only non-Send fields are the iovec pointers, which point into guest memory that
@@ -50,6 +54,8 @@ pub struct QueueRing {
     slots: Vec<Option<InFlight>>,
     free: Vec<usize>,
     in_flight: usize,
+    /// Requests to rerun synchronously once nothing is in flight.
+    reruns: Vec<InFlight>,
     /// Entries pushed since the last submit.
     unsubmitted: bool,
 }
@@ -60,6 +66,8 @@ pub enum Started {
     Queued,
     /// The ring cannot take it: run it synchronously.
     NotTaken(Request),
+    /// Nothing to submit (a read of ranges that read as zeros): complete, used length given.
+    Done(u32),
 }
 
 const SLOT_SHIFT: u32 = 16;
@@ -77,6 +85,7 @@ impl QueueRing {
             slots: Vec::new(),
             free: Vec::new(),
             in_flight: 0,
+            reruns: Vec::new(),
             unsubmitted: false,
         })
     }
@@ -104,12 +113,21 @@ impl QueueRing {
             Op::Flush => t.dev.flush_fd().map(|fd| Plan {
                 ops: vec![PlannedOp::Fsync { fd }],
                 written: 0,
+                hold: None,
             }),
             _ => None,
         };
         let Some(plan) = plan else {
             return Ok(Started::NotTaken(req));
         };
+        if plan.ops.is_empty() {
+            return Ok(Started::Done(finish(
+                mem,
+                &req,
+                Outcome::ok(plan.written),
+                t,
+            )));
+        }
         let slot = self.free.pop().unwrap_or_else(|| {
             self.slots.push(None);
             self.slots.len() - 1
@@ -123,8 +141,8 @@ impl QueueRing {
             expected: Vec::new(),
             pending: 0,
             retry_sync: false,
-            failed: false,
             written: plan.written,
+            _hold: plan.hold,
         };
         let mut entries = Vec::with_capacity(plan.ops.len());
         for (i, op) in plan.ops.into_iter().enumerate() {
@@ -197,16 +215,14 @@ impl QueueRing {
             let res = cqe.result();
             if res < 0 {
                 let errno = -res;
-                if matches!(errno, libc::EINVAL | libc::EAGAIN | libc::EINTR) {
-                    f.retry_sync = true;
-                } else {
+                if !matches!(errno, libc::EINVAL | libc::EAGAIN | libc::EINTR) {
                     warn!(
-                        "{:?} failed: {}",
+                        "{:?} failed: {}; redoing it synchronously",
                         f.req.op,
                         io::Error::from_raw_os_error(errno)
                     );
-                    f.failed = true;
                 }
+                f.retry_sync = true;
             } else if f.expected.get(op).is_some_and(|&e| res as u64 != e) {
                 // Short transfers are rare (end of file, signals): redo the whole request.
                 f.retry_sync = true;
@@ -231,28 +247,37 @@ impl QueueRing {
         let _ = self.eventfd.read();
         let mut last_vring = None;
         for slot in self.collect() {
-            let Some(f) = self.release(slot) else {
+            let Some(mut f) = self.release(slot) else {
                 continue;
             };
-            let len = if f.retry_sync && !f.failed {
-                complete(&f.mem, &f.req, t)
+            if f.retry_sync {
+                // Its own place in the device's I/O gate goes now, the others' as they finish.
+                f._hold = None;
+                self.reruns.push(f);
+                continue;
+            }
+            let outcome = if f.req.op == Op::Write && !t.writeback {
+                match t.dev.flush() {
+                    Ok(()) => Outcome::ok(f.written),
+                    Err(_) => Outcome::ioerr("flush after a write-through write failed"),
+                }
             } else {
-                let outcome = if f.failed {
-                    Outcome::ioerr("host I/O failed")
-                } else if f.req.op == Op::Write && !t.writeback {
-                    match t.dev.flush() {
-                        Ok(()) => Outcome::ok(f.written),
-                        Err(_) => Outcome::ioerr("flush after a write-through write failed"),
-                    }
-                } else {
-                    Outcome::ok(f.written)
-                };
-                finish(&f.mem, &f.req, outcome)
+                Outcome::ok(f.written)
             };
+            let len = finish(&f.mem, &f.req, outcome, t);
             if let Err(e) = f.vring.add_used(f.head, len) {
                 warn!("cannot return chain {}: {e}", f.head);
             }
             last_vring = Some(f.vring);
+        }
+        if self.in_flight == 0 {
+            for f in std::mem::take(&mut self.reruns) {
+                let len = complete(&f.mem, &f.req, t);
+                if let Err(e) = f.vring.add_used(f.head, len) {
+                    warn!("cannot return chain {}: {e}", f.head);
+                }
+                last_vring = Some(f.vring);
+            }
         }
         // One worker serves one queue, so one notification covers the whole batch.
         let Some(vring) = last_vring else {
@@ -302,6 +327,7 @@ enum PlannedOp {
 struct Plan {
     ops: Vec<PlannedOp>,
     written: u32,
+    hold: Option<Box<dyn Send + Sync>>,
 }
 
 /// Splits a read or write along the device's extents, or `None` if the ring cannot do it.
@@ -315,40 +341,55 @@ fn plan_rw(mem: &GuestMemoryMmap, req: &Request, t: &Target<'_>) -> Option<Plan>
     } else {
         MapOp::Write
     };
-    if map_op == MapOp::Write && t.read_only {
+    // Write-through writes are flushed before they complete: the synchronous path does that.
+    if map_op == MapOp::Write && (t.read_only || !t.writeback) {
         return None;
     }
-    let extents = t.dev.map(map_op, offset, len).ok()??;
+    let mapping = t.dev.map(map_op, offset, len).ok()??;
     let slices = host_slices(mem, &req.data)?;
-    let mut ops = Vec::with_capacity(extents.len());
+    let mut ops = Vec::with_capacity(mapping.extents.len());
     let mut cursor = SliceCursor::new(&slices);
-    for ext in extents {
-        let Extent::File {
-            fd,
-            offset: host_offset,
-            len: ext_len,
-            direct,
-        } = ext;
-        let iov = cursor.take(ext_len)?;
-        let aligned = direct_aligned(
-            host_offset,
-            iov.iter().map(|v| (v.iov_base as usize, v.iov_len)),
-        );
-        if direct && !aligned {
-            return None;
+    for ext in mapping.extents {
+        match ext {
+            Extent::Zero { len } => {
+                if map_op != MapOp::Read {
+                    return None;
+                }
+                for v in cursor.take(len)? {
+                    // SAFETY: the piece lies in guest memory that `mem` keeps mapped, within
+                    // this request's own buffer, which nothing else touches until it completes.
+                    unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
+                }
+            }
+            Extent::File {
+                fd,
+                offset: host_offset,
+                len: ext_len,
+                direct,
+            } => {
+                let iov = cursor.take(ext_len)?;
+                let pieces = iov.iter().map(|v| (v.iov_base as usize, v.iov_len));
+                if direct && !direct_aligned(host_offset, pieces) {
+                    return None;
+                }
+                ops.push(PlannedOp::Rw {
+                    fd,
+                    offset: host_offset,
+                    iov,
+                });
+            }
         }
-        ops.push(PlannedOp::Rw {
-            fd,
-            offset: host_offset,
-            iov,
-        });
     }
     let written = if req.op == Op::Read {
         u32::try_from(len).ok()?
     } else {
         0
     };
-    Some(Plan { ops, written })
+    Some(Plan {
+        ops,
+        written,
+        hold: mapping.hold,
+    })
 }
 
 /// Walks host buffers, cutting them into iovec lists of given byte lengths.

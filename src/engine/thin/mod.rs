@@ -3,16 +3,20 @@
 pub mod catalog;
 pub mod device;
 pub mod error;
+mod gate;
 pub mod metadata;
+mod metadata_snap;
 pub mod pool;
 mod prison;
+pub mod query;
 pub mod thin_pool;
 
 pub use device::ThinDevice;
 pub use error::{Result, ThinError};
 pub use metadata::{Lookup, MappedRange, PoolMetadata};
 pub use pool::{Pool, PoolEvent, PoolGeometry, PoolMode, PoolOpenError, PoolOptions};
-pub use thin_pool::{DiskInfo, ThinPool, VolumeError};
+pub use query::{DeltaKind, DeltaRun};
+pub use thin_pool::{DiskInfo, SnapshotTiming, ThinPool, VolumeError};
 
 #[cfg(test)]
 mod metadata_tests;

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::{info, warn};
 use parking_lot::Mutex;
@@ -57,6 +57,18 @@ pub struct DiskInfo {
     pub origin: Option<String>,
     pub created: u64,
     pub open: bool,
+}
+
+/// What a snapshot cost the devices' I/O.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotTiming {
+    /// The new devices' ids, in the order asked.
+    pub ids: Vec<u64>,
+    /// From asking for the quiesce until I/O may run again: in-flight I/O drains, new I/O
+    /// waits, the snapshots are created.
+    pub pause: Duration,
+    /// The commit that follows; like every commit it holds new I/O while it writes.
+    pub commit: Duration,
 }
 
 pub struct ThinPool {
@@ -188,6 +200,14 @@ impl ThinPool {
 
     /// Snapshots several devices at one instant, all or nothing.
     pub fn snapshot_many(&self, pairs: &[(&str, &str)]) -> Result<Vec<u64>, VolumeError> {
+        self.snapshot_many_timed(pairs).map(|t| t.ids)
+    }
+
+    /// [`ThinPool::snapshot_many`], telling how long I/O was held.
+    pub fn snapshot_many_timed(
+        &self,
+        pairs: &[(&str, &str)],
+    ) -> Result<SnapshotTiming, VolumeError> {
         let mut catalog = self.catalog.lock();
         let mut planned = Vec::new();
         for (i, (origin, name)) in pairs.iter().enumerate() {
@@ -203,6 +223,7 @@ impl ThinPool {
         }
         let first_id = self.next_id()?;
         let ids: Vec<u64> = (0..planned.len() as u64).map(|i| first_id + i).collect();
+        let quiesce_start = Instant::now();
         {
             // In-flight I/O drains and new I/O waits while the snapshots are taken.
             let (_gate, mut meta) = self.pool.quiesce();
@@ -213,8 +234,11 @@ impl ThinPool {
                 }
             }
         }
+        let pause = quiesce_start.elapsed();
         self.pool.note_change();
+        let commit_start = Instant::now();
         self.pool.commit()?;
+        let commit = commit_start.elapsed();
         for ((_, size, origin, name), id) in planned.iter().zip(&ids) {
             catalog.devices.insert(
                 (*name).into(),
@@ -228,7 +252,7 @@ impl ThinPool {
             info!("snapshot {name} (id {id}) of {origin}");
         }
         catalog.save(&self.catalog_path)?;
-        Ok(ids)
+        Ok(SnapshotTiming { ids, pause, commit })
     }
 
     /// Deletes a device; refused while it is open unless `force`.
@@ -278,6 +302,16 @@ impl ThinPool {
             dev.set_size(size);
         }
         Ok(())
+    }
+
+    /// The dm-thin id of the device called `name`.
+    pub fn id_of(&self, name: &str) -> Result<u64, VolumeError> {
+        self.catalog
+            .lock()
+            .devices
+            .get(name)
+            .map(|e| e.id)
+            .ok_or_else(|| VolumeError::NoSuchDisk(name.into()))
     }
 
     fn is_open(&self, name: &str) -> bool {

@@ -1,0 +1,160 @@
+//! The QMP commands: strict argument decoding (unknown or mistyped keys are errors naming the
+//! key) and the calls into the daemon state. One file per family of commands.
+
+mod basic;
+mod export;
+mod pool;
+mod snapshot;
+mod thin;
+mod threshold;
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::protocol::QmpError;
+use crate::daemon::state::{State, StateError};
+use crate::engine::thin::{ThinError, ThinPool, VolumeError};
+
+type Handler = fn(&State, Value) -> Result<Value, QmpError>;
+
+/// Every command after negotiation, by name.
+pub const COMMANDS: &[(&str, Handler)] = &[
+    ("qmp_capabilities", basic::qmp_capabilities),
+    ("query-version", basic::query_version),
+    ("query-commands", basic::query_commands),
+    ("query-named-block-nodes", basic::query_named_block_nodes),
+    ("query-block-exports", export::query_block_exports),
+    ("block-export-add", export::block_export_add),
+    ("block-export-del", export::block_export_del),
+    ("query-pool", pool::query_pool),
+    ("pool-set-low-water", pool::pool_set_low_water),
+    ("pool-reserve-metadata-snap", pool::reserve_metadata_snap),
+    ("pool-release-metadata-snap", pool::release_metadata_snap),
+    ("query-thin-devices", thin::query_thin_devices),
+    ("thin-create", thin::thin_create),
+    ("thin-delete", thin::thin_delete),
+    ("block-resize", thin::block_resize),
+    ("thin-delta", thin::thin_delta),
+    ("thin-snapshot", snapshot::thin_snapshot),
+    (
+        "blockdev-snapshot-internal-sync",
+        snapshot::blockdev_snapshot_internal_sync,
+    ),
+    ("transaction", snapshot::transaction),
+    (
+        "block-set-write-threshold",
+        threshold::block_set_write_threshold,
+    ),
+];
+
+pub fn find(name: &str) -> Option<Handler> {
+    COMMANDS.iter().find(|(n, _)| *n == name).map(|(_, h)| *h)
+}
+
+impl From<StateError> for QmpError {
+    fn from(e: StateError) -> Self {
+        match e {
+            StateError::NoNode(_) | StateError::NoExport(_) => QmpError::not_found(e.to_string()),
+            _ => QmpError::generic(e.to_string()),
+        }
+    }
+}
+
+impl From<VolumeError> for QmpError {
+    fn from(e: VolumeError) -> Self {
+        match e {
+            VolumeError::NoSuchDisk(_) => QmpError::not_found(e.to_string()),
+            _ => QmpError::generic(e.to_string()),
+        }
+    }
+}
+
+impl From<ThinError> for QmpError {
+    fn from(e: ThinError) -> Self {
+        QmpError::generic(format!("thin pool: {e}"))
+    }
+}
+
+/// Decodes `arguments` into `T`, naming the offending key on failure. The arguments are
+/// decoded from their pretty-printed text, one key a line, so that the line of a mistyped
+/// value tells its key (serde names missing and unknown keys itself).
+fn args<T: DeserializeOwned>(v: Value) -> Result<T, QmpError> {
+    let text = serde_json::to_string_pretty(&v)
+        .map_err(|e| QmpError::generic(format!("invalid arguments: {e}")))?;
+    serde_json::from_str(&text).map_err(|e| {
+        let full = e.to_string();
+        let msg = full.split(" at line ").next().unwrap_or(&full);
+        match key_on_line(&text, e.line()) {
+            Some(key) if !msg.contains(&format!("`{key}`")) => {
+                QmpError::generic(format!("invalid arguments: '{key}': {msg}"))
+            }
+            _ => QmpError::generic(format!("invalid arguments: {msg}")),
+        }
+    })
+}
+
+/// The object key that begins line `line` (1-based) of pretty-printed JSON, if one does.
+fn key_on_line(text: &str, line: usize) -> Option<String> {
+    let l = text.lines().nth(line.checked_sub(1)?)?.trim_start();
+    if !l.starts_with('"') {
+        return None;
+    }
+    let end = l.find("\": ")?;
+    serde_json::from_str(l.get(..=end)?).ok()
+}
+
+/// The daemon's thin pool, or the error every pool command gives without one.
+fn thin(state: &State) -> Result<&ThinPool, QmpError> {
+    state
+        .thin()
+        .map(|t| t.as_ref())
+        .ok_or_else(|| QmpError::generic("this daemon has no thin pool (serve with --dir)"))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoArgs {}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Probe {
+        name: String,
+        size: u64,
+        addr: Option<Addr>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Addr {
+        path: String,
+    }
+
+    fn desc(v: Value) -> String {
+        args::<Probe>(v)
+            .map(|_| String::new())
+            .unwrap_or_else(|e| e.desc)
+    }
+
+    #[test]
+    fn argument_errors_name_the_key() {
+        assert!(desc(json!({"name": "a", "size": "big"})).contains("'size'"));
+        assert!(desc(json!({"name": 5, "size": 1})).contains("'name'"));
+        assert!(desc(json!({"name": "a", "size": 1, "addr": {"path": 1}})).contains("'path'"));
+        assert!(desc(json!({"name": "a"})).contains("`size`"));
+        let unknown = desc(json!({"name": "a", "size": 1, "colour": 1}));
+        assert!(
+            unknown.contains("`colour`") && !unknown.contains("'colour'"),
+            "{unknown}"
+        );
+        assert!(!desc(json!({"name": "a", "size": 1})).contains("invalid"));
+    }
+}

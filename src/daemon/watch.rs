@@ -1,0 +1,251 @@
+//! What the daemon watches on behalf of QMP clients: write thresholds of block nodes, failed
+//! requests of exports, and the thin pool's own events. Each becomes a QMP event.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Instant;
+
+use log::info;
+use parking_lot::Mutex;
+use serde_json::json;
+
+use super::state::State;
+use crate::engine::thin::{PoolEvent, ThinPool};
+use crate::engine::{BlockDevice, BlockError, MapOp, Mapping};
+use crate::vhost::request::Op;
+use crate::vhost::{Failure, FailureSink};
+
+/// A node's write threshold: armed while non-zero, disarmed once a write passes it.
+#[derive(Default)]
+pub struct WriteThreshold {
+    bytes: AtomicU64,
+}
+
+impl WriteThreshold {
+    pub fn get(&self) -> u64 {
+        self.bytes.load(Ordering::Acquire)
+    }
+
+    /// Arms the threshold at `bytes` (0 disarms it).
+    pub fn set(&self, bytes: u64) {
+        self.bytes.store(bytes, Ordering::Release);
+    }
+
+    /// If a write ending at `end` passes the armed threshold, disarms it and returns the
+    /// threshold it passed. Only one of several concurrent writers wins.
+    fn passed(&self, end: u64) -> Option<u64> {
+        let t = self.get();
+        if t == 0 || end <= t {
+            return None;
+        }
+        self.bytes
+            .compare_exchange(t, 0, Ordering::AcqRel, Ordering::Acquire)
+            .ok()
+    }
+}
+
+/// A node's device seen through its write threshold: every write, whichever path it takes
+/// (synchronous, or mapped for the queue's io_uring), is checked before it starts.
+pub struct Watched {
+    inner: Arc<dyn BlockDevice>,
+    node: String,
+    threshold: Arc<WriteThreshold>,
+    state: Weak<State>,
+}
+
+impl Watched {
+    pub fn new(
+        inner: Arc<dyn BlockDevice>,
+        node: &str,
+        threshold: Arc<WriteThreshold>,
+        state: Weak<State>,
+    ) -> Self {
+        Watched {
+            inner,
+            node: node.into(),
+            threshold,
+            state,
+        }
+    }
+
+    fn check(&self, offset: u64, len: u64) {
+        let end = offset.saturating_add(len);
+        let Some(threshold) = self.threshold.passed(end) else {
+            return;
+        };
+        info!(
+            "node {}: a write up to byte {end} passed the write threshold {threshold}",
+            self.node
+        );
+        if let Some(state) = self.state.upgrade() {
+            state.emit(
+                "BLOCK_WRITE_THRESHOLD",
+                json!({
+                    "node-name": self.node,
+                    "amount-exceeded": end - threshold,
+                    "write-threshold": threshold,
+                }),
+            );
+        }
+    }
+}
+
+impl BlockDevice for Watched {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<(), BlockError> {
+        self.inner.read(offset, bufs)
+    }
+    fn write(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<(), BlockError> {
+        let len = bufs.iter().map(|b| b.len() as u64).sum();
+        self.check(offset, len);
+        self.inner.write(offset, bufs)
+    }
+    fn flush(&self) -> Result<(), BlockError> {
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<(), BlockError> {
+        self.check(offset, len);
+        self.inner.write_zeroes(offset, len, may_unmap)
+    }
+    fn map(&self, op: MapOp, offset: u64, len: u64) -> Result<Option<Mapping>, BlockError> {
+        if op == MapOp::Write {
+            self.check(offset, len);
+        }
+        self.inner.map(op, offset, len)
+    }
+    fn flush_fd(&self) -> Option<RawFd> {
+        self.inner.flush_fd()
+    }
+}
+
+/// At most this many BLOCK_IO_ERROR events per export per second; the rest are counted.
+const IO_ERRORS_PER_SECOND: u64 = 4;
+
+struct ErrorWindow {
+    start: Instant,
+    sent: u64,
+    suppressed: u64,
+}
+
+fn operation(op: Op) -> &'static str {
+    match op {
+        Op::Read | Op::GetId => "read",
+        Op::Write => "write",
+        Op::Flush => "flush",
+        Op::Discard => "discard",
+        Op::WriteZeroes => "write-zeroes",
+    }
+}
+
+/// The sink an export's failed requests go to: BLOCK_IO_ERROR events, rate-limited.
+pub fn io_error_sink(state: Weak<State>, export: &str, node: &str) -> FailureSink {
+    let (export, node) = (export.to_string(), node.to_string());
+    let window = Mutex::new(ErrorWindow {
+        start: Instant::now(),
+        sent: 0,
+        suppressed: 0,
+    });
+    Arc::new(move |f: &Failure| {
+        let suppressed = {
+            let mut w = window.lock();
+            if w.start.elapsed().as_secs() >= 1 {
+                w.start = Instant::now();
+                w.sent = 0;
+            }
+            if w.sent >= IO_ERRORS_PER_SECOND {
+                w.suppressed += 1;
+                return;
+            }
+            w.sent += 1;
+            std::mem::take(&mut w.suppressed)
+        };
+        if let Some(state) = state.upgrade() {
+            state.emit(
+                "BLOCK_IO_ERROR",
+                json!({
+                    "device": export,
+                    "node-name": node,
+                    "operation": operation(f.op),
+                    "action": "report",
+                    "nospace": f.nospace,
+                    "reason": f.reason,
+                    "sector": f.sector,
+                    "suppressed": suppressed,
+                }),
+            );
+        }
+    })
+}
+
+/// Turns the pool's events into QMP events for as long as the state lives.
+pub fn forward_pool_events(thin: &ThinPool, state: Weak<State>) {
+    let block_size = thin.pool().block_size();
+    let low_water = Arc::downgrade(thin.pool());
+    thin.pool().subscribe(Arc::new(move |e: &PoolEvent| {
+        let Some(state) = state.upgrade() else { return };
+        match e {
+            PoolEvent::ModeChanged(mode) => {
+                state.emit("THIN_POOL_MODE_CHANGED", json!({ "mode": mode.as_str() }))
+            }
+            PoolEvent::DataLowWater { free } => {
+                let mark = low_water.upgrade().map_or(0, |p| p.data_low_water());
+                state.emit(
+                    "THIN_POOL_LOW_SPACE",
+                    json!({
+                        "space": "data",
+                        "free-blocks": free,
+                        "low-water": mark,
+                        "block-size": block_size,
+                    }),
+                )
+            }
+            PoolEvent::MetadataLowWater { free } => state.emit(
+                "THIN_POOL_LOW_SPACE",
+                json!({ "space": "metadata", "free-blocks": free }),
+            ),
+        }
+    }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_threshold_fires_once_for_the_first_write_past_it() {
+        let t = WriteThreshold::default();
+        assert_eq!(t.passed(u64::MAX), None, "disarmed by default");
+        t.set(4096);
+        assert_eq!(
+            t.passed(4096),
+            None,
+            "ending at the threshold is not past it"
+        );
+        assert_eq!(t.passed(4097), Some(4096));
+        assert_eq!(t.get(), 0);
+        assert_eq!(t.passed(1 << 30), None);
+    }
+
+    #[test]
+    fn an_io_error_sink_outliving_its_state_is_harmless() {
+        // The state is gone (the daemon is stopping): failures are dropped quietly.
+        let sink = io_error_sink(Weak::new(), "e", "n");
+        let f = Failure {
+            op: Op::Write,
+            sector: 0,
+            status: 1,
+            nospace: true,
+            reason: "test",
+        };
+        for _ in 0..100 {
+            sink(&f);
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! Holding a metadata snapshot for userspace readers (backup, delta), as dm-thin's
+//! `reserve_metadata_snap` / `release_metadata_snap` pool messages do.
+
+use super::thin_pool::{ThinPool, VolumeError};
+
+impl ThinPool {
+    /// Commits and holds a read-only copy of the metadata; returns its superblock's location.
+    /// I/O is quiesced meanwhile, so the commit covers only data already on the data device.
+    pub fn reserve_metadata_snap(&self) -> Result<u64, VolumeError> {
+        let pool = self.pool();
+        let (_gate, mut meta) = pool.quiesce();
+        pool.data().flush()?;
+        Ok(meta.reserve_metadata_snap()?)
+    }
+
+    /// Drops the held metadata snapshot and commits, freeing what only it referenced.
+    pub fn release_metadata_snap(&self) -> Result<(), VolumeError> {
+        self.pool().change(|m| m.release_metadata_snap())?;
+        self.pool().commit()?;
+        Ok(())
+    }
+}
