@@ -604,3 +604,64 @@ fn an_available_ring_ending_outside_guest_memory_does_not_spin_the_worker() {
     let h = run_returning(h);
     assert_eq!(h.used_idx(), 0);
 }
+
+#[test]
+fn wrapping_addresses_and_overflowing_segments_are_refused_and_change_nothing() {
+    let mut h = Harness::new(false);
+    h.fill(DATA, 8192, 0x66);
+    h.header(HDR, VIRTIO_BLK_T_OUT, 0);
+    h.push(&[(HDR, 16, false), (DATA, 8192, false), (STATUS, 1, true)]);
+    h.run();
+    assert_eq!(h.status(STATUS), OK);
+    let wrap = u64::MAX - 255;
+    let segs = DATA + 0x20000;
+    // Segments: one whose sector + count wraps, one whose byte offset overflows, and a good
+    // one followed by a wrapping one (all are checked before any runs).
+    let mut mixed = range_segment(0, 8, 0);
+    mixed.extend(range_segment(u64::MAX - 3, 8, 0));
+    for (i, s) in [
+        range_segment(u64::MAX - 3, 8, 0),
+        range_segment(u64::MAX / 256, 8, 0),
+        mixed,
+    ]
+    .iter()
+    .enumerate()
+    {
+        h.mem
+            .write_slice(s, GuestAddress(segs + 0x100 * i as u64))
+            .unwrap();
+    }
+    #[rustfmt::skip]
+    let cases: [(u32, Vec<Buf>); 8] = [
+        // Data whose guest address + length wraps around 2^64.
+        (VIRTIO_BLK_T_IN, vec![(wrap, 512, true)]),
+        (VIRTIO_BLK_T_OUT, vec![(wrap, 512, false)]),
+        // Data split so the second piece wraps.
+        (VIRTIO_BLK_T_OUT, vec![(DATA, 512, false), (wrap, 512, false)]),
+        (VIRTIO_BLK_T_DISCARD, vec![(segs, 16, false)]),
+        (VIRTIO_BLK_T_WRITE_ZEROES, vec![(segs, 16, false)]),
+        (VIRTIO_BLK_T_DISCARD, vec![(segs + 0x100, 16, false)]),
+        (VIRTIO_BLK_T_WRITE_ZEROES, vec![(segs + 0x200, 32, false)]),
+        // A segment list whose address wraps.
+        (VIRTIO_BLK_T_DISCARD, vec![(wrap, 16, false)]),
+    ];
+    let n = cases.len() as u64;
+    for (i, (kind, data)) in cases.iter().enumerate() {
+        let i = i as u64 + 1;
+        h.header(HDR + 16 * i, *kind, 0);
+        let chain: Vec<Buf> = [(HDR + 16 * i, 16, false)]
+            .into_iter()
+            .chain(data.iter().copied())
+            .chain([(STATUS + i, 1, true)])
+            .collect();
+        h.push(&chain);
+    }
+    // A header whose address wraps, with a good status byte.
+    h.push(&[(u64::MAX - 7, 16, false), (STATUS + n + 1, 1, true)]);
+    h.run();
+    assert_eq!(u64::from(h.used_idx()), n + 2, "every chain is returned");
+    for i in 1..=n + 1 {
+        assert_eq!(h.status(STATUS + i), IOERR, "case {i}");
+    }
+    assert_eq!(h.disk(0, 8192), vec![0x66; 8192], "a refused request changed the disk");
+}
