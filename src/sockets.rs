@@ -80,13 +80,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sub = dir.path().join("sub");
         fs::create_dir(&sub).unwrap();
-        assert!(matches!(bind_private(&sub), Err(SocketError::NotASocket(_))));
+        assert!(matches!(
+            bind_private(&sub),
+            Err(SocketError::NotASocket(_))
+        ));
         assert!(sub.is_dir());
         let target = dir.path().join("precious");
         fs::write(&target, b"precious").unwrap();
         let link = dir.path().join("link.sock");
         std::os::unix::fs::symlink(&target, &link).unwrap();
-        assert!(matches!(bind_private(&link), Err(SocketError::NotASocket(_))));
+        assert!(matches!(
+            bind_private(&link),
+            Err(SocketError::NotASocket(_))
+        ));
         assert_eq!(fs::read(&target).unwrap(), b"precious");
         // A dangling symlink is not a socket either: nothing is created where it points.
         let dangling = dir.path().join("dangling.sock");

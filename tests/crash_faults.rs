@@ -112,7 +112,11 @@ fn committed_disk(thin: &ThinPool, blocks: u64) -> Arc<ThinDevice> {
 
 fn assert_committed_intact(a: &ThinDevice, blocks: u64) {
     for i in 0..blocks {
-        assert_eq!(get(a, i * 16).unwrap(), st(i * 16, 1), "committed block {i}");
+        assert_eq!(
+            get(a, i * 16).unwrap(),
+            st(i * 16, 1),
+            "committed block {i}"
+        );
     }
 }
 
@@ -143,7 +147,10 @@ fn data_write_fault_turns_the_pool_read_only(fault: Fault) {
     put(&a, 6 * 16, st(96, 2)).unwrap();
     rig.data.fail_writes(fault);
     // A new block (zero-filled around the write) and an overwrite of a mapped one.
-    assert!(matches!(put(&a, 5 * 16, st(80, 2)), Err(BlockError::Io { .. })));
+    assert!(matches!(
+        put(&a, 5 * 16, st(80, 2)),
+        Err(BlockError::Io { .. })
+    ));
     assert_eq!(thin.pool().mode(), PoolMode::ReadOnly);
     assert_eq!(rig.mode_changes(), vec![PoolMode::ReadOnly]);
     assert!(matches!(put(&a, 2, st(2, 2)), Err(BlockError::ReadOnly)));
@@ -155,8 +162,16 @@ fn data_write_fault_turns_the_pool_read_only(fault: Fault) {
     let thin = reopen_writable(&rig);
     let a = thin.device("a").unwrap();
     assert_committed_intact(&a, 4);
-    assert_eq!(get(&a, 96).unwrap(), Content::Zero, "an unflushed write was committed");
-    assert_eq!(get(&a, 80).unwrap(), Content::Zero, "a failed write was committed");
+    assert_eq!(
+        get(&a, 96).unwrap(),
+        Content::Zero,
+        "an unflushed write was committed"
+    );
+    assert_eq!(
+        get(&a, 80).unwrap(),
+        Content::Zero,
+        "a failed write was committed"
+    );
     put(&a, 2, st(2, 3)).unwrap();
     a.flush().unwrap();
     assert_eq!(get(&a, 2).unwrap(), st(2, 3));
@@ -246,7 +261,10 @@ fn a_failed_data_flush_commits_nothing_and_turns_the_pool_read_only() {
     // Even if a later flush would succeed (fsync may forget the pages it failed to write),
     // the mappings of that transaction are never committed.
     rig.data.clear();
-    assert!(a.flush().is_err(), "a FLUSH committed after a failed data flush");
+    assert!(
+        a.flush().is_err(),
+        "a FLUSH committed after a failed data flush"
+    );
     assert_committed_intact(&a, 4);
     drop((a, thin));
     let thin = reopen_writable(&rig);
@@ -273,7 +291,10 @@ fn a_metadata_device_that_keeps_failing_leaves_the_last_commit_intact() {
     let a = committed_disk(&thin, 4);
     put(&a, 64 + 16, st(80, 2)).unwrap();
     rig.store.fail_after_writes(3, WriteFault::Error);
-    assert!(a.flush().is_err(), "a commit onto failing metadata succeeded");
+    assert!(
+        a.flush().is_err(),
+        "a commit onto failing metadata succeeded"
+    );
     assert_eq!(thin.pool().mode(), PoolMode::ReadOnly);
     assert_eq!(rig.mode_changes(), vec![PoolMode::ReadOnly]);
     assert!(matches!(put(&a, 2, st(2, 2)), Err(BlockError::ReadOnly)));
@@ -294,7 +315,10 @@ fn metadata_fault_sets_needs_check(fail_after: i64) {
     let a = committed_disk(&thin, 4);
     put(&a, 64 + 16, st(80, 2)).unwrap();
     rig.flaky.fail_write_once_after(fail_after);
-    assert!(a.flush().is_err(), "a commit onto failing metadata succeeded");
+    assert!(
+        a.flush().is_err(),
+        "a commit onto failing metadata succeeded"
+    );
     assert_eq!(thin.pool().mode(), PoolMode::ReadOnly);
     assert_eq!(rig.mode_changes(), vec![PoolMode::ReadOnly]);
     assert!(matches!(put(&a, 2, st(2, 2)), Err(BlockError::ReadOnly)));

@@ -119,7 +119,7 @@ impl Run {
         .collect();
         for d in &self.disks {
             args.push("--export".into());
-            let origin = self.snapshots.iter().any(|s| *s == d.name);
+            let origin = self.snapshots.contains(&d.name);
             args.push(if origin {
                 format!("name={},snapshot-of=a,queues=1", d.name)
             } else {

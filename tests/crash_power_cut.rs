@@ -139,7 +139,12 @@ impl Run {
     }
 
     fn next_id(thin: &ThinPool) -> u64 {
-        thin.pool().meta().device_ids().iter().max().map_or(1, |m| m + 1)
+        thin.pool()
+            .meta()
+            .device_ids()
+            .iter()
+            .max()
+            .map_or(1, |m| m + 1)
     }
 
     fn pick(&mut self, filter: impl Fn(&Model) -> bool) -> Option<u64> {
@@ -298,10 +303,11 @@ impl Run {
         self.next_name += 1;
         let name = format!("c{}", self.next_name);
         let id = Self::next_id(thin);
-        let mut model = self.new_device(name.clone(), Role::Scratch, vec![
-            Cell::exact(Content::Zero);
-            STAMPS
-        ]);
+        let mut model = self.new_device(
+            name.clone(),
+            Role::Scratch,
+            vec![Cell::exact(Content::Zero); STAMPS],
+        );
         let created = died(p, "create", thin.create(&name, DISK)).is_some();
         model.certain = created;
         self.devices.insert(id, model);
@@ -416,10 +422,11 @@ fn power_cuts_anywhere_lose_nothing_flushed_and_show_no_foreign_data() {
         let thin = m.open();
         for name in ["a", "b"] {
             let id = thin.create(name, DISK).unwrap();
-            let mut model = run.new_device(name.into(), Role::Disk, vec![
-                Cell::exact(Content::Zero);
-                STAMPS
-            ]);
+            let mut model = run.new_device(
+                name.into(),
+                Role::Disk,
+                vec![Cell::exact(Content::Zero); STAMPS],
+            );
             model.certain = true;
             run.devices.insert(id, model);
         }

@@ -119,7 +119,9 @@ fn sigterm_stops_the_daemon_while_a_frontend_is_connected() {
         let _ = child.wait();
     }
     assert!(
-        status.expect("thinblk did not exit within 10 s of SIGTERM").success(),
+        status
+            .expect("thinblk did not exit within 10 s of SIGTERM")
+            .success(),
         "thinblk failed to stop cleanly"
     );
     drop(client);

@@ -22,7 +22,8 @@ const DISK_BLOCKS: u64 = 12;
 
 fn read_block(dev: &ThinDevice, vblock: u64) -> Vec<Content> {
     let mut buf = vec![0u8; BS as usize];
-    dev.read(vblock * BS, &mut [IoSliceMut::new(&mut buf)]).unwrap();
+    dev.read(vblock * BS, &mut [IoSliceMut::new(&mut buf)])
+        .unwrap();
     buf.chunks(STAMP).map(parse).collect()
 }
 

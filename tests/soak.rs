@@ -193,7 +193,7 @@ fn churn(control: &Path, seed: u64, stop: &AtomicBool) -> Churn {
     let mut rng = Rng::new(seed);
     let mut qmp = Qmp::connect(control);
     let mut live: Vec<String> = Vec::new();
-    let mut sizes = vec![DISK; DISKS];
+    let mut sizes = [DISK; DISKS];
     let mut done = Churn::default();
     let mut n = 0;
     while !stop.load(Ordering::Acquire) {
@@ -307,7 +307,10 @@ fn eight_disks_two_queues_with_snapshots_and_resizes_lose_nothing_and_leak_nothi
     let churned = churner.join().unwrap();
     let elapsed = started.elapsed();
     let peak = daemon.peak_rss();
-    let (anon, shmem) = (rss(daemon.pid(), "RssAnon:"), rss(daemon.pid(), "RssShmem:"));
+    let (anon, shmem) = (
+        rss(daemon.pid(), "RssAnon:"),
+        rss(daemon.pid(), "RssShmem:"),
+    );
     drop(clients);
     drop(daemon);
 
@@ -324,7 +327,10 @@ fn eight_disks_two_queues_with_snapshots_and_resizes_lose_nothing_and_leak_nothi
     );
     assert_eq!(counts.errors.load(Ordering::Relaxed), 0, "requests failed");
     assert!(churned.snapshots > 0 && churned.deletes > 0 && churned.resizes > 0);
-    assert_checks_pass(&pool.join("metadata"), &format!("seed {seed}, after the soak"));
+    assert_checks_pass(
+        &pool.join("metadata"),
+        &format!("seed {seed}, after the soak"),
+    );
     // Guest memory the daemon touched is shared with the clients; what it owns is the cache
     // and its queues.
     let guest_memory = (DISKS * REGION_LEN) as u64;

@@ -13,9 +13,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::aligned::{read_bufs_aligned, write_bufs_aligned};
-use super::{
-    check_range, iovec_len, BlockDevice, BlockError, DataDevice, Extent, MapOp, Mapping,
-};
+use super::{check_range, iovec_len, BlockDevice, BlockError, DataDevice, Extent, MapOp, Mapping};
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 const BLKDISCARD: libc::c_ulong = 0x1277;

@@ -663,5 +663,9 @@ fn wrapping_addresses_and_overflowing_segments_are_refused_and_change_nothing() 
     for i in 1..=n + 1 {
         assert_eq!(h.status(STATUS + i), IOERR, "case {i}");
     }
-    assert_eq!(h.disk(0, 8192), vec![0x66; 8192], "a refused request changed the disk");
+    assert_eq!(
+        h.disk(0, 8192),
+        vec![0x66; 8192],
+        "a refused request changed the disk"
+    );
 }

@@ -308,10 +308,8 @@ impl BlockDevice for PowerCutDevice {
         let len = iovec_len(bufs).ok_or(BlockError::Unsupported("iovec length"))?;
         check_range(offset, len, self.size)?;
         if let Some(p) = &self.power {
-            p.alive().map_err(|e| BlockError::Io {
-                offset,
-                source: e,
-            })?;
+            p.alive()
+                .map_err(|e| BlockError::Io { offset, source: e })?;
         }
         let img = self.image.lock();
         let mut at = offset as usize;
@@ -414,9 +412,7 @@ impl FaultyDevice {
     fn hits(&self, offset: u64, len: u64, which: Option<Fault>) -> Option<Fault> {
         let f = self.faults.lock();
         let fault = which?;
-        let inside = f
-            .range
-            .is_none_or(|(s, e)| offset < e && offset + len > s);
+        let inside = f.range.is_none_or(|(s, e)| offset < e && offset + len > s);
         inside.then(|| {
             self.injected.fetch_add(1, Ordering::Relaxed);
             fault
@@ -548,7 +544,9 @@ impl BlockStore for FlakyStore {
 
     fn write_block(&self, block: u64, buf: &[u8]) -> io::Result<()> {
         if self.fail_at.fetch_sub(1, Ordering::AcqRel) == 0 {
-            return Err(io::Error::other(format!("transient EIO writing block {block}")));
+            return Err(io::Error::other(format!(
+                "transient EIO writing block {block}"
+            )));
         }
         self.inner.write_block(block, buf)
     }
