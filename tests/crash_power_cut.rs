@@ -373,9 +373,19 @@ impl Run {
             };
             // A device whose create or delete was cut may come back under its id's name.
             model.name = name.clone();
+            let was_certain = model.certain;
             model.certain = true;
             model.maybe_deleted = false;
-            let dev = thin.device(name).unwrap();
+            let mut dev = thin.device(name).unwrap();
+            if dev.size() < DISK {
+                // Committed, but the power went before the catalog was saved: the device came
+                // back as `devID` with a size guessed from its mappings (sizes live only in the
+                // catalog). Grow it back, as its owner would.
+                assert!(!was_certain, "cycle {cycle}: device {id} shrank");
+                drop(dev);
+                thin.resize(name, DISK).unwrap();
+                dev = thin.device(name).unwrap();
+            }
             let mut buf = vec![0u8; DISK as usize];
             dev.read(0, &mut [IoSliceMut::new(&mut buf)]).unwrap();
             for (i, cell) in model.cells.iter_mut().enumerate() {
