@@ -431,6 +431,25 @@ mod tests {
     }
 
     #[test]
+    fn pairs_left_behind_the_end_by_a_torn_write_never_come_back() {
+        let dev = mem(1200);
+        let mut s = PersistentStore::create(dev.clone(), 4096).unwrap().store;
+        let pairs: Vec<_> = (0..3u64).map(|o| (o, s.prepare().unwrap())).collect();
+        s.commit(&pairs).unwrap();
+        // A torn commit whose later sector reached the disk, its earlier one not.
+        let mut area = vec![0u8; 4096];
+        dev.read(4096, &mut [IoSliceMut::new(&mut area)]).unwrap();
+        encode_entry(&mut area, 40, 999, 100);
+        dev.write(4096, &[IoSlice::new(&area)]).unwrap();
+        let mut s = PersistentStore::open(dev.clone(), None).unwrap().store;
+        let more: Vec<_> = (3..40u64).map(|o| (o, s.prepare().unwrap())).collect();
+        s.commit(&more).unwrap();
+        let o = PersistentStore::open(dev, None).unwrap();
+        assert_eq!(o.table.len(), 40);
+        assert_eq!(o.table.lookup(999), None);
+    }
+
+    #[test]
     fn forgetting_the_newest_pairs_is_durable() {
         let dev = mem(1200);
         let mut s = PersistentStore::create(dev.clone(), 4096).unwrap().store;
