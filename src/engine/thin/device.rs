@@ -18,6 +18,8 @@ pub struct ThinDevice {
     pool: Arc<Pool>,
     dev: u64,
     size: AtomicU64,
+    /// An external origin (read-only): what unmapped blocks hold instead of zeros.
+    origin: Option<Arc<dyn BlockDevice>>,
 }
 
 /// The part of one data block a byte range covers.
@@ -55,13 +57,48 @@ fn thin(e: super::ThinError) -> BlockError {
     }
 }
 
+/// Reads `bufs` from `origin` at `offset`; what lies past the origin's end reads as zeros.
+fn read_origin(
+    origin: &dyn BlockDevice,
+    offset: u64,
+    bufs: &mut [IoSliceMut<'_>],
+) -> Result<(), BlockError> {
+    let len = iovec_len(bufs).ok_or(BlockError::Unsupported("iovec length"))?;
+    let avail = origin.size().saturating_sub(offset).min(len);
+    if avail == len {
+        return origin.read(offset, bufs);
+    }
+    zero(bufs);
+    if avail == 0 {
+        return Ok(());
+    }
+    let mut head = vec![0u8; avail as usize];
+    origin.read(offset, &mut [IoSliceMut::new(&mut head)])?;
+    let mut src = head.as_slice();
+    for b in bufs.iter_mut() {
+        let n = b.len().min(src.len());
+        let (now, rest) = src.split_at(n);
+        b.get_mut(..n).unwrap_or_default().copy_from_slice(now);
+        src = rest;
+    }
+    Ok(())
+}
+
 impl ThinDevice {
     pub fn new(pool: Arc<Pool>, dev: u64, size: u64) -> Self {
         ThinDevice {
             pool,
             dev,
             size: AtomicU64::new(size & !511),
+            origin: None,
         }
+    }
+
+    /// Unmapped blocks read from `origin` (never written), and a first write copies the
+    /// origin block around itself, zeros past the origin's end.
+    pub fn with_origin(mut self, origin: Arc<dyn BlockDevice>) -> Self {
+        self.origin = Some(origin);
+        self
     }
 
     pub fn id(&self) -> u64 {
@@ -156,12 +193,24 @@ impl ThinDevice {
             around.push((end, bs - end));
         }
         for (at, len) in around {
-            match old {
-                None => {
+            match (old, &self.origin) {
+                (None, Some(origin)) => {
+                    let mut buf = vec![0u8; CHUNK.min(len) as usize];
+                    let mut done = 0;
+                    while done < len {
+                        let n = CHUNK.min(len - done) as usize;
+                        let chunk = buf.get_mut(..n).unwrap_or_default();
+                        let from = p.vblock * bs + at + done;
+                        read_origin(origin.as_ref(), from, &mut [IoSliceMut::new(chunk)])?;
+                        pool.write_data(new, at + done, &[IoSlice::new(chunk)])?;
+                        done += n as u64;
+                    }
+                }
+                (None, None) => {
                     let base = new * bs;
                     pool.data().write_zeroes(base + at, len, false)?;
                 }
-                Some(old) => {
+                (Some(old), _) => {
                     let mut buf = vec![0u8; CHUNK.min(len) as usize];
                     let mut done = 0;
                     while done < len {
@@ -223,7 +272,8 @@ impl ThinDevice {
         Ok(())
     }
 
-    /// Zeroes a byte range inside mapped blocks (unmapped ones already read as zeros).
+    /// Zeroes a byte range inside mapped blocks (unmapped ones already read as zeros, unless
+    /// they read from an origin: those get a block of zeros).
     fn zero_range(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         let zeros = vec![0u8; CHUNK.min(len) as usize];
         for p in pieces(offset, len, self.pool.block_size()) {
@@ -233,7 +283,7 @@ impl ThinDevice {
                 .find_block(self.dev, p.vblock, true)
                 .map_err(thin)?
                 .is_some();
-            if !mapped {
+            if !mapped && self.origin.is_none() {
                 continue;
             }
             let mut done = 0;
@@ -293,7 +343,13 @@ impl BlockDevice for ThinDevice {
                 .map_err(thin)?
             {
                 Some(l) => self.pool.read_data(l.block, p.within, &mut part)?,
-                None => zero(&mut part),
+                None => match &self.origin {
+                    Some(origin) => {
+                        let at = p.vblock * self.pool.block_size() + p.within;
+                        read_origin(origin.as_ref(), at, &mut part)?
+                    }
+                    None => zero(&mut part),
+                },
             }
         }
         Ok(())
@@ -327,7 +383,8 @@ impl BlockDevice for ThinDevice {
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<(), BlockError> {
         self.writable()?;
         check_range(offset, len, self.size())?;
-        if !may_unmap {
+        // Unmapped blocks of a device with an origin read the origin, not zeros.
+        if !may_unmap || self.origin.is_some() {
             return self.zero_range(offset, len);
         }
         let (first, last, edges) = self.split_whole(offset, len);
