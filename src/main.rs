@@ -51,11 +51,21 @@ struct ServeArgs {
     ///
     /// name=NAME: a thin device of the pool (created when size= is given and it is missing);
     /// raw=PATH: a file or block device served byte for byte;
-    /// null=SIZE: a device that stores nothing and reads zeros, for benchmarks (e.g. 16G).
-    /// One of name=, raw= or null= is required.
+    /// null=SIZE: a device that stores nothing and reads zeros, for benchmarks (e.g. 16G);
+    /// cow=ORIGIN: a writable snapshot of the file or block device ORIGIN (never written),
+    /// its changed chunks kept in store= in dm-snapshot's format.
+    /// One of name=, raw=, null= or cow= is required.
     /// size=SIZE: with name=, the size of a device to create (e.g. 16G).
     /// snapshot-of=NAME: with name=, create the device as a snapshot of NAME if missing.
-    /// socket=PATH: the vhost-user socket to create, mode 0600 (required for raw= and null=;
+    /// origin=PATH: with name=, create the device with the external origin PATH if missing:
+    /// unmapped blocks read PATH (read-only), size defaults to PATH's.
+    /// store=PATH: with cow=, the exception store (created sparse when missing, big enough
+    /// to copy the whole origin unless store-size= says otherwise).
+    /// chunk-size=SIZE: with cow=, the copy unit, a power of two from 4K to 512K (default
+    /// 64K; an existing store keeps its own).
+    /// store-size=SIZE: with cow=, the size of a store file created now.
+    /// transient=on|off: with cow=, keep exceptions in memory only; they are lost at exit.
+    /// socket=PATH: the vhost-user socket to create, mode 0600 (required for raw=, null=, cow=;
     /// thin exports default to DIR/NAME.sock); a stale socket is replaced, a socket some
     /// server still listens on is an error.
     /// id=NAME: the export name, also the disk serial the guest reads (default: the device

@@ -14,6 +14,7 @@ use parking_lot::Mutex;
 use serde_json::Value;
 
 use crate::control::protocol::{encode, event};
+use crate::engine::cow::{CowEvent, CowFiles};
 use crate::engine::thin::ThinPool;
 use crate::engine::BlockDevice;
 use crate::sockets::SocketError;
@@ -66,6 +67,8 @@ pub struct State {
     /// The thin pool, whose devices are block nodes by name.
     thin: Option<Arc<ThinPool>>,
     nodes: Mutex<BTreeMap<String, Node>>,
+    /// COW nodes (also in `nodes`), for status and merge.
+    cows: Mutex<BTreeMap<String, Arc<CowFiles>>>,
     exports: Mutex<BTreeMap<String, RunningExport>>,
     listeners: Mutex<Vec<(u64, Arc<Mutex<UnixStream>>)>>,
     next_listener: AtomicU64,
@@ -90,6 +93,42 @@ impl State {
         }
         nodes.insert(name.into(), node);
         Ok(())
+    }
+
+    /// Adds a COW device as a block node; its events become COW_INVALIDATED and
+    /// COW_MERGE_COMPLETED events with the node name.
+    pub fn add_cow_node(
+        self: &Arc<Self>,
+        name: &str,
+        files: Arc<CowFiles>,
+    ) -> Result<(), StateError> {
+        let node = Node {
+            dev: files.device.clone(),
+            read_only: false,
+        };
+        self.add_node(name, node)?;
+        let state = Arc::downgrade(self);
+        let node_name = name.to_string();
+        files.device.subscribe(Arc::new(move |e: &CowEvent| {
+            let Some(state) = state.upgrade() else { return };
+            match e {
+                CowEvent::Invalidated { reason } => state.emit(
+                    "COW_INVALIDATED",
+                    serde_json::json!({ "node-name": node_name, "reason": reason }),
+                ),
+                CowEvent::MergeCompleted { chunks } => state.emit(
+                    "COW_MERGE_COMPLETED",
+                    serde_json::json!({ "node-name": node_name, "chunks": chunks }),
+                ),
+            }
+        }));
+        self.cows.lock().insert(name.into(), files);
+        Ok(())
+    }
+
+    /// The COW device called `name`, with its origin and store paths.
+    pub fn cow(&self, name: &str) -> Option<Arc<CowFiles>> {
+        self.cows.lock().get(name).cloned()
     }
 
     /// Named nodes and thin devices.

@@ -110,7 +110,7 @@ impl Layout {
 
     /// Whether `chunk` may hold data: not the header, not a metadata area.
     pub fn is_data_chunk(&self, chunk: u64) -> bool {
-        chunk > HEADER_CHUNKS && (chunk - HEADER_CHUNKS) % self.stride() != 0
+        chunk > HEADER_CHUNKS && !(chunk - HEADER_CHUNKS).is_multiple_of(self.stride())
     }
 
     /// The first data chunk at or after `chunk`.
