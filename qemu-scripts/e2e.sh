@@ -160,8 +160,8 @@ start_server() {
             rm -f "$THIN_SOCK"
             log "server: $THINBLK serve: cow=$ORIGIN (store $STORE) at $SOCK, thin origin= at $THIN_SOCK"
             "$THINBLK" serve --dir "$POOL" --metadata-size 64M --data-size 1G \
-                --export "cow=$ORIGIN,store=$STORE,chunk-size=16K,socket=$SOCK,queues=$QUEUES" \
-                --export "name=disk,origin=$ORIGIN,socket=$THIN_SOCK,queues=$QUEUES" \
+                --export "cow=$ORIGIN,store=$STORE,chunk-size=16K,id=cow,socket=$SOCK,queues=$QUEUES" \
+                --export "name=odisk,origin=$ORIGIN,socket=$THIN_SOCK,queues=$QUEUES" \
                 >>"$SERVER_LOG" 2>&1 &
             ;;
         qsd)

@@ -51,6 +51,8 @@ pub enum StateError {
     NoNode(String),
     #[error("block node '{0}' already exists")]
     NodeExists(String),
+    #[error("block node '{0}' is in use by export '{1}'")]
+    NodeInUse(String, String),
     #[error("no export with id '{0}'")]
     NoExport(String),
     #[error("an export with id '{0}' already exists")]
@@ -129,6 +131,20 @@ impl State {
     /// The COW device called `name`, with its origin and store paths.
     pub fn cow(&self, name: &str) -> Option<Arc<CowFiles>> {
         self.cows.lock().get(name).cloned()
+    }
+
+    /// Removes a COW node no export serves; returns it (its files stay).
+    pub fn remove_cow_node(&self, name: &str) -> Result<Arc<CowFiles>, StateError> {
+        if let Some(e) = self.exports.lock().values().find(|e| e.config.node == name) {
+            return Err(StateError::NodeInUse(name.into(), e.config.id.clone()));
+        }
+        let files = self
+            .cows
+            .lock()
+            .remove(name)
+            .ok_or_else(|| StateError::NoNode(name.into()))?;
+        self.nodes.lock().remove(name);
+        Ok(files)
     }
 
     /// Named nodes and thin devices.
