@@ -162,3 +162,37 @@ fn fraction_full_counts_used_chunks() {
     assert_eq!((st.used_chunks, st.total_chunks), (4, 100));
     assert!((st.fraction_full() - 0.04).abs() < 1e-9);
 }
+
+#[test]
+fn racing_first_writes_to_one_chunk_keep_both_writers_data() {
+    let mut rng = Rng(17);
+    let origin = origin(&mut rng, 1 << 20);
+    let pristine = read_all(origin.as_ref());
+    let store = Arc::new(MemoryDevice::new(2 << 20).unwrap());
+    let dev = Arc::new(persistent(&origin, &store, 64 << 10));
+    // Each thread owns every other sector of the first 8 chunks.
+    let threads: Vec<_> = (0..2u64)
+        .map(|t| {
+            let dev = dev.clone();
+            std::thread::spawn(move || {
+                for s in (t..1024).step_by(2) {
+                    dev.write(s * 512, &[IoSlice::new(&[t as u8 + 1; 512])])
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let got = read_all(dev.as_ref());
+    for s in 0..1024usize {
+        let want = (s % 2) as u8 + 1;
+        assert!(
+            got[s * 512..s * 512 + 512].iter().all(|&b| b == want),
+            "sector {s}"
+        );
+    }
+    assert_eq!(got[512 << 10..], pristine[512 << 10..]);
+    assert_eq!(dev.status().exceptions, 8);
+}
