@@ -39,6 +39,19 @@ enum Command {
     Ls(tools::cli::LsArgs),
     /// Show how two thin devices differ (like thin_delta).
     Delta(tools::cli::DeltaArgs),
+    /// Fold a cow= snapshot's store into its origin (no daemon may serve it). The origin is
+    /// written in place; an interrupted merge finishes when run again.
+    Merge(MergeArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct MergeArgs {
+    /// The snapshot's origin file or block device (written).
+    #[arg(long, value_name = "PATH")]
+    origin: PathBuf,
+    /// The snapshot's store.
+    #[arg(long, value_name = "PATH")]
+    store: PathBuf,
 }
 
 fn size_arg(s: &str) -> Result<u64, String> {
@@ -189,6 +202,15 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Restore(a)) => Ok(tools::cli::run_restore(&a)?),
         Some(Command::Ls(a)) => Ok(tools::cli::run_ls(&a)?),
         Some(Command::Delta(a)) => Ok(tools::cli::run_delta(&a)?),
+        Some(Command::Merge(a)) => {
+            let report = thinblk::engine::cow::merge_offline(&a.origin, &a.store)?;
+            println!(
+                "merged {} chunks into {}",
+                report.chunks,
+                a.origin.display()
+            );
+            Ok(())
+        }
     }
 }
 

@@ -37,12 +37,13 @@ fn golden(dir: &Path) -> (std::path::PathBuf, Vec<u8>) {
 }
 
 /// Writes through the export at `sock`, checks, restarts with `args`, checks again.
+/// Returns what the disk holds.
 fn writes_survive_and_spare_the_origin(
     args: Vec<String>,
     sock: &Path,
     origin: &Path,
     bytes: &[u8],
-) {
+) -> Vec<u8> {
     let daemon = Daemon::start(&args, &[sock]);
     let mut c = Client::connect(sock, 1);
     assert_eq!(c.capacity(), ORIGIN);
@@ -75,6 +76,7 @@ fn writes_survive_and_spare_the_origin(
         );
     }
     assert_eq!(std::fs::read(origin).unwrap(), bytes, "the origin changed");
+    model
 }
 
 #[test]
@@ -89,9 +91,24 @@ fn a_cow_export_keeps_writes_in_its_store() {
         d.join("snap.cow").display(),
         sock.display()
     );
-    writes_survive_and_spare_the_origin(vec!["--export".into(), spec], &sock, &origin, &bytes);
+    let model =
+        writes_survive_and_spare_the_origin(vec!["--export".into(), spec], &sock, &origin, &bytes);
     let header = std::fs::read(d.join("snap.cow")).unwrap();
     assert_eq!(&header[..4], b"SnAp");
+    // With no daemon serving it, the snapshot folds into its origin.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_thinblk"))
+        .args(["merge", "--origin"])
+        .arg(&origin)
+        .arg("--store")
+        .arg(d.join("snap.cow"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&origin).unwrap(), model);
 }
 
 #[test]

@@ -131,6 +131,9 @@ fn power_cuts_never_expose_unwritten_store_chunks() {
             crossed += 1;
         }
     }
-    assert!(crossed > 10, "only {crossed} cases reached a second metadata area");
+    assert!(
+        crossed > 10,
+        "only {crossed} cases reached a second metadata area"
+    );
     assert_eq!(read_all(origin.as_ref()), pristine);
 }

@@ -21,7 +21,7 @@ mod transient;
 pub use device::{CowDevice, CowEvent, CowEventSink, COMMIT_EVERY};
 pub use error::CowError;
 pub use merge::MergeReport;
-pub use open::{open_cow, store_size_for, CowFiles, CowOptions};
+pub use open::{merge_offline, open_cow, store_size_for, CowFiles, CowOptions};
 pub use persistent::PersistentStore;
 pub use runs::ExceptionTable;
 pub use status::{CowStatus, MergeState};

@@ -1,7 +1,8 @@
 //! Opening a COW device from files: the origin read-only, the store created when missing.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -29,6 +30,25 @@ pub struct CowFiles {
     pub device: Arc<CowDevice>,
     pub origin: PathBuf,
     pub store: PathBuf,
+    /// Holds an exclusive flock on the store while the device lives.
+    _lock: File,
+}
+
+/// Takes an exclusive lock on the store so two processes never append to it at once.
+fn lock_store(path: &Path) -> Result<File, CowError> {
+    let f = File::open(path).map_err(file_err(path))?;
+    // SAFETY: flock takes a descriptor we own for the duration of the call and two flags.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        let e = if e.kind() == io::ErrorKind::WouldBlock {
+            io::Error::new(e.kind(), "the store is in use by another process")
+        } else {
+            e
+        };
+        return Err(file_err(path)(e));
+    }
+    Ok(f)
 }
 
 fn file_err(path: &Path) -> impl FnOnce(io::Error) -> CowError + '_ {
@@ -66,6 +86,7 @@ pub fn open_cow(origin: &Path, store: &Path, opts: &CowOptions) -> Result<CowFil
             .map_err(file_err(store))?;
         f.set_len(size).map_err(file_err(store))?;
     }
+    let lock = lock_store(store)?;
     let store_dev: Arc<dyn BlockDevice> = Arc::new(
         RawDevice::open(
             store,
@@ -88,7 +109,21 @@ pub fn open_cow(origin: &Path, store: &Path, opts: &CowOptions) -> Result<CowFil
         device: Arc::new(device),
         origin: origin.to_path_buf(),
         store: store.to_path_buf(),
+        _lock: lock,
     })
+}
+
+/// Merges the existing store at `store` into `origin` with no device serving it (the
+/// origin is opened writable). Interrupted, it can simply be run again.
+pub fn merge_offline(origin: &Path, store: &Path) -> Result<MergeReport, CowError> {
+    if !store.exists() {
+        return Err(file_err(store)(io::ErrorKind::NotFound.into()));
+    }
+    let opts = CowOptions {
+        direct: true,
+        ..CowOptions::default()
+    };
+    open_cow(origin, store, &opts)?.merge()
 }
 
 impl CowFiles {
@@ -103,5 +138,33 @@ impl CowFiles {
         )
         .map_err(file_err(&self.origin))?;
         self.device.merge(Arc::new(target))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_in_use_cannot_be_opened_twice_and_a_new_one_fits_the_origin() {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = dir.path().join("origin");
+        std::fs::write(&origin, vec![5u8; 1 << 20]).unwrap();
+        let store = dir.path().join("store");
+        let opts = CowOptions {
+            chunk_size: Some(4096),
+            ..CowOptions::default()
+        };
+        let first = open_cow(&origin, &store, &opts).unwrap();
+        assert_eq!(
+            std::fs::metadata(&store).unwrap().len(),
+            store_size_for(1 << 20, 4096)
+        );
+        assert!(matches!(
+            open_cow(&origin, &store, &opts),
+            Err(CowError::File { .. })
+        ));
+        drop(first);
+        assert!(open_cow(&origin, &store, &opts).is_ok());
     }
 }
