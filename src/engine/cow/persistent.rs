@@ -160,6 +160,9 @@ impl PersistentStore {
             if new == 0 {
                 return Ok(index);
             }
+            if old.checked_mul(self.layout.chunk_size).is_none() {
+                return Err(corrupt("old chunk lies beyond any device"));
+            }
             if new >= self.total || !self.layout.is_data_chunk(new) {
                 return Err(corrupt("new chunk is not a data chunk of the store"));
             }
@@ -447,6 +450,43 @@ mod tests {
         let o = PersistentStore::open(dev, None).unwrap();
         assert_eq!(o.table.len(), 40);
         assert_eq!(o.table.lookup(999), None);
+    }
+
+    #[test]
+    fn a_pair_for_an_impossible_old_chunk_is_corruption() {
+        let dev = mem(64);
+        let _ = PersistentStore::create(dev.clone(), 4096).unwrap();
+        let mut area = vec![0u8; 4096];
+        encode_entry(&mut area, 0, u64::MAX, 2);
+        dev.write(4096, &[IoSlice::new(&area)]).unwrap();
+        assert!(matches!(
+            PersistentStore::open(dev, None),
+            Err(CowError::Corrupt { index: 0, .. })
+        ));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn opening_a_damaged_store_never_panics(
+            pairs in proptest::collection::vec((proptest::prelude::any::<u64>(), 0u64..600), 0..300),
+            garbage_at in 0usize..8192,
+        ) {
+            let dev = mem(600);
+            let _ = PersistentStore::create(dev.clone(), 4096).unwrap();
+            let mut areas = vec![0u8; 2 * 4096];
+            for (i, &(old, new)) in pairs.iter().enumerate() {
+                let (a, idx) = (i / 256, (i % 256) as u64);
+                encode_entry(&mut areas[a * 4096..(a + 1) * 4096], idx, old % 1000, new);
+            }
+            areas[garbage_at] ^= 0x5a;
+            dev.write(4096, &[IoSlice::new(&areas[..4096])]).unwrap();
+            dev.write(258 * 4096, &[IoSlice::new(&areas[4096..])]).unwrap();
+            if let Ok(o) = PersistentStore::open(dev, None) {
+                let mut s = o.store;
+                let _ = s.newest(1000);
+                let _ = s.prepare();
+            }
+        }
     }
 
     #[test]

@@ -34,7 +34,9 @@ impl ExceptionTable {
             .range(..old)
             .next_back()
             .map(|(&s, &r)| (s, r))
-            .filter(|(s, r)| s + r.len == old && r.new + r.len == new);
+            .filter(|(s, r)| {
+                s.checked_add(r.len) == Some(old) && r.new.checked_add(r.len) == Some(new)
+            });
         let after = old
             .checked_add(1)
             .and_then(|next| self.runs.get(&next).map(|&r| (next, r)))

@@ -375,7 +375,8 @@ impl BlockDevice for ThinDevice {
     fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         self.writable()?;
         check_range(offset, len, self.size())?;
-        // Partial blocks keep their data: discard is advisory.
+        // Partial blocks keep their data: discard is advisory. With an external origin,
+        // unmapped blocks read the origin again (as in dm-thin).
         let (first, last, _) = self.split_whole(offset, len);
         self.unmap_blocks(first, last)
     }
