@@ -23,6 +23,9 @@ python3 -c "import qemu.qmp, pytest" 2>/dev/null ||
 cargo build --release --locked
 cargo test --release --locked --all-targets 2>&1 | tee target/cargo-test.log
 THINBLK="$PWD/target/release/thinblk" python3 -m pytest -q tests/qmp
+# Coverage-guided fuzzing, bounded: 30 s per target (longer by hand: bash fuzz/run.sh 600).
+bash fuzz/run.sh 30
+
 # A guest on a raw export, then on a thin device (with restart, snapshot and thin_check).
 THINBLK="$PWD/target/release/thinblk" bash qemu-scripts/e2e.sh
 THINBLK="$PWD/target/release/thinblk" SERVER=thin bash qemu-scripts/e2e.sh

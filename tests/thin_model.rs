@@ -268,3 +268,79 @@ fn snapshots_of_snapshots_keep_every_generation() {
     drop(pool);
     assert_clean(&f.meta);
 }
+
+fn read_mapping(m: &thinblk::engine::Mapping) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in &m.extents {
+        match *e {
+            thinblk::engine::Extent::Zero { len } => out.extend(vec![0u8; len as usize]),
+            thinblk::engine::Extent::File {
+                fd, offset, len, ..
+            } => {
+                // The O_DIRECT descriptor wants aligned memory: read through a page-aligned buffer.
+                let layout = std::alloc::Layout::from_size_align(len as usize, 4096).unwrap();
+                // SAFETY: the layout has a non-zero size; the buffer is freed below.
+                let buf = unsafe { std::alloc::alloc(layout) };
+                // SAFETY: `buf` holds `len` writable bytes; `fd` is open for reading.
+                let n = unsafe { libc::pread(fd, buf.cast(), len as usize, offset as i64) };
+                assert_eq!(n, len as isize);
+                // SAFETY: `n` bytes were read into `buf`.
+                out.extend_from_slice(unsafe { std::slice::from_raw_parts(buf, len as usize) });
+                // SAFETY: allocated above with this layout.
+                unsafe { std::alloc::dealloc(buf, layout) };
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn mappings_read_what_reads_read_and_hold_commits_back() {
+    let f = files();
+    let pool = open(&f, 16 << 20);
+    pool.create("a", 1 << 20).unwrap();
+    let a = pool.device("a").unwrap();
+    a.write(BS + 4096, &[IoSlice::new(&[3u8; 8192])]).unwrap();
+    a.write(4 * BS, &[IoSlice::new(&vec![4u8; BS as usize])])
+        .unwrap();
+    for (off, len) in [(0, 3 * BS), (BS, 4096 * 3), (3 * BS + 512, 2 * BS)] {
+        let m = a
+            .map(thinblk::engine::MapOp::Read, off, len)
+            .unwrap()
+            .unwrap();
+        let mut want = vec![0u8; len as usize];
+        a.read(off, &mut [IoSliceMut::new(&mut want)]).unwrap();
+        assert_eq!(read_mapping(&m), want, "mapped read at {off}+{len}");
+    }
+    use thinblk::engine::MapOp;
+    assert!(
+        a.map(MapOp::Write, 2 * BS, 4096).unwrap().is_none(),
+        "unprovisioned"
+    );
+    assert!(
+        a.map(MapOp::Write, BS, 4096).unwrap().is_some(),
+        "provisioned, not shared"
+    );
+    drop(a);
+    pool.snapshot("a", "s").unwrap();
+    let a = pool.device("a").unwrap();
+    assert!(
+        a.map(MapOp::Write, BS, 4096).unwrap().is_none(),
+        "shared after a snapshot"
+    );
+    // A commit waits for mappings still held (their I/O in flight).
+    let held = a.map(MapOp::Read, 0, BS).unwrap().unwrap();
+    a.write(8 * BS, &[IoSlice::new(&[1u8; 512])]).unwrap();
+    let flusher = {
+        let a = a.clone();
+        std::thread::spawn(move || a.flush())
+    };
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(!flusher.is_finished(), "a commit ran with I/O in flight");
+    assert!(
+        a.map(MapOp::Read, 0, BS).unwrap().is_none(),
+        "a mapping was taken during a commit"
+    );
+    drop(held);
+    flusher.join().unwrap().unwrap();
+}

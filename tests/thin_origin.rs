@@ -154,3 +154,27 @@ fn random_requests_match_a_model_across_restarts() {
     assert_eq!(read_all(thin.device("vm").unwrap().as_ref()), model);
     assert_eq!(std::fs::read(&f.origin).unwrap(), golden);
 }
+
+#[test]
+fn the_asynchronous_read_map_of_unmapped_blocks_points_at_the_origin() {
+    use thinblk::engine::{Extent, MapOp};
+    let mut rng = Rng(45);
+    let f = files(&mut rng);
+    let thin = open(f.dir.path());
+    thin.create_with_origin("vm", &f.origin, Some(4 << 20))
+        .unwrap();
+    let dev = thin.device("vm").unwrap();
+    let m = dev.map(MapOp::Read, BS, 2 * BS).unwrap();
+    if let Some(m) = m {
+        assert!(
+            m.extents
+                .iter()
+                .all(|e| matches!(e, Extent::File { offset, .. } if *offset >= BS)),
+            "unmapped blocks of a device with an origin mapped as {:?}",
+            m.extents
+        );
+    }
+    // Past the origin's end, unmapped blocks are zeros.
+    let m = dev.map(MapOp::Read, 2 << 20, BS).unwrap().unwrap();
+    assert!(m.extents.iter().all(|e| matches!(e, Extent::Zero { .. })));
+}

@@ -70,6 +70,47 @@ impl Client {
         }
     }
 
+    /// Writes the first `span` bytes sequentially (provisioning every block of a thin disk),
+    /// `chunk` bytes per request, keeping `qd` requests in flight.
+    pub fn fill(&mut self, span: u64, chunk: usize, qd: usize) -> Result<(), String> {
+        let mut next = 0u64;
+        let mut in_flight = 0usize;
+        let mut completions: Vec<MaybeUninit<Completion>> =
+            (0..qd.max(1)).map(|_| MaybeUninit::uninit()).collect();
+        while next < span || in_flight > 0 {
+            while in_flight < qd && next < span {
+                // The data does not matter, so requests in flight may share buffers.
+                let slot = in_flight;
+                let len = chunk.min((span - next) as usize);
+                let buf = (self.region.addr + slot * chunk) as *mut u8;
+                self.queue.write(next, buf, len, slot, ReqFlags::empty());
+                next += len as u64;
+                in_flight += 1;
+            }
+            let n = self
+                .queue
+                .do_io(&mut completions, 1, None, None)
+                .map_err(err("do_io"))?;
+            for c in completions.iter().take(n) {
+                // SAFETY: do_io initialised the first `n` completions.
+                let ret = unsafe { c.assume_init_ref() }.ret;
+                if ret != 0 {
+                    return Err(format!("fill: write failed ({ret})"));
+                }
+            }
+            in_flight -= n;
+        }
+        self.queue.flush(0, ReqFlags::empty());
+        let n = self
+            .queue
+            .do_io(&mut completions, 1, None, None)
+            .map_err(err("do_io"))?;
+        if n != 1 {
+            return Err("fill: no flush completion".into());
+        }
+        Ok(())
+    }
+
     /// Runs `job` for `warmup` then `measure`, over the first `span` bytes of the device.
     /// `cpu` samples the server's CPU time at the start and end of the measured window.
     pub fn run(

@@ -31,6 +31,29 @@ impl Server {
         Server::spawn("thinblk", cmd, socket, dir)
     }
 
+    /// `thinblk serve --dir POOL --export SPEC,socket=SOCKET,queues=1` plus `extra` exports,
+    /// on a pool made on first use (64 KiB blocks).
+    pub fn thin(
+        pool: &Path,
+        spec: &str,
+        extra: &[String],
+        socket: &Path,
+        dir: &Path,
+    ) -> Result<Server, String> {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_thinblk"));
+        cmd.arg("serve")
+            .arg("--dir")
+            .arg(pool)
+            .args(["--metadata-size", "1G", "--data-size", "64G"])
+            .arg("--export")
+            .arg(format!("{spec},socket={},queues=1", socket.display()));
+        for e in extra {
+            cmd.arg("--export").arg(e);
+        }
+        cmd.env("RUST_LOG", "warn");
+        Server::spawn("thinblk", cmd, socket, dir)
+    }
+
     /// qemu-storage-daemon with `blockdevs` (the last one exported) at `socket`, one queue.
     pub fn qsd(
         blockdevs: &[String],

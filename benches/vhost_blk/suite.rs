@@ -18,7 +18,7 @@ pub enum Section {
     Raw,
     /// thinblk null vs qsd null-co.
     Null,
-    /// thin devices vs qcow2 (the thin side is a placeholder for now).
+    /// thin devices vs thinblk raw and qcow2.
     Thin,
 }
 
@@ -194,27 +194,68 @@ fn thin_row(out: &mut String, what: &str, thin: &Cell, other: &Cell) {
     ));
 }
 
-/// Thin devices against their counterparts. The thin cells are placeholders until the thin
-/// pool exists; each comparison side is measured now.
+/// A thin pool for the suite, made afresh: `full` (every block of `span` provisioned), and
+/// the snapshot chain `s1` (of `full`) to `s{max}` (each of the one before).
+fn thin_pool(s: &Settings, span: u64, max_depth: usize) -> Result<PathBuf, String> {
+    let pool = s.dir.join("pool");
+    let _ = std::fs::remove_dir_all(&pool);
+    let sock = s.socket();
+    {
+        let server = Server::thin(&pool, &format!("name=full,size={span}"), &[], &sock, &s.dir)?;
+        let mut c = Client::connect(&sock, 8 << 20)?;
+        eprintln!("  provisioning thin disk full ({} MiB)", span >> 20);
+        c.fill(span, 1 << 20, 8)
+            .map_err(|e| format!("{e} ({})", server.log_tail()))?;
+    }
+    let chain: Vec<String> = (1..=max_depth)
+        .map(|d| {
+            let origin = if d == 1 {
+                "full".to_string()
+            } else {
+                format!("s{}", d - 1)
+            };
+            let sock = s.dir.join(format!("s{d}.sock"));
+            format!("name=s{d},snapshot-of={origin},socket={}", sock.display())
+        })
+        .collect();
+    eprintln!("  snapshot chain s1..s{max_depth}");
+    let server = Server::thin(&pool, "name=full", &chain, &sock, &s.dir)?;
+    drop(server);
+    Ok(pool)
+}
+
+/// Thin devices against thinblk raw (the mapping's cost), qcow2 first writes, and qcow2
+/// backing chains of the same depth.
 fn thin_section(
     s: &Settings,
     file: &Path,
     thinblk_raw: &[(String, Cell)],
     out: &mut String,
 ) -> Result<(), String> {
-    eprintln!("thin devices vs qcow2");
+    eprintln!("thin devices vs raw and qcow2");
     out.push_str(
-        "### Thin devices vs raw and qcow2 (64 KiB clusters), one queue\n\n\
+        "### Thin devices (64 KiB blocks) vs raw and qcow2 (64 KiB clusters), one queue\n\n\
          | row | thin | compared with | thin/other | other's cost |\n|---|---|---|---|---|\n",
     );
-    let not_built: Cell = Err(NOT_BUILT.into());
+    let max = DEPTHS.iter().copied().max().unwrap_or(1);
+    let pool = match thin_pool(s, s.file_size, max) {
+        Ok(p) => Ok(p),
+        Err(e) => Err(format!("thin pool: {e}")),
+    };
+    let thin = |name: &str, job: &Job, span: u64| -> Cell {
+        let pool = pool.as_ref().map_err(Clone::clone)?;
+        s.measure(&format!("thin {name}"), job, span, |sock| {
+            Server::thin(pool, &format!("name={name}"), &[], sock, &s.dir)
+        })
+    };
     for job in &s.jobs {
         let raw = thinblk_raw
             .iter()
             .find(|(n, _)| n == &job.name)
             .map_or(Err("n/a: raw section not run".into()), |(_, c)| c.clone());
+        let t = thin("full", job, s.file_size);
         let what = format!("fully provisioned thin vs thinblk raw: {}", job.name);
-        thin_row(out, &what, &not_built, &raw);
+        thin_row(out, &what, &t, &raw);
     }
 
     let first = [
@@ -228,7 +269,19 @@ fn thin_section(
         Job::new(Op::Write, Pattern::Sequential, 128 << 10, 8),
     ];
     let fresh = s.dir.join("fresh.qcow2");
-    for job in &first {
+    for (i, job) in first.iter().enumerate() {
+        let t = match &pool {
+            Ok(pool) => s.measure("thin fresh disk", job, FRESH_SIZE, |sock| {
+                Server::thin(
+                    pool,
+                    &format!("name=fresh{i},size={FRESH_SIZE}"),
+                    &[],
+                    sock,
+                    &s.dir,
+                )
+            }),
+            Err(e) => Err(e.clone()),
+        };
         let q = images::qcow2_fresh(&fresh, FRESH_SIZE).and_then(|()| {
             let nodes = vec![
                 qsd_file_node("f", &fresh),
@@ -239,7 +292,7 @@ fn thin_section(
             })
         });
         let what = format!("first writes, thin vs fresh qcow2: {}", job.name);
-        thin_row(out, &what, &not_built, &q);
+        thin_row(out, &what, &t, &q);
     }
     let _ = std::fs::remove_file(&fresh);
 
@@ -247,13 +300,13 @@ fn thin_section(
         Job::new(Op::Read, Pattern::Random, 4096, 1),
         Job::new(Op::Read, Pattern::Random, 4096, 32),
     ];
-    let max = DEPTHS.iter().copied().max().unwrap_or(1);
     match images::qcow2_chain(&s.dir, file, max) {
         Ok(chain) => {
             for depth in DEPTHS {
                 let nodes = images::qsd_chain_nodes(&chain[..=depth]);
                 let top = format!("q{depth}");
                 for job in &reads {
+                    let t = thin(&format!("s{depth}"), job, s.file_size);
                     let label = format!("qsd qcow2 chain depth {depth}");
                     let q = s.measure(&label, job, s.file_size, |sock| {
                         Server::qsd(&nodes, &top, sock, &s.dir)
@@ -262,20 +315,20 @@ fn thin_section(
                         "snapshot depth {depth}, thin vs qcow2 backing chain: {}",
                         job.name
                     );
-                    thin_row(out, &what, &not_built, &q);
+                    thin_row(out, &what, &t, &q);
                 }
             }
         }
         Err(e) => {
             let what = "snapshot reads, thin vs qcow2 backing chain";
-            thin_row(out, what, &not_built, &Err(e));
+            thin_row(out, what, &Err("n/a".into()), &Err(e));
         }
     }
     thin_row(
         out,
         "live-snapshot pause (longest I/O stall while snapshotting)",
-        &not_built,
-        &Err("n/a: not measured yet (blockdev-snapshot-sync over QMP during I/O)".into()),
+        &Err(NOT_BUILT.into()),
+        &Err("n/a: needs QMP snapshots during I/O".into()),
     );
     out.push('\n');
     Ok(())

@@ -28,7 +28,12 @@ fn is_delimiter(b: u8) -> bool {
 pub fn next_piece(buf: &[u8]) -> Piece {
     let start = buf.iter().position(|b| !b.is_ascii_whitespace());
     let Some(start) = start else {
-        return Piece::Incomplete;
+        // Whitespace alone is no text yet, but it must not grow the buffer without bound.
+        return if buf.len() > MAX_TEXT {
+            Piece::TooLong
+        } else {
+            Piece::Incomplete
+        };
     };
     let result = match buf.get(start) {
         Some(b'{' | b'[') => scan_nested(buf, start),
@@ -111,6 +116,13 @@ mod tests {
     fn escaped_quotes_do_not_end_strings() {
         let buf = br#"{"a":"x\"}"}"#;
         assert_eq!(next_piece(buf), Piece::Text(buf.len()));
+    }
+
+    #[test]
+    fn endless_whitespace_is_refused() {
+        let buf = vec![b' '; MAX_TEXT + 1];
+        assert_eq!(next_piece(&buf), Piece::TooLong);
+        assert_eq!(next_piece(&buf[..MAX_TEXT]), Piece::Incomplete);
     }
 
     #[test]

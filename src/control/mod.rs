@@ -5,6 +5,8 @@ pub mod json_stream;
 pub mod protocol;
 mod session;
 
+pub use session::replies;
+
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -41,26 +41,21 @@ pub fn run(state: Arc<State>, stream: UnixStream) {
     let mut chunk = [0u8; 4096];
     'conn: loop {
         loop {
-            match next_piece(&buf) {
-                Piece::Text(n) => {
-                    let text: Vec<u8> = buf.drain(..n).collect();
+            let step = next_step(&mut buf);
+            if let Step::Reply(v) | Step::Close(v) = &step {
+                if s.send(v).is_err() {
+                    break 'conn;
+                }
+            }
+            match step {
+                Step::Text(text) => {
                     if s.handle(&text).is_err() {
                         break 'conn;
                     }
                 }
-                Piece::Garbage(n) => {
-                    buf.drain(..n);
-                    let err = QmpError::generic("JSON parse error, unexpected character");
-                    if s.send(&reply(Err(err), None)).is_err() {
-                        break 'conn;
-                    }
-                }
-                Piece::Incomplete => break,
-                Piece::TooLong => {
-                    let err = QmpError::generic("JSON text too long; closing the connection");
-                    let _ = s.send(&reply(Err(err), None));
-                    break 'conn;
-                }
+                Step::Reply(_) => {}
+                Step::Wait => break,
+                Step::Close(_) => break 'conn,
             }
         }
         match reader.read(&mut chunk) {
@@ -72,6 +67,109 @@ pub fn run(state: Arc<State>, stream: UnixStream) {
         s.state.unsubscribe(token);
     }
     debug!("control: client gone");
+}
+
+/// What the read loop does next with its buffered bytes.
+enum Step {
+    /// A complete JSON text, taken off the buffer, to be answered.
+    Text(Vec<u8>),
+    /// Bytes that were dropped, and the error to send for them.
+    Reply(Value),
+    /// Read more.
+    Wait,
+    /// Send this and hang up.
+    Close(Value),
+}
+
+fn next_step(buf: &mut Vec<u8>) -> Step {
+    match next_piece(buf) {
+        Piece::Text(n) => Step::Text(buf.drain(..n).collect()),
+        Piece::Garbage(n) => {
+            buf.drain(..n);
+            let err = QmpError::generic("JSON parse error, unexpected character");
+            Step::Reply(reply(Err(err), None))
+        }
+        Piece::Incomplete => Step::Wait,
+        Piece::TooLong => {
+            let err = QmpError::generic("JSON text too long; closing the connection");
+            Step::Close(reply(Err(err), None))
+        }
+    }
+}
+
+/// The replies a client sending `input` and then waiting would get (greeting and events
+/// left out), with the same framing and negotiation as a connection but no socket: the seam
+/// for fuzzing and tests.
+pub fn replies(state: &State, input: &[u8]) -> Vec<Value> {
+    let mut buf = input.to_vec();
+    let mut negotiated = false;
+    let mut out = Vec::new();
+    loop {
+        match next_step(&mut buf) {
+            Step::Text(text) => out.push(respond(state, &mut negotiated, &text)),
+            Step::Reply(v) => out.push(v),
+            Step::Wait => break,
+            Step::Close(v) => {
+                out.push(v);
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// The reply to one JSON text. `negotiated` tells whether `qmp_capabilities` has succeeded;
+/// it is set when this text completes the negotiation.
+fn respond(state: &State, negotiated: &mut bool, text: &[u8]) -> Value {
+    let parsed: Result<Value, _> = serde_json::from_slice(text);
+    let value = match parsed {
+        Ok(v) => v,
+        Err(e) => {
+            let err = QmpError::generic(format!("JSON parse error, {e}"));
+            return reply(Err(err), None);
+        }
+    };
+    let Command { name, args, id } = match frame(value) {
+        Ok(f) => f,
+        Err((err, id)) => return reply(Err(err), id),
+    };
+    debug!("control: {name} {args}");
+    let result = if *negotiated {
+        match commands::find(&name) {
+            Some(handler) => handler(state, args),
+            None => Err(QmpError::command_not_found(format!(
+                "The command {name} has not been found"
+            ))),
+        }
+    } else {
+        let r = negotiate(&name, args);
+        *negotiated = r.is_ok();
+        r
+    };
+    reply(result, id)
+}
+
+/// Before `qmp_capabilities`, nothing else runs and no events are sent.
+fn negotiate(name: &str, args: Value) -> Result<Value, QmpError> {
+    if name != "qmp_capabilities" {
+        return Err(QmpError::command_not_found(
+            "Expecting capabilities negotiation with 'qmp_capabilities'",
+        ));
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Caps {
+        #[serde(default)]
+        enable: Vec<String>,
+    }
+    let caps: Caps = serde_json::from_value(args)
+        .map_err(|e| QmpError::generic(format!("invalid arguments: {e}")))?;
+    if let Some(c) = caps.enable.first() {
+        return Err(QmpError::generic(format!(
+            "capability '{c}' is not supported"
+        )));
+    }
+    Ok(json!({}))
 }
 
 /// A command object whose shape has been checked.
@@ -115,53 +213,33 @@ impl Session {
     }
 
     fn handle(&mut self, text: &[u8]) -> std::io::Result<()> {
-        let parsed: Result<Value, _> = serde_json::from_slice(text);
-        let value = match parsed {
-            Ok(v) => v,
-            Err(e) => {
-                let err = QmpError::generic(format!("JSON parse error, {e}"));
-                return self.send(&reply(Err(err), None));
-            }
-        };
-        let Command { name, args, id } = match frame(value) {
-            Ok(f) => f,
-            Err((err, id)) => return self.send(&reply(Err(err), id)),
-        };
-        debug!("control: {name} {args}");
-        let result = if self.subscription.is_none() {
-            self.negotiate(&name, args)
-        } else {
-            match commands::find(&name) {
-                Some(handler) => handler(&self.state, args),
-                None => Err(QmpError::command_not_found(format!(
-                    "The command {name} has not been found"
-                ))),
-            }
-        };
-        self.send(&reply(result, id))
+        let mut negotiated = self.subscription.is_some();
+        let answer = respond(&self.state, &mut negotiated, text);
+        if negotiated && self.subscription.is_none() {
+            self.subscription = Some(self.state.subscribe(self.writer.clone()));
+        }
+        self.send(&answer)
     }
+}
 
-    /// Before `qmp_capabilities`, nothing else runs and no events are sent.
-    fn negotiate(&mut self, name: &str, args: Value) -> Result<Value, QmpError> {
-        if name != "qmp_capabilities" {
-            return Err(QmpError::command_not_found(
-                "Expecting capabilities negotiation with 'qmp_capabilities'",
-            ));
-        }
-        #[derive(serde::Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct Caps {
-            #[serde(default)]
-            enable: Vec<String>,
-        }
-        let caps: Caps = serde_json::from_value(args)
-            .map_err(|e| QmpError::generic(format!("invalid arguments: {e}")))?;
-        if let Some(c) = caps.enable.first() {
-            return Err(QmpError::generic(format!(
-                "capability '{c}' is not supported"
-            )));
-        }
-        self.subscription = Some(self.state.subscribe(self.writer.clone()));
-        Ok(json!({}))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_wait_for_negotiation_and_replies_echo_ids() {
+        let state = State::new(None);
+        let r = replies(
+            &state,
+            br#"{"execute":"query-version","id":1}{"execute":"qmp_capabilities"} }
+                {"execute":"block-export-del","arguments":{"id":"x"},"id":"d"}"#,
+        );
+        assert_eq!(r.len(), 4);
+        assert_eq!(r[0]["error"]["class"], "CommandNotFound");
+        assert_eq!(r[0]["id"], 1);
+        assert_eq!(r[1], json!({"return": {}}));
+        assert_eq!(r[2]["error"]["class"], "GenericError");
+        assert_eq!(r[3]["error"]["class"], "DeviceNotFound");
+        assert_eq!(r[3]["id"], "d");
     }
 }

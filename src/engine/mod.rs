@@ -40,9 +40,10 @@ pub trait BlockDevice: Send + Sync {
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<(), BlockError>;
 
     /// Where a range lives on host files, so a caller can do the I/O asynchronously itself.
-    /// `None`: the device has no such mapping and the synchronous methods must be used.
-    /// The descriptors stay valid for as long as the device lives.
-    fn map(&self, _op: MapOp, _offset: u64, _len: u64) -> Result<Option<Vec<Extent>>, BlockError> {
+    /// `None`: the range needs the synchronous methods (or the device has no such mapping).
+    /// The descriptors stay valid for as long as the device lives; the mapping stays valid
+    /// while its `hold` is kept, which the caller drops when the I/O has completed.
+    fn map(&self, _op: MapOp, _offset: u64, _len: u64) -> Result<Option<Mapping>, BlockError> {
         Ok(None)
     }
 
@@ -59,9 +60,28 @@ pub enum MapOp {
     Write,
 }
 
+/// A device range resolved to host storage.
+pub struct Mapping {
+    /// In order, covering the range exactly.
+    pub extents: Vec<Extent>,
+    /// Whatever keeps the extents valid (for a thin device, its place in the pool's I/O gate).
+    pub hold: Option<Box<dyn Send + Sync>>,
+}
+
+impl Mapping {
+    pub fn unheld(extents: Vec<Extent>) -> Self {
+        Mapping {
+            extents,
+            hold: None,
+        }
+    }
+}
+
 /// A piece of a device range resolved to host storage.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Extent {
+    /// `len` bytes that read as zeros (only in mappings for reads).
+    Zero { len: u64 },
     /// `len` bytes at `offset` of the open file `fd`. With `direct`, `fd` was opened O_DIRECT
     /// and I/O must be aligned to [`DIRECT_ALIGN`]: unaligned requests take the synchronous
     /// path instead.

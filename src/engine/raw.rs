@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::aligned::{read_bufs_aligned, write_bufs_aligned};
-use super::{check_range, iovec_len, BlockDevice, BlockError, Extent, MapOp};
+use super::{check_range, iovec_len, BlockDevice, BlockError, Extent, MapOp, Mapping};
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 const BLKDISCARD: libc::c_ulong = 0x1277;
@@ -246,7 +246,7 @@ impl BlockDevice for RawDevice {
         self.size.load(Ordering::Acquire)
     }
 
-    fn map(&self, op: MapOp, offset: u64, len: u64) -> Result<Option<Vec<Extent>>, BlockError> {
+    fn map(&self, op: MapOp, offset: u64, len: u64) -> Result<Option<Mapping>, BlockError> {
         if op == MapOp::Write {
             self.writable()?;
         }
@@ -255,12 +255,12 @@ impl BlockDevice for RawDevice {
             Some(f) => (f.as_raw_fd(), true),
             None => (self.buffered.as_raw_fd(), false),
         };
-        Ok(Some(vec![Extent::File {
+        Ok(Some(Mapping::unheld(vec![Extent::File {
             fd,
             offset,
             len,
             direct,
-        }]))
+        }])))
     }
 
     fn flush_fd(&self) -> Option<std::os::fd::RawFd> {

@@ -155,35 +155,41 @@ impl BlkBackend {
     }
 
     /// Drains the available ring: reads, writes and flushes go to the queue's io_uring, the
-    /// rest completes here; the guest is notified once for what completed here.
+    /// rest completes here; the guest is notified once for what completed here. Returns how
+    /// many chains it took.
     fn process_queue(
         &self,
         queue: usize,
         vring: &VringRwLock,
         mem: &Arc<GuestMemoryMmap>,
-    ) -> io::Result<()> {
+    ) -> io::Result<usize> {
         let target = self.target();
         let mut ring = self.rings.get(queue).map(|r| r.lock());
         let mut used = false;
+        let mut taken = 0usize;
         loop {
             let chain = vring
                 .get_mut()
                 .get_queue_mut()
                 .pop_descriptor_chain(mem.as_ref());
             let Some(chain) = chain else { break };
+            taken += 1;
             let head = chain.head_index();
             let len = match self.frame(mem, chain) {
                 Err(len) => len,
-                Ok(req) => {
-                    let req = match ring.as_mut().and_then(|g| g.as_mut()) {
-                        Some(r) => match r.start(vring, head, mem, req, &target)? {
-                            Started::Queued => continue,
-                            Started::NotTaken(req) => req,
-                        },
-                        None => req,
-                    };
-                    complete(mem, &req, &target)
-                }
+                Ok(req) => match ring.as_mut().and_then(|g| g.as_mut()) {
+                    Some(r) => match r.start(vring, head, mem, req, &target)? {
+                        Started::Queued => continue,
+                        Started::Done(len) => len,
+                        Started::NotTaken(req) => {
+                            // A synchronous request may wait for the device (a thin pool's
+                            // commit waits for this queue's I/O in flight): finish that first.
+                            r.drain(&target)?;
+                            complete(mem, &req, &target)
+                        }
+                    },
+                    None => complete(mem, &req, &target),
+                },
             };
             // A head the guest made up cannot be returned; the queue must live on regardless.
             match vring.add_used(head, len) {
@@ -197,7 +203,7 @@ impl BlkBackend {
         if used && vring.needs_notification().map_err(queue_error)? {
             vring.signal_used_queue()?;
         }
-        Ok(())
+        Ok(taken)
     }
 
     fn reap(&self, queue: usize) -> io::Result<()> {
@@ -320,12 +326,23 @@ impl VhostUserBackend for BlkBackend {
         if self.event_idx.load(Ordering::Acquire) {
             // With EVENT_IDX the guest kicks once per batch: drain until re-enabling
             // notifications finds nothing new, or a request could be stranded.
+            //
+            // A pass that takes nothing right after the ring said it had more means the ring
+            // is broken (an available index more than a queue ahead, or an entry outside
+            // guest memory): nothing can ever be taken, so stop rather than spin. The guest's
+            // next kick looks again.
+            let mut more_promised = false;
             loop {
                 vring.disable_notification().map_err(queue_error)?;
-                self.process_queue(queue, vring, &mem)?;
+                let taken = self.process_queue(queue, vring, &mem)?;
+                if more_promised && taken == 0 {
+                    self.note_rejection("available ring is broken; waiting for the next kick");
+                    break;
+                }
                 if !vring.enable_notification().map_err(queue_error)? {
                     break;
                 }
+                more_promised = true;
             }
         } else {
             self.process_queue(queue, vring, &mem)?;

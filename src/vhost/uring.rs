@@ -36,6 +36,8 @@ struct InFlight {
     failed: bool,
     /// Used length on success (data bytes written to the guest).
     written: u32,
+    /// Keeps the device's mapping valid until the I/O is done.
+    _hold: Option<Box<dyn Send + Sync>>,
 }
 
 // SAFETY: the only non-Send fields are the iovec pointers, which point into guest memory that
@@ -60,6 +62,8 @@ pub enum Started {
     Queued,
     /// The ring cannot take it: run it synchronously.
     NotTaken(Request),
+    /// Nothing to submit (a read of ranges that read as zeros): complete, used length given.
+    Done(u32),
 }
 
 const SLOT_SHIFT: u32 = 16;
@@ -104,12 +108,16 @@ impl QueueRing {
             Op::Flush => t.dev.flush_fd().map(|fd| Plan {
                 ops: vec![PlannedOp::Fsync { fd }],
                 written: 0,
+                hold: None,
             }),
             _ => None,
         };
         let Some(plan) = plan else {
             return Ok(Started::NotTaken(req));
         };
+        if plan.ops.is_empty() {
+            return Ok(Started::Done(finish(mem, &req, Outcome::ok(plan.written))));
+        }
         let slot = self.free.pop().unwrap_or_else(|| {
             self.slots.push(None);
             self.slots.len() - 1
@@ -125,6 +133,7 @@ impl QueueRing {
             retry_sync: false,
             failed: false,
             written: plan.written,
+            _hold: plan.hold,
         };
         let mut entries = Vec::with_capacity(plan.ops.len());
         for (i, op) in plan.ops.into_iter().enumerate() {
@@ -302,6 +311,7 @@ enum PlannedOp {
 struct Plan {
     ops: Vec<PlannedOp>,
     written: u32,
+    hold: Option<Box<dyn Send + Sync>>,
 }
 
 /// Splits a read or write along the device's extents, or `None` if the ring cannot do it.
@@ -315,40 +325,55 @@ fn plan_rw(mem: &GuestMemoryMmap, req: &Request, t: &Target<'_>) -> Option<Plan>
     } else {
         MapOp::Write
     };
-    if map_op == MapOp::Write && t.read_only {
+    // Write-through writes are flushed before they complete: the synchronous path does that.
+    if map_op == MapOp::Write && (t.read_only || !t.writeback) {
         return None;
     }
-    let extents = t.dev.map(map_op, offset, len).ok()??;
+    let mapping = t.dev.map(map_op, offset, len).ok()??;
     let slices = host_slices(mem, &req.data)?;
-    let mut ops = Vec::with_capacity(extents.len());
+    let mut ops = Vec::with_capacity(mapping.extents.len());
     let mut cursor = SliceCursor::new(&slices);
-    for ext in extents {
-        let Extent::File {
-            fd,
-            offset: host_offset,
-            len: ext_len,
-            direct,
-        } = ext;
-        let iov = cursor.take(ext_len)?;
-        let aligned = direct_aligned(
-            host_offset,
-            iov.iter().map(|v| (v.iov_base as usize, v.iov_len)),
-        );
-        if direct && !aligned {
-            return None;
+    for ext in mapping.extents {
+        match ext {
+            Extent::Zero { len } => {
+                if map_op != MapOp::Read {
+                    return None;
+                }
+                for v in cursor.take(len)? {
+                    // SAFETY: the piece lies in guest memory that `mem` keeps mapped, within
+                    // this request's own buffer, which nothing else touches until it completes.
+                    unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
+                }
+            }
+            Extent::File {
+                fd,
+                offset: host_offset,
+                len: ext_len,
+                direct,
+            } => {
+                let iov = cursor.take(ext_len)?;
+                let pieces = iov.iter().map(|v| (v.iov_base as usize, v.iov_len));
+                if direct && !direct_aligned(host_offset, pieces) {
+                    return None;
+                }
+                ops.push(PlannedOp::Rw {
+                    fd,
+                    offset: host_offset,
+                    iov,
+                });
+            }
         }
-        ops.push(PlannedOp::Rw {
-            fd,
-            offset: host_offset,
-            iov,
-        });
     }
     let written = if req.op == Op::Read {
         u32::try_from(len).ok()?
     } else {
         0
     };
-    Some(Plan { ops, written })
+    Some(Plan {
+        ops,
+        written,
+        hold: mapping.hold,
+    })
 }
 
 /// Walks host buffers, cutting them into iovec lists of given byte lengths.

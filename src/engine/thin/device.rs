@@ -9,7 +9,7 @@ use log::warn;
 
 use super::pool::{Pool, PoolMode};
 use crate::engine::iov::{gather_into, zero, IovCursor};
-use crate::engine::{check_range, iovec_len, BlockDevice, BlockError};
+use crate::engine::{check_range, iovec_len, BlockDevice, BlockError, Extent, MapOp, Mapping};
 
 /// Largest buffer used to copy or zero inside one data block.
 const CHUNK: u64 = 1 << 20;
@@ -84,6 +84,28 @@ fn read_origin(
     Ok(())
 }
 
+/// Appends `ext`, merging it into the last extent when they are contiguous.
+fn push_coalesced(extents: &mut Vec<Extent>, ext: Extent) {
+    match (extents.last_mut(), ext) {
+        (Some(Extent::Zero { len }), Extent::Zero { len: more }) => *len += more,
+        (
+            Some(Extent::File {
+                fd,
+                offset,
+                len,
+                direct,
+            }),
+            Extent::File {
+                fd: fd2,
+                offset: off2,
+                len: more,
+                direct: direct2,
+            },
+        ) if *fd == fd2 && *direct == direct2 && *offset + *len == off2 => *len += more,
+        _ => extents.push(ext),
+    }
+}
+
 impl ThinDevice {
     pub fn new(pool: Arc<Pool>, dev: u64, size: u64) -> Self {
         ThinDevice {
@@ -107,6 +129,10 @@ impl ThinDevice {
 
     pub fn pool(&self) -> &Arc<Pool> {
         &self.pool
+    }
+
+    fn origin_size(&self) -> u64 {
+        self.origin.as_ref().map_or(0, |o| o.size())
     }
 
     /// Changes the virtual size (growing a disk).
@@ -325,6 +351,59 @@ impl ThinDevice {
 impl BlockDevice for ThinDevice {
     fn size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
+    }
+
+    /// Reads of any blocks, and writes into mapped blocks nobody shares, map straight to the
+    /// data device; everything that changes metadata takes the synchronous path.
+    fn map(&self, op: MapOp, offset: u64, len: u64) -> Result<Option<Mapping>, BlockError> {
+        check_range(offset, len, self.size())?;
+        if op == MapOp::Write && self.writable().is_err() {
+            return Ok(None);
+        }
+        // Never wait for a commit here: the caller may hold tickets of its own.
+        let Some(ticket) = self.pool.try_ticket() else {
+            return Ok(None);
+        };
+        let bs = self.pool.block_size();
+        let meta = self.pool.meta();
+        let mut extents: Vec<Extent> = Vec::new();
+        for p in pieces(offset, len, bs) {
+            let found = meta.find_block(self.dev, p.vblock, true).map_err(thin)?;
+            let ext = match found {
+                Some(l) if op == MapOp::Read || !l.shared => {
+                    let data = self.pool.data().map(op, l.block * bs + p.within, p.len)?;
+                    match data.and_then(|m| m.extents.into_iter().next()) {
+                        Some(e) => e,
+                        None => return Ok(None),
+                    }
+                }
+                None if op == MapOp::Read => match &self.origin {
+                    None => Extent::Zero { len: p.len },
+                    // The origin's bytes, where it maps them whole; else the synchronous path.
+                    Some(_) if p.vblock * bs + p.within >= self.origin_size() => {
+                        Extent::Zero { len: p.len }
+                    }
+                    Some(origin) => {
+                        let at = p.vblock * bs + p.within;
+                        if at.saturating_add(p.len) > origin.size() {
+                            return Ok(None);
+                        }
+                        let m = origin.map(MapOp::Read, at, p.len)?;
+                        match m.and_then(|m| m.extents.into_iter().next()) {
+                            Some(e) => e,
+                            None => return Ok(None),
+                        }
+                    }
+                },
+                _ => return Ok(None),
+            };
+            push_coalesced(&mut extents, ext);
+        }
+        drop(meta);
+        Ok(Some(Mapping {
+            extents,
+            hold: Some(Box::new(ticket)),
+        }))
     }
 
     fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<(), BlockError> {

@@ -3,6 +3,7 @@
 pub mod catalog;
 pub mod device;
 pub mod error;
+mod gate;
 pub mod metadata;
 pub mod pool;
 mod prison;

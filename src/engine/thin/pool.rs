@@ -2,10 +2,11 @@
 //! timer, grouped), the pool's mode, and what thin devices need to provision blocks.
 //!
 //! Locking, in the order taken:
-//! - `io_gate`: every data I/O of a thin device holds it shared, from its lookup to its
-//!   completion; a commit holds it exclusively, so when a commit returns no I/O that looked
-//!   up a block before the commit is still in flight. Blocks freed in a transaction become
-//!   reusable only after its commit, so no I/O can touch a block that was reused.
+//! - `io_gate` (see gate.rs): every data I/O of a thin device holds a ticket from its lookup
+//!   to its completion; a commit closes the gate and waits for the tickets out, so when a
+//!   commit returns no I/O that looked up a block before the commit is still in flight.
+//!   Blocks freed in a transaction become reusable only after its commit, so no I/O can touch
+//!   a block that was reused.
 //! - the prison cell of a virtual block, while it is being provisioned;
 //! - `meta`: shared for lookups, exclusive for changes, never held across data I/O.
 
@@ -17,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 use parking_lot::{Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use super::gate::{Closed, IoGate, Ticket};
 
 use super::error::ThinError;
 use super::metadata::PoolMetadata;
@@ -111,7 +114,7 @@ pub struct Pool {
     data: RawDevice,
     data_path: PathBuf,
     block_size: u64,
-    io_gate: RwLock<()>,
+    io_gate: Arc<IoGate>,
     pub(super) prison: Prison,
     /// Bumped by every metadata change; a commit records the value it covered.
     changes: AtomicU64,
@@ -217,7 +220,7 @@ impl Pool {
             data,
             data_path: data_path.to_path_buf(),
             block_size,
-            io_gate: RwLock::new(()),
+            io_gate: Arc::new(IoGate::default()),
             prison: Prison::default(),
             changes: AtomicU64::new(0),
             commit_state: Mutex::new(CommitState { committed: 0 }),
@@ -300,13 +303,19 @@ impl Pool {
     }
 
     /// Quiesces all thin I/O (held while a snapshot is taken, for example).
-    pub fn quiesce(&self) -> (RwLockWriteGuard<'_, ()>, RwLockWriteGuard<'_, PoolMetadata>) {
-        let gate = self.io_gate.write();
+    pub fn quiesce(&self) -> (Closed<'_>, RwLockWriteGuard<'_, PoolMetadata>) {
+        let gate = self.io_gate.close();
         (gate, self.meta.write())
     }
 
-    pub(super) fn io_gate(&self) -> RwLockReadGuard<'_, ()> {
-        self.io_gate.read()
+    /// A ticket for one synchronous data I/O; waits while a commit runs.
+    pub(super) fn io_gate(&self) -> Ticket {
+        self.io_gate.enter()
+    }
+
+    /// A ticket for one asynchronous data I/O, or `None` while a commit runs.
+    pub(super) fn try_ticket(&self) -> Option<Ticket> {
+        self.io_gate.try_enter()
     }
 
     pub(super) fn data(&self) -> &RawDevice {
@@ -402,7 +411,7 @@ impl Pool {
         }
         // No data I/O may be in flight: its block could be reused right after this commit,
         // and its mapping must not be committed before its data is durable.
-        let _gate = self.io_gate.write();
+        let _gate = self.io_gate.close();
         let covered = self.changes.load(Ordering::Acquire);
         self.data.flush()?;
         let mut meta = self.meta.write();

@@ -1,0 +1,256 @@
+//! Writes the seed corpora under `fuzz/corpus/<target>/`: a few valid requests and queues,
+//! QMP lines, and the blocks and image of a small pool. Run from `fuzz/`:
+//! `cargo run --release --example make_seeds`. Deterministic: rerunning rewrites the same files.
+
+use std::path::Path;
+
+use thinblk::engine::pdata::check::check_pool;
+use thinblk::engine::pdata::superblock::BLOCK_SIZE;
+use thinblk_fuzz::{block_manager, pool_image};
+use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+
+fn write(target: &str, name: &str, bytes: &[u8]) {
+    let dir = Path::new("corpus").join(target);
+    std::fs::create_dir_all(&dir).expect("corpus dir");
+    std::fs::write(dir.join(name), bytes).expect("write seed");
+}
+
+fn header(kind: u32, sector: u64) -> Vec<u8> {
+    let mut h = vec![0u8; 16];
+    h[..4].copy_from_slice(&kind.to_le_bytes());
+    h[8..].copy_from_slice(&sector.to_le_bytes());
+    h
+}
+
+fn range_segment(sector: u64, sectors: u32, flags: u32) -> Vec<u8> {
+    let mut s = sector.to_le_bytes().to_vec();
+    s.extend_from_slice(&sectors.to_le_bytes());
+    s.extend_from_slice(&flags.to_le_bytes());
+    s
+}
+
+/// A `virtio_request` input: flags, descriptors, and RAM with `ram` placed at each address.
+fn request(flags: u8, descs: &[(u64, u32, bool)], ram: &[(usize, Vec<u8>)]) -> Vec<u8> {
+    let mut out = vec![flags, descs.len() as u8];
+    for &(addr, len, w) in descs {
+        out.extend_from_slice(&addr.to_le_bytes());
+        out.extend_from_slice(&len.to_le_bytes());
+        out.push(u8::from(w));
+    }
+    let mut mem = vec![0u8; 0x400];
+    for (at, bytes) in ram {
+        if mem.len() < at + bytes.len() {
+            mem.resize(at + bytes.len(), 0);
+        }
+        mem[*at..at + bytes.len()].copy_from_slice(bytes);
+    }
+    out.extend_from_slice(&mem);
+    out
+}
+
+fn virtio_request() {
+    let t = "virtio_request";
+    let rd = header(VIRTIO_BLK_T_IN, 8);
+    write(
+        t,
+        "read",
+        &request(
+            0,
+            &[(0x100, 16, false), (0x200, 1024, true), (0x80, 1, true)],
+            &[(0x100, rd)],
+        ),
+    );
+    let wr = header(VIRTIO_BLK_T_OUT, 1);
+    write(
+        t,
+        "write-split-header",
+        &request(
+            2,
+            &[(0x100, 10, false), (0x10a, 6 + 512, false), (0x80, 1, true)],
+            &[(0x100, wr)],
+        ),
+    );
+    write(
+        t,
+        "flush",
+        &request(
+            0,
+            &[(0x100, 16, false), (0x80, 1, true)],
+            &[(0x100, header(VIRTIO_BLK_T_FLUSH, 0))],
+        ),
+    );
+    write(
+        t,
+        "get-id",
+        &request(
+            0xa8,
+            &[(0x100, 16, false), (0x200, 20, true), (0x80, 1, true)],
+            &[(0x100, header(VIRTIO_BLK_T_GET_ID, 0))],
+        ),
+    );
+    let mut dz = header(VIRTIO_BLK_T_WRITE_ZEROES, 0);
+    dz.extend(range_segment(2, 4, 1));
+    dz.extend(range_segment(16, 8, 0));
+    write(
+        t,
+        "write-zeroes",
+        &request(0, &[(0x100, 48, false), (0x80, 1, true)], &[(0x100, dz)]),
+    );
+    let mut ds = header(VIRTIO_BLK_T_DISCARD, 0);
+    ds.extend(range_segment(4, 4, 0));
+    write(
+        t,
+        "discard",
+        &request(0, &[(0x100, 32, false), (0x80, 1, true)], &[(0x100, ds)]),
+    );
+    let rd2 = header(VIRTIO_BLK_T_IN, 0);
+    write(
+        t,
+        "read-across-regions",
+        &request(
+            0,
+            &[(0x100, 16, false), (0xff00, 512, true), (0x2_0000, 1, true)],
+            &[(0x100, rd2)],
+        ),
+    );
+}
+
+const QUEUE_SIZE: usize = 16;
+const AVAIL: usize = 0x100;
+const BUFS: usize = 0x1000;
+
+fn raw_desc(addr: u64, len: u32, flags: u16, next: u16) -> Vec<u8> {
+    let mut d = addr.to_le_bytes().to_vec();
+    d.extend_from_slice(&len.to_le_bytes());
+    d.extend_from_slice(&flags.to_le_bytes());
+    d.extend_from_slice(&next.to_le_bytes());
+    d
+}
+
+/// A `virtio_queue` input: `flags`, then RAM holding the chains (each a list of buffers) in
+/// the descriptor table, their heads in the available ring, and `bufs` placed in memory.
+fn queue(flags: u8, chains: &[Vec<(u64, u32, u16)>], bufs: &[(usize, Vec<u8>)]) -> Vec<u8> {
+    let mut ram = vec![0u8; 0x1400];
+    let mut next = 0usize;
+    let mut heads = Vec::new();
+    for chain in chains {
+        heads.push(next as u16);
+        for (i, &(addr, len, f)) in chain.iter().enumerate() {
+            let more = if i + 1 < chain.len() {
+                VRING_DESC_F_NEXT as u16
+            } else {
+                0
+            };
+            let d = raw_desc(addr, len, f | more, (next + 1) as u16);
+            ram[16 * next..16 * next + 16].copy_from_slice(&d);
+            next += 1;
+        }
+    }
+    ram[AVAIL + 2..AVAIL + 4].copy_from_slice(&(heads.len() as u16).to_le_bytes());
+    for (i, h) in heads.iter().enumerate() {
+        ram[AVAIL + 4 + 2 * i..AVAIL + 6 + 2 * i].copy_from_slice(&h.to_le_bytes());
+    }
+    assert!(next <= QUEUE_SIZE);
+    for (at, b) in bufs {
+        ram[*at..at + b.len()].copy_from_slice(b);
+    }
+    let mut out = vec![flags];
+    out.extend_from_slice(&ram);
+    out
+}
+
+fn virtio_queue() {
+    let t = "virtio_queue";
+    let w = VRING_DESC_F_WRITE as u16;
+    let b = BUFS as u64;
+    let wr = header(VIRTIO_BLK_T_OUT, 2);
+    let rd = header(VIRTIO_BLK_T_IN, 2);
+    let chains = vec![
+        vec![(b, 16, 0), (b + 0x100, 512, 0), (b + 0x20, 1, w)],
+        vec![(b + 0x40, 16, 0), (b + 0x300, 512, w), (b + 0x21, 1, w)],
+    ];
+    let bufs = vec![(BUFS, wr.clone()), (BUFS + 0x40, rd.clone())];
+    write(t, "write-then-read", &queue(0, &chains, &bufs));
+    write(
+        t,
+        "write-then-read-event-idx",
+        &queue(2 | 4, &chains, &bufs),
+    );
+    // One indirect descriptor whose table holds a flush.
+    let mut table = raw_desc(b + 0x40, 16, VRING_DESC_F_NEXT as u16, 1);
+    table.extend(raw_desc(b + 0x22, 1, w, 0));
+    let chains = vec![vec![(b + 0x200, 32, VRING_DESC_F_INDIRECT as u16)]];
+    let bufs = vec![
+        (BUFS + 0x40, header(VIRTIO_BLK_T_FLUSH, 0)),
+        (BUFS + 0x200, table),
+    ];
+    write(t, "indirect-flush", &queue(4 | 8, &chains, &bufs));
+    let mut dz = header(VIRTIO_BLK_T_WRITE_ZEROES, 0);
+    dz.extend(range_segment(0, 8, 1));
+    let chains = vec![
+        vec![(b, 32, 0), (b + 0x20, 1, w)],
+        vec![(b + 0x40, 16, 0), (b + 0x300, 20, w), (b + 0x21, 1, w)],
+    ];
+    let bufs = vec![(BUFS, dz), (BUFS + 0x40, header(VIRTIO_BLK_T_GET_ID, 0))];
+    write(t, "write-zeroes-and-get-id", &queue(1, &chains, &bufs));
+}
+
+fn qmp() {
+    let t = "qmp";
+    let lines: &[(&str, u8, &str)] = &[
+        ("negotiate", 0, r#"{"execute":"qmp_capabilities"}{"execute":"query-version","id":1}"#),
+        ("query-all", 1, "{\"execute\":\"query-commands\"}\r\n{\"execute\":\"query-block-exports\"}\n{\"execute\":\"query-named-block-nodes\",\"id\":\"x\"}"),
+        ("export-add", 1, r#"{"execute":"block-export-add","arguments":{"type":"vhost-user-blk","id":"e0","node-name":"disk0","addr":{"type":"unix","path":"/tmp/x.sock"},"writable":true,"num-queues":2,"queue-size":128}}"#),
+        ("export-del", 1, r#"{"execute":"block-export-del","arguments":{"id":"e0","mode":"hard"}}"#),
+        ("garbage", 0, r#" }{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}} 42 "str\"ing" [1,{"a":null}] nonsense{"#),
+        ("bad-frames", 1, r#"{"execute":1}{"arguments":[]}{"execute":"x","id":[1],"extra":0}[]"#),
+    ];
+    for (name, mode, text) in lines {
+        let mut b = vec![*mode];
+        b.extend_from_slice(text.as_bytes());
+        write(t, name, &b);
+    }
+}
+
+fn pdata(image: &[u8]) {
+    for (b, blk) in image.chunks_exact(BLOCK_SIZE).enumerate() {
+        if blk.iter().any(|&x| x != 0) {
+            let mut seed = blk.to_vec();
+            // Parameters: a key, a key, entry/from/to, ...: something in range.
+            for p in [3u64, 7, 5, 0, 200] {
+                seed.extend_from_slice(&p.to_le_bytes());
+            }
+            write("pdata_blocks", &format!("pool-block-{b:02}"), &seed);
+        }
+    }
+    let t = "pdata_image";
+    write(t, "pool-intact", &[0]);
+    // Edit block 0's data_mapping_root to point at block 1.
+    write(
+        t,
+        "pool-edited-root",
+        &[0, 0, 0x40, 0x01, 8, 1, 0, 0, 0, 0, 0, 0, 0],
+    );
+    let mut raw = vec![3u8];
+    raw.extend_from_slice(&image[..16 * BLOCK_SIZE]);
+    write(t, "pool-raw-first-16-blocks", &raw);
+}
+
+fn main() {
+    let image = pool_image();
+    let report = check_pool(&block_manager(&image));
+    assert!(
+        report.is_clean(),
+        "seed pool is not clean: {:?}",
+        report.problems
+    );
+    println!(
+        "seed pool: {} devices, {} mappings, {} metadata blocks used",
+        report.devices, report.mappings, report.metadata_blocks_used
+    );
+    virtio_request();
+    virtio_queue();
+    qmp();
+    pdata(&image);
+}

@@ -1,0 +1,85 @@
+//! Inputs the fuzzers crashed or hung on (`fuzz/regressions/<target>/`), and the seed corpora
+//! (`fuzz/corpus/<target>/`), replayed through the fuzz targets' own code without libFuzzer:
+//! a fixed crash stays fixed, and the targets keep building on stable.
+
+#[path = "../fuzz/src/lib.rs"]
+mod harness;
+
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// Longer than any input should take, even in a debug build.
+const HANG: Duration = Duration::from_secs(30);
+
+/// Feeds every file in `fuzz/<dir>/<target>/` to the target; each must return, in time.
+fn replay(dir: &str, target: &str) -> usize {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz")
+        .join(dir)
+        .join(target);
+    let Ok(entries) = std::fs::read_dir(&path) else {
+        return 0;
+    };
+    let mut files: Vec<_> = entries.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+    files.sort();
+    for file in &files {
+        let data = std::fs::read(file).expect("read fuzz input");
+        let (tx, rx) = mpsc::channel();
+        let name = target.to_string();
+        // A thread, so a regressed hang fails the test instead of stalling the suite.
+        std::thread::spawn(move || {
+            assert!(harness::run(&name, &data), "no fuzz target {name}");
+            let _ = tx.send(());
+        });
+        match rx.recv_timeout(HANG) {
+            Ok(()) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                panic!("{} did not return within {HANG:?}", file.display())
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => panic!("{} panicked", file.display()),
+        }
+    }
+    files.len()
+}
+
+fn replay_all(target: &str) {
+    let seeds = replay("corpus", target);
+    assert!(seeds > 0, "no seed corpus for {target}");
+    replay("regressions", target);
+}
+
+#[test]
+fn virtio_request_inputs_frame_and_run_without_panics() {
+    replay_all("virtio_request");
+}
+
+#[test]
+fn virtio_queue_inputs_return_even_on_broken_rings() {
+    replay_all("virtio_queue");
+}
+
+#[test]
+fn qmp_streams_are_answered_without_panics() {
+    replay_all("qmp");
+}
+
+#[test]
+fn pdata_blocks_decode_or_fail_cleanly() {
+    replay_all("pdata_blocks");
+}
+
+#[test]
+fn pdata_images_are_checked_without_panics_or_endless_walks() {
+    replay_all("pdata_image");
+}
+
+#[test]
+fn every_target_has_a_name_the_replay_knows() {
+    for (name, _) in harness::TARGETS {
+        assert!(Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/corpus")
+            .join(name)
+            .is_dir());
+    }
+}
