@@ -22,7 +22,12 @@
 # Environment:
 #   SERVER=thinblk (default: a raw file) | thin (a thin device in a pool,
 #                    with the extra cases "snapshot", "live-snapshot",
-#                    "resize" and "check") | qsd
+#                    "resize" and "check") | cow (a
+#                    read-only ext4 origin image built on the host, served
+#                    through a cow= export and a thin origin= export; cases
+#                    "cow" and "thinorigin" mount it and write files,
+#                    "restart" and "thinorigin2" check them after a restart,
+#                    "unchanged" checks the origin file's sha256) | qsd
 #                    which server to test; qsd-null is a
 #                    self-check of the harness: a disk that drops writes and
 #                    reads zeros, so every case must FAIL
@@ -43,6 +48,8 @@ cd "$ROOT"
 SERVER=${SERVER:-thinblk}
 if [ "$SERVER" = thin ]; then
     TESTS=${E2E_TESTS:-fio fs1 fs2 restart snapshot live-snapshot resize check}
+elif [ "$SERVER" = cow ]; then
+    TESTS=${E2E_TESTS:-cow restart thinorigin thinorigin2 unchanged}
 else
     TESTS=${E2E_TESTS:-fio fs1 fs2 restart}
 fi
@@ -52,7 +59,7 @@ TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 GUEST=$TARGET/guest
 
 case "$SERVER" in
-    thinblk | thin)
+    thinblk | thin | cow)
         if [ -z "${THINBLK:-}" ]; then
             THINBLK=$TARGET/debug/thinblk
             [ -x "$TARGET/release/thinblk" ] && THINBLK=$TARGET/release/thinblk
@@ -60,7 +67,7 @@ case "$SERVER" in
         ;;
     # qemu-storage-daemon comes with qemu-system-x86 (qemu-system-common).
     qsd | qsd-null) ensure_packages qemu-system-x86 ;;
-    *) die "SERVER must be thinblk, thin, qsd or qsd-null, not '$SERVER'" ;;
+    *) die "SERVER must be thinblk, thin, cow, qsd or qsd-null, not '$SERVER'" ;;
 esac
 
 "$HERE/build-guest.sh" "$GUEST"
@@ -113,6 +120,23 @@ trap 'exit 130' INT TERM
 
 truncate -s 256M "$DISK"
 
+# SERVER=cow: a read-only origin image with files and their checksums.
+ORIGIN=$SCRATCH/origin.img
+STORE=$SCRATCH/snap.cow
+THIN_SOCK=$SCRATCH/thin.sock
+ORIGIN_SUM=
+if [ "$SERVER" = cow ]; then
+    ensure_packages e2fsprogs
+    mkdir -p "$SCRATCH/tree/origin"
+    for n in 1 2 3 4; do
+        head -c $((n * 300000)) /dev/urandom >"$SCRATCH/tree/origin/f$n"
+    done
+    (cd "$SCRATCH/tree" && find origin -type f | sort | xargs sha256sum >SHA256SUMS)
+    mkfs.ext4 -q -F -d "$SCRATCH/tree" "$ORIGIN" 64M
+    chmod a-w "$ORIGIN"
+    ORIGIN_SUM=$(sha256sum <"$ORIGIN")
+fi
+
 start_server() {
     # A socket left by a previous server would end the wait below at once.
     rm -f "$SOCK"
@@ -136,6 +160,18 @@ start_server() {
                 --export "name=disk,size=256M,socket=$SOCK,queues=$QUEUES" \
                 "${THIN_EXTRA[@]}" >>"$SERVER_LOG" 2>&1 &
             ;;
+        cow)
+            [ -x "$THINBLK" ] || {
+                echo "thinblk binary not found at $THINBLK" >>"$SERVER_LOG"
+                return 1
+            }
+            rm -f "$THIN_SOCK"
+            log "server: $THINBLK serve: cow=$ORIGIN (store $STORE) at $SOCK, thin origin= at $THIN_SOCK"
+            "$THINBLK" serve --dir "$POOL" --metadata-size 64M --data-size 1G \
+                --export "cow=$ORIGIN,store=$STORE,chunk-size=16K,id=cow,socket=$SOCK,queues=$QUEUES" \
+                --export "name=odisk,origin=$ORIGIN,socket=$THIN_SOCK,queues=$QUEUES" \
+                >>"$SERVER_LOG" 2>&1 &
+            ;;
         qsd)
             log "server: qemu-storage-daemon, vhost-user-blk export at $SOCK"
             qemu-storage-daemon \
@@ -155,8 +191,10 @@ start_server() {
     # QEMU fails at once if the socket is not there yet: wait for it, but
     # stop waiting as soon as the server has died.
     local _
+    local want=$SOCK
+    [ "$SERVER" != cow ] || want=$THIN_SOCK
     for _ in $(seq 300); do
-        [ -S "$SOCK" ] && return 0
+        [ -S "$want" ] && return 0
         if ! kill -0 "$SERVER_PID" 2>/dev/null; then
             local rc=0
             wait "$SERVER_PID" 2>/dev/null || rc=$?
@@ -330,6 +368,20 @@ for t in $TESTS; do
         live_snapshot_case "$start"
         continue
     fi
+    if [ "$t" = unchanged ]; then
+        # The origin image must be byte for byte what the host built.
+        if [ "$(sha256sum <"$ORIGIN")" = "$ORIGIN_SUM" ]; then
+            record PASS "$t" $(($(date +%s) - start))
+        else
+            record FAIL "$t" $(($(date +%s) - start)) "the origin image changed"
+        fi
+        continue
+    fi
+    case "$t" in
+        cow) gtest=originrw ;;
+        thinorigin) gtest=originrw gsock=$THIN_SOCK ;;
+        thinorigin2) gtest=fs2 gsock=$THIN_SOCK ;;
+    esac
     if [ "$t" = snapshot ]; then
         # A snapshot taken while no guest runs, of the disk the guest wrote: a guest
         # booted on the snapshot finds fs1's files intact.

@@ -284,6 +284,34 @@ test_resize() {
         || fail "cannot write the new last sector"
     got=$(dd if="$DISK" bs=512 skip=$((after - 1)) count=1 iflag=direct 2>/dev/null | head -n1)
     [ "$got" = resized ] || fail "the new last sector reads back '$got'"
+# originrw: the disk is a writable view of a read-only origin image the host
+# built with mkfs.ext4 -d (a COW or thin external-origin export). Check the
+# origin's files, add files of our own, record checksums of everything; the
+# next boot (fs2) verifies them.
+test_originrw() {
+    set_cache "write back"
+    if command -v e2fsck >/dev/null; then
+        run e2fsck -fn "$DISK" || fail "e2fsck -fn of the origin image exited $?"
+    fi
+    run mount -t ext4 "$DISK" /mnt || fail "mount of the origin image failed"
+    [ -s /mnt/SHA256SUMS ] || fail "SHA256SUMS missing: not the origin image"
+    (cd /mnt && sha256sum -c -s SHA256SUMS) || fail "origin files read wrong"
+    mkdir -p /mnt/guest || fail "mkdir failed"
+    for n in 1 2 3; do
+        dd if=/dev/urandom of=/mnt/guest/f$n bs=1000 count=$((n * 700)) 2>/dev/null \
+            || fail "writing guest/f$n failed"
+    done
+    # Overwrite one origin file in place: its blocks are copied, then changed.
+    dd if=/dev/urandom of=/mnt/origin/f1 bs=4096 count=3 conv=notrunc 2>/dev/null \
+        || fail "overwriting origin/f1 failed"
+    (cd /mnt && find origin guest -type f | sort | xargs sha256sum >SHA256SUMS) \
+        || fail "sha256sum failed"
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+    (cd /mnt && sha256sum -c -s SHA256SUMS) || fail "checksums wrong right after writing"
+    echo "recorded $(wc -l </mnt/SHA256SUMS) checksums"
+    run umount /mnt || fail "umount failed"
+    sync
     pass
 }
 
@@ -292,10 +320,11 @@ case "$TEST" in
     resize) test_resize ;;
     livewrite) test_livewrite ;;
     liveverify) test_liveverify ;;
+    originrw) test_originrw ;;
     fs1) test_fs1 ;;
     fs2) test_fs2 ;;
     # For debugging by hand (run-qemu.sh with INTERACTIVE=1).
     shell) echo "thinblk-e2e: shell; poweroff -f to quit"; setsid cttyhack sh; finish ;;
-    *) fail "unknown test (use thinblk.test=fio|fs1|fs2|livewrite|liveverify|resize|shell)" ;;
+    *) fail "unknown test (use thinblk.test=fio|fs1|fs2|livewrite|liveverify|resize|originrw|shell)" ;;
 esac
 fail "test function returned without a verdict"

@@ -26,6 +26,9 @@ THINBLK="$PWD/target/release/thinblk" python3 -m pytest -q tests/qmp
 # Coverage-guided fuzzing, bounded: 30 s per target (longer by hand: bash fuzz/run.sh 600).
 bash fuzz/run.sh 30
 
-# A guest on a raw export, then on a thin device (with restart, snapshot and thin_check).
+# A guest on a raw export, then on a thin device (restart, offline and live snapshots, a
+# resize seen by the running guest, thin_check and thinblk check on the pool).
 THINBLK="$PWD/target/release/thinblk" bash qemu-scripts/e2e.sh
 THINBLK="$PWD/target/release/thinblk" SERVER=thin bash qemu-scripts/e2e.sh
+# Snapshots of an external origin: a cow= export and a thin origin= export of one image.
+THINBLK="$PWD/target/release/thinblk" SERVER=cow bash qemu-scripts/e2e.sh

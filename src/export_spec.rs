@@ -21,7 +21,21 @@ pub enum Backing {
         name: String,
         size: Option<u64>,
         snapshot_of: Option<String>,
+        /// Create the device with this external origin (read-only; unmapped blocks read it).
+        origin: Option<PathBuf>,
     },
+    /// A dm-snapshot style COW device: `origin` read-only, changed chunks in `store`.
+    Cow(CowSpec),
+}
+
+/// `cow=ORIGIN,store=PATH[,chunk-size=SIZE][,store-size=SIZE][,transient=on]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CowSpec {
+    pub origin: PathBuf,
+    pub store: PathBuf,
+    pub chunk_size: Option<u64>,
+    pub store_size: Option<u64>,
+    pub transient: bool,
 }
 
 /// One parsed `--export`.
@@ -46,12 +60,12 @@ pub enum SpecError {
     #[error("key '{0}' given twice")]
     Duplicate(String),
     #[error(
-        "unknown key '{0}' (known: name, size, snapshot-of, raw, null, socket, id, queues, queue-size, readonly, direct)"
+        "unknown key '{0}' (known: name, size, snapshot-of, origin, raw, null, cow, store, chunk-size, store-size, transient, socket, id, queues, queue-size, readonly, direct)"
     )]
     UnknownKey(String),
     #[error("missing '{0}='")]
     Missing(&'static str),
-    #[error("give one of 'name=NAME', 'raw=PATH' or 'null=SIZE'")]
+    #[error("give one of 'name=NAME', 'raw=PATH', 'null=SIZE' or 'cow=ORIGIN'")]
     Backing,
     #[error("{key}={value}: {why}")]
     BadValue {
@@ -94,6 +108,54 @@ fn parse_bool(key: &'static str, value: &str) -> Result<bool, SpecError> {
             why: "expected on or off".into(),
         }),
     }
+}
+
+/// The COW keys; `Ok(None)` without `cow=` (and then none of its keys may be given).
+fn parse_cow(take: &mut impl FnMut(&str) -> Option<String>) -> Result<Option<CowSpec>, SpecError> {
+    let origin = take("cow");
+    let store = take("store");
+    let chunk_size = take("chunk-size")
+        .map(|v| parse_size("chunk-size", &v))
+        .transpose()?;
+    let store_size = take("store-size")
+        .map(|v| parse_size("store-size", &v))
+        .transpose()?;
+    let transient = take("transient")
+        .map(|v| parse_bool("transient", &v))
+        .transpose()?;
+    let Some(origin) = origin else {
+        let stray = [
+            ("store", store.is_some()),
+            ("chunk-size", chunk_size.is_some()),
+            ("store-size", store_size.is_some()),
+            ("transient", transient.is_some()),
+        ];
+        if let Some((key, _)) = stray.iter().find(|(_, given)| *given) {
+            return Err(SpecError::BadValue {
+                key,
+                value: String::new(),
+                why: "only cow= exports take it".into(),
+            });
+        }
+        return Ok(None);
+    };
+    let store = store.ok_or(SpecError::Missing("store"))?;
+    if let Some(c) = chunk_size {
+        if crate::engine::cow::format::check_chunk_size(c).is_err() {
+            return Err(SpecError::BadValue {
+                key: "chunk-size",
+                value: c.to_string(),
+                why: "must be a power of two from 4K to 512K".into(),
+            });
+        }
+    }
+    Ok(Some(CowSpec {
+        origin: PathBuf::from(origin),
+        store: PathBuf::from(store),
+        chunk_size,
+        store_size,
+        transient: transient.unwrap_or(false),
+    }))
 }
 
 /// A size in bytes with an optional binary suffix (K, M, G, T): `16G`, `512`, `4k`.
@@ -155,16 +217,34 @@ impl std::str::FromStr for ExportSpec {
         let mut take = |k: &str| kv.remove(k);
         let size = take("size").map(|v| parse_size("size", &v)).transpose()?;
         let snapshot_of = take("snapshot-of");
-        let backing = match (take("name"), take("raw"), take("null")) {
-            (Some(name), None, None) => Backing::Thin {
+        let origin = take("origin").map(PathBuf::from);
+        let cow = parse_cow(&mut take)?;
+        let backing = match (take("name"), take("raw"), take("null"), cow) {
+            (Some(name), None, None, None) => Backing::Thin {
                 name,
                 size,
                 snapshot_of: snapshot_of.clone(),
+                origin: origin.clone(),
             },
-            (None, Some(path), None) => Backing::Raw(PathBuf::from(path)),
-            (None, None, Some(size)) => Backing::Null(parse_size("null", &size)?),
+            (None, Some(path), None, None) => Backing::Raw(PathBuf::from(path)),
+            (None, None, Some(size), None) => Backing::Null(parse_size("null", &size)?),
+            (None, None, None, Some(cow)) => Backing::Cow(cow),
             _ => return Err(SpecError::Backing),
         };
+        if let (Some(o), Some(_)) = (&origin, &snapshot_of) {
+            return Err(SpecError::BadValue {
+                key: "origin",
+                value: o.display().to_string(),
+                why: "a snapshot takes its origin device's external origin; give origin= or snapshot-of=".into(),
+            });
+        }
+        if let (Some(o), false) = (&origin, matches!(backing, Backing::Thin { .. })) {
+            return Err(SpecError::BadValue {
+                key: "origin",
+                value: o.display().to_string(),
+                why: "only thin exports (name=) take an external origin; see cow=".into(),
+            });
+        }
         if let Backing::Thin {
             size: Some(_),
             snapshot_of: Some(origin),
@@ -246,6 +326,7 @@ impl std::str::FromStr for ExportSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn minimal_spec_takes_defaults() {
@@ -295,6 +376,7 @@ mod tests {
                 name: "vm1".into(),
                 size: Some(16 << 30),
                 snapshot_of: None,
+                origin: None,
             }
         );
         assert_eq!((s.socket, s.id.as_str()), (None, "vm1"));
@@ -309,6 +391,43 @@ mod tests {
         assert!("raw=x,socket=s,snapshot-of=vm1"
             .parse::<ExportSpec>()
             .is_err());
+    }
+
+    #[test]
+    fn cow_exports_name_an_origin_and_a_store() {
+        let s: ExportSpec = "cow=/img/g.raw,store=/var/s.cow,chunk-size=16K,transient=on,socket=/s"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            s.backing,
+            Backing::Cow(CowSpec {
+                origin: "/img/g.raw".into(),
+                store: "/var/s.cow".into(),
+                chunk_size: Some(16 << 10),
+                store_size: None,
+                transient: true,
+            })
+        );
+        assert_eq!(s.id, "s");
+        let e = |s: &str| s.parse::<ExportSpec>().unwrap_err().to_string();
+        assert!(e("cow=/g,socket=/s").contains("store="));
+        assert!(e("cow=/g,store=/c").contains("socket="));
+        assert!(e("cow=/g,store=/c,socket=/s,chunk-size=3K").contains("power of two"));
+        assert!(e("cow=/g,store=/c,socket=/s,chunk-size=1M").contains("power of two"));
+        assert!(e("raw=/g,store=/c,socket=/s").contains("only cow="));
+        assert!(e("cow=/g,name=x,store=/c,socket=/s").contains("one of"));
+    }
+
+    #[test]
+    fn thin_exports_may_have_an_external_origin() {
+        let s: ExportSpec = "name=vm,origin=/img/g.raw".parse().unwrap();
+        assert!(
+            matches!(s.backing, Backing::Thin { origin: Some(o), size: None, .. } if o == Path::new("/img/g.raw"))
+        );
+        assert!("name=vm,origin=/g,snapshot-of=a"
+            .parse::<ExportSpec>()
+            .is_err());
+        assert!("raw=/x,origin=/g,socket=/s".parse::<ExportSpec>().is_err());
     }
 
     #[test]

@@ -42,6 +42,19 @@ enum Command {
     /// Send one QMP command to a running daemon and print the reply as JSON (exit status 1
     /// on an error reply), or print its events with --events.
     Ctl(thinblk::control::client::CtlArgs),
+    /// Fold a cow= snapshot's store into its origin (no daemon may serve it). The origin is
+    /// written in place; an interrupted merge finishes when run again.
+    Merge(MergeArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct MergeArgs {
+    /// The snapshot's origin file or block device (written).
+    #[arg(long, value_name = "PATH")]
+    origin: PathBuf,
+    /// The snapshot's store.
+    #[arg(long, value_name = "PATH")]
+    store: PathBuf,
 }
 
 fn size_arg(s: &str) -> Result<u64, String> {
@@ -54,11 +67,21 @@ struct ServeArgs {
     ///
     /// name=NAME: a thin device of the pool (created when size= is given and it is missing);
     /// raw=PATH: a file or block device served byte for byte;
-    /// null=SIZE: a device that stores nothing and reads zeros, for benchmarks (e.g. 16G).
-    /// One of name=, raw= or null= is required.
+    /// null=SIZE: a device that stores nothing and reads zeros, for benchmarks (e.g. 16G);
+    /// cow=ORIGIN: a writable snapshot of the file or block device ORIGIN (never written),
+    /// its changed chunks kept in store= in dm-snapshot's format.
+    /// One of name=, raw=, null= or cow= is required.
     /// size=SIZE: with name=, the size of a device to create (e.g. 16G).
     /// snapshot-of=NAME: with name=, create the device as a snapshot of NAME if missing.
-    /// socket=PATH: the vhost-user socket to create, mode 0600 (required for raw= and null=;
+    /// origin=PATH: with name=, create the device with the external origin PATH if missing:
+    /// unmapped blocks read PATH (read-only), size defaults to PATH's.
+    /// store=PATH: with cow=, the exception store (created sparse when missing, big enough
+    /// to copy the whole origin unless store-size= says otherwise).
+    /// chunk-size=SIZE: with cow=, the copy unit, a power of two from 4K to 512K (default
+    /// 64K; an existing store keeps its own).
+    /// store-size=SIZE: with cow=, the size of a store file created now.
+    /// transient=on|off: with cow=, keep exceptions in memory only; they are lost at exit.
+    /// socket=PATH: the vhost-user socket to create, mode 0600 (required for raw=, null=, cow=;
     /// thin exports default to DIR/NAME.sock); a stale socket is replaced, a socket some
     /// server still listens on is an error.
     /// id=NAME: the export name, also the disk serial the guest reads (default: the device
@@ -183,6 +206,15 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Ls(a)) => Ok(tools::cli::run_ls(&a)?),
         Some(Command::Delta(a)) => Ok(tools::cli::run_delta(&a)?),
         Some(Command::Ctl(args)) => std::process::exit(thinblk::control::client::run(&args)?),
+        Some(Command::Merge(a)) => {
+            let report = thinblk::engine::cow::merge_offline(&a.origin, &a.store)?;
+            println!(
+                "merged {} chunks into {}",
+                report.chunks,
+                a.origin.display()
+            );
+            Ok(())
+        }
     }
 }
 

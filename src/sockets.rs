@@ -40,11 +40,28 @@ pub fn bind_private(path: &Path) -> Result<UnixListener, SocketError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err(e)),
     }
-    let listener = UnixListener::bind(path).map_err(io_err)?;
-    // The socket grants full access to the disk: only the owner may connect. The window
-    // between bind and chmod is closed by the caller keeping sockets in a private directory.
-    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io_err)?;
-    Ok(listener)
+    // The socket grants full access to the disk: only the owner may connect. It is bound
+    // under a temporary name, made private, and only then linked at its real path, so the
+    // path never shows a socket with other permissions (nor one that is not ready).
+    let tmp = temporary_name(path);
+    let _ = fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(io_err)?;
+    let published = fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))
+        .and_then(|()| fs::hard_link(&tmp, path));
+    let _ = fs::remove_file(&tmp);
+    match published {
+        Ok(()) => Ok(listener),
+        // Someone created the path meanwhile: leave it to them.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(SocketError::Live(name)),
+        Err(e) => Err(io_err(e)),
+    }
+}
+
+/// A short name beside `path` (socket paths are limited to 107 bytes).
+fn temporary_name(path: &Path) -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    path.with_file_name(format!(".tb{}-{n}.sock", std::process::id()))
 }
 
 #[cfg(test)]

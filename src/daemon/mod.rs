@@ -8,6 +8,7 @@ use anyhow::Context;
 use log::info;
 
 use crate::control::ControlServer;
+use crate::engine::cow::{open_cow, CowOptions};
 use crate::engine::null::NullDevice;
 use crate::engine::raw::{RawDevice, RawOptions};
 use crate::engine::thin::{Pool, PoolGeometry, PoolOptions, ThinPool};
@@ -66,6 +67,7 @@ pub fn default_export() -> ExportSpec {
             name: DEFAULT_DISK.into(),
             size: Some(DEFAULT_DISK_SIZE),
             snapshot_of: None,
+            origin: None,
         },
         socket: None,
         id: DEFAULT_DISK.into(),
@@ -106,6 +108,7 @@ fn open_pool(loc: &PoolLocation) -> anyhow::Result<Arc<ThinPool>> {
 fn open_device(
     spec: &ExportSpec,
     thin: Option<&Arc<ThinPool>>,
+    state: &Arc<State>,
 ) -> anyhow::Result<Arc<dyn BlockDevice>> {
     match &spec.backing {
         Backing::Raw(path) => {
@@ -132,22 +135,55 @@ fn open_device(
             info!("{}: null device of {size} bytes", spec.id);
             Ok(Arc::new(NullDevice::new(*size)))
         }
+        Backing::Cow(c) => {
+            let opts = CowOptions {
+                chunk_size: c.chunk_size,
+                transient: c.transient,
+                store_size: c.store_size,
+                direct: spec.direct,
+            };
+            let files = open_cow(&c.origin, &c.store, &opts)
+                .with_context(|| format!("opening the snapshot {}", c.store.display()))?;
+            let st = files.device.status();
+            info!(
+                "{}: snapshot of {} in {} ({}, {} KiB chunks, {} exceptions, {:.1}% full{})",
+                spec.id,
+                c.origin.display(),
+                c.store.display(),
+                if st.persistent {
+                    "persistent"
+                } else {
+                    "transient"
+                },
+                st.chunk_size >> 10,
+                st.exceptions,
+                st.fraction_full() * 100.0,
+                if st.valid { "" } else { ", INVALID" }
+            );
+            let dev: Arc<dyn BlockDevice> = files.device.clone();
+            state.add_cow_node(&spec.id, Arc::new(files))?;
+            Ok(dev)
+        }
         Backing::Thin {
             name,
             size,
             snapshot_of,
+            origin,
         } => {
             let thin = thin.context("thin exports need a pool")?;
             if !thin.exists(name) {
-                match (size, snapshot_of) {
-                    (_, Some(origin)) => {
+                match (size, snapshot_of, origin) {
+                    (_, Some(origin), _) => {
                         thin.snapshot(origin, name)?;
                     }
-                    (Some(size), None) => {
+                    (size, None, Some(origin)) => {
+                        thin.create_with_origin(name, origin, *size)?;
+                    }
+                    (Some(size), None, None) => {
                         thin.create(name, *size)?;
                     }
-                    (None, None) => anyhow::bail!(
-                        "thin device '{name}' does not exist; give size= or snapshot-of= to create it"
+                    (None, None, None) => anyhow::bail!(
+                        "thin device '{name}' does not exist; give size=, snapshot-of= or origin= to create it"
                     ),
                 }
             }
@@ -174,13 +210,13 @@ pub fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let thin = config.pool.as_ref().map(open_pool).transpose()?;
     let state = State::new(thin.clone());
     for spec in &config.exports {
-        let dev = open_device(spec, thin.as_ref())?;
+        let dev = open_device(spec, thin.as_ref(), &state)?;
         let socket = match (&spec.socket, &config.pool) {
             (Some(s), _) => s.clone(),
             (None, Some(loc)) => loc.dir.join(format!("{}.sock", spec.id)),
             (None, None) => anyhow::bail!("export {} needs socket=", spec.id),
         };
-        if !matches!(spec.backing, Backing::Thin { .. }) {
+        if !matches!(spec.backing, Backing::Thin { .. } | Backing::Cow(_)) {
             state.add_node(
                 &spec.id,
                 Node {

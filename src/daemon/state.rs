@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use super::watch::{forward_pool_events, io_error_sink, Watched, WriteThreshold};
 use crate::control::protocol::{encode, event};
+use crate::engine::cow::{CowEvent, CowFiles};
 use crate::engine::thin::ThinPool;
 use crate::engine::BlockDevice;
 use crate::sockets::SocketError;
@@ -51,6 +52,8 @@ pub enum StateError {
     NoNode(String),
     #[error("block node '{0}' already exists")]
     NodeExists(String),
+    #[error("block node '{0}' is in use by export '{1}'")]
+    NodeInUse(String, String),
     #[error("no export with id '{0}'")]
     NoExport(String),
     #[error("an export with id '{0}' already exists")]
@@ -69,6 +72,8 @@ pub struct State {
     /// The thin pool, whose devices are block nodes by name.
     thin: Option<Arc<ThinPool>>,
     nodes: Mutex<BTreeMap<String, Node>>,
+    /// COW nodes (also in `nodes`), for status and merge.
+    cows: Mutex<BTreeMap<String, Arc<CowFiles>>>,
     exports: Mutex<BTreeMap<String, RunningExport>>,
     listeners: Mutex<Vec<(u64, Arc<Mutex<UnixStream>>)>>,
     next_listener: AtomicU64,
@@ -111,6 +116,56 @@ impl State {
         }
         nodes.insert(name.into(), node);
         Ok(())
+    }
+
+    /// Adds a COW device as a block node; its events become COW_INVALIDATED and
+    /// COW_MERGE_COMPLETED events with the node name.
+    pub fn add_cow_node(
+        self: &Arc<Self>,
+        name: &str,
+        files: Arc<CowFiles>,
+    ) -> Result<(), StateError> {
+        let node = Node {
+            dev: files.device.clone(),
+            read_only: false,
+        };
+        self.add_node(name, node)?;
+        let state = Arc::downgrade(self);
+        let node_name = name.to_string();
+        files.device.subscribe(Arc::new(move |e: &CowEvent| {
+            let Some(state) = state.upgrade() else { return };
+            match e {
+                CowEvent::Invalidated { reason } => state.emit(
+                    "COW_INVALIDATED",
+                    serde_json::json!({ "node-name": node_name, "reason": reason }),
+                ),
+                CowEvent::MergeCompleted { chunks } => state.emit(
+                    "COW_MERGE_COMPLETED",
+                    serde_json::json!({ "node-name": node_name, "chunks": chunks }),
+                ),
+            }
+        }));
+        self.cows.lock().insert(name.into(), files);
+        Ok(())
+    }
+
+    /// The COW device called `name`, with its origin and store paths.
+    pub fn cow(&self, name: &str) -> Option<Arc<CowFiles>> {
+        self.cows.lock().get(name).cloned()
+    }
+
+    /// Removes a COW node no export serves; returns it (its files stay).
+    pub fn remove_cow_node(&self, name: &str) -> Result<Arc<CowFiles>, StateError> {
+        if let Some(e) = self.exports.lock().values().find(|e| e.config.node == name) {
+            return Err(StateError::NodeInUse(name.into(), e.config.id.clone()));
+        }
+        let files = self
+            .cows
+            .lock()
+            .remove(name)
+            .ok_or_else(|| StateError::NoNode(name.into()))?;
+        self.nodes.lock().remove(name);
+        Ok(files)
     }
 
     /// Named nodes and thin devices.

@@ -13,6 +13,8 @@ pub enum BlockError {
     NoSpace,
     #[error("thin pool: {0}")]
     Thin(#[source] Box<crate::engine::thin::ThinError>),
+    #[error("snapshot: {0}")]
+    Cow(#[source] Box<crate::engine::cow::CowError>),
     #[error("host I/O failed at byte {offset}: {source}")]
     Io {
         offset: u64,

@@ -5,6 +5,7 @@
 //! because a bounds error must never become an out-of-range host I/O.
 
 mod aligned;
+pub mod cow;
 mod error;
 pub mod iov;
 pub mod memory;

@@ -20,6 +20,9 @@ pub struct Entry {
     /// Creation time, seconds since the epoch.
     #[serde(default)]
     pub created: u64,
+    /// An external origin: a file or block device, read-only, that unmapped blocks read from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin_path: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,6 +120,7 @@ mod tests {
                 size: 1 << 30,
                 origin: None,
                 created: 5,
+                origin_path: Some("/img/golden.raw".into()),
             },
         );
         c.save(&path).unwrap();

@@ -18,6 +18,8 @@ pub struct ThinDevice {
     pool: Arc<Pool>,
     dev: u64,
     size: AtomicU64,
+    /// An external origin (read-only): what unmapped blocks hold instead of zeros.
+    origin: Option<Arc<dyn BlockDevice>>,
 }
 
 /// The part of one data block a byte range covers.
@@ -55,6 +57,33 @@ fn thin(e: super::ThinError) -> BlockError {
     }
 }
 
+/// Reads `bufs` from `origin` at `offset`; what lies past the origin's end reads as zeros.
+fn read_origin(
+    origin: &dyn BlockDevice,
+    offset: u64,
+    bufs: &mut [IoSliceMut<'_>],
+) -> Result<(), BlockError> {
+    let len = iovec_len(bufs).ok_or(BlockError::Unsupported("iovec length"))?;
+    let avail = origin.size().saturating_sub(offset).min(len);
+    if avail == len {
+        return origin.read(offset, bufs);
+    }
+    zero(bufs);
+    if avail == 0 {
+        return Ok(());
+    }
+    let mut head = vec![0u8; avail as usize];
+    origin.read(offset, &mut [IoSliceMut::new(&mut head)])?;
+    let mut src = head.as_slice();
+    for b in bufs.iter_mut() {
+        let n = b.len().min(src.len());
+        let (now, rest) = src.split_at(n);
+        b.get_mut(..n).unwrap_or_default().copy_from_slice(now);
+        src = rest;
+    }
+    Ok(())
+}
+
 /// Appends `ext`, merging it into the last extent when they are contiguous.
 fn push_coalesced(extents: &mut Vec<Extent>, ext: Extent) {
     match (extents.last_mut(), ext) {
@@ -83,7 +112,15 @@ impl ThinDevice {
             pool,
             dev,
             size: AtomicU64::new(size & !511),
+            origin: None,
         }
+    }
+
+    /// Unmapped blocks read from `origin` (never written), and a first write copies the
+    /// origin block around itself, zeros past the origin's end.
+    pub fn with_origin(mut self, origin: Arc<dyn BlockDevice>) -> Self {
+        self.origin = Some(origin);
+        self
     }
 
     pub fn id(&self) -> u64 {
@@ -92,6 +129,10 @@ impl ThinDevice {
 
     pub fn pool(&self) -> &Arc<Pool> {
         &self.pool
+    }
+
+    fn origin_size(&self) -> u64 {
+        self.origin.as_ref().map_or(0, |o| o.size())
     }
 
     /// Changes the virtual size (growing a disk).
@@ -178,9 +219,21 @@ impl ThinDevice {
             around.push((end, bs - end));
         }
         for (at, len) in around {
-            match old {
-                None => pool.zero_data(new, at, len)?,
-                Some(old) => {
+            match (old, &self.origin) {
+                (None, Some(origin)) => {
+                    let mut buf = vec![0u8; CHUNK.min(len) as usize];
+                    let mut done = 0;
+                    while done < len {
+                        let n = CHUNK.min(len - done) as usize;
+                        let chunk = buf.get_mut(..n).unwrap_or_default();
+                        let from = p.vblock * bs + at + done;
+                        read_origin(origin.as_ref(), from, &mut [IoSliceMut::new(chunk)])?;
+                        pool.write_data(new, at + done, &[IoSlice::new(chunk)])?;
+                        done += n as u64;
+                    }
+                }
+                (None, None) => pool.zero_data(new, at, len)?,
+                (Some(old), _) => {
                     let mut buf = vec![0u8; CHUNK.min(len) as usize];
                     let mut done = 0;
                     while done < len {
@@ -242,7 +295,8 @@ impl ThinDevice {
         Ok(())
     }
 
-    /// Zeroes a byte range inside mapped blocks (unmapped ones already read as zeros).
+    /// Zeroes a byte range inside mapped blocks (unmapped ones already read as zeros, unless
+    /// they read from an origin: those get a block of zeros).
     fn zero_range(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         let zeros = vec![0u8; CHUNK.min(len) as usize];
         for p in pieces(offset, len, self.pool.block_size()) {
@@ -252,7 +306,7 @@ impl ThinDevice {
                 .find_block(self.dev, p.vblock, true)
                 .map_err(thin)?
                 .is_some();
-            if !mapped {
+            if !mapped && self.origin.is_none() {
                 continue;
             }
             let mut done = 0;
@@ -320,7 +374,24 @@ impl BlockDevice for ThinDevice {
                         None => return Ok(None),
                     }
                 }
-                None if op == MapOp::Read => Extent::Zero { len: p.len },
+                None if op == MapOp::Read => match &self.origin {
+                    None => Extent::Zero { len: p.len },
+                    // The origin's bytes, where it maps them whole; else the synchronous path.
+                    Some(_) if p.vblock * bs + p.within >= self.origin_size() => {
+                        Extent::Zero { len: p.len }
+                    }
+                    Some(origin) => {
+                        let at = p.vblock * bs + p.within;
+                        if at.saturating_add(p.len) > origin.size() {
+                            return Ok(None);
+                        }
+                        let m = origin.map(MapOp::Read, at, p.len)?;
+                        match m.and_then(|m| m.extents.into_iter().next()) {
+                            Some(e) => e,
+                            None => return Ok(None),
+                        }
+                    }
+                },
                 _ => return Ok(None),
             };
             push_coalesced(&mut extents, ext);
@@ -348,7 +419,13 @@ impl BlockDevice for ThinDevice {
                 .map_err(thin)?
             {
                 Some(l) => self.pool.read_data(l.block, p.within, &mut part)?,
-                None => zero(&mut part),
+                None => match &self.origin {
+                    Some(origin) => {
+                        let at = p.vblock * self.pool.block_size() + p.within;
+                        read_origin(origin.as_ref(), at, &mut part)?
+                    }
+                    None => zero(&mut part),
+                },
             }
         }
         Ok(())
@@ -374,7 +451,8 @@ impl BlockDevice for ThinDevice {
     fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         self.writable()?;
         check_range(offset, len, self.size())?;
-        // Partial blocks keep their data: discard is advisory.
+        // Partial blocks keep their data: discard is advisory. With an external origin,
+        // unmapped blocks read the origin again (as in dm-thin).
         let (first, last, _) = self.split_whole(offset, len);
         self.unmap_blocks(first, last)
     }
@@ -382,7 +460,8 @@ impl BlockDevice for ThinDevice {
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<(), BlockError> {
         self.writable()?;
         check_range(offset, len, self.size())?;
-        if !may_unmap {
+        // Unmapped blocks of a device with an origin read the origin, not zeros.
+        if !may_unmap || self.origin.is_some() {
             return self.zero_range(offset, len);
         }
         let (first, last, edges) = self.split_whole(offset, len);

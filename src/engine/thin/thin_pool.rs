@@ -16,7 +16,8 @@ use super::catalog::{Catalog, CatalogError, Entry};
 use super::device::ThinDevice;
 use super::error::ThinError;
 use super::pool::Pool;
-use crate::engine::BlockError;
+use crate::engine::raw::{RawDevice, RawOptions};
+use crate::engine::{BlockDevice, BlockError};
 
 /// dm-thin device ids are 24-bit.
 pub const MAX_DEVICE_ID: u64 = (1 << 24) - 1;
@@ -35,6 +36,12 @@ pub enum VolumeError {
     BadSize { size: u64 },
     #[error("thin device '{name}' cannot shrink from {from} to {to} bytes")]
     Shrink { name: String, from: u64, to: u64 },
+    #[error("external origin {path}: {source}")]
+    Origin {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the pool has no free device ids")]
     NoIds,
     #[error(transparent)]
@@ -124,6 +131,7 @@ impl ThinPool {
                         size,
                         origin: None,
                         created: 0,
+                        origin_path: None,
                     },
                 );
             }
@@ -169,6 +177,40 @@ impl ThinPool {
 
     /// Creates an empty thin device of `size` bytes.
     pub fn create(&self, name: &str, size: u64) -> Result<u64, VolumeError> {
+        self.create_entry(name, size, None)
+    }
+
+    /// Creates a thin device whose unmapped blocks read from the file or block device at
+    /// `origin_path` (opened read-only, never written). Its size defaults to the origin's.
+    pub fn create_with_origin(
+        &self,
+        name: &str,
+        origin_path: &Path,
+        size: Option<u64>,
+    ) -> Result<u64, VolumeError> {
+        let origin = self.open_origin(origin_path)?;
+        // Recorded absolute: the daemon may restart elsewhere.
+        let path = std::path::absolute(origin_path).unwrap_or_else(|_| origin_path.into());
+        self.create_entry(name, size.unwrap_or(origin.size()), Some(&path))
+    }
+
+    fn open_origin(&self, path: &Path) -> Result<RawDevice, VolumeError> {
+        let opts = RawOptions {
+            read_only: true,
+            direct: self.pool.options().direct,
+        };
+        RawDevice::open(path, opts).map_err(|source| VolumeError::Origin {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+
+    fn create_entry(
+        &self,
+        name: &str,
+        size: u64,
+        origin_path: Option<&Path>,
+    ) -> Result<u64, VolumeError> {
         if size == 0 || !size.is_multiple_of(512) {
             return Err(VolumeError::BadSize { size });
         }
@@ -184,6 +226,7 @@ impl ThinPool {
                 size,
                 origin: None,
                 created: now(),
+                origin_path: origin_path.map(Path::to_path_buf),
             },
         );
         catalog.save(&self.catalog_path)?;
@@ -219,7 +262,13 @@ impl ThinPool {
                 .devices
                 .get(*origin)
                 .ok_or_else(|| VolumeError::NoSuchDisk((*origin).into()))?;
-            planned.push((entry.id, entry.size, *origin, *name));
+            planned.push((
+                entry.id,
+                entry.size,
+                *origin,
+                *name,
+                entry.origin_path.clone(),
+            ));
         }
         let first_id = self.next_id()?;
         let ids: Vec<u64> = (0..planned.len() as u64).map(|i| first_id + i).collect();
@@ -239,7 +288,7 @@ impl ThinPool {
         let commit_start = Instant::now();
         self.pool.commit()?;
         let commit = commit_start.elapsed();
-        for ((_, size, origin, name), id) in planned.iter().zip(&ids) {
+        for ((_, size, origin, name, origin_path), id) in planned.iter().zip(&ids) {
             catalog.devices.insert(
                 (*name).into(),
                 Entry {
@@ -247,6 +296,7 @@ impl ThinPool {
                     size: *size,
                     origin: Some((*origin).into()),
                     created: now(),
+                    origin_path: origin_path.clone(),
                 },
             );
             info!("snapshot {name} (id {id}) of {origin}");
@@ -332,7 +382,11 @@ impl ThinPool {
         if let Some(dev) = devices.get(name).and_then(Weak::upgrade) {
             return Ok(dev);
         }
-        let dev = Arc::new(ThinDevice::new(self.pool.clone(), entry.id, entry.size));
+        let mut dev = ThinDevice::new(self.pool.clone(), entry.id, entry.size);
+        if let Some(path) = &entry.origin_path {
+            dev = dev.with_origin(Arc::new(self.open_origin(path)?));
+        }
+        let dev = Arc::new(dev);
         devices.insert(name.into(), Arc::downgrade(&dev));
         Ok(dev)
     }
