@@ -125,6 +125,9 @@ pub struct Pool {
     data_low_water: AtomicU64,
     data_low_fired: AtomicBool,
     stopping: Arc<AtomicBool>,
+    /// The commit timer, joined by `close` so that the pool is gone (and its metadata lock
+    /// released) as soon as its owner drops it.
+    timer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 fn thin_err(e: ThinError) -> BlockError {
@@ -241,6 +244,7 @@ impl Pool {
             data_low_water: AtomicU64::new(0),
             data_low_fired: AtomicBool::new(false),
             stopping: Arc::new(AtomicBool::new(false)),
+            timer: Mutex::new(None),
         });
         start_commit_timer(&pool);
         Ok(pool)
@@ -465,6 +469,13 @@ impl Pool {
     /// Stops the commit timer and commits what is left.
     pub fn close(&self) {
         self.stopping.store(true, Ordering::Release);
+        let timer = self.timer.lock().take();
+        if let Some(t) = timer {
+            // The timer may itself be closing the pool (it held the last reference).
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
         if self.mode() != PoolMode::ReadOnly && self.has_uncommitted() {
             if let Err(e) = self.commit() {
                 error!("final commit failed: {e}");
@@ -503,8 +514,9 @@ fn start_commit_timer(pool: &Arc<Pool>) {
                 }
             }
         });
-    if let Err(e) = spawned {
-        error!("cannot start the commit timer: {e}; commits happen only on FLUSH");
+    match spawned {
+        Ok(t) => *pool.timer.lock() = Some(t),
+        Err(e) => error!("cannot start the commit timer: {e}; commits happen only on FLUSH"),
     }
 }
 

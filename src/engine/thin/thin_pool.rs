@@ -412,3 +412,11 @@ impl ThinPool {
         Ok(out)
     }
 }
+
+impl Drop for ThinPool {
+    /// Closing stops the pool's commit timer, so that the pool (and its lock on the metadata)
+    /// goes with this, not whenever the timer next lets go of it.
+    fn drop(&mut self) {
+        self.pool.close();
+    }
+}
