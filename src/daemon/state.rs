@@ -120,17 +120,13 @@ impl State {
 
     /// Adds a COW device as a block node; its events become COW_INVALIDATED and
     /// COW_MERGE_COMPLETED events with the node name.
-    pub fn add_cow_node(
-        self: &Arc<Self>,
-        name: &str,
-        files: Arc<CowFiles>,
-    ) -> Result<(), StateError> {
+    pub fn add_cow_node(&self, name: &str, files: Arc<CowFiles>) -> Result<(), StateError> {
         let node = Node {
             dev: files.device.clone(),
             read_only: false,
         };
         self.add_node(name, node)?;
-        let state = Arc::downgrade(self);
+        let state = self.me.clone();
         let node_name = name.to_string();
         files.device.subscribe(Arc::new(move |e: &CowEvent| {
             let Some(state) = state.upgrade() else { return };
@@ -147,6 +143,15 @@ impl State {
         }));
         self.cows.lock().insert(name.into(), files);
         Ok(())
+    }
+
+    /// Every COW node, by name.
+    pub fn cows(&self) -> Vec<(String, Arc<CowFiles>)> {
+        self.cows
+            .lock()
+            .iter()
+            .map(|(n, f)| (n.clone(), f.clone()))
+            .collect()
     }
 
     /// The COW device called `name`, with its origin and store paths.

@@ -444,3 +444,44 @@ def test_thinblk_ctl_prints_events(pool):
     finally:
         watcher.terminate()
         watcher.wait(timeout=10)
+
+
+def test_external_origin_snapshots_are_created_queried_merged_and_deleted(daemon):
+    origin = os.path.join(daemon["dir"], "origin.img")
+    with open(origin, "wb") as f:
+        f.write(bytes(range(256)) * 4096)
+    store = os.path.join(daemon["dir"], "snap.cow")
+
+    async def go():
+        qmp = await connected(daemon["ctl"])
+        with pytest.raises(ExecuteError) as e:
+            await qmp.execute("cow-create", {"name": "s", "origin": origin, "store": store, "chunk-size": 1000})
+        assert "chunk-size" in e.value.error.error.desc
+        with pytest.raises(ExecuteError) as e:
+            await qmp.execute("cow-create", {"name": "s", "origin": origin})
+        assert "store" in e.value.error.error.desc
+        st = await qmp.execute(
+            "cow-create", {"name": "snap", "origin": origin, "store": store, "chunk-size": 65536})
+        assert st["valid"] and st["persistent"] and st["chunk-size"] == 65536
+        assert 0 < st["fraction-full"] < 1
+        listed = await qmp.execute("query-cow")
+        assert [c["name"] for c in listed] == ["snap"]
+        sock = os.path.join(daemon["dir"], "snap.sock")
+        await qmp.execute("block-export-add", {
+            "type": "vhost-user-blk", "id": "snapx", "node-name": "snap",
+            "addr": {"type": "unix", "path": sock}, "writable": True})
+        with pytest.raises(ExecuteError):
+            await qmp.execute("cow-delete", {"name": "snap"})
+        await qmp.execute("block-export-del", {"id": "snapx"})
+        await qmp.execute("cow-merge", {"name": "snap"})
+        while True:
+            ev = await asyncio.wait_for(qmp.events.get(), 30)
+            if ev["event"] == "COW_MERGE_COMPLETED":
+                assert ev["data"]["node-name"] == "snap"
+                break
+        assert (await qmp.execute("query-cow"))[0]["merge"] == "done"
+        await qmp.execute("cow-delete", {"name": "snap"})
+        assert await qmp.execute("query-cow") == []
+        await qmp.disconnect()
+
+    run(go())

@@ -2,6 +2,7 @@
 //! key) and the calls into the daemon state. One file per family of commands.
 
 mod basic;
+mod cow;
 mod export;
 mod pool;
 mod snapshot;
@@ -46,6 +47,10 @@ pub const COMMANDS: &[(&str, Handler)] = &[
         "block-set-write-threshold",
         threshold::block_set_write_threshold,
     ),
+    ("cow-create", cow::cow_create),
+    ("query-cow", cow::query_cow),
+    ("cow-merge", cow::cow_merge),
+    ("cow-delete", cow::cow_delete),
 ];
 
 pub fn find(name: &str) -> Option<Handler> {
