@@ -7,7 +7,9 @@
 //! - `thinblk check` and `thin_check` pass on the metadata.
 //!
 //! The second test does the same with snapshots in the pool (created at restarts and
-//! written to as well), so kills land while shared blocks are being broken.
+//! written to as well), so kills land while shared blocks are being broken, and with live
+//! snapshots taken and deleted through QMP while writes are in flight, so the disks reuse
+//! freed blocks between kills.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -19,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use blkio::{Completion, ReqFlags};
-use common::{Client, Daemon};
+use common::{Client, Daemon, Qmp};
 use support::*;
 
 const DISK: u64 = 4 << 20;
@@ -96,6 +98,10 @@ struct Run {
     gen: u64,
     disks: Vec<Disk>,
     snapshots: Vec<String>,
+    /// Snapshots taken and deleted through QMP under load (not exported).
+    live: Vec<String>,
+    live_made: u64,
+    live_deleted: u64,
     writes_acked: u64,
     flushes_done: u64,
 }
@@ -135,7 +141,9 @@ impl Run {
             .iter()
             .map(|d| socket(self.dir.path(), &d.name))
             .collect();
-        let refs: Vec<&Path> = sockets.iter().map(PathBuf::as_path).collect();
+        let control = self.dir.path().join("control.sock");
+        let mut refs: Vec<&Path> = sockets.iter().map(PathBuf::as_path).collect();
+        refs.push(&control);
         let daemon = Daemon::start(&self.args(), &refs);
         for (d, s) in self.disks.iter_mut().zip(&sockets) {
             d.client = Some(Client::connect(s, 1));
@@ -263,6 +271,29 @@ impl Run {
         }
     }
 
+    /// Now and then, with writes in flight: a live snapshot of `a` or `b`, or the deletion of
+    /// one, whose data blocks the disks then reuse.
+    fn churn(&mut self, q: &mut Qmp) {
+        match self.rng.below(20) {
+            0 | 1 if self.live.len() < 3 => {
+                self.live_made += 1;
+                let name = format!("q{}", self.live_made);
+                let device = if self.rng.chance(50) { "a" } else { "b" };
+                q.ok(
+                    "thin-snapshot",
+                    serde_json::json!({"device": device, "name": name}),
+                );
+                self.live.push(name);
+            }
+            0..=2 if !self.live.is_empty() => {
+                let name = self.live.remove(0);
+                q.ok("thin-delete", serde_json::json!({"name": name}));
+                self.live_deleted += 1;
+            }
+            _ => {}
+        }
+    }
+
     /// Adds a snapshot of `a`, created by the daemon at its next start.
     fn add_snapshot(&mut self) {
         let name = format!("s{}", self.snapshots.len() + 1);
@@ -287,6 +318,9 @@ fn kill_loop(default_seed: u64, kills: u64, with_snapshots: bool) {
             Disk::new("b", 2, vec![Cell::exact(Content::Zero); STAMPS]),
         ],
         snapshots: Vec::new(),
+        live: Vec::new(),
+        live_made: 0,
+        live_deleted: 0,
         writes_acked: 0,
         flushes_done: 0,
     };
@@ -297,11 +331,15 @@ fn kill_loop(default_seed: u64, kills: u64, with_snapshots: bool) {
         }
         let daemon = run.start();
         run.verify(kill);
+        let mut qmp = with_snapshots.then(|| Qmp::connect(&run.dir.path().join("control.sock")));
         let rounds = 1 + run.rng.below(30);
         for _ in 0..rounds {
             for i in 0..run.disks.len() {
                 run.top_up(i);
                 run.pump(i, 1);
+            }
+            if let Some(q) = qmp.as_mut() {
+                run.churn(q);
             }
         }
         // Send one more batch and kill while the daemon works on it.
@@ -327,10 +365,13 @@ fn kill_loop(default_seed: u64, kills: u64, with_snapshots: bool) {
     drop(daemon);
     assert_checks_pass(&meta, &format!("seed {seed}, after a clean stop"));
     eprintln!(
-        "{kills} kills survived: {} writes and {} flushes acknowledged on {} disks in {:.1} s",
+        "{kills} kills survived: {} writes and {} flushes acknowledged on {} disks, \
+         {} live snapshots taken and {} deleted under load, in {:.1} s",
         run.writes_acked,
         run.flushes_done,
         run.disks.len(),
+        run.live_made,
+        run.live_deleted,
         started.elapsed().as_secs_f64()
     );
 }

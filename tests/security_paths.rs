@@ -6,52 +6,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
 
-use common::Daemon;
+use common::{Daemon, Qmp};
 use serde_json::{json, Value};
-
-struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Qmp {
-    fn connect(path: &Path) -> Qmp {
-        let writer = UnixStream::connect(path).unwrap();
-        writer
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let reader = BufReader::new(writer.try_clone().unwrap());
-        let mut q = Qmp { reader, writer };
-        q.line();
-        q.exec("qmp_capabilities", json!({}));
-        q
-    }
-
-    fn line(&mut self) -> Value {
-        let mut s = String::new();
-        self.reader.read_line(&mut s).unwrap();
-        serde_json::from_str(&s).unwrap()
-    }
-
-    fn exec(&mut self, cmd: &str, args: Value) -> Value {
-        let msg = json!({"execute": cmd, "arguments": args});
-        self.writer
-            .write_all(serde_json::to_string(&msg).unwrap().as_bytes())
-            .unwrap();
-        loop {
-            let v = self.line();
-            if v.get("event").is_none() {
-                return v;
-            }
-        }
-    }
-}
 
 fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777

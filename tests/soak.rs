@@ -11,17 +11,15 @@
 mod common;
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
 use std::mem::MaybeUninit;
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blkio::{Blkioq, Completion, ReqFlags};
-use common::{Client, Daemon, REGION_LEN};
-use serde_json::{json, Value};
+use common::{Client, Daemon, Qmp, REGION_LEN};
+use serde_json::json;
 use support::*;
 
 const DISKS: usize = 8;
@@ -136,49 +134,6 @@ fn worker(
         counts.bytes.fetch_add(len as u64, Ordering::Relaxed);
     }
     q
-}
-
-/// A negotiated QMP connection (events are skipped).
-struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Qmp {
-    fn connect(path: &Path) -> Qmp {
-        let writer = UnixStream::connect(path).unwrap();
-        writer
-            .set_read_timeout(Some(Duration::from_secs(60)))
-            .unwrap();
-        let reader = BufReader::new(writer.try_clone().unwrap());
-        let mut q = Qmp { reader, writer };
-        q.line();
-        q.ok("qmp_capabilities", json!({}));
-        q
-    }
-
-    fn line(&mut self) -> Value {
-        let mut s = String::new();
-        self.reader.read_line(&mut s).unwrap();
-        serde_json::from_str(&s).unwrap()
-    }
-
-    fn ok(&mut self, cmd: &str, args: Value) -> Value {
-        let msg = json!({"execute": cmd, "arguments": args});
-        self.writer
-            .write_all(serde_json::to_string(&msg).unwrap().as_bytes())
-            .unwrap();
-        loop {
-            let v = self.line();
-            if v.get("event").is_some() {
-                continue;
-            }
-            return v
-                .get("return")
-                .cloned()
-                .unwrap_or_else(|| panic!("{cmd} {msg} failed: {v}"));
-        }
-    }
 }
 
 #[derive(Default, Debug)]

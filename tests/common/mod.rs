@@ -189,3 +189,53 @@ pub fn pattern(seed: u64, offset: u64, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// A negotiated QMP connection; events are skipped.
+pub struct Qmp {
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+    writer: std::os::unix::net::UnixStream,
+}
+
+impl Qmp {
+    pub fn connect(path: &Path) -> Qmp {
+        let writer = std::os::unix::net::UnixStream::connect(path).unwrap();
+        writer
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let reader = std::io::BufReader::new(writer.try_clone().unwrap());
+        let mut q = Qmp { reader, writer };
+        q.line();
+        q.exec("qmp_capabilities", serde_json::json!({}));
+        q
+    }
+
+    fn line(&mut self) -> serde_json::Value {
+        use std::io::BufRead;
+        let mut s = String::new();
+        self.reader.read_line(&mut s).unwrap();
+        serde_json::from_str(&s).unwrap()
+    }
+
+    /// The reply to `cmd` (`{"return": ...}` or `{"error": ...}`).
+    pub fn exec(&mut self, cmd: &str, args: serde_json::Value) -> serde_json::Value {
+        use std::io::Write;
+        let msg = serde_json::json!({"execute": cmd, "arguments": args});
+        self.writer
+            .write_all(serde_json::to_string(&msg).unwrap().as_bytes())
+            .unwrap();
+        loop {
+            let v = self.line();
+            if v.get("event").is_none() {
+                return v;
+            }
+        }
+    }
+
+    /// The return value of `cmd`; panics on an error reply.
+    pub fn ok(&mut self, cmd: &str, args: serde_json::Value) -> serde_json::Value {
+        let r = self.exec(cmd, args.clone());
+        r.get("return")
+            .cloned()
+            .unwrap_or_else(|| panic!("{cmd} {args} failed: {r}"))
+    }
+}
