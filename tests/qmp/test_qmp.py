@@ -282,6 +282,13 @@ def test_thin_devices_are_created_listed_and_deleted(pool):
         err = await error_of(qmp, "thin-create", {"name": "x", "size": "big"})
         assert "'size'" in err.desc and "string" in err.desc
 
+        image = os.path.join(pool["dir"], "golden.img")
+        with open(image, "wb") as f:
+            f.truncate(3 << 20)
+        await qmp.execute("thin-create", {"name": "over", "origin": image})
+        assert by_name(await qmp.execute("query-thin-devices"))["over"]["size"] == 3 << 20
+        await qmp.execute("thin-delete", {"name": "over"})
+
         await qmp.execute("thin-delete", {"name": "data1"})
         assert "data1" not in by_name(await qmp.execute("query-thin-devices"))
         err = await error_of(qmp, "thin-delete", {"name": "data1"})

@@ -38,12 +38,24 @@ pub(super) fn query_thin_devices(state: &State, v: Value) -> Result<Value, QmpEr
 #[serde(deny_unknown_fields)]
 struct Create {
     name: String,
-    size: u64,
+    /// Bytes; with an origin it defaults to the origin's size.
+    size: Option<u64>,
+    /// A read-only image whose data unmapped blocks read (an external origin).
+    origin: Option<std::path::PathBuf>,
 }
 
 pub(super) fn thin_create(state: &State, v: Value) -> Result<Value, QmpError> {
     let a: Create = args(v)?;
-    let id = thin(state)?.create(&a.name, a.size)?;
+    let pool = thin(state)?;
+    let id = match (&a.origin, a.size) {
+        (Some(origin), size) => pool.create_with_origin(&a.name, origin, size)?,
+        (None, Some(size)) => pool.create(&a.name, size)?,
+        (None, None) => {
+            return Err(QmpError::generic(
+                "invalid arguments: give 'size', or 'origin' for a device over an image",
+            ))
+        }
+    };
     Ok(json!({ "id": id }))
 }
 
