@@ -284,6 +284,9 @@ test_resize() {
         || fail "cannot write the new last sector"
     got=$(dd if="$DISK" bs=512 skip=$((after - 1)) count=1 iflag=direct 2>/dev/null | head -n1)
     [ "$got" = resized ] || fail "the new last sector reads back '$got'"
+    pass
+}
+
 # originrw: the disk is a writable view of a read-only origin image the host
 # built with mkfs.ext4 -d (a COW or thin external-origin export). Check the
 # origin's files, add files of our own, record checksums of everything; the
