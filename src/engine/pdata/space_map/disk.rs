@@ -327,22 +327,8 @@ impl SpaceMap for DiskSpaceMap {
         Ok(())
     }
 
-    fn inc(&mut self, b: u64) -> Result<()> {
-        let c = self.count(b)?;
-        let n = c.checked_add(1).ok_or(PdataError::CountOverflow {
-            what: WHAT,
-            block: b,
-        })?;
-        self.set_count(b, n)
-    }
-
-    fn dec(&mut self, b: u64) -> Result<()> {
-        let c = self.count(b)?;
-        let n = c.checked_sub(1).ok_or(PdataError::CountUnderflow {
-            what: WHAT,
-            block: b,
-        })?;
-        self.set_count(b, n)
+    fn what(&self) -> &'static str {
+        WHAT
     }
 
     fn new_block(&mut self) -> Result<u64> {

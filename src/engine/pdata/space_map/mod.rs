@@ -18,7 +18,7 @@ pub mod metadata;
 pub use disk::DiskSpaceMap;
 pub use metadata::MetadataSpaceMap;
 
-use super::error::Result;
+use super::error::{PdataError, Result};
 
 /// Reference counts of a device's blocks.
 pub trait SpaceMap {
@@ -34,10 +34,30 @@ pub trait SpaceMap {
     fn count(&self, b: u64) -> Result<u32>;
     /// Sets the count of block `b`.
     fn set_count(&mut self, b: u64, count: u32) -> Result<()>;
+    /// Which space map this is, for errors.
+    fn what(&self) -> &'static str;
     /// Adds one to the count of `b`.
-    fn inc(&mut self, b: u64) -> Result<()>;
+    fn inc(&mut self, b: u64) -> Result<()> {
+        let n = self
+            .count(b)?
+            .checked_add(1)
+            .ok_or(PdataError::CountOverflow {
+                what: self.what(),
+                block: b,
+            })?;
+        self.set_count(b, n)
+    }
     /// Takes one from the count of `b`.
-    fn dec(&mut self, b: u64) -> Result<()>;
+    fn dec(&mut self, b: u64) -> Result<()> {
+        let n = self
+            .count(b)?
+            .checked_sub(1)
+            .ok_or(PdataError::CountUnderflow {
+                what: self.what(),
+                block: b,
+            })?;
+        self.set_count(b, n)
+    }
     /// Finds a block free now and at the last commit, and sets its count to 1.
     fn new_block(&mut self) -> Result<u64>;
     /// Grows the map by `extra` blocks, all free.
