@@ -192,3 +192,48 @@ fn a_snapshot_export_keeps_the_data_of_when_it_was_taken() {
     );
     assert_eq!(&read_at(&mut vm, 4096, 8192), &[0xEE; 8192]);
 }
+
+#[test]
+fn first_writes_in_flight_together_land_whole_with_zeros_around() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let _daemon = Daemon::start(
+        &thin_args(d, &[&format!("name=vm,size={DISK}")]),
+        &[&sock(d, "vm")],
+    );
+    let mut c = Client::connect(&sock(d, "vm"), 1);
+    const BS: u64 = 64 << 10;
+    // Partial writes into fresh blocks, several into one block at once, and whole blocks:
+    // all submitted before any is waited for.
+    let mut writes: Vec<(u64, usize)> = (0..24u64)
+        .map(|i| (i * BS + (i * 12288) % BS, 4096))
+        .collect();
+    writes.extend((0..12u64).map(|k| (30 * BS + k * 4096 + 1024, 1024)));
+    writes.extend((0..6u64).map(|k| ((40 + k) * BS, BS as usize)));
+    writes.push((47 * BS + BS / 2, BS as usize));
+    let mut expect = vec![0u8; (50 * BS) as usize];
+    let mut at = 0usize;
+    for (seed, &(off, len)) in writes.iter().enumerate() {
+        let data = pattern(seed as u64 + 7, off, len);
+        expect[off as usize..off as usize + len].copy_from_slice(&data);
+        c.buf()[at..at + len].copy_from_slice(&data);
+        let p = c.buf_ptr(at);
+        c.queues[0].write(off, p, len, 0, ReqFlags::empty());
+        at += len;
+    }
+    assert!(at <= REGION_LEN);
+    for _ in &writes {
+        assert_eq!(wait_one(&mut c.queues[0]), 0);
+    }
+    let mut got = Vec::new();
+    for part in 0..(50 * BS / (1 << 20)) + 1 {
+        let off = part * (1 << 20);
+        let len = (1u64 << 20).min(50 * BS - off) as usize;
+        if len > 0 {
+            got.extend(read_at(&mut c, off, len));
+        }
+    }
+    for (i, (g, e)) in got.chunks(4096).zip(expect.chunks(4096)).enumerate() {
+        assert_eq!(g, e, "4 KiB piece {i} (block {})", i as u64 * 4096 / BS);
+    }
+}

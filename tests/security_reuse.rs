@@ -8,11 +8,12 @@
 
 mod support;
 
+use std::alloc::Layout;
 use std::io::{IoSlice, IoSliceMut};
 
 use support::*;
 use thinblk::engine::thin::{Pool, PoolGeometry, PoolOptions, ThinDevice, ThinPool};
-use thinblk::engine::BlockDevice;
+use thinblk::engine::{BlockDevice, Extent, MapOp};
 
 const BS: u64 = 64 << 10;
 const PER_BLOCK: u64 = BS / STAMP as u64;
@@ -27,14 +28,87 @@ fn read_block(dev: &ThinDevice, vblock: u64) -> Vec<Content> {
     buf.chunks(STAMP).map(parse).collect()
 }
 
-fn write_stamp(dev: &ThinDevice, tag: u64, stamp: u64, gen: u64) {
+/// A buffer aligned for O_DIRECT.
+struct Aligned {
+    ptr: *mut u8,
+    layout: Layout,
+}
+
+impl Aligned {
+    fn copy_of(data: &[u8]) -> Aligned {
+        let layout = Layout::from_size_align(data.len().max(1), 4096).unwrap();
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc(layout) };
+        assert!(!ptr.is_null());
+        // SAFETY: `ptr` holds `data.len()` bytes just allocated.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr, data.len()) };
+        Aligned { ptr, layout }
+    }
+}
+
+impl Drop for Aligned {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `copy_of` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) };
+    }
+}
+
+/// Writes the way the vhost layer's io_uring path does when the device maps the write: the
+/// data to the extents, fallocate(ZERO_RANGE) on the rest of new blocks, then the hold is
+/// told. Falls back to the synchronous write when the device does not map it; returns
+/// whether it was mapped.
+fn write_as_queue_does(dev: &ThinDevice, offset: u64, data: &[u8]) -> bool {
+    let Some(m) = dev.map(MapOp::Write, offset, data.len() as u64).unwrap() else {
+        dev.write(offset, &[IoSlice::new(data)]).unwrap();
+        return false;
+    };
+    let buf = Aligned::copy_of(data);
+    let mut at = 0usize;
+    for ext in &m.extents {
+        let Extent::File {
+            fd, offset, len, ..
+        } = *ext
+        else {
+            panic!("a write mapped to {ext:?}");
+        };
+        // SAFETY: `buf` holds `data.len()` bytes and the extents cover exactly that many.
+        let n = unsafe { libc::pwrite(fd, buf.ptr.add(at).cast(), len as usize, offset as i64) };
+        assert_eq!(
+            n,
+            len as isize,
+            "pwrite: {}",
+            std::io::Error::last_os_error()
+        );
+        at += len as usize;
+    }
+    assert_eq!(at, data.len());
+    for z in &m.zero {
+        let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: a plain system call on a descriptor the device keeps open.
+        let r = unsafe { libc::fallocate(z.fd, mode, z.offset as i64, z.len as i64) };
+        assert_eq!(r, 0, "fallocate: {}", std::io::Error::last_os_error());
+    }
+    if let Some(h) = m.hold {
+        h.finish(true).unwrap();
+    }
+    true
+}
+
+/// Returns whether the write was mapped.
+fn write_stamp(dev: &ThinDevice, tag: u64, stamp: u64, gen: u64, mapped: bool) -> bool {
     let c = Content::Stamp {
         tag,
         block: stamp,
         gen,
     };
-    dev.write(stamp * STAMP as u64, &[IoSlice::new(&content_bytes(c))])
-        .unwrap();
+    let bytes = content_bytes(c);
+    if mapped {
+        write_as_queue_does(dev, stamp * STAMP as u64, &bytes)
+    } else {
+        dev.write(stamp * STAMP as u64, &[IoSlice::new(&bytes)])
+            .unwrap();
+        false
+    }
 }
 
 #[test]
@@ -60,6 +134,7 @@ fn deleted_disks_data_never_shows_through_new_or_unmapped_blocks() {
     let thin = ThinPool::open(pool, &dir.path().join("devices.json")).unwrap();
     let size = DISK_BLOCKS * BS;
     let mut checked = 0u64;
+    let mut first_writes_mapped = 0u64;
     for cycle in 0..12u64 {
         // A disk fills every data block it can with its own stamps, then goes away.
         let old_tag = 1000 + cycle;
@@ -74,7 +149,17 @@ fn deleted_disks_data_never_shows_through_new_or_unmapped_blocks() {
                 })
             })
             .collect();
-        old.write(0, &[IoSlice::new(&full)]).unwrap();
+        // Each cycle's writes go one way or the other: synchronous, or mapped as the queue's
+        // io_uring path does them (new blocks provisioned in map, mapped when done).
+        let mapped = cycle % 2 == 1;
+        if mapped {
+            assert!(
+                write_as_queue_does(&old, 0, &full),
+                "whole new blocks are provisioned in map"
+            );
+        } else {
+            old.write(0, &[IoSlice::new(&full)]).unwrap();
+        }
         old.flush().unwrap();
         drop(old);
         thin.delete("old", false).unwrap();
@@ -87,7 +172,9 @@ fn deleted_disks_data_never_shows_through_new_or_unmapped_blocks() {
         for vb in 0..DISK_BLOCKS {
             if rng.chance(75) {
                 let at = vb * PER_BLOCK + rng.below(PER_BLOCK);
-                write_stamp(&new, tag, at, 1);
+                if write_stamp(&new, tag, at, 1, mapped) {
+                    first_writes_mapped += 1;
+                }
                 written[vb as usize] = Some(at);
             }
         }
@@ -98,7 +185,7 @@ fn deleted_disks_data_never_shows_through_new_or_unmapped_blocks() {
             for vb in 0..DISK_BLOCKS {
                 if let Some(at) = written[vb as usize] {
                     let other = vb * PER_BLOCK + (at + 1) % PER_BLOCK;
-                    write_stamp(&new, tag, other, 2);
+                    write_stamp(&new, tag, other, 2, mapped);
                 }
             }
         }
@@ -136,6 +223,10 @@ fn deleted_disks_data_never_shows_through_new_or_unmapped_blocks() {
         thin.delete("new", false).unwrap();
     }
     assert!(checked > 0);
+    assert!(
+        first_writes_mapped > 0,
+        "partial first writes were provisioned in map"
+    );
     drop(thin);
     assert_checks_pass(&dir.path().join("metadata"), &format!("seed {seed}"));
 }

@@ -82,7 +82,7 @@ impl Outcome {
     }
 }
 
-fn from_block(err: &BlockError) -> Outcome {
+pub fn from_block(err: &BlockError) -> Outcome {
     match err {
         BlockError::Unsupported(_) => Outcome::unsupp("unsupported by the device"),
         BlockError::NoSpace => Outcome {

@@ -18,9 +18,9 @@ use vhost_user_backend::{VringRwLock, VringT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::execute::{complete, finish, host_slices, io_range, Outcome, Target};
+use super::execute::{complete, finish, from_block, host_slices, io_range, Outcome, Target};
 use super::request::{Op, Request};
-use crate::engine::{direct_aligned, Extent, MapOp};
+use crate::engine::{direct_aligned, Extent, Hold, MapOp};
 
 /// A request whose host I/O is in the ring.
 struct InFlight {
@@ -38,8 +38,8 @@ struct InFlight {
     retry_sync: bool,
     /// Used length on success (data bytes written to the guest).
     written: u32,
-    /// Keeps the device's mapping valid until the I/O is done.
-    _hold: Option<Box<dyn Send + Sync>>,
+    /// Keeps the device's mapping valid until the I/O is done, and is told how it ended.
+    hold: Option<Box<dyn Hold>>,
 }
 
 // SAFETY: the only non-Send fields are the iovec pointers, which point into guest memory that
@@ -142,7 +142,7 @@ impl QueueRing {
             pending: 0,
             retry_sync: false,
             written: plan.written,
-            _hold: plan.hold,
+            hold: plan.hold,
         };
         let mut entries = Vec::with_capacity(plan.ops.len());
         for (i, op) in plan.ops.into_iter().enumerate() {
@@ -152,6 +152,13 @@ impl QueueRing {
                     inflight.expected.push(0);
                     opcode::Fsync::new(types::Fd(fd))
                         .flags(types::FsyncFlags::DATASYNC)
+                        .build()
+                }
+                PlannedOp::Zero { fd, offset, len } => {
+                    inflight.expected.push(0);
+                    opcode::Fallocate::new(types::Fd(fd), len)
+                        .offset(offset)
+                        .mode(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
                         .build()
                 }
                 PlannedOp::Rw { fd, offset, iov } => {
@@ -215,7 +222,10 @@ impl QueueRing {
             let res = cqe.result();
             if res < 0 {
                 let errno = -res;
-                if !matches!(errno, libc::EINVAL | libc::EAGAIN | libc::EINTR) {
+                if !matches!(
+                    errno,
+                    libc::EINVAL | libc::EAGAIN | libc::EINTR | libc::EOPNOTSUPP
+                ) {
                     warn!(
                         "{:?} failed: {}; redoing it synchronously",
                         f.req.op,
@@ -250,13 +260,17 @@ impl QueueRing {
             let Some(mut f) = self.release(slot) else {
                 continue;
             };
+            let finished = f.hold.take().map_or(Ok(()), |h| h.finish(!f.retry_sync));
             if f.retry_sync {
-                // Its own place in the device's I/O gate goes now, the others' as they finish.
-                f._hold = None;
+                // Its own place in the device's I/O gate went with its hold, the others' go
+                // as they finish.
                 self.reruns.push(f);
                 continue;
             }
-            let outcome = if f.req.op == Op::Write && !t.writeback {
+            let outcome = if let Err(e) = finished {
+                warn!("{:?} could not be completed: {e}", f.req.op);
+                from_block(&e)
+            } else if f.req.op == Op::Write && !t.writeback {
                 match t.dev.flush() {
                     Ok(()) => Outcome::ok(f.written),
                     Err(_) => Outcome::ioerr("flush after a write-through write failed"),
@@ -322,12 +336,18 @@ enum PlannedOp {
     Fsync {
         fd: i32,
     },
+    /// fallocate(ZERO_RANGE): the rest of a block provisioned for a write.
+    Zero {
+        fd: i32,
+        offset: u64,
+        len: u64,
+    },
 }
 
 struct Plan {
     ops: Vec<PlannedOp>,
     written: u32,
-    hold: Option<Box<dyn Send + Sync>>,
+    hold: Option<Box<dyn Hold>>,
 }
 
 /// Splits a read or write along the device's extents, or `None` if the ring cannot do it.
@@ -379,6 +399,13 @@ fn plan_rw(mem: &GuestMemoryMmap, req: &Request, t: &Target<'_>) -> Option<Plan>
                 });
             }
         }
+    }
+    for z in mapping.zero {
+        ops.push(PlannedOp::Zero {
+            fd: z.fd,
+            offset: z.offset,
+            len: z.len,
+        });
     }
     let written = if req.op == Op::Read {
         u32::try_from(len).ok()?

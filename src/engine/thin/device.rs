@@ -8,6 +8,7 @@ use std::time::Instant;
 use log::warn;
 
 use super::pool::{Pool, PoolMode};
+use super::provision::{FirstWrites, NewBlock};
 use crate::engine::iov::{gather_into, zero, IovCursor};
 use crate::engine::{check_range, iovec_len, BlockDevice, BlockError, Extent, MapOp, Mapping};
 
@@ -351,7 +352,9 @@ impl BlockDevice for ThinDevice {
     }
 
     /// Reads of any blocks, and writes into mapped blocks nobody shares, map straight to the
-    /// data device; everything that changes metadata takes the synchronous path.
+    /// data device. So do first writes that need no copy (whole blocks, or parts of blocks
+    /// that read as zeros): they get new blocks here, mapped once their I/O is done (see
+    /// provision.rs). Everything else takes the synchronous path.
     fn map(&self, op: MapOp, offset: u64, len: u64) -> Result<Option<Mapping>, BlockError> {
         check_range(offset, len, self.size())?;
         if op == MapOp::Write && self.writable().is_err() {
@@ -363,7 +366,7 @@ impl BlockDevice for ThinDevice {
         };
         let bs = self.pool.block_size();
         let meta = self.pool.meta();
-        let mut extents: Vec<Extent> = Vec::new();
+        let mut planned: Vec<Result<Extent, NewBlock>> = Vec::new();
         for p in pieces(offset, len, bs) {
             let found = meta.find_block(self.dev, p.vblock, true).map_err(thin)?;
             let ext = match found {
@@ -392,14 +395,55 @@ impl BlockDevice for ThinDevice {
                         }
                     }
                 },
-                _ => return Ok(None),
+                // A write that needs a new block: without a copy only if it covers the whole
+                // block, or the rest of the block reads as zeros.
+                found => {
+                    let whole = p.len == bs;
+                    if !whole && (found.is_some() || self.origin.is_some()) {
+                        return Ok(None);
+                    }
+                    planned.push(Err(NewBlock {
+                        vblock: p.vblock,
+                        within: p.within,
+                        len: p.len,
+                        old: found.map(|l| l.block),
+                    }));
+                    continue;
+                }
+            };
+            planned.push(Ok(ext));
+        }
+        drop(meta);
+        let mut extents: Vec<Extent> = Vec::with_capacity(planned.len());
+        if planned.iter().all(Result::is_ok) {
+            for ext in planned.into_iter().flatten() {
+                push_coalesced(&mut extents, ext);
+            }
+            return Ok(Some(Mapping {
+                extents,
+                zero: Vec::new(),
+                hold: Some(Box::new(ticket)),
+            }));
+        }
+        let mut writes = FirstWrites::new(self.pool.clone(), self.dev, ticket);
+        let mut zero = Vec::new();
+        for plan in planned {
+            let ext = match plan {
+                Ok(ext) => ext,
+                Err(new) => match writes.provision(new)? {
+                    Some((ext, around)) => {
+                        zero.extend(around);
+                        ext
+                    }
+                    None => return Ok(None),
+                },
             };
             push_coalesced(&mut extents, ext);
         }
-        drop(meta);
         Ok(Some(Mapping {
             extents,
-            hold: Some(Box::new(ticket)),
+            zero,
+            hold: Some(Box::new(writes)),
         }))
     }
 

@@ -13,6 +13,8 @@ use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
 
+use crate::engine::{BlockError, Hold};
+
 #[derive(Default)]
 struct State {
     in_flight: u64,
@@ -68,6 +70,12 @@ impl IoGate {
             self.changed.wait(&mut s);
         }
         Closed { gate: self }
+    }
+}
+
+impl Hold for Ticket {
+    fn finish(self: Box<Self>, _ok: bool) -> Result<(), BlockError> {
+        Ok(())
     }
 }
 

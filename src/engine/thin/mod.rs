@@ -8,6 +8,7 @@ pub mod metadata;
 mod metadata_snap;
 pub mod pool;
 mod prison;
+mod provision;
 pub mod query;
 pub mod thin_pool;
 

@@ -31,6 +31,18 @@ impl Prison {
         held.insert(key);
         Cell { prison: self, key }
     }
+
+    /// Holds `key` if nobody does; the caller gives it back with [`Prison::give_back`]. For
+    /// holders that outlive a borrow (an asynchronous first write).
+    pub fn try_take(&self, key: CellKey) -> bool {
+        self.held.lock().insert(key)
+    }
+
+    /// Releases a cell taken with [`Prison::try_take`].
+    pub fn give_back(&self, key: CellKey) {
+        self.held.lock().remove(&key);
+        self.freed.notify_all();
+    }
 }
 
 impl Drop for Cell<'_> {
