@@ -313,10 +313,15 @@ fn mappings_read_what_reads_read_and_hold_commits_back() {
         assert_eq!(read_mapping(&m), want, "mapped read at {off}+{len}");
     }
     use thinblk::engine::MapOp;
-    assert!(
-        a.map(MapOp::Write, 2 * BS, 4096).unwrap().is_none(),
-        "unprovisioned"
-    );
+    // A first write into an unprovisioned block gets a new block at once, the rest of which
+    // the caller zeroes; a mapping dropped without being finished gives the block back.
+    let free_before = pool.pool().meta().free_data_blocks();
+    let first = a.map(MapOp::Write, 2 * BS, 4096).unwrap().unwrap();
+    assert_eq!(first.extents.len(), 1);
+    assert_eq!(first.zero.iter().map(|z| z.len).sum::<u64>(), BS - 4096);
+    assert_eq!(pool.pool().meta().free_data_blocks(), free_before - 1);
+    drop(first);
+    assert_eq!(pool.pool().meta().free_data_blocks(), free_before);
     assert!(
         a.map(MapOp::Write, BS, 4096).unwrap().is_some(),
         "provisioned, not shared"
@@ -326,9 +331,13 @@ fn mappings_read_what_reads_read_and_hold_commits_back() {
     let a = pool.device("a").unwrap();
     assert!(
         a.map(MapOp::Write, BS, 4096).unwrap().is_none(),
-        "shared after a snapshot"
+        "shared after a snapshot: a partial write copies, synchronously"
     );
-    // A commit waits for mappings still held (their I/O in flight).
+    let whole = a.map(MapOp::Write, BS, BS).unwrap().unwrap();
+    assert!(whole.zero.is_empty(), "a whole block needs no zeroing");
+    drop(whole);
+    // A commit waits for the I/O that began before it, not for I/O that begins during it; it
+    // holds first writes back.
     let held = a.map(MapOp::Read, 0, BS).unwrap().unwrap();
     a.write(8 * BS, &[IoSlice::new(&[1u8; 512])]).unwrap();
     let flusher = {
@@ -336,11 +345,17 @@ fn mappings_read_what_reads_read_and_hold_commits_back() {
         std::thread::spawn(move || a.flush())
     };
     std::thread::sleep(std::time::Duration::from_millis(200));
-    assert!(!flusher.is_finished(), "a commit ran with I/O in flight");
     assert!(
-        a.map(MapOp::Read, 0, BS).unwrap().is_none(),
-        "a mapping was taken during a commit"
+        !flusher.is_finished(),
+        "a commit ran with older I/O in flight"
     );
+    let during = a.map(MapOp::Read, 0, BS).unwrap();
+    assert!(during.is_some(), "a read waited for a commit");
+    assert!(
+        a.map(MapOp::Write, 9 * BS, 4096).unwrap().is_none(),
+        "a block was provisioned during a commit"
+    );
+    drop(during);
     drop(held);
     flusher.join().unwrap().unwrap();
 }

@@ -154,14 +154,19 @@ impl ThinDevice {
         let pool = &self.pool;
         let started = Instant::now();
         loop {
-            let gate = pool.io_gate();
-            let found = pool
-                .meta()
-                .find_block(self.dev, p.vblock, true)
-                .map_err(thin)?;
-            if let Some(l) = found.filter(|l| !l.shared) {
-                return pool.write_data(l.block, p.within, part);
+            {
+                let _io = pool.io_gate();
+                let found = pool
+                    .meta()
+                    .find_block(self.dev, p.vblock, true)
+                    .map_err(thin)?;
+                if let Some(l) = found.filter(|l| !l.shared) {
+                    return pool.write_data(l.block, p.within, part);
+                }
             }
+            // Provisioning: the provision gate before the I/O gate (see gate.rs).
+            let provision = pool.provision_ticket();
+            let io = pool.io_gate();
             let cell = pool.prison.lock((self.dev, p.vblock));
             // Another writer may have provisioned the block while this one waited.
             let found = pool
@@ -176,7 +181,8 @@ impl ThinDevice {
                 Err(BlockError::NoSpace) => {
                     // Wait without holding anything a commit or a resize needs.
                     drop(cell);
-                    drop(gate);
+                    drop(io);
+                    drop(provision);
                     if pool.wait_for_space(started) {
                         continue;
                     }
@@ -264,8 +270,9 @@ impl ThinDevice {
             return Ok(());
         }
         let pool = &self.pool;
-        // Held until the holes are punched: the freed blocks cannot be reused meanwhile.
-        let _gate = pool.io_gate();
+        // Held until the holes are punched: no commit, so the freed blocks cannot be reused
+        // meanwhile.
+        let _provision = pool.provision_ticket();
         let mapped = pool.meta().mappings(self.dev, begin, end).map_err(thin)?;
         if mapped.is_empty() {
             return Ok(());
@@ -425,7 +432,10 @@ impl BlockDevice for ThinDevice {
                 hold: Some(Box::new(ticket)),
             }));
         }
-        let mut writes = FirstWrites::new(self.pool.clone(), self.dev, ticket);
+        let Some(provision) = self.pool.try_provision_ticket() else {
+            return Ok(None);
+        };
+        let mut writes = FirstWrites::new(self.pool.clone(), self.dev, ticket, provision);
         let mut zero = Vec::new();
         for plan in planned {
             let ext = match plan {

@@ -2,11 +2,15 @@
 //! timer, grouped), the pool's mode, and what thin devices need to provision blocks.
 //!
 //! Locking, in the order taken:
-//! - `io_gate` (see gate.rs): every data I/O of a thin device holds a ticket from its lookup
-//!   to its completion; a commit closes the gate and waits for the tickets out, so when a
-//!   commit returns no I/O that looked up a block before the commit is still in flight.
-//!   Blocks freed in a transaction become reusable only after its commit, so no I/O can touch
-//!   a block that was reused.
+//! - `provision_gate` (see gate.rs): held from a data block's allocation until its mapping is
+//!   inserted (or the block given back), and while blocks are unmapped. A commit closes it
+//!   for its whole duration: it then commits no allocation without its mapping, flushes the
+//!   data of every mapping it commits, and no block is freed while it runs.
+//! - `io_gate`: every data I/O of a thin device holds a ticket from its lookup to its
+//!   completion. A commit waits for a grace period on it (the I/O that began before the
+//!   commit), so no I/O that looked up a block freed in the transaction is in flight when the
+//!   commit makes the block reusable. Reads and writes into mapped blocks never wait for a
+//!   commit. A quiesce (snapshots) closes it.
 //! - the prison cell of a virtual block, while it is being provisioned;
 //! - `meta`: shared for lookups, exclusive for changes, never held across data I/O.
 
@@ -114,6 +118,7 @@ pub struct Pool {
     data: Arc<dyn DataDevice>,
     block_size: u64,
     io_gate: Arc<IoGate>,
+    provision_gate: Arc<IoGate>,
     pub(super) prison: Prison,
     /// Bumped by every metadata change; a commit records the value it covered.
     changes: AtomicU64,
@@ -234,6 +239,7 @@ impl Pool {
             data,
             block_size,
             io_gate: Arc::new(IoGate::default()),
+            provision_gate: Arc::new(IoGate::default()),
             prison: Prison::default(),
             changes: AtomicU64::new(0),
             commit_state: Mutex::new(CommitState { committed: 0 }),
@@ -327,9 +333,20 @@ impl Pool {
         self.io_gate.enter()
     }
 
-    /// A ticket for one asynchronous data I/O, or `None` while a commit runs.
+    /// A ticket for one asynchronous data I/O, or `None` while the pool is quiesced.
     pub(super) fn try_ticket(&self) -> Option<Ticket> {
         self.io_gate.try_enter()
+    }
+
+    /// A ticket to allocate or unmap blocks; waits while a commit runs. Taken before any
+    /// I/O ticket.
+    pub(super) fn provision_ticket(&self) -> Ticket {
+        self.provision_gate.enter()
+    }
+
+    /// A ticket to allocate blocks, or `None` while a commit runs.
+    pub(super) fn try_provision_ticket(&self) -> Option<Ticket> {
+        self.provision_gate.try_enter()
     }
 
     pub(super) fn data(&self) -> &dyn DataDevice {
@@ -439,10 +456,13 @@ impl Pool {
             drop(state);
             return self.flush_data();
         }
-        // No data I/O may be in flight: its block could be reused right after this commit,
-        // and its mapping must not be committed before its data is durable.
-        let _gate = self.io_gate.close();
+        // Provisioning stops: every mapping in the metadata now has its data written, every
+        // allocation its mapping, and nothing is freed until the commit is done.
+        let _provisioning = self.provision_gate.close();
         let covered = self.changes.load(Ordering::Acquire);
+        // The blocks this commit frees become reusable once it is done: first, the I/O that
+        // might still use them (it began before the blocks were freed) must be over.
+        self.io_gate.grace();
         self.flush_data()?;
         let mut meta = self.meta.write();
         match meta.commit() {

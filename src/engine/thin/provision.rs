@@ -1,8 +1,8 @@
 //! First writes without waiting: a write into unmapped (or shared) blocks gets new data blocks
 //! at once and is handed back as host I/O like any mapped write; the new mappings go into the
 //! metadata when that I/O has finished, so a commit never covers a mapping whose data was not
-//! written. Until then the blocks' prison cells and the pool's I/O gate stay held: another
-//! writer of the block takes the synchronous path and waits, and no commit runs.
+//! written. Until then the blocks' prison cells and the pool's provision gate stay held:
+//! another writer of the block takes the synchronous path and waits, and no commit runs.
 
 use std::sync::Arc;
 
@@ -31,8 +31,9 @@ pub(super) struct FirstWrites {
     /// (virtual block, new data block), not yet mapped.
     blocks: Vec<(u64, u64)>,
     cells: Vec<CellKey>,
-    /// Dropped last: the gate must stay closed to commits until the mappings are in.
-    _ticket: Ticket,
+    /// Dropped last: no commit until the mappings are in or the blocks given back.
+    _provision: Ticket,
+    _io: Ticket,
 }
 
 fn thin(e: ThinError) -> BlockError {
@@ -51,13 +52,14 @@ fn one_extent(pool: &Pool, op: MapOp, offset: u64, len: u64) -> Result<Option<Ex
 }
 
 impl FirstWrites {
-    pub fn new(pool: Arc<Pool>, dev: u64, ticket: Ticket) -> Self {
+    pub fn new(pool: Arc<Pool>, dev: u64, io: Ticket, provision: Ticket) -> Self {
         FirstWrites {
             pool,
             dev,
             blocks: Vec::new(),
             cells: Vec::new(),
-            _ticket: ticket,
+            _provision: provision,
+            _io: io,
         }
     }
 
