@@ -17,12 +17,22 @@
 #        region each snapshot claims complete. Reports the I/O pauses.
 #   resize (thin)  block-resize grows the disk while a guest runs; the guest
 #        must see the new capacity (virtio config change) and use its end.
+#   crash (thin)  E2E_CRASH_ROUNDS (3) times: a guest writes files on ext4,
+#        each followed by fsync of the file and its directory and only then a
+#        "FSYNCED name sha256" line; after 5-40 such lines (and up to 0.9 s more)
+#        the host SIGKILLs the server and stops QEMU, runs thin_check and
+#        thinblk check on the metadata as the kill left it, restarts the server
+#        with the same command line and boots a new guest: once mounting has
+#        replayed the journal, e2fsck -fn must exit 0, and every file reported
+#        fsynced in any round so far must be there with its checksum. Rounds
+#        alternate write-back and write-through. With another server the case
+#        runs too, without the pool checks.
 # Prints one line per case and "N passed, M failed"; exits 1 if any failed.
 #
 # Environment:
 #   SERVER=thinblk (default: a raw file) | thin (a thin device in a pool,
 #                    with the extra cases "snapshot", "live-snapshot",
-#                    "resize" and "check") | cow (a
+#                    "resize", "crash" and "check") | cow (a
 #                    read-only ext4 origin image built on the host, served
 #                    through a cow= export and a thin origin= export; cases
 #                    "cow" and "thinorigin" mount it and write files,
@@ -36,6 +46,9 @@
 #   E2E_TESTS        cases to run, in order (default: "fio fs1 fs2 restart")
 #   E2E_QUEUES       virtqueues (default 2)
 #   E2E_TIMEOUT      seconds per guest boot (default 180; a case takes ~15)
+#   E2E_CRASH_ROUNDS kills in the crash case (default 3, ~20 s each)
+#   E2E_CRASH_SEED   seed of the crash case's kill targets (fsync count and delay;
+#                    default random, logged); the guest's pace still varies
 #   E2E_KEEP=1       keep the scratch directory (disk, logs) even on success
 set -euo pipefail
 
@@ -47,7 +60,7 @@ cd "$ROOT"
 
 SERVER=${SERVER:-thinblk}
 if [ "$SERVER" = thin ]; then
-    TESTS=${E2E_TESTS:-fio fs1 fs2 restart snapshot live-snapshot resize check}
+    TESTS=${E2E_TESTS:-fio fs1 fs2 restart snapshot live-snapshot resize crash check}
 elif [ "$SERVER" = cow ]; then
     TESTS=${E2E_TESTS:-cow restart thinorigin thinorigin2 unchanged}
 else
@@ -323,6 +336,143 @@ resize_case() {
         "$(tr -d '\r' <"$glog" | sed -n 's/^capacity now //p')"
 }
 
+# check_pool: the pool's metadata, with no server running, must pass Debian's thin_check and
+# thinblk's own check (which also counts data references). On failure prints why, returns 1.
+check_pool() {
+    local out
+    ensure_packages thin-provisioning-tools
+    if ! out=$(thin_check "$POOL/metadata" 2>&1); then
+        echo "thin_check: $(echo "$out" | tail -n1)"
+        return 1
+    fi
+    if ! out=$("$THINBLK" check "$POOL/metadata" 2>&1); then
+        echo "thinblk check: $(echo "$out" | tail -n1)"
+        return 1
+    fi
+}
+
+# crash: rounds of SIGKILL while a guest writes and fsyncs files (guest test crashwrite), then
+# the pool check, a restart with the same command line, and a fresh boot (crashverify): after
+# ext4's journal replay e2fsck -fn must be clean, and every file the guest reported fsynced, in
+# this round or an earlier one, must have its checksum. Records its own result.
+CRASH_ROUNDS=${E2E_CRASH_ROUNDS:-3}
+crash_case() {
+    local start=$1 seed=${E2E_CRASH_SEED:-$RANDOM} r k got glog vlog rc name sum line
+    local kills=() replays=0 lost=() checks=0 err
+    # name -> sha256 of every file whose fsync returned, over all rounds so far.
+    local -A want=() have=()
+    RANDOM=$seed
+    log "crash: $CRASH_ROUNDS rounds, seed $seed (E2E_CRASH_SEED=$seed repeats the kill targets)"
+    for r in $(seq "$CRASH_ROUNDS"); do
+        # Kill after 5-40 fsyncs, then 0-0.9 s more, so the kill lands anywhere in the
+        # guest's write-fsync cycle, mid-commit included.
+        k=$((5 + RANDOM % 36))
+        glog=$SCRATCH/guest-crashwrite$r.log
+        QEMU_APPEND="${QEMU_APPEND:-} thinblk.round=$r" \
+            "$HERE/run-qemu.sh" -g "$GUEST" -l "$glog" -q "$QUEUES" -t "$TIMEOUT" "$SOCK" \
+            crashwrite 2>"$SCRATCH/run-crashwrite$r.err" &
+        RUN_PID=$!
+        got=0
+        while kill -0 "$RUN_PID" 2>/dev/null && [ "$got" -lt "$k" ]; do
+            kill -0 "$SERVER_PID" 2>/dev/null || break
+            sleep 0.1
+            got=$(grep -c '^FSYNCED ' "$glog" 2>/dev/null) || got=0
+        done
+        err=
+        if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+            err="round $r: the server died on its own after $got fsyncs"
+        elif ! kill -0 "$RUN_PID" 2>/dev/null; then
+            err="round $r: the writing guest ended after $got of $k fsyncs: $(tr -d '\r' <"$glog" \
+                | sed -n 's/^THINBLK-E2E FAIL crashwrite: //p' | head -n1)"
+        else
+            sleep "0.$((RANDOM % 10))"
+            kill -KILL "$SERVER_PID"
+        fi
+        rc=0
+        if ! kill -0 "$SERVER_PID" 2>/dev/null || [ -z "$err" ]; then
+            wait "$SERVER_PID" 2>/dev/null || rc=$?
+            SERVER_PID=
+        fi
+        # The guest's I/O now waits for a backend that is gone; QEMU goes too, as at a host crash.
+        kill -TERM "$RUN_PID" 2>/dev/null || true
+        wait "$RUN_PID" 2>/dev/null || true
+        RUN_PID=
+        if [ -n "$err" ]; then
+            show_tail "$glog" "guest serial log"
+            show_tail "$SERVER_LOG" "server log"
+            record FAIL crash $(($(date +%s) - start)) "$err"
+            return
+        fi
+        # Only complete lines count: a line cut short by the kill names no checksum to hold.
+        got=0
+        while read -r line; do
+            read -r _ name sum <<<"$line"
+            want[$name]=$sum
+            got=$((got + 1))
+        done < <(tr -d '\r' <"$glog" | grep -E '^FSYNCED r[0-9]+-[0-9]+ [0-9a-f]{64}$' || true)
+        kills+=("$got")
+        log "crash: round $r: SIGKILL (status $rc) after $got fsynced files (aimed at $k)"
+        if [ "$SERVER" = thin ]; then
+            # The metadata exactly as the kill left it, before a restart could touch it.
+            if ! err=$(check_pool); then
+                record FAIL crash $(($(date +%s) - start)) "round $r, after the kill: $err"
+                return
+            fi
+        fi
+        if ! start_server; then
+            show_tail "$SERVER_LOG" "server log"
+            record FAIL crash $(($(date +%s) - start)) "round $r: the server did not start after the kill"
+            return
+        fi
+        vlog=$SCRATCH/guest-crashverify$r.log
+        if ! "$HERE/run-qemu.sh" -g "$GUEST" -l "$vlog" -q "$QUEUES" -t "$TIMEOUT" "$SOCK" \
+            crashverify 2>"$SCRATCH/run-crashverify$r.err"; then
+            cat "$SCRATCH/run-crashverify$r.err" >&2
+            show_tail "$vlog" "guest serial log"
+            show_tail "$SERVER_LOG" "server log"
+            record FAIL crash $(($(date +%s) - start)) "round $r: $(tail -n1 "$SCRATCH/run-crashverify$r.err" \
+                | sed -e 's/^e2e: crashverify: FAIL in [0-9]*s: //' -e 's/ (log: [^)]*)$//')"
+            return
+        fi
+        if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+            record FAIL crash $(($(date +%s) - start)) "round $r: the server died during crashverify"
+            return
+        fi
+        # grep -c, not -q: -q stops reading early and pipefail would count tr's SIGPIPE.
+        [ "$(tr -d '\r' <"$vlog" | grep -cx 'CRASH-JOURNAL-REPLAYED yes')" -eq 0 ] \
+            || replays=$((replays + 1))
+        have=()
+        while read -r line; do
+            read -r _ name sum <<<"$line"
+            have[$name]=$sum
+        done < <(tr -d '\r' <"$vlog" | grep -E '^CRASHFILE r[0-9]+-[0-9]+ [0-9a-f]{64}$' || true)
+        lost=()
+        for name in "${!want[@]}"; do
+            if [ -z "${have[$name]:-}" ]; then
+                lost+=("$name(missing)")
+            elif [ "${have[$name]}" != "${want[$name]}" ]; then
+                lost+=("$name(wrong data)")
+            fi
+            checks=$((checks + 1))
+        done
+        log "crash: round $r: ${#want[@]} fsynced files expected, ${#have[@]} files found," \
+            "${#lost[@]} lost or wrong"
+        if [ "${#lost[@]}" -gt 0 ]; then
+            show_tail "$vlog" "guest serial log"
+            record FAIL crash $(($(date +%s) - start)) \
+                "round $r: ${#lost[@]} of ${#want[@]} fsynced files: $(printf '%s\n' "${lost[@]}" \
+                | sort -V | head -n 8 | tr '\n' ' ')"
+            return
+        fi
+    done
+    local at summary
+    at=$(IFS=/; echo "${kills[*]}")
+    summary="$CRASH_ROUNDS kills (after $at fsyncs), ${#want[@]} fsynced files intact"
+    summary+=" ($checks file checks in $CRASH_ROUNDS boots), fsck clean after journal replay"
+    summary+=" ($replays of $CRASH_ROUNDS replayed), seed $seed"
+    record PASS crash $(($(date +%s) - start)) "$summary"
+}
+
 SERVER_UP=0
 t0=$(date +%s)
 if start_server; then
@@ -349,15 +499,17 @@ for t in $TESTS; do
         # The pool's metadata, as thinblk left it, must pass Debian's thin_check.
         stop_server
         SERVER_UP=0
-        ensure_packages thin-provisioning-tools
-        # ... and thinblk's own check, which also counts data references.
-        if ! out=$(thin_check "$POOL/metadata" 2>&1); then
-            record FAIL "$t" $(($(date +%s) - start)) "thin_check: $(echo "$out" | tail -n1)"
-        elif ! out=$("$THINBLK" check "$POOL/metadata" 2>&1); then
-            record FAIL "$t" $(($(date +%s) - start)) "thinblk check: $(echo "$out" | tail -n1)"
-        else
+        if out=$(check_pool); then
             record PASS "$t" $(($(date +%s) - start))
+        else
+            record FAIL "$t" $(($(date +%s) - start)) "$out"
         fi
+        continue
+    fi
+    if [ "$t" = crash ]; then
+        crash_case "$start"
+        # A failed round may leave the server killed and not restarted.
+        [ -n "$SERVER_PID" ] || SERVER_UP=0
         continue
     fi
     if [ "$t" = resize ]; then

@@ -24,6 +24,8 @@ exec </dev/console >/dev/console 2>&1
 
 DISK=/dev/vda
 TEST=unknown
+# Which kill round of the crash case this boot belongs to (thinblk.round=N).
+ROUND=1
 
 # Markers are printed on a line of their own; the leading newline protects
 # against a partial line left on the console by the kernel or fio.
@@ -54,6 +56,7 @@ read -r cmdline </proc/cmdline
 for arg in $cmdline; do
     case "$arg" in
         thinblk.test=*) TEST="${arg#thinblk.test=}" ;;
+        thinblk.round=*) ROUND="${arg#thinblk.round=}" ;;
     esac
 done
 echo "thinblk-e2e guest: kernel $(uname -r), $(nproc) cpus, test=$TEST"
@@ -318,16 +321,84 @@ test_originrw() {
     pass
 }
 
+# crashwrite / crashverify: the host SIGKILLs thinblk while crashwrite writes files, then boots
+# crashverify on the restarted server. "FSYNCED NAME SHA256" goes out only after fsync of the
+# file and of its directory returned, so the host may hold every such file to its checksum;
+# crashverify only reports what it finds (CRASHFILE lines) and the host compares.
+CRASH_DIR=/mnt/crash
+test_crashwrite() {
+    # Odd rounds in write-back mode (fsync becomes a FLUSH the server must honour), even ones
+    # in write-through (each write must be durable when it completes, with no FLUSH at all).
+    if [ $((ROUND % 2)) -eq 1 ]; then set_cache "write back"; else set_cache "write through"; fi
+    # Later rounds keep the file system, so the files of earlier rounds face every later kill.
+    if [ "$ROUND" -le 1 ]; then
+        run mkfs.ext4 -F -q "$DISK" || fail "mkfs.ext4 exited $?"
+    fi
+    run mount -t ext4 "$DISK" /mnt || fail "mount failed (round $ROUND)"
+    mkdir -p "$CRASH_DIR" || fail "mkdir failed"
+    sync "$CRASH_DIR" /mnt || fail "fsync of $CRASH_DIR failed"
+    echo "crash writer ready (round $ROUND)"
+    n=1
+    while [ "$n" -le 5000 ]; do
+        name=r$ROUND-$n
+        # Sizes from a few bytes to ~190 KiB, rarely block-aligned: partial and multi-block
+        # writes, inline extents and extent trees alike.
+        size=$(((n * 37 + ROUND * 11) % 190 * 1024 + n * 7 % 1000 + 1))
+        # The checksum is taken from the source in tmpfs, never read back from the disk.
+        head -c "$size" /dev/urandom >/tmp/crashbuf || fail "reading urandom failed"
+        sum=$(sha256sum </tmp/crashbuf | cut -d' ' -f1)
+        cat /tmp/crashbuf >"$CRASH_DIR/$name" || fail "writing $name failed"
+        # fsync(2) on the file, then on the directory: a new name is durable only with both.
+        sync "$CRASH_DIR/$name" "$CRASH_DIR" || fail "fsync of $name failed"
+        echo "FSYNCED $name $sum"
+        n=$((n + 1))
+    done
+    fail "wrote $((n - 1)) files and the host never stopped the server"
+}
+
+test_crashverify() {
+    set_cache "write back"
+    command -v e2fsck >/dev/null || fail "no e2fsck in the guest"
+    # Mounting replays ext4's journal: the normal recovery after a crash, not a repair. Only
+    # after it is "clean" a meaningful claim; e2fsck -n would skip the replay and see the
+    # journal's pending blocks as damage.
+    run mount -t ext4 "$DISK" /mnt || fail "mount after the crash failed"
+    run umount /mnt || fail "umount failed"
+    if dmesg | grep -q 'vda.*recovery complete'; then replayed=yes; else replayed=no; fi
+    echo "CRASH-JOURNAL-REPLAYED $replayed"
+    echo "+ e2fsck -fn $DISK"
+    e2fsck -fn "$DISK" >/tmp/fsck.out 2>&1
+    rc=$?
+    cat /tmp/fsck.out
+    # -n answers no to every fix, so exit status 0 means there was nothing to fix.
+    [ "$rc" -eq 0 ] || fail "e2fsck -fn exited $rc after the journal replay"
+    echo "CRASH-FSCK-CLEAN"
+    run mount -t ext4 "$DISK" /mnt || fail "mount failed"
+    [ -d "$CRASH_DIR" ] || fail "$CRASH_DIR is gone"
+    # Every file, written to the end or not: the host knows which ones were fsynced.
+    files=0
+    for f in "$CRASH_DIR"/*; do
+        [ -f "$f" ] || continue
+        echo "CRASHFILE ${f##*/} $(sha256sum <"$f" | cut -d' ' -f1)"
+        files=$((files + 1))
+    done
+    echo "CRASH-FILES $files"
+    run umount /mnt || fail "umount failed"
+    pass
+}
+
 case "$TEST" in
     fio) test_fio ;;
     resize) test_resize ;;
     livewrite) test_livewrite ;;
     liveverify) test_liveverify ;;
     originrw) test_originrw ;;
+    crashwrite) test_crashwrite ;;
+    crashverify) test_crashverify ;;
     fs1) test_fs1 ;;
     fs2) test_fs2 ;;
     # For debugging by hand (run-qemu.sh with INTERACTIVE=1).
     shell) echo "thinblk-e2e: shell; poweroff -f to quit"; setsid cttyhack sh; finish ;;
-    *) fail "unknown test (use thinblk.test=fio|fs1|fs2|livewrite|liveverify|resize|originrw|shell)" ;;
+    *) fail "unknown test (use thinblk.test=fio|fs1|fs2|livewrite|liveverify|resize|originrw|crashwrite|crashverify|shell)" ;;
 esac
 fail "test function returned without a verdict"

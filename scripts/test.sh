@@ -27,7 +27,8 @@ THINBLK="$PWD/target/release/thinblk" python3 -m pytest -q tests/qmp
 bash fuzz/run.sh 30
 
 # A guest on a raw export, then on a thin device (restart, offline and live snapshots, a
-# resize seen by the running guest, thin_check and thinblk check on the pool).
+# resize seen by the running guest, kill -9 while the guest fsyncs files then fsck and the
+# files checked on the next boot, thin_check and thinblk check on the pool).
 THINBLK="$PWD/target/release/thinblk" bash qemu-scripts/e2e.sh
 THINBLK="$PWD/target/release/thinblk" SERVER=thin bash qemu-scripts/e2e.sh
 # Snapshots of an external origin: a cow= export and a thin origin= export of one image.
