@@ -74,7 +74,8 @@ pub struct SnapshotTiming {
     /// From asking for the quiesce until I/O may run again: in-flight I/O drains, new I/O
     /// waits, the snapshots are created.
     pub pause: Duration,
-    /// The commit that follows; like every commit it holds new I/O while it writes.
+    /// The commit that follows; like every commit it holds back first writes (not reads or
+    /// writes of mapped blocks) while it runs.
     pub commit: Duration,
 }
 
