@@ -277,7 +277,7 @@ live_snapshot_case() {
     sorted=$(printf '%s\n' "${pauses[@]}" | sort -n)
     max=$(echo "$sorted" | tail -n1)
     log "live-snapshot: $n snapshots while the guest wrote; I/O pause (us): $(echo $sorted)"
-    log "live-snapshot: the commit after each (I/O waits too, as in every commit; us):" \
+    log "live-snapshot: the commit after each (first writes wait for it, as in every commit; us):" \
         "$(printf '%s\n' "${commits[@]}" | sort -n | tr '\n' ' ')"
     if [ "$n" -lt 2 ]; then
         record FAIL live-snapshot $(($(date +%s) - start)) "only $n snapshots were taken"
