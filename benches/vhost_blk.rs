@@ -8,7 +8,8 @@
 //! `--suite` starts thinblk and qemu-storage-daemon itself, one after the other for every job
 //! on the same files, runs the same jobs with fio on the file, and prints Markdown tables of
 //! throughput, latency percentiles, ratios and server cost. Under `cargo test` (no `--bench`
-//! argument) it runs a short smoke test against a thinblk null export instead.
+//! argument) it runs a short smoke test instead: a thinblk null export, and live snapshots of a
+//! small thin disk.
 #![allow(clippy::expect_used)]
 
 #[path = "vhost_blk/client.rs"]
@@ -19,6 +20,12 @@ mod fio;
 mod images;
 #[path = "vhost_blk/job.rs"]
 mod job;
+#[path = "vhost_blk/mapped.rs"]
+mod mapped;
+#[path = "vhost_blk/pause.rs"]
+mod pause;
+#[path = "vhost_blk/qmp.rs"]
+mod qmp;
 #[path = "vhost_blk/server.rs"]
 mod server;
 #[path = "vhost_blk/stats.rs"]
@@ -127,7 +134,8 @@ fn run_socket(args: &Args, socket: &Path) -> Result<String, String> {
     Ok(out)
 }
 
-/// `cargo test --benches`: every job for a moment against a thinblk null export.
+/// `cargo test --benches`: every job for a moment against a thinblk null export, then the
+/// live-snapshot measurement with two snapshots.
 fn smoke() {
     job::self_test();
     let dir = tempfile::tempdir().expect("temporary directory");
@@ -154,6 +162,24 @@ fn smoke() {
         );
         println!("smoke {}: {}", job.name, m.summary().cell());
     }
+    drop(server);
+    smoke_live_snapshot(dir.path());
+}
+
+/// Two live snapshots of a small thin disk under load: the QMP path of the pause row.
+fn smoke_live_snapshot(dir: &Path) {
+    let pool = dir.join("pool");
+    let socket = dir.join("thin.sock");
+    let server = server::Server::thin(&pool, "name=d,size=64M", &[], &socket, dir)
+        .expect("thinblk thin export");
+    let times = (Duration::from_millis(20), Duration::from_millis(100));
+    let mut take = pause::thin_snapshot("d");
+    let qmp = pool.join("control.sock");
+    let p = pause::measure(&server, &socket, &qmp, times, 2, &mut take).expect("live snapshots");
+    assert_eq!(p.stalls.len(), 2, "snapshots not taken");
+    assert_eq!(p.reported.len(), 2, "pause not reported");
+    assert!(p.quiet.iops > 0.0, "no I/O without snapshots");
+    println!("smoke live snapshot: {}", p.cell());
 }
 
 fn main() {

@@ -121,6 +121,48 @@ impl Client {
         measure: Duration,
         cpu: &dyn Fn() -> Option<f64>,
     ) -> Result<Measurement, String> {
+        let window_start = Instant::now() + warmup;
+        let window_end = window_start + measure;
+        let mut cpu_start = None;
+        let mut cpu_end = None;
+        let (mut ios, mut lat_ns) = (0u64, Vec::with_capacity(1 << 20));
+        let wrapped = self.drive(job, span, &mut |started, now| {
+            if now >= window_start && cpu_start.is_none() {
+                cpu_start = Some(cpu());
+            }
+            if now >= window_end && cpu_end.is_none() {
+                cpu_end = Some(cpu());
+            }
+            if now >= window_start && now < window_end {
+                ios += 1;
+                lat_ns.push(now.duration_since(started).as_nanos() as u64);
+            }
+            now < window_end
+        })?;
+        let server_cpu_seconds = match (cpu_start.flatten(), cpu_end.flatten()) {
+            (Some(a), Some(b)) => Some(b - a),
+            _ => None,
+        };
+        Ok(Measurement {
+            ios,
+            bytes: ios * job.bs as u64,
+            seconds: measure.as_secs_f64(),
+            lat_ns,
+            server_cpu_seconds,
+            note: wrapped.then(|| "ran out of fresh clusters: later writes were overwrites".into()),
+        })
+    }
+
+    /// Keeps `job`'s queue full over the first `span` bytes and calls `done(submitted,
+    /// completed)` for every request; once it has returned false nothing more is submitted
+    /// and the requests in flight are reaped (and still reported). Returns whether a
+    /// first-write job ran out of clusters.
+    pub fn drive(
+        &mut self,
+        job: &Job,
+        span: u64,
+        done: &mut dyn FnMut(Instant, Instant) -> bool,
+    ) -> Result<bool, String> {
         if job.qd * job.bs > self.region.len {
             return Err("buffer region too small for the job".into());
         }
@@ -133,43 +175,31 @@ impl Client {
             *t = Instant::now();
         }
         let mut in_flight = job.qd;
-        let window_start = Instant::now() + warmup;
-        let window_end = window_start + measure;
-        let mut cpu_start = None;
-        let mut cpu_end = None;
-        let (mut ios, mut lat_ns) = (0u64, Vec::with_capacity(1 << 20));
-        let mut done: Vec<_> = (0..job.qd)
+        let mut more = true;
+        let mut completions: Vec<_> = (0..job.qd)
             .map(|_| MaybeUninit::<Completion>::uninit())
             .collect();
         while in_flight > 0 {
             let mut timeout = Duration::from_secs(30);
             let n = self
                 .queue
-                .do_io(&mut done, 1, Some(&mut timeout), None)
+                .do_io(&mut completions, 1, Some(&mut timeout), None)
                 .map_err(err("do_io"))?;
             if n == 0 {
                 return Err("no completion within 30 s".into());
             }
             let now = Instant::now();
-            if now >= window_start && cpu_start.is_none() {
-                cpu_start = Some(cpu());
-            }
-            if now >= window_end && cpu_end.is_none() {
-                cpu_end = Some(cpu());
-            }
-            for c in &done[..n] {
+            for c in &completions[..n] {
                 // SAFETY: do_io wrote `n` completions into the first `n` slots.
                 let c = unsafe { c.assume_init_ref() };
                 if c.ret != 0 {
                     return Err(format!("request failed: errno {}", -c.ret));
                 }
                 let slot = c.user_data;
-                if now >= window_start && now < window_end {
-                    ios += 1;
-                    lat_ns.push(now.duration_since(started[slot]).as_nanos() as u64);
-                }
                 in_flight -= 1;
-                if now < window_end {
+                let keep = done(started[slot], now);
+                more = more && keep;
+                if more {
                     let offset = offsets.next_offset();
                     self.submit(job, slot, offset);
                     started[slot] = Instant::now();
@@ -177,19 +207,6 @@ impl Client {
                 }
             }
         }
-        let server_cpu_seconds = match (cpu_start.flatten(), cpu_end.flatten()) {
-            (Some(a), Some(b)) => Some(b - a),
-            _ => None,
-        };
-        Ok(Measurement {
-            ios,
-            bytes: ios * job.bs as u64,
-            seconds: measure.as_secs_f64(),
-            lat_ns,
-            server_cpu_seconds,
-            note: offsets
-                .wrapped
-                .then(|| "ran out of fresh clusters: later writes were overwrites".into()),
-        })
+        Ok(offsets.wrapped)
     }
 }

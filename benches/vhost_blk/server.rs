@@ -12,6 +12,9 @@ pub struct Server {
     log: PathBuf,
 }
 
+/// Data file size of the thin pools the suite makes (`--data-size`): 2^20 blocks of 64 KiB.
+pub const THIN_DATA_SIZE: u64 = 64 << 30;
+
 /// Block-device options of qemu-storage-daemon for a raw file with O_DIRECT and io_uring.
 pub fn qsd_file_node(node: &str, file: &Path) -> String {
     format!(
@@ -44,7 +47,8 @@ impl Server {
         cmd.arg("serve")
             .arg("--dir")
             .arg(pool)
-            .args(["--metadata-size", "1G", "--data-size", "64G"])
+            .args(["--metadata-size", "1G", "--data-size"])
+            .arg(THIN_DATA_SIZE.to_string())
             .arg("--export")
             .arg(format!("{spec},socket={},queues=1", socket.display()));
         for e in extra {
@@ -61,6 +65,17 @@ impl Server {
         socket: &Path,
         dir: &Path,
     ) -> Result<Server, String> {
+        Server::qsd_qmp(blockdevs, node, socket, None, dir)
+    }
+
+    /// [`Server::qsd`], with a QMP monitor at `qmp` when given.
+    pub fn qsd_qmp(
+        blockdevs: &[String],
+        node: &str,
+        socket: &Path,
+        qmp: Option<&Path>,
+        dir: &Path,
+    ) -> Result<Server, String> {
         let mut cmd = Command::new("qemu-storage-daemon");
         for b in blockdevs {
             cmd.arg("--blockdev").arg(b);
@@ -69,6 +84,15 @@ impl Server {
             "type=vhost-user-blk,id=e,node-name={node},addr.type=unix,addr.path={},writable=on,num-queues=1",
             socket.display()
         ));
+        if let Some(qmp) = qmp {
+            let _ = std::fs::remove_file(qmp);
+            cmd.arg("--chardev")
+                .arg(format!(
+                    "socket,id=qmp,path={},server=on,wait=off",
+                    qmp.display()
+                ))
+                .args(["--monitor", "chardev=qmp"]);
+        }
         Server::spawn("qemu-storage-daemon", cmd, socket, dir)
     }
 

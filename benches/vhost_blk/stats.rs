@@ -85,9 +85,6 @@ impl Summary {
     }
 }
 
-/// The cell of a measurement that needs the thin pool.
-pub const NOT_BUILT: &str = "n/a: not measured yet";
-
 /// Text for a cell or its failure.
 pub fn show(c: &Cell) -> String {
     match c {

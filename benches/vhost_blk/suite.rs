@@ -9,7 +9,8 @@ use crate::fio;
 use crate::images::{self, CLUSTER};
 use crate::job::{Job, Op, Pattern};
 use crate::server::{cpu_seconds, peak_rss_kib, qsd_file_node, Server};
-use crate::stats::{cost, ratio, show, Cell, NOT_BUILT};
+use crate::stats::{cost, ratio, show, Cell};
+use crate::{mapped, pause};
 
 /// Parts of the suite.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -108,7 +109,7 @@ pub fn run(s: &Settings) -> Result<String, String> {
         null_section(s, &mut out);
     }
     if let (true, Some(file)) = (s.sections.contains(&Section::Thin), &raw) {
-        thin_section(s, file, &thinblk_raw, &mut out)?;
+        thin_section(s, file, &thinblk_raw, &mut out);
     }
     Ok(out)
 }
@@ -186,27 +187,32 @@ fn null_section(s: &Settings, out: &mut String) {
 
 fn thin_row(out: &mut String, what: &str, thin: &Cell, other: &Cell) {
     out.push_str(&format!(
-        "| {what} | {} | {} | {} | {} |\n",
+        "| {what} | {} | {} | {} | {} | {} |\n",
         show(thin),
         show(other),
         ratio(thin, other),
+        cost(thin),
         cost(other)
     ));
 }
 
-/// A thin pool for the suite, made afresh: `full` (every block of `span` provisioned), and
-/// the snapshot chain `s1` (of `full`) to `s{max}` (each of the one before).
-fn thin_pool(s: &Settings, span: u64, max_depth: usize) -> Result<PathBuf, String> {
+/// A thin pool for the suite, made afresh, with the device `full`: every block of `span`
+/// provisioned, shared with nothing yet.
+fn thin_pool(s: &Settings, span: u64) -> Result<PathBuf, String> {
     let pool = s.dir.join("pool");
     let _ = std::fs::remove_dir_all(&pool);
     let sock = s.socket();
-    {
-        let server = Server::thin(&pool, &format!("name=full,size={span}"), &[], &sock, &s.dir)?;
-        let mut c = Client::connect(&sock, 8 << 20)?;
-        eprintln!("  provisioning thin disk full ({} MiB)", span >> 20);
-        c.fill(span, 1 << 20, 8)
-            .map_err(|e| format!("{e} ({})", server.log_tail()))?;
-    }
+    let server = Server::thin(&pool, &format!("name=full,size={span}"), &[], &sock, &s.dir)?;
+    let mut c = Client::connect(&sock, 8 << 20)?;
+    eprintln!("  provisioning thin disk full ({} MiB)", span >> 20);
+    c.fill(span, 1 << 20, 8)
+        .map_err(|e| format!("{e} ({})", server.log_tail()))?;
+    Ok(pool)
+}
+
+/// The snapshot chain `s1` (of `full`) to `s{max}` (each of the one before). From here on
+/// every block of `full` is shared, so its own rows must have run before.
+fn snapshot_chain(s: &Settings, pool: &Path, max_depth: usize) -> Result<(), String> {
     let chain: Vec<String> = (1..=max_depth)
         .map(|d| {
             let origin = if d == 1 {
@@ -219,29 +225,19 @@ fn thin_pool(s: &Settings, span: u64, max_depth: usize) -> Result<PathBuf, Strin
         })
         .collect();
     eprintln!("  snapshot chain s1..s{max_depth}");
-    let server = Server::thin(&pool, "name=full", &chain, &sock, &s.dir)?;
-    drop(server);
-    Ok(pool)
+    Server::thin(pool, "name=full", &chain, &s.socket(), &s.dir).map(drop)
 }
 
-/// Thin devices against thinblk raw (the mapping's cost), qcow2 first writes, and qcow2
-/// backing chains of the same depth.
-fn thin_section(
-    s: &Settings,
-    file: &Path,
-    thinblk_raw: &[(String, Cell)],
-    out: &mut String,
-) -> Result<(), String> {
+/// Thin devices against thinblk raw (the mapping's cost), qcow2 first writes, qcow2 backing
+/// chains of the same depth, and the I/O pause of a live snapshot.
+fn thin_section(s: &Settings, file: &Path, thinblk_raw: &[(String, Cell)], out: &mut String) {
     eprintln!("thin devices vs raw and qcow2");
     out.push_str(
         "### Thin devices (64 KiB blocks) vs raw and qcow2 (64 KiB clusters), one queue\n\n\
-         | row | thin | compared with | thin/other | other's cost |\n|---|---|---|---|---|\n",
+         | row | thin | compared with | thin/other | thin's cost | other's cost |\n\
+         |---|---|---|---|---|---|\n",
     );
-    let max = DEPTHS.iter().copied().max().unwrap_or(1);
-    let pool = match thin_pool(s, s.file_size, max) {
-        Ok(p) => Ok(p),
-        Err(e) => Err(format!("thin pool: {e}")),
-    };
+    let pool = thin_pool(s, s.file_size).map_err(|e| format!("thin pool: {e}"));
     let thin = |name: &str, job: &Job, span: u64| -> Cell {
         let pool = pool.as_ref().map_err(Clone::clone)?;
         s.measure(&format!("thin {name}"), job, span, |sock| {
@@ -257,7 +253,52 @@ fn thin_section(
         let what = format!("fully provisioned thin vs thinblk raw: {}", job.name);
         thin_row(out, &what, &t, &raw);
     }
+    first_writes(s, pool.as_ref(), out);
 
+    let max = DEPTHS.iter().copied().max().unwrap_or(1);
+    let chain = match &pool {
+        Ok(p) => snapshot_chain(s, p, max).map_err(|e| format!("snapshot chain: {e}")),
+        Err(e) => Err(e.clone()),
+    };
+    let snap = |name: &str, job: &Job| -> Cell {
+        chain.clone()?;
+        thin(name, job, s.file_size)
+    };
+    let reads = [
+        Job::new(Op::Read, Pattern::Random, 4096, 1),
+        Job::new(Op::Read, Pattern::Random, 4096, 32),
+    ];
+    match images::qcow2_chain(&s.dir, file, max) {
+        Ok(qcow2) => {
+            for depth in DEPTHS {
+                let nodes = images::qsd_chain_nodes(&qcow2[..=depth]);
+                let top = format!("q{depth}");
+                for job in &reads {
+                    let t = snap(&format!("s{depth}"), job);
+                    let label = format!("qsd qcow2 chain depth {depth}");
+                    let q = s.measure(&label, job, s.file_size, |sock| {
+                        Server::qsd(&nodes, &top, sock, &s.dir)
+                    });
+                    let what = format!(
+                        "snapshot depth {depth}, thin vs qcow2 backing chain: {}",
+                        job.name
+                    );
+                    thin_row(out, &what, &t, &q);
+                }
+            }
+        }
+        Err(e) => {
+            let what = "snapshot reads, thin vs qcow2 backing chain";
+            thin_row(out, what, &Err("n/a".into()), &Err(e));
+        }
+    }
+    let details = live_snapshot(s, out);
+    out.push('\n');
+    out.push_str(&details);
+}
+
+/// First writes into unprovisioned space: a fresh thin device against a fresh qcow2 image.
+fn first_writes(s: &Settings, pool: Result<&PathBuf, &String>, out: &mut String) {
     let first = [
         Job::new(Op::Write, Pattern::FirstWrite { cluster: CLUSTER }, 4096, 1),
         Job::new(
@@ -270,7 +311,7 @@ fn thin_section(
     ];
     let fresh = s.dir.join("fresh.qcow2");
     for (i, job) in first.iter().enumerate() {
-        let t = match &pool {
+        let t = match pool {
             Ok(pool) => s.measure("thin fresh disk", job, FRESH_SIZE, |sock| {
                 Server::thin(
                     pool,
@@ -295,41 +336,123 @@ fn thin_section(
         thin_row(out, &what, &t, &q);
     }
     let _ = std::fs::remove_file(&fresh);
+}
 
-    let reads = [
-        Job::new(Op::Read, Pattern::Random, 4096, 1),
-        Job::new(Op::Read, Pattern::Random, 4096, 32),
-    ];
-    match images::qcow2_chain(&s.dir, file, max) {
-        Ok(chain) => {
-            for depth in DEPTHS {
-                let nodes = images::qsd_chain_nodes(&chain[..=depth]);
-                let top = format!("q{depth}");
-                for job in &reads {
-                    let t = thin(&format!("s{depth}"), job, s.file_size);
-                    let label = format!("qsd qcow2 chain depth {depth}");
-                    let q = s.measure(&label, job, s.file_size, |sock| {
-                        Server::qsd(&nodes, &top, sock, &s.dir)
-                    });
-                    let what = format!(
-                        "snapshot depth {depth}, thin vs qcow2 backing chain: {}",
-                        job.name
-                    );
-                    thin_row(out, &what, &t, &q);
-                }
+/// The live-snapshot row of the thin table, and its details as a table of their own.
+fn live_snapshot(s: &Settings, out: &mut String) -> String {
+    eprintln!(
+        "live snapshots at {} mapped blocks, {}",
+        mapped::MAPPED,
+        pause::job().name
+    );
+    let times = (s.warmup, s.measure);
+    let vhost = s.socket();
+    let t = mapped::thin_pool(&s.dir.join("mapped-pool")).and_then(|pool| {
+        let spec = format!("name={}", mapped::THIN_NAME);
+        let server = Server::thin(&pool, &spec, &[], &vhost, &s.dir)?;
+        let mut take = pause::thin_snapshot(mapped::THIN_NAME);
+        let qmp = pool.join("control.sock");
+        pause::measure(&server, &vhost, &qmp, times, pause::SNAPSHOTS, &mut take)
+    });
+    eprintln!("  {:<28} {}", "thin", pause_cell(&t));
+    let image = s.dir.join("mapped.qcow2");
+    let q = mapped::qcow2(&image).and_then(|()| {
+        let nodes = [
+            qsd_file_node("f", &image),
+            "driver=qcow2,node-name=q,file=f,l2-cache-size=16777216".to_string(),
+        ];
+        let qmp = s.dir.join("qsd-qmp.sock");
+        let server = Server::qsd_qmp(&nodes, "q", &vhost, Some(&qmp), &s.dir)?;
+        let mut take = pause::internal_snapshot("q");
+        pause::measure(&server, &vhost, &qmp, times, pause::SNAPSHOTS, &mut take)
+    });
+    eprintln!("  {:<28} {}", "qsd qcow2", pause_cell(&q));
+    let _ = std::fs::remove_dir_all(s.dir.join("mapped-pool"));
+    let _ = std::fs::remove_file(&image);
+
+    let stall_ratio = match (&t, &q) {
+        (Ok(t), Ok(q)) if !q.longest_stall().is_zero() => format!(
+            "{:.2}× stall",
+            t.longest_stall().as_secs_f64() / q.longest_stall().as_secs_f64()
+        ),
+        _ => "-".into(),
+    };
+    let quiet_cost = |p: &Result<pause::Pause, String>| match p {
+        Ok(p) => cost(&Ok(p.quiet.clone())),
+        Err(_) => "-".into(),
+    };
+    out.push_str(&format!(
+        "| live snapshot, {} mapped blocks, {} snapshots during {}: thin-snapshot vs qcow2 internal snapshot | {} | {} | {stall_ratio} | {} | {} |\n",
+        mapped::MAPPED,
+        pause::SNAPSHOTS,
+        pause::job().name,
+        pause_cell(&t),
+        pause_cell(&q),
+        quiet_cost(&t),
+        quiet_cost(&q)
+    ));
+    pause_details(&t, &q)
+}
+
+fn pause_cell(p: &Result<pause::Pause, String>) -> String {
+    match p {
+        Ok(p) => p.cell(),
+        Err(e) => show(&Err(e.clone())),
+    }
+}
+
+/// Per-server detail of the live snapshots.
+fn pause_details(t: &Result<pause::Pause, String>, q: &Result<pause::Pause, String>) -> String {
+    let row = |what: &str, f: &dyn Fn(&pause::Pause) -> String| {
+        let cell = |p: &Result<pause::Pause, String>| p.as_ref().map_or("-".into(), f);
+        format!("| {what} | {} | {} |\n", cell(t), cell(q))
+    };
+    let mut out = format!(
+        "Live snapshots: {} mapped 64 KiB blocks (clusters), {} snapshots {} ms apart during {}.\n\n\
+         | | thinblk `thin-snapshot` | qsd qcow2 `blockdev-snapshot-internal-sync` |\n|---|---|---|\n",
+        mapped::MAPPED,
+        pause::SNAPSHOTS,
+        pause::GAP.as_millis(),
+        pause::job().name
+    );
+    out.push_str(&row("the load without snapshots", &|p| {
+        format!("{}, max {}", p.quiet.cell(), pause::dur(p.quiet_max))
+    }));
+    out.push_str(&row(
+        "longest request overlapping a snapshot, p50 / max",
+        &|p| pause::spread(&p.stalls),
+    ));
+    out.push_str(&row("QMP command round trip, p50 / max", &|p| {
+        pause::spread(&p.commands)
+    }));
+    let reported = |pick: fn(&(Duration, Duration)) -> Duration| {
+        move |p: &pause::Pause| {
+            if p.reported.is_empty() {
+                "n/a: not reported".to_string()
+            } else {
+                let v: Vec<Duration> = p.reported.iter().map(pick).collect();
+                pause::spread(&v)
             }
         }
-        Err(e) => {
-            let what = "snapshot reads, thin vs qcow2 backing chain";
-            thin_row(out, what, &Err("n/a".into()), &Err(e));
-        }
-    }
-    thin_row(
-        out,
-        "live-snapshot pause (longest I/O stall while snapshotting)",
-        &Err(NOT_BUILT.into()),
-        &Err("n/a: needs QMP snapshots during I/O".into()),
-    );
+    };
+    out.push_str(&row(
+        "I/O held, as the server reports it (`pause-us`), p50 / max",
+        &reported(|r| r.0),
+    ));
+    out.push_str(&row(
+        "commit after it (`commit-us`), p50 / max",
+        &reported(|r| r.1),
+    ));
+    out.push_str(&row(
+        &format!("longest stall under {}", pause::dur(pause::GOAL)),
+        &|p| {
+            if p.longest_stall() < pause::GOAL {
+                "yes".into()
+            } else {
+                "no".into()
+            }
+        },
+    ));
     out.push('\n');
-    Ok(())
+    out
 }
