@@ -43,7 +43,9 @@
 #                    reads zeros, so every case must FAIL
 #   THINBLK=PATH     thinblk binary (default: target/release/thinblk if it
 #                    exists, else target/debug/thinblk)
-#   E2E_TESTS        cases to run, in order (default: "fio fs1 fs2 restart")
+#   E2E_TESTS        cases to run, in order (default: "fio fs1 fs2 restart");
+#                    "fiobench" (never by default) prints guest fio IOPS, for
+#                    the record: E2E_TESTS=fiobench SERVER=qsd|thinblk|thin
 #   E2E_QUEUES       virtqueues (default 2)
 #   E2E_TIMEOUT      seconds per guest boot (default 180; a case takes ~15)
 #   E2E_CRASH_ROUNDS kills in the crash case (default 3, ~20 s each)
@@ -593,7 +595,8 @@ for t in $TESTS; do
         died="server died during the case (exit status $src)"
     fi
     if [ -z "$died" ] && [ -z "$pre_fail" ] && [ "$rc" -eq 0 ]; then
-        record PASS "$t" "$secs"
+        # fiobench's figures go on its line.
+        record PASS "$t" "$secs" "$(tr -d '\r' <"$glog" | sed -n 's/^BENCH //p' | paste -sd ';' -)"
         continue
     fi
     if [ -n "$died" ]; then

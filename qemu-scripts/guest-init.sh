@@ -169,6 +169,25 @@ test_fio() {
     pass
 }
 
+# fiobench: guest-side fio figures, for the record only (the guest runs under TCG here, so
+# they measure the emulator more than the server). 4 KiB random writes then reads at queue
+# depth 32 and 1, 5 s each, on the first 64 MiB (written first, so reads hit data blocks);
+# prints "BENCH <job> IOPS=<n>" per job.
+test_fiobench() {
+    set_cache "write back"
+    e=$(pick_engine libaio io_uring)
+    for job in randwrite:32 randwrite:1 randread:1 randread:32; do
+        rw=${job%:*}
+        qd=${job#*:}
+        fio --name=bench --filename="$DISK" --rw="$rw" --bs=4k --iodepth="$qd" --size=64M \
+            --runtime=5 --time_based --ioengine="$e" --direct=1 >/tmp/bench.out 2>&1 \
+            || fail "fiobench: fio $rw at depth $qd failed: $(grep -m1 -E 'err=|error' /tmp/bench.out)"
+        iops=$(grep -o -m1 'IOPS=[^,]*' /tmp/bench.out)
+        echo "BENCH $rw-4k-qd$qd $iops ($e)"
+    done
+    pass
+}
+
 # fs1: make a filesystem, fill it with known data, record checksums on it.
 # fs2 (the next boot, a new QEMU process) checks them.
 test_fs1() {
@@ -389,6 +408,7 @@ test_crashverify() {
 
 case "$TEST" in
     fio) test_fio ;;
+    fiobench) test_fiobench ;;
     resize) test_resize ;;
     livewrite) test_livewrite ;;
     liveverify) test_liveverify ;;
@@ -399,6 +419,6 @@ case "$TEST" in
     fs2) test_fs2 ;;
     # For debugging by hand (run-qemu.sh with INTERACTIVE=1).
     shell) echo "thinblk-e2e: shell; poweroff -f to quit"; setsid cttyhack sh; finish ;;
-    *) fail "unknown test (use thinblk.test=fio|fs1|fs2|livewrite|liveverify|resize|originrw|crashwrite|crashverify|shell)" ;;
+    *) fail "unknown test (use thinblk.test=fio|fiobench|fs1|fs2|livewrite|liveverify|resize|originrw|crashwrite|crashverify|shell)" ;;
 esac
 fail "test function returned without a verdict"
