@@ -12,13 +12,14 @@
 #
 # New inputs go to fuzz/target/corpus/<target>/ (kept between runs, not committed); the seeds
 # in fuzz/corpus/<target>/ are only read. A crash input belongs in fuzz/regressions/<target>/,
-# which the main crate's tests/fuzz_regressions.rs replays.
+# which the main crate's tests/fuzz_regressions.rs replays. A target with a dict/<target>.dict
+# gets it as libFuzzer's -dict: tokens (XML names, say) that byte mutations would rarely spell.
 set -euo pipefail
 
 secs=${1:-60}
 shift || true
 cd "$(dirname "$0")"
-all=(virtio_request virtio_queue qmp pdata_blocks pdata_image)
+all=(virtio_request virtio_queue qmp pdata_blocks pdata_image xml_restore)
 targets=("${@:-${all[@]}}")
 
 if ! command -v c++ >/dev/null; then
@@ -45,10 +46,12 @@ for t in "${targets[@]}"; do
     [ -x "$bin" ] || { echo "run.sh: no target $t (have: ${all[*]})" >&2; exit 2; }
     mkdir -p "target/corpus/$t" "artifacts/$t"
     log="target/$t.log"
+    opts=()
+    [ -f "dict/$t.dict" ] && opts+=(-dict="dict/$t.dict")
     rc=0
     "$bin" "target/corpus/$t" "corpus/$t" \
         -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
-        -artifact_prefix="artifacts/$t/" >"$log" 2>&1 || rc=$?
+        -artifact_prefix="artifacts/$t/" "${opts[@]}" >"$log" 2>&1 || rc=$?
     last=$(grep -E '^#[0-9]+' "$log" | tail -1 || true)
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")
     rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log")

@@ -75,6 +75,11 @@ fn pdata_images_are_checked_without_panics_or_endless_walks() {
 }
 
 #[test]
+fn xml_documents_restore_cleanly_or_are_refused_with_an_error() {
+    replay_all("xml_restore");
+}
+
+#[test]
 fn every_target_has_a_name_the_replay_knows() {
     for (name, _) in harness::TARGETS {
         assert!(Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -12,6 +12,7 @@ pub mod pdata_image;
 pub mod qmp;
 pub mod virtio_queue;
 pub mod virtio_request;
+pub mod xml_restore;
 
 use std::sync::Arc;
 
@@ -29,12 +30,13 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 pub type Target = fn(&[u8]);
 
 /// Every target, by the name of its directory under `corpus/` and `regressions/`.
-pub const TARGETS: [(&str, Target); 5] = [
+pub const TARGETS: [(&str, Target); 6] = [
     ("virtio_request", virtio_request::run),
     ("virtio_queue", virtio_queue::run),
     ("qmp", qmp::run),
     ("pdata_blocks", pdata_blocks::run),
     ("pdata_image", pdata_image::run),
+    ("xml_restore", xml_restore::run),
 ];
 
 /// Runs target `name` on `data`; false if there is no such target.

@@ -10,9 +10,11 @@
 
 use std::io::{self, Write};
 use std::path::Path;
+use std::sync::Arc;
 
 use super::error::{Result, ToolError};
-use super::{Access, Metadata};
+use super::{read_superblock, Access, Metadata};
+use crate::engine::pdata::block_manager::BlockManager;
 use crate::engine::pdata::check::{check_pool, Problem};
 use crate::engine::pdata::checksum::BlockKind;
 use crate::engine::pdata::space_map::{MetadataSpaceMap, SpaceMap};
@@ -152,18 +154,33 @@ pub fn check(
         Access::Read
     };
     let md = Metadata::open(path, access)?;
+    check_metadata(&md.bm, opts, progress, values)
+}
+
+/// [`check`] on metadata already open, in a file or in memory (the restore fuzzer checks
+/// what it restored with this).
+pub fn check_metadata(
+    bm: &Arc<BlockManager>,
+    opts: &CheckOptions,
+    progress: &mut dyn Write,
+    values: &mut dyn Write,
+) -> Result<CheckOutcome> {
     let mut pr = Printer {
         progress,
         values,
         quiet: opts.quiet,
     };
-    run(&md, opts, &mut pr).map_err(ToolError::Output)
+    run(bm, opts, &mut pr).map_err(ToolError::Output)
 }
 
-fn run(md: &Metadata, opts: &CheckOptions, pr: &mut Printer<'_>) -> io::Result<CheckOutcome> {
+fn run(
+    bm: &Arc<BlockManager>,
+    opts: &CheckOptions,
+    pr: &mut Printer<'_>,
+) -> io::Result<CheckOutcome> {
     let mut outcome = CheckOutcome::default();
     pr.stage("examining superblock")?;
-    let sb = match md.superblock() {
+    let sb = match read_superblock(bm, SUPERBLOCK_LOCATION) {
         Ok(sb) => sb,
         Err(e) => {
             pr.problems(&[e])?;
@@ -171,7 +188,7 @@ fn run(md: &Metadata, opts: &CheckOptions, pr: &mut Printer<'_>) -> io::Result<C
             return Ok(outcome);
         }
     };
-    let sb_problems = superblock_problems(&sb, md.bm.nr_blocks());
+    let sb_problems = superblock_problems(&sb, bm.nr_blocks());
     pr.problems(&sb_problems)?;
     outcome.problems += sb_problems.len();
     outcome.needs_check = sb.needs_check();
@@ -179,7 +196,7 @@ fn run(md: &Metadata, opts: &CheckOptions, pr: &mut Printer<'_>) -> io::Result<C
         pr.problems(&["the needs_check flag is set"])?;
     }
     pr.value(format!("TRANSACTION_ID={}", sb.trans_id))?;
-    match MetadataSpaceMap::open(&md.bm, &sb.metadata_sm_root) {
+    match MetadataSpaceMap::open(bm, &sb.metadata_sm_root) {
         Ok(sm) => pr.value(format!("METADATA_FREE_BLOCKS={}", sm.nr_free()))?,
         Err(e) => {
             pr.problems(&[format!("metadata space map: {e}")])?;
@@ -187,9 +204,9 @@ fn run(md: &Metadata, opts: &CheckOptions, pr: &mut Printer<'_>) -> io::Result<C
         }
     }
     if opts.super_block_only {
-        return finish(md, opts, pr, outcome);
+        return finish(bm, opts, pr, outcome);
     }
-    let report = check_pool(&md.bm);
+    let report = check_pool(bm);
     let mut by_stage: [Vec<&Problem>; 3] = [Vec::new(), Vec::new(), Vec::new()];
     for p in &report.problems {
         let i = match stage_of(p) {
@@ -211,17 +228,17 @@ fn run(md: &Metadata, opts: &CheckOptions, pr: &mut Printer<'_>) -> io::Result<C
         pr.problems(list)?;
     }
     outcome.problems += report.problems.len();
-    finish(md, opts, pr, outcome)
+    finish(bm, opts, pr, outcome)
 }
 
 fn finish(
-    md: &Metadata,
+    bm: &BlockManager,
     opts: &CheckOptions,
     pr: &mut Printer<'_>,
     mut outcome: CheckOutcome,
 ) -> io::Result<CheckOutcome> {
     if outcome.needs_check && opts.clear_needs_check && outcome.problems == 0 {
-        match clear_needs_check(md) {
+        match clear_needs_check(bm) {
             Ok(()) => {
                 outcome.cleared = true;
                 pr.stage("cleared the needs_check flag")?;
@@ -236,8 +253,8 @@ fn finish(
 }
 
 /// Rewrites block 0 with the flag cleared, everything else byte for byte.
-fn clear_needs_check(md: &Metadata) -> crate::engine::pdata::Result<()> {
-    let mut w = md.bm.write(SUPERBLOCK_LOCATION, BlockKind::Superblock)?;
+fn clear_needs_check(bm: &BlockManager) -> crate::engine::pdata::Result<()> {
+    let mut w = bm.write(SUPERBLOCK_LOCATION, BlockKind::Superblock)?;
     if let Some(field) = w.get_mut(4..8) {
         let mut flags = [0u8; 4];
         flags.copy_from_slice(field);
@@ -245,5 +262,5 @@ fn clear_needs_check(md: &Metadata) -> crate::engine::pdata::Result<()> {
         field.copy_from_slice(&cleared.to_le_bytes());
     }
     drop(w);
-    md.bm.flush()
+    bm.flush()
 }
