@@ -24,6 +24,8 @@ mod job;
 mod mapped;
 #[path = "vhost_blk/pause.rs"]
 mod pause;
+#[path = "vhost_blk/placement.rs"]
+mod placement;
 #[path = "vhost_blk/qmp.rs"]
 mod qmp;
 #[path = "vhost_blk/server.rs"]
@@ -42,6 +44,7 @@ use client::Client;
 use job::Job;
 use server::{cpu_seconds, peak_rss_kib};
 use stats::{cost, show, Cell};
+use placement::Placement;
 use suite::{Section, Settings};
 
 /// Benchmarks vhost-user-blk servers through libblkio: 4 KiB random read and write at queue
@@ -67,6 +70,13 @@ struct Args {
     /// Jobs to run, by name (default: all).
     #[arg(long, value_delimiter = ',')]
     jobs: Vec<String>,
+    /// Raw and null rows: rounds of the servers in turn (fio, thinblk, qsd; then again), each
+    /// cell the round with the median IOPS. Evens out a disk or a neighbour that changes speed.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=99))]
+    rounds: u32,
+    /// Where the client and the servers run (fio runs where the client does).
+    #[arg(long, value_enum, default_value = "split")]
+    placement: Placement,
     /// Parts of the suite to run.
     #[arg(long, value_delimiter = ',', default_value = "raw,null,thin")]
     sections: Vec<Section>,
@@ -203,8 +213,11 @@ fn main() {
                     measure,
                     jobs: pick_jobs(&args.jobs)?,
                     sections: args.sections.clone(),
+                    rounds: args.rounds as usize,
                 };
-                suite::run(&settings)
+                let placed = placement::apply(args.placement)?;
+                eprintln!("{placed}");
+                suite::run(&settings).map(|report| format!("Placement: {placed}.\n\n{report}"))
             }),
     };
     match result {

@@ -101,6 +101,12 @@ impl Server {
         let log = dir.join(format!("{name}.log"));
         let log_file =
             File::create(&log).map_err(|e| format!("creating {}: {e}", log.display()))?;
+        if let Some(cpu) = crate::placement::server_cpu() {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: the closure only makes one system call (sched_setaffinity), which is
+            // async-signal-safe; pinned before exec, every thread the server makes inherits it.
+            unsafe { cmd.pre_exec(move || crate::placement::pin_to(0, cpu)) };
+        }
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())

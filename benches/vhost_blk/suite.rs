@@ -31,6 +31,32 @@ pub struct Settings {
     pub measure: Duration,
     pub jobs: Vec<Job>,
     pub sections: Vec<Section>,
+    /// Raw and null rows: how many times each server runs each job, in turn.
+    pub rounds: usize,
+}
+
+/// Runs each of `runs` `rounds` times, in turn, and keeps for each the round with the median
+/// IOPS (a failed round counts as none; all failed gives the last error).
+fn alternate<const N: usize>(rounds: usize, runs: [&dyn Fn() -> Cell; N]) -> [Cell; N] {
+    let mut seen: [Vec<Cell>; N] = std::array::from_fn(|_| Vec::new());
+    for _ in 0..rounds.max(1) {
+        for (run, cells) in runs.iter().zip(seen.iter_mut()) {
+            cells.push(run());
+        }
+    }
+    seen.map(median)
+}
+
+fn median(cells: Vec<Cell>) -> Cell {
+    let mut ok: Vec<_> = cells.iter().filter_map(|c| c.as_ref().ok()).cloned().collect();
+    if ok.is_empty() {
+        return cells
+            .into_iter()
+            .last()
+            .unwrap_or_else(|| Err("not run".into()));
+    }
+    ok.sort_by(|a, b| a.iops.total_cmp(&b.iops));
+    Ok(ok.swap_remove(ok.len() / 2))
 }
 
 /// Virtual size of the fresh qcow2 images that first writes go to: big enough that a short run
@@ -125,12 +151,19 @@ fn raw_section(s: &Settings, file: &Path, out: &mut String) -> Vec<(String, Cell
     let mut costs = String::new();
     let mut thinblk_cells = Vec::new();
     for job in &s.jobs {
-        let f = s.fio(job, file);
         let backing = format!("raw={}", file.display());
-        let t = s.measure("thinblk raw", job, s.file_size, |sock| {
-            Server::thinblk(&backing, sock, &s.dir)
-        });
-        let q = s.measure("qsd raw", job, s.file_size, qsd_raw(file, &s.dir));
+        let [f, t, q] = alternate(
+            s.rounds,
+            [
+                &|| s.fio(job, file),
+                &|| {
+                    s.measure("thinblk raw", job, s.file_size, |sock| {
+                        Server::thinblk(&backing, sock, &s.dir)
+                    })
+                },
+                &|| s.measure("qsd raw", job, s.file_size, qsd_raw(file, &s.dir)),
+            ],
+        );
         out.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} |\n",
             job.name,
@@ -162,16 +195,25 @@ fn null_section(s: &Settings, out: &mut String) {
     ));
     for job in &s.jobs {
         let backing = format!("null={}", s.null_size);
-        let t = s.measure("thinblk null", job, s.null_size, |sock| {
-            Server::thinblk(&backing, sock, &s.dir)
-        });
         let node = format!(
             "driver=null-co,node-name=n,size={},read-zeroes=on",
             s.null_size
         );
-        let q = s.measure("qsd null-co", job, s.null_size, |sock| {
-            Server::qsd(&[node], "n", sock, &s.dir)
-        });
+        let [t, q] = alternate(
+            s.rounds,
+            [
+                &|| {
+                    s.measure("thinblk null", job, s.null_size, |sock| {
+                        Server::thinblk(&backing, sock, &s.dir)
+                    })
+                },
+                &|| {
+                    s.measure("qsd null-co", job, s.null_size, |sock| {
+                        Server::qsd(std::slice::from_ref(&node), "n", sock, &s.dir)
+                    })
+                },
+            ],
+        );
         out.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} |\n",
             job.name,
