@@ -42,9 +42,9 @@ use clap::Parser;
 
 use client::Client;
 use job::Job;
+use placement::Placement;
 use server::{cpu_seconds, peak_rss_kib};
 use stats::{cost, show, Cell};
-use placement::Placement;
 use suite::{Section, Settings};
 
 /// Benchmarks vhost-user-blk servers through libblkio: 4 KiB random read and write at queue

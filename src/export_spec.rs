@@ -7,6 +7,11 @@ use crate::vhost::{MAX_QUEUES, MAX_QUEUE_SIZE};
 
 pub const DEFAULT_QUEUES: u16 = 2;
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
+/// How long a queue worker keeps polling after the last request or completion, in µs (as
+/// QEMU's iothreads do by default): on small VMs waking a sleeping worker costs more.
+pub const DEFAULT_POLL_US: u32 = 32;
+/// At most this much polling per queue.
+pub const MAX_POLL_US: u32 = 1000;
 
 /// What backs an export.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,6 +56,8 @@ pub struct ExportSpec {
     pub read_only: bool,
     /// O_DIRECT on the backing file (default on).
     pub direct: bool,
+    /// Microseconds a queue worker polls after activity before it sleeps (0: never polls).
+    pub poll_us: u32,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -60,7 +67,7 @@ pub enum SpecError {
     #[error("key '{0}' given twice")]
     Duplicate(String),
     #[error(
-        "unknown key '{0}' (known: name, size, snapshot-of, origin, raw, null, cow, store, chunk-size, store-size, transient, socket, id, queues, queue-size, readonly, direct)"
+        "unknown key '{0}' (known: name, size, snapshot-of, origin, raw, null, cow, store, chunk-size, store-size, transient, socket, id, queues, queue-size, readonly, direct, poll-us)"
     )]
     UnknownKey(String),
     #[error("missing '{0}='")]
@@ -201,6 +208,19 @@ fn parse_ranged(key: &'static str, value: &str, max: u16) -> Result<u16, SpecErr
     Ok(n)
 }
 
+fn parse_poll_us(value: &str) -> Result<u32, SpecError> {
+    let bad = |why: String| SpecError::BadValue {
+        key: "poll-us",
+        value: value.into(),
+        why,
+    };
+    let n: u32 = value.parse().map_err(|_| bad("not a number".into()))?;
+    if n > MAX_POLL_US {
+        return Err(bad(format!("must be 0 to {MAX_POLL_US}")));
+    }
+    Ok(n)
+}
+
 impl std::str::FromStr for ExportSpec {
     type Err = SpecError;
 
@@ -308,6 +328,10 @@ impl std::str::FromStr for ExportSpec {
             .map(|v| parse_bool("direct", &v))
             .transpose()?
             .unwrap_or(true);
+        let poll_us = take("poll-us")
+            .map(|v| parse_poll_us(&v))
+            .transpose()?
+            .unwrap_or(DEFAULT_POLL_US);
         if let Some(k) = kv.into_keys().next() {
             return Err(SpecError::UnknownKey(k));
         }
@@ -319,6 +343,7 @@ impl std::str::FromStr for ExportSpec {
             queue_size,
             read_only,
             direct,
+            poll_us,
         })
     }
 }
@@ -333,8 +358,8 @@ mod tests {
         let s: ExportSpec = "raw=/tmp/d.img,socket=/tmp/d.sock".parse().unwrap();
         assert_eq!(s.backing, Backing::Raw("/tmp/d.img".into()));
         assert_eq!(
-            (s.queues, s.queue_size, s.read_only, s.direct),
-            (2, 256, false, true)
+            (s.queues, s.queue_size, s.read_only, s.direct, s.poll_us),
+            (2, 256, false, true, DEFAULT_POLL_US)
         );
         assert_eq!(s.id, "d");
     }
@@ -342,13 +367,13 @@ mod tests {
     #[test]
     fn every_key_is_understood() {
         let s: ExportSpec =
-            "raw=a,,b,socket=s,id=vm1,queues=4,queue-size=1024,readonly=on,direct=off"
+            "raw=a,,b,socket=s,id=vm1,queues=4,queue-size=1024,readonly=on,direct=off,poll-us=0"
                 .parse()
                 .unwrap();
         assert_eq!(s.backing, Backing::Raw("a,b".into()));
         assert_eq!(
-            (s.queues, s.queue_size, s.read_only, s.direct),
-            (4, 1024, true, false)
+            (s.queues, s.queue_size, s.read_only, s.direct, s.poll_us),
+            (4, 1024, true, false, 0)
         );
         assert_eq!(s.id, "vm1");
     }
@@ -365,6 +390,8 @@ mod tests {
         assert!(e("raw=a,socket=s,readonly=maybe").contains("on or off"));
         assert!(e("raw=a,raw=b,socket=s").contains("twice"));
         assert!(e("raw=a,null=1G,socket=s").contains("one of"));
+        assert!(e("raw=a,socket=s,poll-us=1001").contains("0 to 1000"));
+        assert!(e("raw=a,socket=s,poll-us=-1").contains("not a number"));
     }
 
     #[test]

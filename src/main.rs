@@ -90,6 +90,8 @@ struct ServeArgs {
     /// queue-size=N: entries per virtqueue, a power of two up to 1024 (default 256).
     /// readonly=on|off: refuse writes and tell the guest the disk is read-only (default off).
     /// direct=on|off: O_DIRECT on a raw backing file, bypassing the host page cache (default on).
+    /// poll-us=N: microseconds a queue worker keeps polling its virtqueue and io_uring after
+    /// activity before it sleeps, 0 to 1000 (default 32; 0: never poll).
     /// Write a literal comma in a value as ",,".
     #[arg(long = "export", value_name = "SPEC", verbatim_doc_comment)]
     exports: Vec<ExportSpec>,

@@ -48,7 +48,11 @@ fn alternate<const N: usize>(rounds: usize, runs: [&dyn Fn() -> Cell; N]) -> [Ce
 }
 
 fn median(cells: Vec<Cell>) -> Cell {
-    let mut ok: Vec<_> = cells.iter().filter_map(|c| c.as_ref().ok()).cloned().collect();
+    let mut ok: Vec<_> = cells
+        .iter()
+        .filter_map(|c| c.as_ref().ok())
+        .cloned()
+        .collect();
     if ok.is_empty() {
         return cells
             .into_iter()

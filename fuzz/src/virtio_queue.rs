@@ -33,6 +33,7 @@ pub fn run(data: &[u8]) {
             num_queues: 1,
             queue_size: QUEUE_SIZE,
             read_only: flags & 1 != 0,
+            poll: std::time::Duration::ZERO,
         },
     );
     let event_idx = flags & 2 != 0;

@@ -13,7 +13,9 @@ use crate::engine::null::NullDevice;
 use crate::engine::raw::{RawDevice, RawOptions};
 use crate::engine::thin::{Pool, PoolGeometry, PoolOptions, ThinPool};
 use crate::engine::BlockDevice;
-use crate::export_spec::{Backing, ExportSpec, DEFAULT_QUEUES, DEFAULT_QUEUE_SIZE};
+use crate::export_spec::{
+    Backing, ExportSpec, DEFAULT_POLL_US, DEFAULT_QUEUES, DEFAULT_QUEUE_SIZE,
+};
 use state::{ExportConfig, Node, State};
 
 pub mod state;
@@ -75,6 +77,7 @@ pub fn default_export() -> ExportSpec {
         queue_size: DEFAULT_QUEUE_SIZE,
         read_only: false,
         direct: true,
+        poll_us: DEFAULT_POLL_US,
     }
 }
 
@@ -237,6 +240,7 @@ pub fn serve(config: ServeConfig) -> anyhow::Result<()> {
                 writable: !spec.read_only,
                 num_queues: spec.queues,
                 queue_size: spec.queue_size,
+                poll_us: spec.poll_us,
             })
             .with_context(|| format!("starting export {}", spec.id))?;
         let socket = absolute(&socket);

@@ -38,6 +38,8 @@ pub struct ExportConfig {
     pub writable: bool,
     pub num_queues: u16,
     pub queue_size: u16,
+    /// Microseconds each queue worker polls after activity (0: never).
+    pub poll_us: u32,
 }
 
 struct RunningExport {
@@ -212,6 +214,7 @@ impl State {
             num_queues: config.num_queues,
             queue_size: config.queue_size,
             read_only: !config.writable,
+            poll: std::time::Duration::from_micros(u64::from(config.poll_us)),
         };
         let dev: Arc<dyn BlockDevice> = Arc::new(Watched::new(
             node.dev,

@@ -34,6 +34,9 @@ pub struct DeviceSettings {
     pub num_queues: u16,
     pub queue_size: u16,
     pub read_only: bool,
+    /// How long a worker keeps looking at its queue and ring after the last thing it found
+    /// there before it sleeps until a kick or a completion wakes it (zero: it never polls).
+    pub poll: std::time::Duration,
 }
 
 /// One vhost-user-blk device over a [`BlockDevice`].
@@ -53,6 +56,9 @@ pub struct BlkBackend {
     on_failure: Option<FailureSink>,
     /// The channel to the current frontend, if it set one up (BACKEND_REQ).
     to_frontend: Mutex<Option<Backend>>,
+    /// How long a worker keeps looking at its queue and ring after the last thing it found
+    /// there, before it sleeps until a kick or a completion wakes it.
+    poll: std::time::Duration,
 }
 
 fn queue_error(e: virtio_queue::Error) -> io::Error {
@@ -77,6 +83,7 @@ impl BlkBackend {
             rejections: AtomicU64::new(0),
             on_failure: None,
             to_frontend: Mutex::new(None),
+            poll: settings.poll,
             dev,
             settings,
             mem: RwLock::new(None),
@@ -236,6 +243,19 @@ impl BlkBackend {
         Ok(taken)
     }
 
+    /// Completes what the queue's ring has finished, without a system call when nothing has.
+    fn reap_ready(&self, queue: usize) -> io::Result<bool> {
+        let target = self.target();
+        if let Some(ring) = self.rings.get(queue).map(|r| r.lock()).as_mut() {
+            if let Some(r) = ring.as_mut() {
+                if r.in_flight() > 0 && r.has_completions() {
+                    return r.reap(&target);
+                }
+            }
+        }
+        Ok(false)
+    }
+
     fn reap(&self, queue: usize) -> io::Result<()> {
         let target = self.target();
         if let Some(ring) = self.rings.get(queue).map(|r| r.lock()).as_mut() {
@@ -344,19 +364,31 @@ impl VhostUserBackend for BlkBackend {
         if evset != EventSet::IN {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }
+        // Each worker thread serves exactly one queue (see queues_per_thread), and its vrings
+        // are indexed from 0 within the thread: the queue's number is the thread's.
+        let queue = thread_id;
         if device_event == self.completion_event() {
-            return self.reap(thread_id);
+            self.reap(queue)?;
+            // A polling worker looks for the requests its completions will bring.
+            return match vrings.first() {
+                Some(vring) if !self.poll.is_zero() => self.serve(queue, vring),
+                _ => Ok(()),
+            };
         }
         let vring = vrings
             .get(usize::from(device_event))
             .ok_or_else(|| io::Error::other(format!("no queue {device_event}")))?;
+        self.serve(queue, vring)
+    }
+}
+
+impl BlkBackend {
+    /// Takes what the queue has, and with EVENT_IDX what arrives until it is quiet again.
+    fn serve(&self, queue: usize, vring: &VringRwLock) -> io::Result<()> {
         let Some(atomic) = self.mem.read().clone() else {
             return Ok(());
         };
         let mem = atomic.memory().into_inner();
-        // Each worker thread serves exactly one queue (see queues_per_thread), and its vrings
-        // are indexed from 0 within the thread: the queue's number is the thread's.
-        let queue = thread_id;
         if self.event_idx.load(Ordering::Acquire) {
             // With EVENT_IDX the guest kicks once per batch: drain until re-enabling
             // notifications finds nothing new, or a request could be stranded.
@@ -366,9 +398,27 @@ impl VhostUserBackend for BlkBackend {
             // guest memory): nothing can ever be taken, so stop rather than spin. The guest's
             // next kick looks again.
             let mut more_promised = false;
+            let mut mem = mem;
+            let mut last_found = std::time::Instant::now();
             loop {
                 vring.disable_notification().map_err(queue_error)?;
                 let taken = self.process_queue(queue, vring, &mem)?;
+                if !self.poll.is_zero() {
+                    let reaped = self.reap_ready(queue)?;
+                    if taken > 0 || reaped {
+                        last_found = std::time::Instant::now();
+                        more_promised = false;
+                        continue;
+                    }
+                    if last_found.elapsed() < self.poll {
+                        std::hint::spin_loop();
+                        // The frontend may change the memory table meanwhile.
+                        if let Some(atomic) = self.mem.read().as_ref() {
+                            mem = atomic.memory().into_inner();
+                        }
+                        continue;
+                    }
+                }
                 if more_promised && taken == 0 {
                     self.note_rejection("available ring is broken; waiting for the next kick");
                     break;
@@ -400,6 +450,7 @@ mod tests {
             num_queues: 1,
             queue_size: 16,
             read_only: false,
+            poll: std::time::Duration::ZERO,
         };
         BlkBackend::new(dev, settings)
     }

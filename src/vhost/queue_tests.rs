@@ -71,6 +71,11 @@ struct Harness {
 
 impl Harness {
     fn new(read_only: bool) -> Self {
+        Self::polling(read_only, std::time::Duration::ZERO)
+    }
+
+    /// A harness whose worker polls for `poll` after activity.
+    fn polling(read_only: bool, poll: std::time::Duration) -> Self {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
         let dev = Arc::new(CountingDevice {
             inner: MemoryDevice::new(DISK).unwrap(),
@@ -81,6 +86,7 @@ impl Harness {
             num_queues: 1,
             queue_size: QUEUE_SIZE,
             read_only,
+            poll,
         };
         let backend = BlkBackend::new(dev.clone(), settings);
         let atomic = GuestMemoryAtomic::new(mem.clone());
@@ -589,6 +595,23 @@ fn an_available_index_more_than_a_queue_ahead_does_not_spin_the_worker() {
     let h = run_returning(h);
     assert_eq!(h.used_idx(), 1);
     assert_eq!(h.status(STATUS), OK);
+}
+
+#[test]
+fn a_polling_worker_serves_what_arrives_and_still_returns_on_a_broken_ring() {
+    let poll = std::time::Duration::from_millis(5);
+    let mut h = Harness::polling(false, poll);
+    with_event_idx(&h);
+    h.header(HDR, VIRTIO_BLK_T_FLUSH, 0);
+    h.push(&[(HDR, 16, false), (STATUS, 1, true)]);
+    let started = std::time::Instant::now();
+    let mut h = run_returning(h);
+    assert!(started.elapsed() >= poll, "returned without polling");
+    assert_eq!(h.used_idx(), 1);
+    assert_eq!(h.status(STATUS), OK);
+    h.mem.write_obj(512u16, h.avail.unchecked_add(2)).unwrap();
+    let h = run_returning(h);
+    assert_eq!(h.used_idx(), 1);
 }
 
 #[test]

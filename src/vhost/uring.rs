@@ -99,6 +99,11 @@ impl QueueRing {
         self.in_flight
     }
 
+    /// Whether completions are waiting (looks at the shared ring only, no system call).
+    pub fn has_completions(&mut self) -> bool {
+        !self.ring.completion().is_empty()
+    }
+
     /// Hands a request to the ring if it is a read, write or flush the device maps to host files.
     pub fn start(
         &mut self,

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use super::{args, NoArgs};
 use crate::control::protocol::QmpError;
 use crate::daemon::state::{socket_path_is_valid, ExportConfig, State};
-use crate::export_spec::{DEFAULT_QUEUES, DEFAULT_QUEUE_SIZE};
+use crate::export_spec::{DEFAULT_POLL_US, DEFAULT_QUEUES, DEFAULT_QUEUE_SIZE, MAX_POLL_US};
 use crate::vhost::{MAX_QUEUES, MAX_QUEUE_SIZE};
 
 pub(super) fn query_block_exports(state: &State, v: Value) -> Result<Value, QmpError> {
@@ -53,6 +53,8 @@ struct ExportAdd {
     num_queues: Option<u16>,
     #[serde(rename = "queue-size")]
     queue_size: Option<u16>,
+    #[serde(rename = "poll-us")]
+    poll_us: Option<u32>,
 }
 
 pub(super) fn block_export_add(state: &State, v: Value) -> Result<Value, QmpError> {
@@ -82,6 +84,12 @@ pub(super) fn block_export_add(state: &State, v: Value) -> Result<Value, QmpErro
             "queue-size must be a power of two up to {MAX_QUEUE_SIZE}"
         )));
     }
+    let poll_us = a.poll_us.unwrap_or(DEFAULT_POLL_US);
+    if poll_us > MAX_POLL_US {
+        return Err(QmpError::generic(format!(
+            "poll-us must be 0 to {MAX_POLL_US}"
+        )));
+    }
     state.add_export(ExportConfig {
         id: a.id,
         node: a.node_name,
@@ -89,6 +97,7 @@ pub(super) fn block_export_add(state: &State, v: Value) -> Result<Value, QmpErro
         writable: a.writable,
         num_queues,
         queue_size,
+        poll_us,
     })?;
     Ok(json!({}))
 }
