@@ -605,7 +605,7 @@ fn a_polling_worker_serves_what_arrives_and_still_returns_on_a_broken_ring() {
     h.header(HDR, VIRTIO_BLK_T_FLUSH, 0);
     h.push(&[(HDR, 16, false), (STATUS, 1, true)]);
     let started = std::time::Instant::now();
-    let mut h = run_returning(h);
+    let h = run_returning(h);
     assert!(started.elapsed() >= poll, "returned without polling");
     assert_eq!(h.used_idx(), 1);
     assert_eq!(h.status(STATUS), OK);
