@@ -198,7 +198,7 @@ impl BlkBackend {
         &self,
         queue: usize,
         vring: &VringRwLock,
-        mem: &Arc<GuestMemoryMmap>,
+        ring_mem: &Arc<GuestMemoryMmap>,
     ) -> io::Result<usize> {
         let target = self.target();
         let mut ring = self.rings.get(queue).map(|r| r.lock());
@@ -208,10 +208,13 @@ impl BlkBackend {
             let chain = vring
                 .get_mut()
                 .get_queue_mut()
-                .pop_descriptor_chain(mem.as_ref());
+                .pop_descriptor_chain(ring_mem.as_ref());
             let Some(chain) = chain else { break };
             taken += 1;
             let head = chain.head_index();
+            // The memory table as of now, not of when this pass began: the frontend may have
+            // added the region this request's buffers are in just before publishing it.
+            let mem = &self.memory().unwrap_or_else(|| ring_mem.clone());
             let len = match self.frame(mem, chain) {
                 Err(len) => len,
                 Ok(req) => match ring.as_mut().and_then(|g| g.as_mut()) {
@@ -241,6 +244,14 @@ impl BlkBackend {
             vring.signal_used_queue()?;
         }
         Ok(taken)
+    }
+
+    /// The guest memory as the frontend last described it.
+    fn memory(&self) -> Option<Arc<GuestMemoryMmap>> {
+        self.mem
+            .read()
+            .as_ref()
+            .map(|atomic| atomic.memory().into_inner())
     }
 
     /// Completes what the queue's ring has finished, without a system call when nothing has.
@@ -398,7 +409,6 @@ impl BlkBackend {
             // guest memory): nothing can ever be taken, so stop rather than spin. The guest's
             // next kick looks again.
             let mut more_promised = false;
-            let mut mem = mem;
             let mut last_found = std::time::Instant::now();
             loop {
                 vring.disable_notification().map_err(queue_error)?;
@@ -412,10 +422,6 @@ impl BlkBackend {
                     }
                     if last_found.elapsed() < self.poll {
                         std::hint::spin_loop();
-                        // The frontend may change the memory table meanwhile.
-                        if let Some(atomic) = self.mem.read().as_ref() {
-                            mem = atomic.memory().into_inner();
-                        }
                         continue;
                     }
                 }

@@ -69,6 +69,25 @@ struct Harness {
     used: GuestAddress,
 }
 
+/// The descriptors of a chain of `bufs` starting at table index `head`.
+fn chain_at(head: u16, bufs: &[Buf]) -> Vec<RawDescriptor> {
+    bufs.iter()
+        .enumerate()
+        .map(|(i, &(addr, len, writable))| {
+            let last = i + 1 == bufs.len();
+            let mut flags = if writable {
+                VRING_DESC_F_WRITE as u16
+            } else {
+                0
+            };
+            if !last {
+                flags |= VRING_DESC_F_NEXT as u16;
+            }
+            RawDescriptor::from(SplitDescriptor::new(addr, len, flags, head + i as u16 + 1))
+        })
+        .collect()
+}
+
 impl Harness {
     fn new(read_only: bool) -> Self {
         Self::polling(read_only, std::time::Duration::ZERO)
@@ -115,7 +134,7 @@ impl Harness {
 
     /// Writes descriptors at `first` and publishes `head` in the available ring. (The mock
     /// queue re-initialises its rings whenever one is constructed, so it is only used once.)
-    fn publish(&mut self, first: u16, descs: &[RawDescriptor], head: u16) {
+    fn publish(&self, first: u16, descs: &[RawDescriptor], head: u16) {
         for (i, d) in descs.iter().enumerate() {
             let at = self
                 .desc_table
@@ -135,22 +154,7 @@ impl Harness {
     /// Places a chain in the descriptor table and makes it available.
     fn push(&mut self, bufs: &[Buf]) -> u16 {
         let head = self.next_desc;
-        let descs: Vec<RawDescriptor> = bufs
-            .iter()
-            .enumerate()
-            .map(|(i, &(addr, len, writable))| {
-                let last = i + 1 == bufs.len();
-                let mut flags = if writable {
-                    VRING_DESC_F_WRITE as u16
-                } else {
-                    0
-                };
-                if !last {
-                    flags |= VRING_DESC_F_NEXT as u16;
-                }
-                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, head + i as u16 + 1))
-            })
-            .collect();
+        let descs = chain_at(head, bufs);
         self.publish(head, &descs, head);
         self.next_desc += bufs.len() as u16;
         self.heads.push(head);
@@ -612,6 +616,37 @@ fn a_polling_worker_serves_what_arrives_and_still_returns_on_a_broken_ring() {
     h.mem.write_obj(512u16, h.avail.unchecked_add(2)).unwrap();
     let h = run_returning(h);
     assert_eq!(h.used_idx(), 1);
+}
+
+#[test]
+fn a_request_in_memory_the_frontend_added_while_the_worker_polls_is_served() {
+    // Found by the kill test in CI: a client maps a new buffer region (ADD_MEM_REG) and at once
+    // submits a read into it, while the worker polls with the memory table of before.
+    let h = Harness::polling(false, std::time::Duration::from_millis(300));
+    with_event_idx(&h);
+    let region = vm_memory::MmapRegion::new(0x10000).unwrap();
+    let region = vm_memory::GuestRegionMmap::new(region, GuestAddress(MEM_SIZE)).unwrap();
+    let grown = h.mem.insert_region(Arc::new(region)).unwrap();
+    h.header(HDR, VIRTIO_BLK_T_IN, 0);
+    let head = h.next_desc;
+    let descs = chain_at(
+        head,
+        &[(HDR, 16, false), (MEM_SIZE, 512, true), (STATUS, 1, true)],
+    );
+    std::thread::scope(|s| {
+        s.spawn(|| h.run());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        h.backend
+            .update_memory(GuestMemoryAtomic::new(grown.clone()))
+            .unwrap();
+        h.publish(head, &descs, head);
+    });
+    assert_eq!(h.used_idx(), 1);
+    assert_eq!(
+        h.status(STATUS),
+        OK,
+        "the buffer was looked up in the old memory table"
+    );
 }
 
 #[test]
