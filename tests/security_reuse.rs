@@ -54,8 +54,7 @@ impl Drop for Aligned {
 }
 
 /// Writes the way the vhost layer's io_uring path does when the device maps the write: the
-/// data to the extents, fallocate(ZERO_RANGE) on the rest of new blocks, then the hold is
-/// told. Falls back to the synchronous write when the device does not map it; returns
+/// data to the extents, then the hold is told. Falls back to the synchronous write when the device does not map it; returns
 /// whether it was mapped.
 fn write_as_queue_does(dev: &ThinDevice, offset: u64, data: &[u8]) -> bool {
     let Some(m) = dev.map(MapOp::Write, offset, data.len() as u64).unwrap() else {
@@ -82,12 +81,6 @@ fn write_as_queue_does(dev: &ThinDevice, offset: u64, data: &[u8]) -> bool {
         at += len as usize;
     }
     assert_eq!(at, data.len());
-    for z in &m.zero {
-        let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
-        // SAFETY: a plain system call on a descriptor the device keeps open.
-        let r = unsafe { libc::fallocate(z.fd, mode, z.offset as i64, z.len as i64) };
-        assert_eq!(r, 0, "fallocate: {}", std::io::Error::last_os_error());
-    }
     if let Some(h) = m.hold {
         h.finish(true).unwrap();
     }

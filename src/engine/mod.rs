@@ -51,13 +51,6 @@ pub trait BlockDevice: Send + Sync {
     fn flush_fd(&self) -> Option<RawFd> {
         None
     }
-
-    /// Where `fallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)` on a host file makes the
-    /// range read as zeros, so a caller can zero it asynchronously. `None`: use
-    /// [`BlockDevice::write_zeroes`].
-    fn zero_map(&self, _offset: u64, _len: u64) -> Result<Option<HostRange>, BlockError> {
-        Ok(None)
-    }
 }
 
 /// Where a thin pool keeps its data blocks: a [`BlockDevice`] that can also grow. The pool
@@ -79,9 +72,6 @@ pub enum MapOp {
 pub struct Mapping {
     /// In order, covering the range exactly.
     pub extents: Vec<Extent>,
-    /// Host ranges to zero together with the extents' I/O, never overlapping them (the rest
-    /// of a block a thin device provisions for this write). Only in mappings for writes.
-    pub zero: Vec<HostRange>,
     /// Whatever keeps the extents valid (for a thin device, its place in the pool's I/O gate),
     /// and what must happen once their I/O is done (for a first write, the new mappings).
     pub hold: Option<Box<dyn Hold>>,
@@ -91,23 +81,14 @@ impl Mapping {
     pub fn unheld(extents: Vec<Extent>) -> Self {
         Mapping {
             extents,
-            zero: Vec::new(),
             hold: None,
         }
     }
 }
 
-/// `len` bytes at `offset` of the open file `fd`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HostRange {
-    pub fd: RawFd,
-    pub offset: u64,
-    pub len: u64,
-}
-
 /// Kept while a mapping's I/O is in flight.
 pub trait Hold: Send + Sync {
-    /// The mapping's host I/O (extents and zeroing) has ended; `ok` says whether all of it
+    /// The mapping's host I/O has ended; `ok` says whether all of it
     /// succeeded. An error fails the request. A hold dropped without this call treats the I/O
     /// as failed.
     fn finish(self: Box<Self>, ok: bool) -> Result<(), BlockError>;

@@ -10,12 +10,10 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::aligned::{read_bufs_aligned, write_bufs_aligned};
-use super::{
-    check_range, iovec_len, BlockDevice, BlockError, DataDevice, Extent, HostRange, MapOp, Mapping,
-};
+use super::{check_range, iovec_len, BlockDevice, BlockError, DataDevice, Extent, MapOp, Mapping};
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 const BLKDISCARD: libc::c_ulong = 0x1277;
@@ -43,8 +41,6 @@ pub struct RawDevice {
     buffered: File,
     direct: Option<File>,
     is_block_device: bool,
-    /// The file system refused FALLOC_FL_ZERO_RANGE once: zeroing writes zeros from then on.
-    no_zero_range: AtomicBool,
     /// Bytes, a multiple of 512; changes only through `refresh_size`.
     size: AtomicU64,
     read_only: bool,
@@ -87,7 +83,6 @@ impl RawDevice {
             buffered,
             direct,
             is_block_device,
-            no_zero_range: AtomicBool::new(false),
             size: AtomicU64::new(size),
             read_only: opts.read_only,
         })
@@ -289,19 +284,6 @@ impl BlockDevice for RawDevice {
         Some(self.buffered.as_raw_fd())
     }
 
-    fn zero_map(&self, offset: u64, len: u64) -> Result<Option<HostRange>, BlockError> {
-        self.writable()?;
-        check_range(offset, len, self.size())?;
-        if self.is_block_device || self.no_zero_range.load(Ordering::Acquire) {
-            return Ok(None);
-        }
-        Ok(Some(HostRange {
-            fd: self.buffered.as_raw_fd(),
-            offset,
-            len,
-        }))
-    }
-
     fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<(), BlockError> {
         let len = iovec_len(bufs).ok_or(BlockError::Unsupported("iovec length"))?;
         check_range(offset, len, self.size())?;
@@ -399,9 +381,6 @@ impl BlockDevice for RawDevice {
                     Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY)
                 ) =>
             {
-                if !may_unmap {
-                    self.no_zero_range.store(true, Ordering::Release);
-                }
                 self.zero_by_writing(offset, len)
             }
             Err(e) => Err(BlockError::io(offset, e)),

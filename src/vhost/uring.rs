@@ -159,13 +159,6 @@ impl QueueRing {
                         .flags(types::FsyncFlags::DATASYNC)
                         .build()
                 }
-                PlannedOp::Zero { fd, offset, len } => {
-                    inflight.expected.push(0);
-                    opcode::Fallocate::new(types::Fd(fd), len)
-                        .offset(offset)
-                        .mode(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
-                        .build()
-                }
                 PlannedOp::Rw { fd, offset, iov } => {
                     let len: u64 = iov.iter().map(|v| v.iov_len as u64).sum();
                     inflight.expected.push(len);
@@ -227,10 +220,7 @@ impl QueueRing {
             let res = cqe.result();
             if res < 0 {
                 let errno = -res;
-                if !matches!(
-                    errno,
-                    libc::EINVAL | libc::EAGAIN | libc::EINTR | libc::EOPNOTSUPP
-                ) {
+                if !matches!(errno, libc::EINVAL | libc::EAGAIN | libc::EINTR) {
                     warn!(
                         "{:?} failed: {}; redoing it synchronously",
                         f.req.op,
@@ -341,12 +331,6 @@ enum PlannedOp {
     Fsync {
         fd: i32,
     },
-    /// fallocate(ZERO_RANGE): the rest of a block provisioned for a write.
-    Zero {
-        fd: i32,
-        offset: u64,
-        len: u64,
-    },
 }
 
 struct Plan {
@@ -404,13 +388,6 @@ fn plan_rw(mem: &GuestMemoryMmap, req: &Request, t: &Target<'_>) -> Option<Plan>
                 });
             }
         }
-    }
-    for z in mapping.zero {
-        ops.push(PlannedOp::Zero {
-            fd: z.fd,
-            offset: z.offset,
-            len: z.len,
-        });
     }
     let written = if req.op == Op::Read {
         u32::try_from(len).ok()?

@@ -428,7 +428,6 @@ impl BlockDevice for ThinDevice {
             }
             return Ok(Some(Mapping {
                 extents,
-                zero: Vec::new(),
                 hold: Some(Box::new(ticket)),
             }));
         }
@@ -436,15 +435,11 @@ impl BlockDevice for ThinDevice {
             return Ok(None);
         };
         let mut writes = FirstWrites::new(self.pool.clone(), self.dev, ticket, provision);
-        let mut zero = Vec::new();
         for plan in planned {
             let ext = match plan {
                 Ok(ext) => ext,
                 Err(new) => match writes.provision(new)? {
-                    Some((ext, around)) => {
-                        zero.extend(around);
-                        ext
-                    }
+                    Some(ext) => ext,
                     None => return Ok(None),
                 },
             };
@@ -452,7 +447,6 @@ impl BlockDevice for ThinDevice {
         }
         Ok(Some(Mapping {
             extents,
-            zero,
             hold: Some(Box::new(writes)),
         }))
     }
