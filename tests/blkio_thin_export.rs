@@ -29,6 +29,16 @@ fn sock(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}.sock"))
 }
 
+/// A daemon serving one new thin disk `vm` of DISK bytes with `queues` queues, and a client.
+fn one_new_disk(queues: i32) -> (tempfile::TempDir, Daemon, Client) {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let d = dir.path();
+    let spec = format!("name=vm,size={DISK},queues={queues}");
+    let daemon = Daemon::start(&thin_args(d, &[&spec]), &[&sock(d, "vm")]);
+    let c = Client::connect(&sock(d, "vm"), queues);
+    (dir, daemon, c)
+}
+
 fn write_at(c: &mut Client, q: usize, at: usize, offset: u64, data: &[u8]) {
     c.buf()[at..at + data.len()].copy_from_slice(data);
     let p = c.buf_ptr(at);
@@ -89,13 +99,7 @@ fn a_thin_disk_reads_zeros_until_written_and_keeps_data_across_restarts() {
 
 #[test]
 fn discard_and_write_zeroes_give_blocks_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let _daemon = Daemon::start(
-        &thin_args(d, &[&format!("name=vm,size={DISK}")]),
-        &[&sock(d, "vm")],
-    );
-    let mut c = Client::connect(&sock(d, "vm"), 1);
+    let (_dir, _daemon, mut c) = one_new_disk(1);
     let data = pattern(9, 0, 1 << 20);
     write_at(&mut c, 0, 0, 0, &data);
     c.queues[0].discard(0, 256 << 10, 0, ReqFlags::empty());
@@ -111,13 +115,7 @@ fn discard_and_write_zeroes_give_blocks_back() {
 
 #[test]
 fn first_writes_from_two_queues_into_the_same_blocks_lose_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let _daemon = Daemon::start(
-        &thin_args(d, &[&format!("name=vm,size={DISK},queues=2")]),
-        &[&sock(d, "vm")],
-    );
-    let mut c = Client::connect(&sock(d, "vm"), 2);
+    let (_dir, _daemon, mut c) = one_new_disk(2);
     let base = c.region.addr;
     let mut queues = std::mem::take(&mut c.queues);
     let q1 = queues.pop().unwrap();
@@ -195,13 +193,7 @@ fn a_snapshot_export_keeps_the_data_of_when_it_was_taken() {
 
 #[test]
 fn first_writes_in_flight_together_land_whole_with_zeros_around() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let _daemon = Daemon::start(
-        &thin_args(d, &[&format!("name=vm,size={DISK}")]),
-        &[&sock(d, "vm")],
-    );
-    let mut c = Client::connect(&sock(d, "vm"), 1);
+    let (_dir, _daemon, mut c) = one_new_disk(1);
     const BS: u64 = 64 << 10;
     // Partial writes into fresh blocks, several into one block at once, and whole blocks:
     // all submitted before any is waited for.

@@ -30,7 +30,8 @@ pub fn raw_file(dir: &Path, size: u64) -> Result<PathBuf, String> {
     Ok(path)
 }
 
-fn qemu_img(args: &[&str]) -> Result<(), String> {
+/// Runs `qemu-img ARGS`; its error output becomes the error.
+pub fn qemu_img(args: &[&str]) -> Result<(), String> {
     let out = Command::new("qemu-img")
         .args(args)
         .output()

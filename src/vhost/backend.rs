@@ -256,25 +256,33 @@ impl BlkBackend {
 
     /// Completes what the queue's ring has finished, without a system call when nothing has.
     fn reap_ready(&self, queue: usize) -> io::Result<bool> {
-        let target = self.target();
-        if let Some(ring) = self.rings.get(queue).map(|r| r.lock()).as_mut() {
-            if let Some(r) = ring.as_mut() {
-                if r.in_flight() > 0 && r.has_completions() {
-                    return r.reap(&target);
-                }
+        self.with_ring(queue, |r, t| {
+            if r.in_flight() > 0 && r.has_completions() {
+                r.reap(t)
+            } else {
+                Ok(false)
             }
-        }
-        Ok(false)
+        })
     }
 
     fn reap(&self, queue: usize) -> io::Result<()> {
-        let target = self.target();
-        if let Some(ring) = self.rings.get(queue).map(|r| r.lock()).as_mut() {
-            if let Some(r) = ring.as_mut() {
-                r.reap(&target)?;
-            }
+        self.with_ring(queue, |r, t| r.reap(t).map(drop))
+    }
+
+    /// Runs `f` on queue `queue`'s ring; `T::default()` if the queue has none.
+    fn with_ring<T: Default>(
+        &self,
+        queue: usize,
+        f: impl FnOnce(&mut QueueRing, &Target<'_>) -> io::Result<T>,
+    ) -> io::Result<T> {
+        let Some(slot) = self.rings.get(queue) else {
+            return Ok(T::default());
+        };
+        let mut ring = slot.lock();
+        match ring.as_mut() {
+            Some(r) => f(r, &self.target()),
+            None => Ok(T::default()),
         }
-        Ok(())
     }
 }
 
@@ -351,18 +359,7 @@ impl VhostUserBackend for BlkBackend {
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         // The frontend takes the ring back: everything accepted must complete first.
-        let target = self.target();
-        if let Some(ring) = self
-            .rings
-            .get(queue_index as usize)
-            .map(|r| r.lock())
-            .as_mut()
-        {
-            if let Some(r) = ring.as_mut() {
-                r.drain(&target)?;
-            }
-        }
-        Ok(())
+        self.with_ring(queue_index as usize, |r, t| r.drain(t))
     }
 
     fn handle_event(

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use log::warn;
 
+use super::metadata::Lookup;
 use super::pool::{Pool, PoolMode};
 use super::provision::{FirstWrites, NewBlock};
 use crate::engine::iov::{gather_into, zero, IovCursor};
@@ -49,13 +50,6 @@ fn pieces(offset: u64, len: u64, block: u64) -> impl Iterator<Item = Piece> {
             len: n,
         })
     })
-}
-
-fn thin(e: super::ThinError) -> BlockError {
-    match e {
-        super::ThinError::NoDataSpace => BlockError::NoSpace,
-        e => BlockError::Thin(Box::new(e)),
-    }
 }
 
 /// Reads `bufs` from `origin` at `offset`; what lies past the origin's end reads as zeros.
@@ -148,6 +142,11 @@ impl ThinDevice {
         }
     }
 
+    /// Where virtual block `vblock` is mapped, if it is.
+    fn find(&self, vblock: u64) -> Result<Option<Lookup>, BlockError> {
+        Ok(self.pool.meta().find_block(self.dev, vblock, true)?)
+    }
+
     /// Writes `part` at `within` of virtual block `vblock`, provisioning or unsharing the
     /// block first when it needs it.
     fn write_piece(&self, p: Piece, part: &[IoSlice<'_>]) -> Result<(), BlockError> {
@@ -156,11 +155,7 @@ impl ThinDevice {
         loop {
             {
                 let _io = pool.io_gate();
-                let found = pool
-                    .meta()
-                    .find_block(self.dev, p.vblock, true)
-                    .map_err(thin)?;
-                if let Some(l) = found.filter(|l| !l.shared) {
+                if let Some(l) = self.find(p.vblock)?.filter(|l| !l.shared) {
                     return pool.write_data(l.block, p.within, part);
                 }
             }
@@ -169,10 +164,7 @@ impl ThinDevice {
             let io = pool.io_gate();
             let cell = pool.prison.lock((self.dev, p.vblock));
             // Another writer may have provisioned the block while this one waited.
-            let found = pool
-                .meta()
-                .find_block(self.dev, p.vblock, true)
-                .map_err(thin)?;
+            let found = self.find(p.vblock)?;
             if let Some(l) = found.filter(|l| !l.shared) {
                 return pool.write_data(l.block, p.within, part);
             }
@@ -198,7 +190,7 @@ impl ThinDevice {
                 return Err(e);
             }
             pool.change(|m| m.insert_block(self.dev, p.vblock, new))
-                .map_err(thin)?;
+                .map_err(BlockError::from)?;
             return Ok(());
         }
     }
@@ -273,12 +265,15 @@ impl ThinDevice {
         // Held until the holes are punched: no commit, so the freed blocks cannot be reused
         // meanwhile.
         let _provision = pool.provision_ticket();
-        let mapped = pool.meta().mappings(self.dev, begin, end).map_err(thin)?;
+        let mapped = pool
+            .meta()
+            .mappings(self.dev, begin, end)
+            .map_err(BlockError::from)?;
         if mapped.is_empty() {
             return Ok(());
         }
         pool.change(|m| m.remove_range(self.dev, begin, end))
-            .map_err(thin)?;
+            .map_err(BlockError::from)?;
         let bs = pool.block_size();
         let meta = pool.meta();
         let mut freed: Vec<u64> = mapped
@@ -308,12 +303,7 @@ impl ThinDevice {
     fn zero_range(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         let zeros = vec![0u8; CHUNK.min(len) as usize];
         for p in pieces(offset, len, self.pool.block_size()) {
-            let mapped = self
-                .pool
-                .meta()
-                .find_block(self.dev, p.vblock, true)
-                .map_err(thin)?
-                .is_some();
+            let mapped = self.find(p.vblock)?.is_some();
             if !mapped && self.origin.is_none() {
                 continue;
             }
@@ -375,7 +365,9 @@ impl BlockDevice for ThinDevice {
         let meta = self.pool.meta();
         let mut planned: Vec<Result<Extent, NewBlock>> = Vec::new();
         for p in pieces(offset, len, bs) {
-            let found = meta.find_block(self.dev, p.vblock, true).map_err(thin)?;
+            let found = meta
+                .find_block(self.dev, p.vblock, true)
+                .map_err(BlockError::from)?;
             let ext = match found {
                 Some(l) if op == MapOp::Read || !l.shared => {
                     let data = self.pool.data().map(op, l.block * bs + p.within, p.len)?;
@@ -460,12 +452,7 @@ impl BlockDevice for ThinDevice {
             // SAFETY: the cursor was made from `bufs`, borrowed mutably for this whole call,
             // and each piece of it is taken once.
             let mut part = unsafe { cursor.take_mut(p.len as usize) };
-            match self
-                .pool
-                .meta()
-                .find_block(self.dev, p.vblock, true)
-                .map_err(thin)?
-            {
+            match self.find(p.vblock)? {
                 Some(l) => self.pool.read_data(l.block, p.within, &mut part)?,
                 None => match &self.origin {
                     Some(origin) => {

@@ -43,3 +43,13 @@ impl ThinError {
 }
 
 pub type Result<T, E = ThinError> = std::result::Result<T, E>;
+
+/// What a guest's request sees of a metadata error: no space as such, the rest as a thin error.
+impl From<ThinError> for crate::engine::BlockError {
+    fn from(e: ThinError) -> Self {
+        match e {
+            ThinError::NoDataSpace => crate::engine::BlockError::NoSpace,
+            e => crate::engine::BlockError::Thin(Box::new(e)),
+        }
+    }
+}

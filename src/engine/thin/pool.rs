@@ -135,13 +135,6 @@ pub struct Pool {
     timer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
-fn thin_err(e: ThinError) -> BlockError {
-    match e {
-        ThinError::NoDataSpace => BlockError::NoSpace,
-        e => BlockError::Thin(Box::new(e)),
-    }
-}
-
 impl Pool {
     /// Opens the pool in these files, formatting a new one if the metadata is all zeros
     /// (a file just created). Missing files are created sparse with `geometry`'s sizes.
@@ -387,7 +380,7 @@ impl Pool {
                 self.set_mode(PoolMode::OutOfDataSpace);
                 Err(BlockError::NoSpace)
             }
-            Err(e) => Err(thin_err(e)),
+            Err(e) => Err(BlockError::from(e)),
         }
     }
 
@@ -433,7 +426,8 @@ impl Pool {
     pub fn grow_data(&self, new_size: u64) -> Result<(), BlockError> {
         let size = self.data.grow_to(new_size)?;
         let nr = size / self.block_size;
-        self.change(|m| m.resize_data_dev(nr)).map_err(thin_err)?;
+        self.change(|m| m.resize_data_dev(nr))
+            .map_err(BlockError::from)?;
         self.data_low_fired.store(false, Ordering::Release);
         let mut mode = self.mode.lock();
         if *mode == PoolMode::OutOfDataSpace {
@@ -477,7 +471,7 @@ impl Pool {
                     drop(meta);
                     self.set_mode(PoolMode::ReadOnly);
                 }
-                Err(thin_err(e))
+                Err(BlockError::from(e))
             }
         }
     }

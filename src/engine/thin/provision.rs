@@ -11,7 +11,6 @@ use log::warn;
 use super::gate::Ticket;
 use super::pool::Pool;
 use super::prison::CellKey;
-use super::ThinError;
 use crate::engine::{BlockError, Extent, Hold, MapOp};
 
 /// A piece of a write that needs a new data block.
@@ -34,13 +33,6 @@ pub(super) struct FirstWrites {
     /// Dropped last: no commit until the mappings are in or the blocks given back.
     _provision: Ticket,
     _io: Ticket,
-}
-
-fn thin(e: ThinError) -> BlockError {
-    match e {
-        ThinError::NoDataSpace => BlockError::NoSpace,
-        e => BlockError::Thin(Box::new(e)),
-    }
 }
 
 /// The one file extent a data device maps `[offset, offset + len)` to, if it does.
@@ -79,7 +71,7 @@ impl FirstWrites {
             .pool
             .meta()
             .find_block(self.dev, p.vblock, true)
-            .map_err(thin)?;
+            .map_err(BlockError::from)?;
         if now.map(|l| l.block) != p.old {
             return Ok(None);
         }
@@ -123,7 +115,7 @@ impl Hold for FirstWrites {
             let dev = self.dev;
             self.pool
                 .change(|m| m.insert_block(dev, vblock, block))
-                .map_err(thin)?;
+                .map_err(BlockError::from)?;
             self.blocks.remove(0);
         }
         Ok(())
