@@ -37,30 +37,35 @@ fn chunk_buf(chunk_size: u64) -> Vec<u8> {
 }
 
 impl PersistentStore {
+    /// The store on `dev` with nothing read or allocated yet: the next chunk to hand out is
+    /// the first data chunk.
+    fn empty(dev: Arc<dyn BlockDevice>, chunk_size: u64, valid: bool) -> PersistentStore {
+        let layout = Layout::new(chunk_size);
+        PersistentStore {
+            total: dev.size() / chunk_size,
+            dev,
+            layout,
+            next_free: layout.first_data_chunk(),
+            current_area: 0,
+            area: chunk_buf(chunk_size),
+            committed: 0,
+            valid,
+        }
+    }
+
     /// Formats `dev` as an empty, valid store.
     pub fn create(
         dev: Arc<dyn BlockDevice>,
         chunk_size: u64,
     ) -> Result<Opened<PersistentStore>, CowError> {
         let chunk_size = check_chunk_size(chunk_size)?;
-        let layout = Layout::new(chunk_size);
-        let total = dev.size() / chunk_size;
-        if total < layout.first_data_chunk() + 1 {
+        let store = Self::empty(dev, chunk_size, true);
+        if store.total < store.layout.first_data_chunk() + 1 {
             return Err(CowError::TooSmall {
-                size: dev.size(),
+                size: store.dev.size(),
                 chunk: chunk_size,
             });
         }
-        let store = PersistentStore {
-            dev,
-            layout,
-            total,
-            next_free: layout.first_data_chunk(),
-            current_area: 0,
-            area: chunk_buf(chunk_size),
-            committed: 0,
-            valid: true,
-        };
         // Area 0 first, then the header that makes the store exist.
         store.write_area()?;
         store.dev.flush()?;
@@ -107,18 +112,8 @@ impl PersistentStore {
                 asked,
             });
         }
-        let layout = Layout::new(chunk_size);
-        let total = dev.size() / chunk_size;
-        let mut store = PersistentStore {
-            dev,
-            layout,
-            total,
-            next_free: layout.first_data_chunk(),
-            current_area: 0,
-            area: chunk_buf(chunk_size),
-            committed: 0,
-            valid: header.valid,
-        };
+        let mut store = Self::empty(dev, chunk_size, header.valid);
+        let (layout, total) = (store.layout, store.total);
         let mut table = ExceptionTable::default();
         if !header.valid {
             // The kernel never reads the exceptions of an invalid snapshot either.
