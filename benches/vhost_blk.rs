@@ -70,8 +70,9 @@ struct Args {
     /// Jobs to run, by name (default: all).
     #[arg(long, value_delimiter = ',')]
     jobs: Vec<String>,
-    /// Raw and null rows: rounds of the servers in turn (fio, thinblk, qsd; then again), each
-    /// cell the round with the median IOPS. Evens out a disk or a neighbour that changes speed.
+    /// Raw, null and fully provisioned thin rows: rounds of the servers in turn (fio, thinblk,
+    /// qsd; then again), each cell the round with the median IOPS. Evens out a disk or a
+    /// neighbour that changes speed.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=99))]
     rounds: u32,
     /// Where the client and the servers run (fio runs where the client does).

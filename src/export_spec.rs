@@ -12,6 +12,11 @@ pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 pub const DEFAULT_POLL_US: u32 = 32;
 /// At most this much polling per queue.
 pub const MAX_POLL_US: u32 = 1000;
+/// Requests a queue worker hands to io_uring per system call. Small batches let the host
+/// device start on the first requests while the worker frames the rest; one batch of a whole
+/// queue depth made a virtio disk finish it in one go and then sit idle for the round trip
+/// (4 KiB random writes at QD32: 84k IOPS at 32 per call, 114-134k at 4).
+pub const DEFAULT_SUBMIT_BATCH: u16 = 4;
 
 /// What backs an export.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,6 +63,8 @@ pub struct ExportSpec {
     pub direct: bool,
     /// Microseconds a queue worker polls after activity before it sleeps (0: never polls).
     pub poll_us: u32,
+    /// Requests per io_uring submission at most.
+    pub submit_batch: u16,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -67,7 +74,7 @@ pub enum SpecError {
     #[error("key '{0}' given twice")]
     Duplicate(String),
     #[error(
-        "unknown key '{0}' (known: name, size, snapshot-of, origin, raw, null, cow, store, chunk-size, store-size, transient, socket, id, queues, queue-size, readonly, direct, poll-us)"
+        "unknown key '{0}' (known: name, size, snapshot-of, origin, raw, null, cow, store, chunk-size, store-size, transient, socket, id, queues, queue-size, readonly, direct, poll-us, submit-batch)"
     )]
     UnknownKey(String),
     #[error("missing '{0}='")]
@@ -332,6 +339,10 @@ impl std::str::FromStr for ExportSpec {
             .map(|v| parse_poll_us(&v))
             .transpose()?
             .unwrap_or(DEFAULT_POLL_US);
+        let submit_batch = take("submit-batch")
+            .map(|v| parse_ranged("submit-batch", &v, MAX_QUEUE_SIZE))
+            .transpose()?
+            .unwrap_or(DEFAULT_SUBMIT_BATCH);
         if let Some(k) = kv.into_keys().next() {
             return Err(SpecError::UnknownKey(k));
         }
@@ -344,6 +355,7 @@ impl std::str::FromStr for ExportSpec {
             read_only,
             direct,
             poll_us,
+            submit_batch,
         })
     }
 }
@@ -361,13 +373,14 @@ mod tests {
             (s.queues, s.queue_size, s.read_only, s.direct, s.poll_us),
             (2, 256, false, true, DEFAULT_POLL_US)
         );
+        assert_eq!(s.submit_batch, DEFAULT_SUBMIT_BATCH);
         assert_eq!(s.id, "d");
     }
 
     #[test]
     fn every_key_is_understood() {
         let s: ExportSpec =
-            "raw=a,,b,socket=s,id=vm1,queues=4,queue-size=1024,readonly=on,direct=off,poll-us=0"
+            "raw=a,,b,socket=s,id=vm1,queues=4,queue-size=1024,readonly=on,direct=off,poll-us=0,submit-batch=32"
                 .parse()
                 .unwrap();
         assert_eq!(s.backing, Backing::Raw("a,b".into()));
@@ -375,6 +388,7 @@ mod tests {
             (s.queues, s.queue_size, s.read_only, s.direct, s.poll_us),
             (4, 1024, true, false, 0)
         );
+        assert_eq!(s.submit_batch, 32);
         assert_eq!(s.id, "vm1");
     }
 
@@ -392,6 +406,8 @@ mod tests {
         assert!(e("raw=a,null=1G,socket=s").contains("one of"));
         assert!(e("raw=a,socket=s,poll-us=1001").contains("0 to 1000"));
         assert!(e("raw=a,socket=s,poll-us=-1").contains("not a number"));
+        assert!(e("raw=a,socket=s,submit-batch=0").contains("1 to 1024"));
+        assert!(e("raw=a,socket=s,submit-batch=1025").contains("1 to 1024"));
     }
 
     #[test]

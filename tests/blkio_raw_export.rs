@@ -254,3 +254,50 @@ fn a_read_only_export_is_offered_read_only() {
     assert_eq!(read(&mut q, p, 0, 4096), 0);
     assert_ne!(write(&mut q, p, 0, 4096), 0);
 }
+
+/// Waits for `n` completions on the first queue; every one must have succeeded.
+fn wait_all(c: &mut Client, n: usize) {
+    for i in 0..n {
+        assert_eq!(wait_one(&mut c.queues[0]), 0, "completion {i} of {n}");
+    }
+}
+
+#[test]
+fn many_requests_in_flight_complete_whatever_the_submit_batch() {
+    // 48 does not divide into batches of 5 or 32: the last requests of a pass must still be
+    // submitted, not left waiting for a batch to fill.
+    const IN_FLIGHT: usize = 48;
+    const LEN: usize = 16 << 10;
+    for batch in [1, 5, 32, 1024] {
+        let s = scratch(DISK);
+        let _d = Daemon::start(
+            &raw_export(&s, &format!(",queues=1,submit-batch={batch}")),
+            &[&s.socket],
+        );
+        let mut c = Client::connect(&s.socket, 1);
+        let offset = |i: usize| (i as u64 * 7 + 3) * LEN as u64;
+        let data: Vec<Vec<u8>> = (0..IN_FLIGHT)
+            .map(|i| pattern(batch, offset(i), LEN))
+            .collect();
+        for (i, d) in data.iter().enumerate() {
+            c.buf()[i * LEN..(i + 1) * LEN].copy_from_slice(d);
+        }
+        for i in 0..IN_FLIGHT {
+            let p = c.buf_ptr(i * LEN);
+            c.queues[0].write(offset(i), p, LEN, 0, ReqFlags::empty());
+        }
+        wait_all(&mut c, IN_FLIGHT);
+        c.buf()[..IN_FLIGHT * LEN].fill(0);
+        for i in 0..IN_FLIGHT {
+            let p = c.buf_ptr(i * LEN);
+            c.queues[0].read(offset(i), p, LEN, 0, ReqFlags::empty());
+        }
+        wait_all(&mut c, IN_FLIGHT);
+        for (i, d) in data.iter().enumerate() {
+            assert!(
+                c.buf()[i * LEN..(i + 1) * LEN] == d[..],
+                "submit-batch={batch}: request {i} read back wrong data"
+            );
+        }
+    }
+}

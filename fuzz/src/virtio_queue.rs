@@ -34,6 +34,7 @@ pub fn run(data: &[u8]) {
             queue_size: QUEUE_SIZE,
             read_only: flags & 1 != 0,
             poll: std::time::Duration::ZERO,
+            submit_batch: 4,
         },
     );
     let event_idx = flags & 2 != 0;

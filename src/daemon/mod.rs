@@ -14,7 +14,7 @@ use crate::engine::raw::{RawDevice, RawOptions};
 use crate::engine::thin::{Pool, PoolGeometry, PoolOptions, ThinPool};
 use crate::engine::BlockDevice;
 use crate::export_spec::{
-    Backing, ExportSpec, DEFAULT_POLL_US, DEFAULT_QUEUES, DEFAULT_QUEUE_SIZE,
+    Backing, ExportSpec, DEFAULT_POLL_US, DEFAULT_QUEUES, DEFAULT_QUEUE_SIZE, DEFAULT_SUBMIT_BATCH,
 };
 use state::{ExportConfig, Node, State};
 
@@ -78,6 +78,7 @@ pub fn default_export() -> ExportSpec {
         read_only: false,
         direct: true,
         poll_us: DEFAULT_POLL_US,
+        submit_batch: DEFAULT_SUBMIT_BATCH,
     }
 }
 
@@ -241,6 +242,7 @@ pub fn serve(config: ServeConfig) -> anyhow::Result<()> {
                 num_queues: spec.queues,
                 queue_size: spec.queue_size,
                 poll_us: spec.poll_us,
+                submit_batch: spec.submit_batch,
             })
             .with_context(|| format!("starting export {}", spec.id))?;
         let socket = absolute(&socket);

@@ -40,6 +40,8 @@ pub struct ExportConfig {
     pub queue_size: u16,
     /// Microseconds each queue worker polls after activity (0: never).
     pub poll_us: u32,
+    /// Requests each queue worker hands to io_uring per system call at most.
+    pub submit_batch: u16,
 }
 
 struct RunningExport {
@@ -215,6 +217,7 @@ impl State {
             queue_size: config.queue_size,
             read_only: !config.writable,
             poll: std::time::Duration::from_micros(u64::from(config.poll_us)),
+            submit_batch: config.submit_batch,
         };
         let dev: Arc<dyn BlockDevice> = Arc::new(Watched::new(
             node.dev,

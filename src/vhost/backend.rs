@@ -37,6 +37,8 @@ pub struct DeviceSettings {
     /// How long a worker keeps looking at its queue and ring after the last thing it found
     /// there before it sleeps until a kick or a completion wakes it (zero: it never polls).
     pub poll: std::time::Duration,
+    /// Requests handed to io_uring per system call at most.
+    pub submit_batch: u16,
 }
 
 /// One vhost-user-blk device over a [`BlockDevice`].
@@ -68,15 +70,15 @@ fn queue_error(e: virtio_queue::Error) -> io::Error {
 impl BlkBackend {
     pub fn new(dev: Arc<dyn BlockDevice>, settings: DeviceSettings) -> Self {
         let rings = (0..settings.num_queues)
-            .map(
-                |q| match QueueRing::new(u32::from(settings.queue_size) * 2) {
+            .map(|q| {
+                match QueueRing::new(u32::from(settings.queue_size) * 2, settings.submit_batch) {
                     Ok(r) => Mutex::new(Some(r)),
                     Err(e) => {
                         warn!("queue {q}: io_uring unavailable ({e}); using synchronous I/O");
                         Mutex::new(None)
                     }
-                },
-            )
+                }
+            })
             .collect();
         BlkBackend {
             rings,
@@ -454,6 +456,7 @@ mod tests {
             queue_size: 16,
             read_only: false,
             poll: std::time::Duration::ZERO,
+            submit_batch: 4,
         };
         BlkBackend::new(dev, settings)
     }

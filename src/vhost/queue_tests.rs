@@ -106,6 +106,7 @@ impl Harness {
             queue_size: QUEUE_SIZE,
             read_only,
             poll,
+            submit_batch: 4,
         };
         let backend = BlkBackend::new(dev.clone(), settings);
         let atomic = GuestMemoryAtomic::new(mem.clone());

@@ -56,8 +56,10 @@ pub struct QueueRing {
     in_flight: usize,
     /// Requests to rerun synchronously once nothing is in flight.
     reruns: Vec<InFlight>,
-    /// Entries pushed since the last submit.
-    unsubmitted: bool,
+    /// Requests pushed since the last submit.
+    unsubmitted: usize,
+    /// Submit once this many requests are waiting.
+    batch: usize,
 }
 
 /// What happened to a request handed to the ring.
@@ -73,7 +75,7 @@ pub enum Started {
 const SLOT_SHIFT: u32 = 16;
 
 impl QueueRing {
-    pub fn new(entries: u32) -> io::Result<QueueRing> {
+    pub fn new(entries: u32, batch: u16) -> io::Result<QueueRing> {
         let ring = IoUring::builder()
             .setup_cqsize(entries * 4)
             .build(entries)?;
@@ -86,7 +88,8 @@ impl QueueRing {
             free: Vec::new(),
             in_flight: 0,
             reruns: Vec::new(),
-            unsubmitted: false,
+            unsubmitted: 0,
+            batch: usize::from(batch.max(1)),
         })
     }
 
@@ -195,13 +198,16 @@ impl QueueRing {
                 self.ring.submit()?;
             }
         }
-        self.unsubmitted = true;
+        self.unsubmitted += 1;
+        if self.unsubmitted >= self.batch {
+            self.submit()?;
+        }
         Ok(Started::Queued)
     }
 
     /// Submits everything queued so far, in one system call.
     pub fn submit(&mut self) -> io::Result<()> {
-        if std::mem::take(&mut self.unsubmitted) {
+        if std::mem::take(&mut self.unsubmitted) > 0 {
             self.ring.submit()?;
         }
         Ok(())

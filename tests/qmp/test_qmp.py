@@ -86,7 +86,8 @@ def test_exports_are_listed_removed_and_added_back(daemon):
         await qmp.execute(
             "block-export-add",
             {"type": "vhost-user-blk", "id": "again", "node-name": "vm1",
-             "addr": {"type": "unix", "path": new_sock}, "writable": True, "num-queues": 1},
+             "addr": {"type": "unix", "path": new_sock}, "writable": True, "num-queues": 1,
+             "poll-us": 0, "submit-batch": 8},
         )
         assert os.stat(new_sock).st_mode & 0o777 == 0o600
         exports = await qmp.execute("query-block-exports")
@@ -108,6 +109,15 @@ def test_bad_arguments_are_named_and_the_connection_lives(daemon):
         with pytest.raises(ExecuteError) as e:
             await qmp.execute("block-export-del", {"id": "nope"})
         assert e.value.error.error.class_ == "DeviceNotFound"
+        for bad in ({"submit-batch": 0}, {"submit-batch": 1025}, {"poll-us": 1001}):
+            with pytest.raises(ExecuteError) as e:
+                await qmp.execute(
+                    "block-export-add",
+                    {"type": "vhost-user-blk", "id": "x", "node-name": "vm1",
+                     "addr": {"type": "unix", "path": os.path.join(daemon["dir"], "x.sock")},
+                     **bad},
+                )
+            assert next(iter(bad)) in e.value.error.error.desc
         with pytest.raises(ExecuteError) as e:
             await qmp.execute("no-such-command")
         assert e.value.error.error.class_ == "CommandNotFound"

@@ -8,7 +8,9 @@ use serde_json::{json, Value};
 use super::{args, NoArgs};
 use crate::control::protocol::QmpError;
 use crate::daemon::state::{socket_path_is_valid, ExportConfig, State};
-use crate::export_spec::{DEFAULT_POLL_US, DEFAULT_QUEUES, DEFAULT_QUEUE_SIZE, MAX_POLL_US};
+use crate::export_spec::{
+    DEFAULT_POLL_US, DEFAULT_QUEUES, DEFAULT_QUEUE_SIZE, DEFAULT_SUBMIT_BATCH, MAX_POLL_US,
+};
 use crate::vhost::{MAX_QUEUES, MAX_QUEUE_SIZE};
 
 pub(super) fn query_block_exports(state: &State, v: Value) -> Result<Value, QmpError> {
@@ -55,6 +57,8 @@ struct ExportAdd {
     queue_size: Option<u16>,
     #[serde(rename = "poll-us")]
     poll_us: Option<u32>,
+    #[serde(rename = "submit-batch")]
+    submit_batch: Option<u16>,
 }
 
 pub(super) fn block_export_add(state: &State, v: Value) -> Result<Value, QmpError> {
@@ -90,6 +94,12 @@ pub(super) fn block_export_add(state: &State, v: Value) -> Result<Value, QmpErro
             "poll-us must be 0 to {MAX_POLL_US}"
         )));
     }
+    let submit_batch = a.submit_batch.unwrap_or(DEFAULT_SUBMIT_BATCH);
+    if submit_batch == 0 || submit_batch > MAX_QUEUE_SIZE {
+        return Err(QmpError::generic(format!(
+            "submit-batch must be 1 to {MAX_QUEUE_SIZE}"
+        )));
+    }
     state.add_export(ExportConfig {
         id: a.id,
         node: a.node_name,
@@ -98,6 +108,7 @@ pub(super) fn block_export_add(state: &State, v: Value) -> Result<Value, QmpErro
         num_queues,
         queue_size,
         poll_us,
+        submit_batch,
     })?;
     Ok(json!({}))
 }
