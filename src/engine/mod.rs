@@ -59,6 +59,18 @@ pub trait DataDevice: BlockDevice {
     /// Extends the device to at least `size` bytes where it can (a regular file), then re-reads
     /// its size and returns it. Never shrinks.
     fn grow_to(&self, size: u64) -> Result<u64, BlockError>;
+
+    /// Whether the range reads as zeros without being written to (a hole, or space allocated
+    /// but never written, as the host file system reports it). `false` when it cannot tell.
+    fn reads_as_zeros(&self, _offset: u64, _len: u64) -> bool {
+        false
+    }
+
+    /// Allocates host space for the range where it is a hole, leaving every byte as it reads
+    /// now. Best effort: a device that cannot does nothing.
+    fn preallocate(&self, _offset: u64, _len: u64) -> Result<(), BlockError> {
+        Ok(())
+    }
 }
 
 /// What a mapped range is for.

@@ -398,11 +398,43 @@ impl DataDevice for RawDevice {
         }
         self.refresh_size().map_err(|e| BlockError::io(0, e))
     }
+
+    fn reads_as_zeros(&self, offset: u64, len: u64) -> bool {
+        let Some(end) = offset.checked_add(len) else {
+            return false;
+        };
+        if self.is_block_device || end > self.size() {
+            return false;
+        }
+        let Ok(start) = libc::off_t::try_from(offset) else {
+            return false;
+        };
+        // SAFETY: lseek on a descriptor this device owns; its file position is never used
+        // (all I/O is positional).
+        let next_data = unsafe { libc::lseek(self.buffered.as_raw_fd(), start, libc::SEEK_DATA) };
+        if next_data < 0 {
+            // ENXIO: no data at or after `offset`. Anything else: cannot tell.
+            return io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+        }
+        u64::try_from(next_data).is_ok_and(|d| d >= end)
+    }
+
+    fn preallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        if self.is_block_device || self.read_only {
+            return Ok(());
+        }
+        check_range(offset, len, self.size())?;
+        match self.fallocate(libc::FALLOC_FL_KEEP_SIZE, offset, len) {
+            Err(e) if e.raw_os_error() != Some(libc::EOPNOTSUPP) => Err(BlockError::io(offset, e)),
+            _ => Ok(()),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
 
     fn device(size: u64) -> (tempfile::TempDir, RawDevice) {
         let dir = tempfile::tempdir().unwrap();
@@ -439,6 +471,49 @@ mod tests {
         assert!(out[4096..12288].iter().all(|&b| b == 0));
         assert!(out[32768..36864].iter().all(|&b| b == 0));
         assert!(out[36864..].iter().all(|&b| b == 0xAB));
+    }
+
+    #[test]
+    fn holes_and_preallocated_space_read_as_zeros_and_written_data_does_not() {
+        // Extents are file system blocks: use a range far larger than any.
+        const MIB: u64 = 1 << 20;
+        let (_dir, dev) = device(16 * MIB);
+        assert!(
+            dev.reads_as_zeros(0, 16 * MIB),
+            "a new sparse file is one hole"
+        );
+        dev.write(4 * MIB, &[IoSlice::new(&vec![0xAB; 4096])])
+            .unwrap();
+        assert!(!dev.reads_as_zeros(4 * MIB, MIB), "written");
+        assert!(!dev.reads_as_zeros(3 * MIB, 2 * MIB), "holds written data");
+        assert!(dev.reads_as_zeros(0, 3 * MIB), "before the data");
+        assert!(dev.reads_as_zeros(8 * MIB, 8 * MIB), "after the data");
+        assert!(
+            !dev.reads_as_zeros(15 * MIB, 2 * MIB),
+            "past the end: cannot tell"
+        );
+        assert!(
+            !dev.reads_as_zeros(u64::MAX - 1, 2),
+            "overflow: cannot tell"
+        );
+
+        let blocks = |d: &RawDevice| d.buffered.metadata().unwrap().blocks();
+        let before = blocks(&dev);
+        dev.preallocate(0, 16 * MIB).unwrap();
+        assert!(
+            blocks(&dev) * 512 >= 16 * MIB,
+            "space allocated ({before} blocks before)"
+        );
+        assert!(
+            dev.reads_as_zeros(0, 3 * MIB),
+            "allocated but never written"
+        );
+        assert!(!dev.reads_as_zeros(4 * MIB, MIB), "the data is still there");
+        let mut out = vec![0u8; 8192];
+        dev.read(4 * MIB - 4096, &mut [IoSliceMut::new(&mut out)])
+            .unwrap();
+        assert!(out[..4096].iter().all(|&b| b == 0) && out[4096..].iter().all(|&b| b == 0xAB));
+        assert!(dev.preallocate(15 * MIB, 2 * MIB).is_err(), "past the end");
     }
 
     #[test]

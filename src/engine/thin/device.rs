@@ -210,6 +210,7 @@ impl ThinDevice {
             return pool.write_data(new, 0, part);
         }
         let end = p.within + p.len;
+        let zeros = pool.ready_new_block(new);
         let mut around = Vec::new();
         if p.within > 0 {
             around.push((0, p.within));
@@ -231,6 +232,7 @@ impl ThinDevice {
                         done += n as u64;
                     }
                 }
+                (None, None) if zeros => {}
                 (None, None) => pool.zero_data(new, at, len)?,
                 (Some(old), _) => {
                     let mut buf = vec![0u8; CHUNK.min(len) as usize];

@@ -1,8 +1,9 @@
 //! First writes without waiting: a write into unmapped (or shared) blocks gets new data blocks
-//! at once (the rest of each zeroed) and is handed back as host I/O like any mapped write; the new mappings go into the
-//! metadata when that I/O has finished, so a commit never covers a mapping whose data was not
-//! written. Until then the blocks' prison cells and the pool's provision gate stay held:
-//! another writer of the block takes the synchronous path and waits, and no commit runs.
+//! at once (the rest of each zeroed, unless it reads as zeros already) and is handed back as
+//! host I/O like any mapped write; the new mappings go into the metadata when that I/O has
+//! finished, so a commit never covers a mapping whose data was not written. Until then the
+//! blocks' prison cells and the pool's provision gate stay held: another writer of the block
+//! takes the synchronous path and waits, and no commit runs.
 
 use std::sync::Arc;
 
@@ -87,10 +88,12 @@ impl FirstWrites {
         let Some(ext) = one_extent(&self.pool, MapOp::Write, base + p.within, p.len)? else {
             return Ok(None);
         };
-        let end = p.within + p.len;
-        for (at, len) in [(0, p.within), (end, bs - end)] {
-            if len > 0 {
-                self.pool.zero_data(new, at, len)?;
+        if !self.pool.ready_new_block(new) {
+            let end = p.within + p.len;
+            for (at, len) in [(0, p.within), (end, bs - end)] {
+                if len > 0 {
+                    self.pool.zero_data(new, at, len)?;
+                }
             }
         }
         Ok(Some(ext))
