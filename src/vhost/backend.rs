@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use log::{debug, warn};
 use parking_lot::{Mutex, RwLock};
+use smallvec::SmallVec;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -174,7 +175,9 @@ impl BlkBackend {
         M: std::ops::Deref,
         M::Target: vm_memory::GuestMemory,
     {
-        let descs: Vec<Desc> = chain
+        // Inline room for the usual header, data and status descriptors: no allocation per
+        // request unless the chain is long.
+        let descs: SmallVec<[Desc; 8]> = chain
             .map(|d| Desc {
                 addr: d.addr().0,
                 len: d.len(),
@@ -216,7 +219,8 @@ impl BlkBackend {
             let head = chain.head_index();
             // The memory table as of now, not of when this pass began: the frontend may have
             // added the region this request's buffers are in just before publishing it.
-            let mem = &self.memory().unwrap_or_else(|| ring_mem.clone());
+            let newer = self.newer_memory(ring_mem);
+            let mem = newer.as_ref().unwrap_or(ring_mem);
             let len = match self.frame(mem, chain) {
                 Err(len) => len,
                 Ok(req) => match ring.as_mut().and_then(|g| g.as_mut()) {
@@ -248,12 +252,13 @@ impl BlkBackend {
         Ok(taken)
     }
 
-    /// The guest memory as the frontend last described it.
-    fn memory(&self) -> Option<Arc<GuestMemoryMmap>> {
-        self.mem
-            .read()
-            .as_ref()
-            .map(|atomic| atomic.memory().into_inner())
+    /// The guest memory as the frontend last described it, if that is no longer `pass`.
+    fn newer_memory(&self, pass: &Arc<GuestMemoryMmap>) -> Option<Arc<GuestMemoryMmap>> {
+        let table = self.mem.read();
+        let now = table.as_ref()?.memory();
+        // Nearly always unchanged, and comparing spares taking (and dropping) a reference
+        // for every request.
+        (!std::ptr::eq(&*now, pass.as_ref())).then(|| now.into_inner())
     }
 
     /// Completes what the queue's ring has finished, without a system call when nothing has.

@@ -4,8 +4,9 @@ use std::io::{IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use log::{debug, warn};
+use smallvec::SmallVec;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, VolatileMemory};
 
 use super::config::{MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS, SECTOR_SIZE};
 use super::request::{gather, Op, Request, Segment};
@@ -94,11 +95,22 @@ pub fn from_block(err: &BlockError) -> Outcome {
     }
 }
 
+/// Host views of a request's buffers: one per segment unless a segment crosses regions.
+pub type HostSlices = SmallVec<[(*mut u8, usize); 4]>;
+
 /// Host views of guest buffers, or `None` if any byte lies outside guest memory.
-pub fn host_slices(mem: &GuestMemoryMmap, segs: &[Segment]) -> Option<Vec<(*mut u8, usize)>> {
-    let mut out = Vec::with_capacity(segs.len());
+pub fn host_slices(mem: &GuestMemoryMmap, segs: &[Segment]) -> Option<HostSlices> {
+    let mut out = HostSlices::new();
     for s in segs {
         let len = usize::try_from(s.len).ok()?;
+        if len == 0 {
+            continue;
+        }
+        // A buffer within one region, as nearly all are, costs one region lookup.
+        if let Ok(slice) = GuestMemoryBackend::get_slice(mem, s.addr, len) {
+            out.push((slice.ptr_guard_mut().as_ptr(), slice.len()));
+            continue;
+        }
         for slice in GuestMemoryBackend::get_slices(mem, s.addr, len) {
             let slice = match slice {
                 Ok(s) => s,
@@ -135,7 +147,13 @@ pub fn finish(mem: &GuestMemoryMmap, req: &Request, outcome: Outcome, t: &Target
             });
         }
     }
-    match mem.write_obj(outcome.status, req.status) {
+    // A volatile store of the one byte, rather than a general guest memory copy.
+    let status = GuestMemoryBackend::get_slice(mem, req.status, 1).and_then(|s| {
+        s.get_ref::<u8>(0)
+            .map(|r| r.store(outcome.status))
+            .map_err(Into::into)
+    });
+    match status {
         Ok(()) => outcome.written.saturating_add(1),
         Err(e) => {
             warn!("cannot write request status: {e}");
@@ -198,7 +216,7 @@ fn read(mem: &GuestMemoryMmap, req: &Request, t: &Target<'_>) -> Outcome {
     let Some(slices) = host_slices(mem, &req.data) else {
         return Outcome::ioerr(NOT_IN_MEMORY);
     };
-    let mut iovs: Vec<IoSliceMut<'_>> = slices
+    let mut iovs: SmallVec<[IoSliceMut<'_>; 4]> = slices
         .iter()
         // SAFETY: each pointer comes from a guest memory region that `mem` keeps mapped for the
         // whole call, and spans exactly `n` bytes of it. The guest owns these buffers until the
@@ -217,7 +235,7 @@ fn read(mem: &GuestMemoryMmap, req: &Request, t: &Target<'_>) -> Outcome {
 fn write(mem: &GuestMemoryMmap, req: &Request, t: &Target<'_>) -> Result<(), Outcome> {
     let (offset, len) = io_range(req, t.dev).ok_or(Outcome::ioerr(BAD_RANGE))?;
     let slices = host_slices(mem, &req.data).ok_or(Outcome::ioerr(NOT_IN_MEMORY))?;
-    let iovs: Vec<IoSlice<'_>> = slices
+    let iovs: SmallVec<[IoSlice<'_>; 4]> = slices
         .iter()
         // SAFETY: as in `read`: mapped for the call, `n` bytes long, owned by the request.
         .map(|&(p, n)| IoSlice::new(unsafe { std::slice::from_raw_parts(p, n) }))

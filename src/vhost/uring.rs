@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
 use log::warn;
+use smallvec::SmallVec;
 use vhost_user_backend::{VringRwLock, VringT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -370,7 +371,8 @@ fn plan_rw(mem: &GuestMemoryMmap, req: &Request, t: &Target<'_>) -> Option<Plan>
                 if map_op != MapOp::Read {
                     return None;
                 }
-                for v in cursor.take(len)? {
+                // Zeroed in place, so the pieces need no lasting list.
+                for v in cursor.take::<SmallVec<[libc::iovec; 4]>>(len)? {
                     // SAFETY: the piece lies in guest memory that `mem` keeps mapped, within
                     // this request's own buffer, which nothing else touches until it completes.
                     unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
@@ -382,7 +384,8 @@ fn plan_rw(mem: &GuestMemoryMmap, req: &Request, t: &Target<'_>) -> Option<Plan>
                 len: ext_len,
                 direct,
             } => {
-                let iov = cursor.take(ext_len)?;
+                // A heap list: its address goes to the kernel and must not move with the plan.
+                let iov = cursor.take::<Vec<libc::iovec>>(ext_len)?;
                 let pieces = iov.iter().map(|v| (v.iov_base as usize, v.iov_len));
                 if direct && !direct_aligned(host_offset, pieces) {
                     return None;
@@ -423,16 +426,16 @@ impl<'a> SliceCursor<'a> {
         }
     }
 
-    fn take(&mut self, mut len: u64) -> Option<Vec<libc::iovec>> {
-        let mut out = Vec::new();
+    fn take<L: Default + Extend<libc::iovec>>(&mut self, mut len: u64) -> Option<L> {
+        let mut out = L::default();
         while len > 0 {
             let &(base, size) = self.slices.get(self.index)?;
             let avail = size - self.within;
             let n = (avail as u64).min(len) as usize;
-            out.push(libc::iovec {
+            out.extend(Some(libc::iovec {
                 iov_base: base.wrapping_add(self.within).cast(),
                 iov_len: n,
-            });
+            }));
             len -= n as u64;
             self.within += n;
             if self.within == size {
