@@ -47,6 +47,7 @@
 #                    "fiobench" (never by default) prints guest fio IOPS, for
 #                    the record: E2E_TESTS=fiobench SERVER=qsd|thinblk|thin
 #   E2E_QUEUES       virtqueues (default 2)
+#   E2E_EXPORT_OPTS  more thinblk export keys, e.g. ",poll-us=0" (default none)
 #   E2E_TIMEOUT      seconds per guest boot (default 180; a case takes ~15)
 #   E2E_CRASH_ROUNDS kills in the crash case (default 3, ~20 s each)
 #   E2E_CRASH_SEED   seed of the crash case's kill targets (fsync count and delay;
@@ -69,6 +70,7 @@ else
     TESTS=${E2E_TESTS:-fio fs1 fs2 restart}
 fi
 QUEUES=${E2E_QUEUES:-2}
+EXPORT_OPTS=${E2E_EXPORT_OPTS:-}
 TIMEOUT=${E2E_TIMEOUT:-180}
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 GUEST=$TARGET/guest
@@ -161,8 +163,8 @@ start_server() {
                 echo "thinblk binary not found at $THINBLK (cargo build, or set THINBLK=, or SERVER=qsd)" >>"$SERVER_LOG"
                 return 1
             }
-            log "server: $THINBLK serve --export raw=$DISK,socket=$SOCK,queues=$QUEUES"
-            "$THINBLK" serve --export "raw=$DISK,socket=$SOCK,queues=$QUEUES" \
+            log "server: $THINBLK serve --export raw=$DISK,socket=$SOCK,queues=$QUEUES$EXPORT_OPTS"
+            "$THINBLK" serve --export "raw=$DISK,socket=$SOCK,queues=$QUEUES$EXPORT_OPTS" \
                 >>"$SERVER_LOG" 2>&1 &
             ;;
         thin)
@@ -172,7 +174,7 @@ start_server() {
             }
             log "server: $THINBLK serve --dir $POOL (thin device disk, 256 MiB) ${THIN_EXTRA[*]}"
             "$THINBLK" serve --dir "$POOL" --metadata-size 64M --data-size 1G \
-                --export "name=disk,size=256M,socket=$SOCK,queues=$QUEUES" \
+                --export "name=disk,size=256M,socket=$SOCK,queues=$QUEUES$EXPORT_OPTS" \
                 "${THIN_EXTRA[@]}" >>"$SERVER_LOG" 2>&1 &
             ;;
         cow)
