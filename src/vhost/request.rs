@@ -180,8 +180,12 @@ pub fn gather(mem: &GuestMemoryMmap, segs: &[Segment], max: u64) -> Option<Vec<u
     Some(out)
 }
 
-/// Frames a chain into a request.
-pub fn parse(mem: &GuestMemoryMmap, descs: &[Desc]) -> Result<Request, Rejection> {
+/// The status byte's address and the chain split into its device-readable and
+/// device-writable descriptors.
+fn split_chain<'a>(
+    mem: &GuestMemoryMmap,
+    descs: &'a [Desc],
+) -> Result<(GuestAddress, &'a [Desc], &'a [Desc]), Rejection> {
     let no_status = |reason| Rejection {
         status: None,
         code: VIRTIO_BLK_S_IOERR as u8,
@@ -204,18 +208,12 @@ pub fn parse(mem: &GuestMemoryMmap, descs: &[Desc]) -> Result<Request, Rejection
             "readable descriptor after a writable one",
         ));
     }
+    Ok((status, readable, writable))
+}
 
-    let end = header_end(readable).ok_or(Rejection::ioerr(
-        status,
-        "chain too short for a request header",
-    ))?;
-    let header = read_header(mem, readable)
-        .ok_or(Rejection::ioerr(status, "request header is not readable"))?;
-    let [k0, k1, k2, k3, _, _, _, _, sector @ ..] = header;
-    let kind = u32::from_le_bytes([k0, k1, k2, k3]);
-    let sector = u64::from_le_bytes(sector);
-
-    let op = match kind {
+/// The operation a request header's type field asks for.
+fn op_of(kind: u32, status: GuestAddress) -> Result<Op, Rejection> {
+    Ok(match kind {
         VIRTIO_BLK_T_IN => Op::Read,
         VIRTIO_BLK_T_OUT => Op::Write,
         VIRTIO_BLK_T_FLUSH => Op::Flush,
@@ -229,7 +227,24 @@ pub fn parse(mem: &GuestMemoryMmap, descs: &[Desc]) -> Result<Request, Rejection
                 reason: "unsupported request type",
             })
         }
-    };
+    })
+}
+
+/// Frames a chain into a request.
+pub fn parse(mem: &GuestMemoryMmap, descs: &[Desc]) -> Result<Request, Rejection> {
+    let (status, readable, writable) = split_chain(mem, descs)?;
+
+    let end = header_end(readable).ok_or(Rejection::ioerr(
+        status,
+        "chain too short for a request header",
+    ))?;
+    let header = read_header(mem, readable)
+        .ok_or(Rejection::ioerr(status, "request header is not readable"))?;
+    let [k0, k1, k2, k3, _, _, _, _, sector @ ..] = header;
+    let kind = u32::from_le_bytes([k0, k1, k2, k3]);
+    let sector = u64::from_le_bytes(sector);
+
+    let op = op_of(kind, status)?;
     // Bytes after the header or before the status byte are data, and only the side the
     // operation moves data on may hold any. (A descriptor the header ends inside always has
     // bytes left after it.)
@@ -398,27 +413,8 @@ mod tests {
     /// Framing as the specification states it, one list of byte ranges at a time, to hold
     /// the single-pass framing to.
     fn model(mem: &GuestMemoryMmap, descs: &[Desc]) -> Result<Request, Rejection> {
-        let no_status = |reason| Rejection {
-            status: None,
-            code: VIRTIO_BLK_S_IOERR as u8,
-            reason,
-        };
-        let last = descs.last().ok_or(no_status("empty descriptor chain"))?;
-        if !last.writable || last.len == 0 {
-            return Err(no_status("status descriptor is not device-writable"));
-        }
-        let status = GuestAddress(last.addr)
-            .checked_add(u64::from(last.len) - 1)
-            .filter(|a| mem.address_in_range(*a))
-            .ok_or(no_status("status byte lies outside guest memory"))?;
-        let split = descs.iter().position(|d| d.writable).unwrap_or(descs.len());
-        let (readable, writable) = descs.split_at(split);
-        if writable.iter().any(|d| !d.writable) {
-            return Err(Rejection::ioerr(
-                status,
-                "readable descriptor after a writable one",
-            ));
-        }
+        // The status checks are shared; what the single pass replaced starts after them.
+        let (status, readable, writable) = split_chain(mem, descs)?;
         let segs = |ds: &[Desc]| -> Vec<Segment> {
             ds.iter()
                 .filter(|d| d.len > 0)
@@ -459,21 +455,7 @@ mod tests {
             .ok_or(Rejection::ioerr(status, "request header is not readable"))?;
         let kind = u32::from_le_bytes(header[..4].try_into().unwrap());
         let sector = u64::from_le_bytes(header[8..].try_into().unwrap());
-        let op = match kind {
-            VIRTIO_BLK_T_IN => Op::Read,
-            VIRTIO_BLK_T_OUT => Op::Write,
-            VIRTIO_BLK_T_FLUSH => Op::Flush,
-            VIRTIO_BLK_T_GET_ID => Op::GetId,
-            VIRTIO_BLK_T_DISCARD => Op::Discard,
-            VIRTIO_BLK_T_WRITE_ZEROES => Op::WriteZeroes,
-            _ => {
-                return Err(Rejection {
-                    status: Some(status),
-                    code: VIRTIO_BLK_S_UNSUPP as u8,
-                    reason: "unsupported request type",
-                })
-            }
-        };
+        let op = op_of(kind, status)?;
         let data = match op {
             Op::Read | Op::GetId if data_in.is_empty() => out,
             Op::Write | Op::Discard | Op::WriteZeroes if out.is_empty() => data_in,
