@@ -215,6 +215,15 @@ fn parse_ranged(key: &'static str, value: &str, max: u16) -> Result<u16, SpecErr
     Ok(n)
 }
 
+/// `value` parsed with `parse`, or `default` when the key was not given.
+fn parsed_or<T>(
+    value: Option<String>,
+    default: T,
+    parse: impl FnOnce(&str) -> Result<T, SpecError>,
+) -> Result<T, SpecError> {
+    value.map_or(Ok(default), |v| parse(&v))
+}
+
 fn parse_poll_us(value: &str) -> Result<u32, SpecError> {
     let bad = |why: String| SpecError::BadValue {
         key: "poll-us",
@@ -312,14 +321,12 @@ impl std::str::FromStr for ExportSpec {
                 .unwrap_or_else(|| "thinblk".into()),
             _ => "thinblk".into(),
         });
-        let queues = take("queues")
-            .map(|v| parse_ranged("queues", &v, MAX_QUEUES))
-            .transpose()?
-            .unwrap_or(DEFAULT_QUEUES);
-        let queue_size = take("queue-size")
-            .map(|v| parse_ranged("queue-size", &v, MAX_QUEUE_SIZE))
-            .transpose()?
-            .unwrap_or(DEFAULT_QUEUE_SIZE);
+        let queues = parsed_or(take("queues"), DEFAULT_QUEUES, |v| {
+            parse_ranged("queues", v, MAX_QUEUES)
+        })?;
+        let queue_size = parsed_or(take("queue-size"), DEFAULT_QUEUE_SIZE, |v| {
+            parse_ranged("queue-size", v, MAX_QUEUE_SIZE)
+        })?;
         if !queue_size.is_power_of_two() {
             return Err(SpecError::BadValue {
                 key: "queue-size",
@@ -327,22 +334,12 @@ impl std::str::FromStr for ExportSpec {
                 why: "must be a power of two".into(),
             });
         }
-        let read_only = take("readonly")
-            .map(|v| parse_bool("readonly", &v))
-            .transpose()?
-            .unwrap_or(false);
-        let direct = take("direct")
-            .map(|v| parse_bool("direct", &v))
-            .transpose()?
-            .unwrap_or(true);
-        let poll_us = take("poll-us")
-            .map(|v| parse_poll_us(&v))
-            .transpose()?
-            .unwrap_or(DEFAULT_POLL_US);
-        let submit_batch = take("submit-batch")
-            .map(|v| parse_ranged("submit-batch", &v, MAX_QUEUE_SIZE))
-            .transpose()?
-            .unwrap_or(DEFAULT_SUBMIT_BATCH);
+        let read_only = parsed_or(take("readonly"), false, |v| parse_bool("readonly", v))?;
+        let direct = parsed_or(take("direct"), true, |v| parse_bool("direct", v))?;
+        let poll_us = parsed_or(take("poll-us"), DEFAULT_POLL_US, parse_poll_us)?;
+        let submit_batch = parsed_or(take("submit-batch"), DEFAULT_SUBMIT_BATCH, |v| {
+            parse_ranged("submit-batch", v, MAX_QUEUE_SIZE)
+        })?;
         if let Some(k) = kv.into_keys().next() {
             return Err(SpecError::UnknownKey(k));
         }

@@ -50,7 +50,14 @@ fn cluster_opt() -> String {
 
 /// A fresh, empty qcow2 image of `size` bytes with 64 KiB clusters.
 pub fn qcow2_fresh(path: &Path, size: u64) -> Result<(), String> {
+    qcow2_create(path, size, "")
+}
+
+/// A qcow2 image of `size` bytes with 64 KiB clusters and `more` qemu-img options
+/// (`,key=value...`), made afresh.
+pub fn qcow2_create(path: &Path, size: u64, more: &str) -> Result<(), String> {
     let _ = std::fs::remove_file(path);
+    let options = format!("{}{more}", cluster_opt());
     let p = path.to_str().ok_or("path is not UTF-8")?;
     qemu_img(&[
         "create",
@@ -58,7 +65,7 @@ pub fn qcow2_fresh(path: &Path, size: u64) -> Result<(), String> {
         "-f",
         "qcow2",
         "-o",
-        &cluster_opt(),
+        &options,
         p,
         &size.to_string(),
     ])

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::images::{qemu_img, CLUSTER};
+use crate::images::{qcow2_create, CLUSTER};
 use crate::server::THIN_DATA_SIZE;
 
 /// Mapped blocks (and allocated clusters) of the disks.
@@ -74,17 +74,5 @@ pub fn thin_pool(dir: &Path) -> Result<PathBuf, String> {
 
 /// A qcow2 image at `path`, [`SIZE`] bytes with 64 KiB clusters, every cluster allocated.
 pub fn qcow2(path: &Path) -> Result<(), String> {
-    let _ = std::fs::remove_file(path);
-    let options = format!("cluster_size={CLUSTER},preallocation=metadata");
-    let path = path.to_str().ok_or("the qcow2 path is not UTF-8")?;
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        &options,
-        path,
-        &SIZE.to_string(),
-    ])
+    qcow2_create(path, SIZE, ",preallocation=metadata")
 }

@@ -116,6 +116,14 @@ impl Settings {
     }
 }
 
+/// thinblk's raw export of `file` under `job`.
+fn thinblk_raw(s: &Settings, job: &Job, file: &Path) -> Cell {
+    let backing = format!("raw={}", file.display());
+    s.measure("thinblk raw", job, s.file_size, |sock| {
+        Server::thinblk(&backing, sock, &s.dir)
+    })
+}
+
 fn qsd_raw(file: &Path, dir: &Path) -> impl FnOnce(&Path) -> Result<Server, String> {
     let node = qsd_file_node("f", file);
     let dir = dir.to_path_buf();
@@ -153,18 +161,11 @@ fn raw_section(s: &Settings, file: &Path, out: &mut String) {
     ));
     let mut costs = String::new();
     for job in &s.jobs {
-        let backing = format!("raw={}", file.display());
         let [f, t, q] = alternate(
             s.rounds,
-            [
-                &|| s.fio(job, file),
-                &|| {
-                    s.measure("thinblk raw", job, s.file_size, |sock| {
-                        Server::thinblk(&backing, sock, &s.dir)
-                    })
-                },
-                &|| s.measure("qsd raw", job, s.file_size, qsd_raw(file, &s.dir)),
-            ],
+            [&|| s.fio(job, file), &|| thinblk_raw(s, job, file), &|| {
+                s.measure("qsd raw", job, s.file_size, qsd_raw(file, &s.dir))
+            }],
         );
         out.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} |\n",
@@ -288,14 +289,11 @@ fn thin_section(s: &Settings, file: &Path, out: &mut String) {
     };
     // Raw is measured again here, in turn with the thin disk: this machine's disk changes
     // speed over minutes, so a raw figure from the raw section would compare different disks.
-    let backing = format!("raw={}", file.display());
     for job in &s.jobs {
         let [t, raw] = alternate(
             s.rounds,
             [&|| thin("full", job, s.file_size), &|| {
-                s.measure("thinblk raw", job, s.file_size, |sock| {
-                    Server::thinblk(&backing, sock, &s.dir)
-                })
+                thinblk_raw(s, job, file)
             }],
         );
         let what = format!("fully provisioned thin vs thinblk raw: {}", job.name);

@@ -209,44 +209,39 @@ impl ThinDevice {
         if p.within == 0 && p.len == bs {
             return pool.write_data(new, 0, part);
         }
+        // The bytes around the piece: the shared block's, the origin's, or zeros.
+        type Source<'a> = Box<dyn Fn(u64, &mut [u8]) -> Result<(), BlockError> + 'a>;
+        let read_around: Source<'_> = match (old, &self.origin) {
+            (Some(old), _) => {
+                Box::new(move |at, buf| pool.read_data(old, at, &mut [IoSliceMut::new(buf)]))
+            }
+            (None, Some(origin)) => Box::new(move |at, buf| {
+                let from = p.vblock * bs + at;
+                read_origin(origin.as_ref(), from, &mut [IoSliceMut::new(buf)])
+            }),
+            (None, None) => {
+                pool.zero_around(new, p.within, p.len)?;
+                return self.write_into_new(new, p, part);
+            }
+        };
         let end = p.within + p.len;
-        let zeros = pool.ready_new_block(new);
-        let mut around = Vec::new();
-        if p.within > 0 {
-            around.push((0, p.within));
-        }
-        if end < bs {
-            around.push((end, bs - end));
-        }
-        for (at, len) in around {
-            match (old, &self.origin) {
-                (None, Some(origin)) => {
-                    let mut buf = vec![0u8; CHUNK.min(len) as usize];
-                    let mut done = 0;
-                    while done < len {
-                        let n = CHUNK.min(len - done) as usize;
-                        let chunk = buf.get_mut(..n).unwrap_or_default();
-                        let from = p.vblock * bs + at + done;
-                        read_origin(origin.as_ref(), from, &mut [IoSliceMut::new(chunk)])?;
-                        pool.write_data(new, at + done, &[IoSlice::new(chunk)])?;
-                        done += n as u64;
-                    }
-                }
-                (None, None) if zeros => {}
-                (None, None) => pool.zero_data(new, at, len)?,
-                (Some(old), _) => {
-                    let mut buf = vec![0u8; CHUNK.min(len) as usize];
-                    let mut done = 0;
-                    while done < len {
-                        let n = CHUNK.min(len - done) as usize;
-                        let chunk = buf.get_mut(..n).unwrap_or_default();
-                        pool.read_data(old, at + done, &mut [IoSliceMut::new(chunk)])?;
-                        pool.write_data(new, at + done, &[IoSlice::new(chunk)])?;
-                        done += n as u64;
-                    }
-                }
+        let mut buf = vec![0u8; CHUNK.min(bs) as usize];
+        for (at, len) in [(0, p.within), (end, bs - end)] {
+            let mut done = 0;
+            while done < len {
+                let n = CHUNK.min(len - done) as usize;
+                let chunk = buf.get_mut(..n).unwrap_or_default();
+                read_around(at + done, chunk)?;
+                pool.write_data(new, at + done, &[IoSlice::new(chunk)])?;
+                done += n as u64;
             }
         }
+        self.write_into_new(new, p, part)
+    }
+
+    /// Writes `part` where `p` says in data block `new`.
+    fn write_into_new(&self, new: u64, p: Piece, part: &[IoSlice<'_>]) -> Result<(), BlockError> {
+        let pool = &self.pool;
         // Small pieces go in one write together with nothing else; gathering first keeps
         // O_DIRECT alignment for callers whose buffers are fragmented.
         if p.len <= CHUNK {

@@ -587,18 +587,33 @@ impl Pool {
 
     /// Zeroes `len` bytes at `within` of data block `block`; a failure turns the pool
     /// read-only.
-    /// Readies a newly allocated data block for a first write; returns whether it already
-    /// reads as zeros, so that only the bytes the write covers need writing.
+    /// Readies a newly allocated data block for a first write of `[within, within + len)`:
+    /// the rest of it must read as zeros. It is zeroed only if it may hold data.
     ///
     /// A block in a hole of a sparse data file reads as zeros, but a file system allocates
     /// it on the first write into it, inside the write (on ext4 a 4 KiB write into a hole ran
     /// at 0.6x an overwrite). So the data file is allocated, unwritten, a stretch ahead of the
     /// blocks handed out: one file system transaction for many first writes instead of one
     /// zeroing each.
-    pub(super) fn ready_new_block(&self, block: u64) -> bool {
+    pub(super) fn zero_around(&self, block: u64, within: u64, len: u64) -> Result<(), BlockError> {
         let start = block * self.block_size;
-        let end = start + self.block_size;
-        if end > self.preallocated.load(Ordering::Acquire) {
+        self.preallocate_ahead(start);
+        let end = within + len;
+        let around = [(0, within), (end, self.block_size.saturating_sub(end))];
+        if around.iter().all(|&(_, n)| n == 0) || self.data.reads_as_zeros(start, self.block_size) {
+            return Ok(());
+        }
+        for (at, n) in around {
+            if n > 0 {
+                self.zero_data(block, at, n)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Preallocates the data device from `start` on unless an earlier call covered it.
+    fn preallocate_ahead(&self, start: u64) {
+        if start + self.block_size > self.preallocated.load(Ordering::Acquire) {
             let len = PREALLOCATE_AHEAD
                 .max(self.block_size)
                 .min(self.data.size().saturating_sub(start));
@@ -608,10 +623,9 @@ impl Pool {
             }
             self.preallocated.fetch_max(start + len, Ordering::AcqRel);
         }
-        self.data.reads_as_zeros(start, self.block_size)
     }
 
-    pub(super) fn zero_data(&self, block: u64, within: u64, len: u64) -> Result<(), BlockError> {
+    fn zero_data(&self, block: u64, within: u64, len: u64) -> Result<(), BlockError> {
         let result = self
             .data
             .write_zeroes(block * self.block_size + within, len, false);

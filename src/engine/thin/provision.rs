@@ -88,14 +88,7 @@ impl FirstWrites {
         let Some(ext) = one_extent(&self.pool, MapOp::Write, base + p.within, p.len)? else {
             return Ok(None);
         };
-        if !self.pool.ready_new_block(new) {
-            let end = p.within + p.len;
-            for (at, len) in [(0, p.within), (end, bs - end)] {
-                if len > 0 {
-                    self.pool.zero_data(new, at, len)?;
-                }
-            }
-        }
+        self.pool.zero_around(new, p.within, p.len)?;
         Ok(Some(ext))
     }
 
