@@ -12,8 +12,9 @@ use parking_lot::Mutex;
 use serde_json::json;
 
 use super::state::State;
+use crate::engine::io::{Completion, IoOp, IoQueue, IoRequest, QueueOptions};
 use crate::engine::thin::{PoolEvent, ThinPool};
-use crate::engine::{BlockDevice, BlockError, MapOp, Mapping};
+use crate::engine::{BlockDevice, BlockError};
 use crate::vhost::request::Op;
 use crate::vhost::{Failure, FailureSink};
 
@@ -46,10 +47,15 @@ impl WriteThreshold {
     }
 }
 
-/// A node's device seen through its write threshold: every write, whichever path it takes
-/// (synchronous, or mapped for the queue's io_uring), is checked before it starts.
+/// A node's device seen through its write threshold: every write, synchronous or submitted
+/// to a queue, is checked before it starts.
 pub struct Watched {
     inner: Arc<dyn BlockDevice>,
+    check: Arc<Check>,
+}
+
+/// What a write is checked against, shared by the device and its queues.
+struct Check {
     node: String,
     threshold: Arc<WriteThreshold>,
     state: Weak<State>,
@@ -64,13 +70,21 @@ impl Watched {
     ) -> Self {
         Watched {
             inner,
-            node: node.into(),
-            threshold,
-            state,
+            check: Arc::new(Check {
+                node: node.into(),
+                threshold,
+                state,
+            }),
         }
     }
 
     fn check(&self, offset: u64, len: u64) {
+        self.check.write(offset, len);
+    }
+}
+
+impl Check {
+    fn write(&self, offset: u64, len: u64) {
         let end = offset.saturating_add(len);
         let Some(threshold) = self.threshold.passed(end) else {
             return;
@@ -114,14 +128,51 @@ impl BlockDevice for Watched {
         self.check(offset, len);
         self.inner.write_zeroes(offset, len, may_unmap)
     }
-    fn map(&self, op: MapOp, offset: u64, len: u64) -> Result<Option<Mapping>, BlockError> {
-        if op == MapOp::Write {
-            self.check(offset, len);
-        }
-        self.inner.map(op, offset, len)
+    /// The inner device's own queue, with every write checked as it is submitted.
+    fn open_queue(self: Arc<Self>, opts: &QueueOptions) -> std::io::Result<Box<dyn IoQueue>> {
+        Ok(Box::new(WatchedQueue {
+            inner: self.inner.clone().open_queue(opts)?,
+            check: self.check.clone(),
+        }))
     }
-    fn flush_fd(&self) -> Option<RawFd> {
-        self.inner.flush_fd()
+}
+
+/// A device's queue seen through a node's write threshold.
+struct WatchedQueue {
+    inner: Box<dyn IoQueue>,
+    check: Arc<Check>,
+}
+
+impl IoQueue for WatchedQueue {
+    fn submit(&mut self, req: IoRequest) {
+        match &req.op {
+            IoOp::Write => self.check.write(req.offset, req.bufs.len()),
+            IoOp::WriteZeroes(ranges) => {
+                for r in ranges {
+                    self.check.write(r.offset, r.len);
+                }
+            }
+            _ => {}
+        }
+        self.inner.submit(req)
+    }
+    fn submit_pending(&mut self) {
+        self.inner.submit_pending()
+    }
+    fn notifier(&self) -> RawFd {
+        self.inner.notifier()
+    }
+    fn has_completions(&mut self) -> bool {
+        self.inner.has_completions()
+    }
+    fn reap(&mut self, out: &mut dyn FnMut(Completion)) -> usize {
+        self.inner.reap(out)
+    }
+    fn in_flight(&self) -> usize {
+        self.inner.in_flight()
+    }
+    fn drain(&mut self) {
+        self.inner.drain()
     }
 }
 
@@ -242,7 +293,7 @@ mod tests {
             sector: 0,
             status: 1,
             nospace: true,
-            reason: "test",
+            reason: "test".into(),
         };
         for _ in 0..100 {
             sink(&f);

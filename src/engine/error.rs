@@ -9,6 +9,8 @@ pub enum BlockError {
     ReadOnly,
     #[error("operation not supported: {0}")]
     Unsupported(&'static str),
+    #[error("too many requests in flight on the queue")]
+    Busy,
     #[error("the pool is out of data space")]
     NoSpace,
     #[error("thin pool: {0}")]

@@ -1,7 +1,74 @@
-//! Cutting scatter-gather lists at byte offsets, for devices that split a request across
-//! blocks.
+//! Buffer lists: raw pieces of memory a request reads into or writes from, and cutting
+//! scatter-gather lists at byte offsets for devices that split a request across blocks.
 
+use std::any::Any;
 use std::io::{IoSlice, IoSliceMut};
+use std::sync::Arc;
+
+use smallvec::SmallVec;
+
+/// Whatever keeps foreign memory (a guest's) mapped while a request uses it.
+pub type KeepAlive = Arc<dyn Any + Send + Sync>;
+
+/// One buffer: laid out as `struct iovec`, so a list of them goes to preadv/pwritev as is.
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+pub struct Piece {
+    pub ptr: *mut u8,
+    pub len: usize,
+}
+
+/// The buffers of a request handed to a queue: raw pieces, never Rust references (the memory
+/// may belong to a guest that changes it at any time), and what keeps them mapped.
+#[derive(Default)]
+pub struct RawBufs {
+    pieces: SmallVec<[Piece; 4]>,
+    len: u64,
+    /// Only held: dropped with the request, after the memory was last used.
+    _keepalive: Option<KeepAlive>,
+}
+
+// SAFETY: the pieces are plain addresses of memory that `keepalive` (or, per `RawBufs::new`'s
+// contract, the caller) keeps valid until the request completes, on whichever thread.
+unsafe impl Send for RawBufs {}
+
+impl RawBufs {
+    /// Buffers made of `pieces` (address, length).
+    ///
+    /// # Safety
+    /// Every piece must stay valid for reads and writes, and must not be reached through a
+    /// Rust reference in this process, until the request that carries it has completed; the
+    /// memory must stay mapped at least while `keepalive` lives.
+    pub unsafe fn new(
+        pieces: impl IntoIterator<Item = (*mut u8, usize)>,
+        keepalive: Option<KeepAlive>,
+    ) -> Self {
+        let mut out = RawBufs {
+            _keepalive: keepalive,
+            ..RawBufs::default()
+        };
+        for (ptr, len) in pieces {
+            if len > 0 {
+                out.len = out.len.saturating_add(len as u64);
+                out.pieces.push(Piece { ptr, len });
+            }
+        }
+        out
+    }
+
+    /// Total bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn pieces(&self) -> &[Piece] {
+        &self.pieces
+    }
+}
 
 /// A caller's buffers as raw pieces, so sub-ranges can be handed out one at a time.
 pub struct IovCursor {

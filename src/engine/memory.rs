@@ -38,6 +38,14 @@ fn zero(bytes: &mut [u8], range: std::ops::Range<usize>) {
 }
 
 impl BlockDevice for MemoryDevice {
+    /// Nothing here ever waits: requests run on the queue worker itself.
+    fn open_queue(
+        self: std::sync::Arc<Self>,
+        opts: &super::QueueOptions,
+    ) -> std::io::Result<Box<dyn super::IoQueue>> {
+        super::io::InlineQueue::open(self, opts)
+    }
+
     fn size(&self) -> u64 {
         self.bytes.read().len() as u64
     }

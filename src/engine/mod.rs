@@ -7,6 +7,7 @@
 mod aligned;
 pub mod cow;
 mod error;
+pub mod io;
 pub mod iov;
 pub mod memory;
 pub mod null;
@@ -15,12 +16,28 @@ pub mod raw;
 pub mod thin;
 
 use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::RawFd;
+use std::sync::Arc;
 
 pub use error::BlockError;
+pub use io::{Extent, FlushFd, Hold, IoQueue, MapOp, Mapping, QueueOptions};
+
+/// Turns an `Arc` of a device into a trait object, so that a default method can hand the
+/// device itself to the queue it opens. Implemented for every sized device.
+pub trait AsDynDevice {
+    fn as_dyn(self: Arc<Self>) -> Arc<dyn BlockDevice>;
+}
+
+impl<T: BlockDevice + 'static> AsDynDevice for T {
+    fn as_dyn(self: Arc<Self>) -> Arc<dyn BlockDevice> {
+        self
+    }
+}
 
 /// A virtual disk: byte-addressed, sector-granular I/O with scatter-gather buffers.
-pub trait BlockDevice: Send + Sync {
+///
+/// Frontends do their I/O through [`BlockDevice::open_queue`]; the synchronous methods are
+/// for the engine itself, tools and tests.
+pub trait BlockDevice: AsDynDevice + Send + Sync {
     /// Size in bytes, a multiple of 512.
     fn size(&self) -> u64;
 
@@ -39,7 +56,13 @@ pub trait BlockDevice: Send + Sync {
     /// Makes the range read as zeros; with `may_unmap` the space may be released as well.
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<(), BlockError>;
 
-    /// Where a range lives on host files, so a caller can do the I/O asynchronously itself.
+    /// A queue for one frontend queue worker's asynchronous I/O (see [`io`]). By default
+    /// io_uring for what [`BlockDevice::map`] maps, a blocking thread for the rest.
+    fn open_queue(self: Arc<Self>, opts: &QueueOptions) -> std::io::Result<Box<dyn IoQueue>> {
+        io::default_queue(self.as_dyn(), opts)
+    }
+
+    /// Where a range lives on host files, so the engine's ring can do the I/O itself.
     /// `None`: the range needs the synchronous methods (or the device has no such mapping).
     /// The descriptors stay valid for as long as the device lives; the mapping stays valid
     /// while its `hold` is kept, which the caller drops when the I/O has completed.
@@ -47,8 +70,9 @@ pub trait BlockDevice: Send + Sync {
         Ok(None)
     }
 
-    /// A host file whose fdatasync makes every completed write durable, if there is one.
-    fn flush_fd(&self) -> Option<RawFd> {
+    /// A host file whose fdatasync makes every completed write durable, if there is one,
+    /// and where a failure of it is recorded (so that every later flush fails too).
+    fn flush_fd(&self) -> Option<FlushFd> {
         None
     }
 }
@@ -71,55 +95,6 @@ pub trait DataDevice: BlockDevice {
     fn preallocate(&self, _offset: u64, _len: u64) -> Result<(), BlockError> {
         Ok(())
     }
-}
-
-/// What a mapped range is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MapOp {
-    Read,
-    Write,
-}
-
-/// A device range resolved to host storage.
-pub struct Mapping {
-    /// In order, covering the range exactly.
-    pub extents: Vec<Extent>,
-    /// Whatever keeps the extents valid (for a thin device, its place in the pool's I/O gate),
-    /// and what must happen once their I/O is done (for a first write, the new mappings).
-    pub hold: Option<Box<dyn Hold>>,
-}
-
-impl Mapping {
-    pub fn unheld(extents: Vec<Extent>) -> Self {
-        Mapping {
-            extents,
-            hold: None,
-        }
-    }
-}
-
-/// Kept while a mapping's I/O is in flight.
-pub trait Hold: Send + Sync {
-    /// The mapping's host I/O has ended; `ok` says whether all of it
-    /// succeeded. An error fails the request. A hold dropped without this call treats the I/O
-    /// as failed.
-    fn finish(self: Box<Self>, ok: bool) -> Result<(), BlockError>;
-}
-
-/// A piece of a device range resolved to host storage.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Extent {
-    /// `len` bytes that read as zeros (only in mappings for reads).
-    Zero { len: u64 },
-    /// `len` bytes at `offset` of the open file `fd`. With `direct`, `fd` was opened O_DIRECT
-    /// and I/O must be aligned to [`DIRECT_ALIGN`]: unaligned requests take the synchronous
-    /// path instead.
-    File {
-        fd: RawFd,
-        offset: u64,
-        len: u64,
-        direct: bool,
-    },
 }
 
 pub use aligned::{direct_aligned, DIRECT_ALIGN};

@@ -18,6 +18,14 @@ impl NullDevice {
 }
 
 impl BlockDevice for NullDevice {
+    /// Nothing here ever waits: requests run on the queue worker itself.
+    fn open_queue(
+        self: std::sync::Arc<Self>,
+        opts: &super::QueueOptions,
+    ) -> std::io::Result<Box<dyn super::IoQueue>> {
+        super::io::InlineQueue::open(self, opts)
+    }
+
     fn size(&self) -> u64 {
         self.size
     }

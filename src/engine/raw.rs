@@ -11,8 +11,10 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use super::aligned::{read_bufs_aligned, write_bufs_aligned};
+use super::io::{FlushFd, FlushState};
 use super::{check_range, iovec_len, BlockDevice, BlockError, DataDevice, Extent, MapOp, Mapping};
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
@@ -44,6 +46,8 @@ pub struct RawDevice {
     /// Bytes, a multiple of 512; changes only through `refresh_size`.
     size: AtomicU64,
     read_only: bool,
+    /// Sticky: once a flush failed (here or through a ring), every later one fails.
+    flushed: Arc<FlushState>,
 }
 
 impl RawDevice {
@@ -85,6 +89,7 @@ impl RawDevice {
             is_block_device,
             size: AtomicU64::new(size),
             read_only: opts.read_only,
+            flushed: Arc::default(),
         })
     }
 
@@ -280,8 +285,11 @@ impl BlockDevice for RawDevice {
         }])))
     }
 
-    fn flush_fd(&self) -> Option<std::os::fd::RawFd> {
-        Some(self.buffered.as_raw_fd())
+    fn flush_fd(&self) -> Option<FlushFd> {
+        Some(FlushFd {
+            fd: self.buffered.as_raw_fd(),
+            state: self.flushed.clone(),
+        })
     }
 
     fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<(), BlockError> {
@@ -332,7 +340,8 @@ impl BlockDevice for RawDevice {
     }
 
     fn flush(&self) -> Result<(), BlockError> {
-        self.buffered.sync_data().map_err(|e| BlockError::io(0, e))
+        self.flushed.check()?;
+        self.flushed.record(self.buffered.sync_data())
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {

@@ -18,9 +18,9 @@ use vmm_sys_util::event::{
 };
 
 use super::config::{self, BlkConfig, SECTOR_SIZE, WRITEBACK_OFFSET};
-use super::execute::{complete, FailureSink, Target};
+use super::execute::{finish, prepare, ExecuteError, FailureSink, Pending, Prepared, Target};
 use super::request::{parse, Desc, Request};
-use super::uring::{QueueRing, Started};
+use crate::engine::io::{Completion, IoQueue, QueueOptions};
 use crate::engine::BlockDevice;
 
 /// Limits from the virtio-blk and vhost-user specifications that an export may choose within.
@@ -51,8 +51,9 @@ pub struct BlkBackend {
     acked_features: AtomicU64,
     /// The guest-visible write cache bit (config space `writeback`).
     writeback: AtomicBool,
-    /// One ring per queue; `None` where io_uring is unavailable (everything runs synchronously).
-    rings: Vec<Mutex<Option<QueueRing>>>,
+    /// The device's I/O queue of each virtqueue and what waits for its completions; `None`
+    /// where the device could not open one (every request of that queue then fails).
+    queues: Vec<Mutex<Option<QueueState>>>,
     /// Malformed requests seen, for rate-limited logging.
     rejections: AtomicU64,
     /// Told of every failed request.
@@ -64,25 +65,92 @@ pub struct BlkBackend {
     poll: std::time::Duration,
 }
 
+/// One virtqueue's requests in the device's queue.
+struct QueueState {
+    io: Box<dyn IoQueue>,
+    /// Requests in the device's queue, by the tag they were given (their slot here: a head
+    /// index the guest chose may be in flight twice).
+    pending: Vec<Option<Pending>>,
+    free: Vec<usize>,
+    /// The vring the requests came from, for completions reaped outside a pass.
+    vring: Option<VringRwLock>,
+}
+
+impl QueueState {
+    fn insert(&mut self, p: Pending) -> u64 {
+        match self.free.pop() {
+            Some(i) => {
+                if let Some(slot) = self.pending.get_mut(i) {
+                    *slot = Some(p);
+                }
+                i as u64
+            }
+            None => {
+                self.pending.push(Some(p));
+                (self.pending.len() - 1) as u64
+            }
+        }
+    }
+
+    /// Completes what the device has finished: status bytes and used ring entries. Returns
+    /// whether any chain was used (the caller notifies the guest once).
+    fn complete(&mut self, target: &Target<'_>, note: &dyn Fn(&str)) -> bool {
+        let QueueState {
+            io,
+            pending,
+            free,
+            vring,
+        } = self;
+        let Some(vring) = vring.as_ref() else {
+            return false;
+        };
+        let mut used = false;
+        io.reap(&mut |c: Completion| {
+            let Ok(index) = usize::try_from(c.tag) else {
+                return;
+            };
+            let Some(p) = pending.get_mut(index).and_then(Option::take) else {
+                note(&format!("completion for an unknown request {}", c.tag));
+                return;
+            };
+            free.push(index);
+            let result = c.result.map(|()| p.written).map_err(ExecuteError::from);
+            let len = finish(&p.mem, p.op, p.sector, p.status, result, target);
+            match vring.add_used(p.head, len) {
+                Ok(()) => used = true,
+                Err(e) => note(&format!("cannot return chain {}: {e}", p.head)),
+            }
+        });
+        used
+    }
+}
+
 fn queue_error(e: virtio_queue::Error) -> io::Error {
     io::Error::other(format!("virtqueue: {e}"))
 }
 
 impl BlkBackend {
     pub fn new(dev: Arc<dyn BlockDevice>, settings: DeviceSettings) -> Self {
-        let rings = (0..settings.num_queues)
-            .map(|q| {
-                match QueueRing::new(u32::from(settings.queue_size) * 2, settings.submit_batch) {
-                    Ok(r) => Mutex::new(Some(r)),
-                    Err(e) => {
-                        warn!("queue {q}: io_uring unavailable ({e}); using synchronous I/O");
-                        Mutex::new(None)
-                    }
+        let opts = QueueOptions {
+            entries: u32::from(settings.queue_size.max(1)),
+            submit_batch: settings.submit_batch,
+        };
+        let queues = (0..settings.num_queues)
+            .map(|q| match dev.clone().open_queue(&opts) {
+                Ok(io) => Mutex::new(Some(QueueState {
+                    io,
+                    pending: Vec::new(),
+                    free: Vec::new(),
+                    vring: None,
+                })),
+                Err(e) => {
+                    warn!("queue {q}: cannot open the device's I/O queue ({e}); its requests fail");
+                    Mutex::new(None)
                 }
             })
             .collect();
         BlkBackend {
-            rings,
+            queues,
             rejections: AtomicU64::new(0),
             on_failure: None,
             to_frontend: Mutex::new(None),
@@ -162,11 +230,10 @@ impl BlkBackend {
         self.settings.num_queues + 1
     }
 
-    /// The eventfd that signals completions of queue `queue`'s ring, if it has one.
+    /// The eventfd that signals completions of queue `queue`'s device I/O, if it has one.
     pub fn completion_fd(&self, queue: usize) -> Option<std::os::fd::RawFd> {
-        use std::os::fd::AsRawFd;
-        let ring = self.rings.get(queue)?.lock();
-        ring.as_ref().map(|r| r.eventfd().as_raw_fd())
+        let state = self.queues.get(queue)?.lock();
+        state.as_ref().map(|q| q.io.notifier())
     }
 
     /// Frames a chain; a rejected one is answered at once and `None` returned with its length.
@@ -196,8 +263,9 @@ impl BlkBackend {
         })
     }
 
-    /// Drains the available ring: reads, writes and flushes go to the queue's io_uring, the
-    /// rest completes here; the guest is notified once for what completed here. Returns how
+    /// Takes what the available ring has (at most a queue's worth, so a guest that keeps
+    /// publishing cannot keep the worker from its completions) and hands it to the device's
+    /// queue; completes what the device has finished; notifies the guest once. Returns how
     /// many chains it took.
     fn process_queue(
         &self,
@@ -206,10 +274,14 @@ impl BlkBackend {
         ring_mem: &Arc<GuestMemoryMmap>,
     ) -> io::Result<usize> {
         let target = self.target();
-        let mut ring = self.rings.get(queue).map(|r| r.lock());
+        let mut guard = self.queues.get(queue).map(|q| q.lock());
+        let mut state = guard.as_mut().and_then(|g| g.as_mut());
+        if let Some(qs) = state.as_mut() {
+            qs.vring = Some(vring.clone());
+        }
         let mut used = false;
         let mut taken = 0usize;
-        loop {
+        while taken < self.pass_limit() {
             let chain = vring
                 .get_mut()
                 .get_queue_mut()
@@ -223,18 +295,26 @@ impl BlkBackend {
             let mem = newer.as_ref().unwrap_or(ring_mem);
             let len = match self.frame(mem, chain) {
                 Err(len) => len,
-                Ok(req) => match ring.as_mut().and_then(|g| g.as_mut()) {
-                    Some(r) => match r.start(vring, head, mem, req, &target)? {
-                        Started::Queued => continue,
-                        Started::Done(len) => len,
-                        Started::NotTaken(req) => {
-                            // A synchronous request may wait for the device (a thin pool's
-                            // commit waits for this queue's I/O in flight): finish that first.
-                            r.drain(&target)?;
-                            complete(mem, &req, &target)
-                        }
-                    },
-                    None => complete(mem, &req, &target),
+                Ok(req) => match (prepare(mem, &req, &target), state.as_mut()) {
+                    (Prepared::Submit(mut io, written), Some(qs)) => {
+                        io.tag = qs.insert(Pending {
+                            head,
+                            op: req.op,
+                            sector: req.sector,
+                            status: req.status,
+                            mem: mem.clone(),
+                            written,
+                        });
+                        qs.io.submit(io);
+                        continue;
+                    }
+                    (Prepared::Submit(..), None) => {
+                        let err = Err(ExecuteError::NoQueue);
+                        finish(mem, req.op, req.sector, req.status, err, &target)
+                    }
+                    (Prepared::Done(result), _) => {
+                        finish(mem, req.op, req.sector, req.status, result, &target)
+                    }
                 },
             };
             // A head the guest made up cannot be returned; the queue must live on regardless.
@@ -243,13 +323,21 @@ impl BlkBackend {
                 Err(e) => self.note_rejection(&format!("cannot return chain {head}: {e}")),
             }
         }
-        if let Some(r) = ring.as_mut().and_then(|g| g.as_mut()) {
-            r.submit()?;
+        if let Some(qs) = state.as_mut() {
+            qs.io.submit_pending();
+            if qs.io.has_completions() {
+                used |= qs.complete(&target, &|m| self.note_rejection(m));
+            }
         }
         if used && vring.needs_notification().map_err(queue_error)? {
             vring.signal_used_queue()?;
         }
         Ok(taken)
+    }
+
+    /// Chains one pass takes at most.
+    fn pass_limit(&self) -> usize {
+        usize::from(self.settings.queue_size.max(1))
     }
 
     /// The guest memory as the frontend last described it, if that is no longer `pass`.
@@ -261,35 +349,29 @@ impl BlkBackend {
         (!std::ptr::eq(&*now, pass.as_ref())).then(|| now.into_inner())
     }
 
-    /// Completes what the queue's ring has finished, without a system call when nothing has.
-    fn reap_ready(&self, queue: usize) -> io::Result<bool> {
-        self.with_ring(queue, |r, t| {
-            if r.in_flight() > 0 && r.has_completions() {
-                r.reap(t)
-            } else {
-                Ok(false)
-            }
-        })
-    }
-
-    fn reap(&self, queue: usize) -> io::Result<()> {
-        self.with_ring(queue, |r, t| r.reap(t).map(drop))
-    }
-
-    /// Runs `f` on queue `queue`'s ring; `T::default()` if the queue has none.
-    fn with_ring<T: Default>(
-        &self,
-        queue: usize,
-        f: impl FnOnce(&mut QueueRing, &Target<'_>) -> io::Result<T>,
-    ) -> io::Result<T> {
-        let Some(slot) = self.rings.get(queue) else {
-            return Ok(T::default());
+    /// Completes what the device has finished, and notifies the guest. With `wait`, first
+    /// waits until everything the queue accepted has finished. Returns whether any chain was
+    /// used.
+    fn reap(&self, queue: usize, wait: bool) -> io::Result<bool> {
+        let Some(slot) = self.queues.get(queue) else {
+            return Ok(false);
         };
-        let mut ring = slot.lock();
-        match ring.as_mut() {
-            Some(r) => f(r, &self.target()),
-            None => Ok(T::default()),
+        let mut guard = slot.lock();
+        let Some(qs) = guard.as_mut() else {
+            return Ok(false);
+        };
+        if wait {
+            qs.io.drain();
+        } else if qs.io.in_flight() == 0 || !qs.io.has_completions() {
+            return Ok(false);
         }
+        let used = qs.complete(&self.target(), &|m| self.note_rejection(m));
+        if let Some(vring) = qs.vring.as_ref().filter(|_| used) {
+            if vring.needs_notification().map_err(queue_error)? {
+                vring.signal_used_queue()?;
+            }
+        }
+        Ok(used)
     }
 }
 
@@ -366,7 +448,14 @@ impl VhostUserBackend for BlkBackend {
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         // The frontend takes the ring back: everything accepted must complete first.
-        self.with_ring(queue_index as usize, |r, t| r.drain(t))
+        self.reap(queue_index as usize, true)?;
+        // The next start may come with another vring (a new connection).
+        if let Some(q) = self.queues.get(queue_index as usize) {
+            if let Some(qs) = q.lock().as_mut() {
+                qs.vring = None;
+            }
+        }
+        Ok(())
     }
 
     fn handle_event(
@@ -383,7 +472,7 @@ impl VhostUserBackend for BlkBackend {
         // are indexed from 0 within the thread: the queue's number is the thread's.
         let queue = thread_id;
         if device_event == self.completion_event() {
-            self.reap(queue)?;
+            self.reap(queue, false)?;
             // A polling worker looks for the requests its completions will bring.
             return match vrings.first() {
                 Some(vring) if !self.poll.is_zero() => self.serve(queue, vring),
@@ -418,7 +507,7 @@ impl BlkBackend {
                 vring.disable_notification().map_err(queue_error)?;
                 let taken = self.process_queue(queue, vring, &mem)?;
                 if !self.poll.is_zero() {
-                    let reaped = self.reap_ready(queue)?;
+                    let reaped = self.reap(queue, false)?;
                     if taken > 0 || reaped {
                         last_found = std::time::Instant::now();
                         more_promised = false;
@@ -439,7 +528,8 @@ impl BlkBackend {
                 more_promised = true;
             }
         } else {
-            self.process_queue(queue, vring, &mem)?;
+            // A pass stops after a queue's worth of chains: go on until one takes less.
+            while self.process_queue(queue, vring, &mem)? >= self.pass_limit() {}
         }
         Ok(())
     }

@@ -1,34 +1,72 @@
-//! Running a framed request against a [`BlockDevice`] and writing its status.
+//! A framed request becomes a request of the device's I/O queue; its completion becomes the
+//! status byte. Nothing here does host I/O.
 
-use std::io::{IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use log::{debug, warn};
 use smallvec::SmallVec;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, VolatileMemory};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileMemory};
 
 use super::config::{MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS, SECTOR_SIZE};
 use super::request::{gather, Op, Request, Segment};
+use crate::engine::io::{ByteRange, IoOp, IoRequest};
+use crate::engine::iov::{KeepAlive, RawBufs};
 use crate::engine::{BlockDevice, BlockError};
-
-const BAD_RANGE: &str = "sector range outside the device or not whole sectors";
-const NOT_IN_MEMORY: &str = "buffer outside guest memory";
 
 /// Longest serial GET_ID returns (`VIRTIO_BLK_ID_BYTES`).
 pub const ID_BYTES: usize = 20;
 const RANGE_SEGMENT_LEN: u64 = 16;
 const RANGE_FLAG_UNMAP: u32 = 1;
 
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecuteError {
+    #[error("sector range outside the device or not whole sectors")]
+    BadRange,
+    #[error("buffer outside guest memory")]
+    NotInMemory,
+    #[error("write to a read-only export")]
+    ReadOnlyExport,
+    #[error("malformed range list")]
+    BadRangeList,
+    #[error("unknown range flags")]
+    UnknownRangeFlags,
+    #[error("range longer than the limit")]
+    RangeTooLong,
+    #[error("no I/O queue for this virtqueue")]
+    NoQueue,
+    #[error("the device failed: {0}")]
+    Device(#[from] BlockError),
+}
+
+impl ExecuteError {
+    /// The virtio status the guest sees.
+    pub fn status(&self) -> u8 {
+        match self {
+            ExecuteError::UnknownRangeFlags | ExecuteError::Device(BlockError::Unsupported(_)) => {
+                VIRTIO_BLK_S_UNSUPP as u8
+            }
+            _ => VIRTIO_BLK_S_IOERR as u8,
+        }
+    }
+
+    /// It failed because the device is out of space.
+    pub fn nospace(&self) -> bool {
+        matches!(self, ExecuteError::Device(BlockError::NoSpace))
+    }
+}
+
 /// A request that failed, as the export's owner hears of it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Failure {
     pub op: Op,
     pub sector: u64,
     pub status: u8,
     /// The device ran out of space (a thin pool without free data blocks).
     pub nospace: bool,
-    pub reason: &'static str,
+    pub reason: String,
 }
 
 /// Told about every failed request, from the queue worker that completes it: keep it short.
@@ -39,60 +77,30 @@ pub struct Target<'a> {
     pub dev: &'a dyn BlockDevice,
     pub read_only: bool,
     pub serial: &'a [u8],
-    /// The guest's write cache mode: when off, writes are flushed before they complete.
+    /// The guest's write cache mode: when off, writes complete only once durable.
     pub writeback: bool,
     /// Who hears of failed requests, besides the log.
     pub on_failure: Option<&'a (dyn Fn(&Failure) + Send + Sync)>,
 }
 
-/// Status and bytes written into device-writable buffers, excluding the status byte.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Outcome {
-    pub status: u8,
+/// What the worker keeps of a request while the device works on it.
+pub struct Pending {
+    pub head: u16,
+    pub op: Op,
+    pub sector: u64,
+    pub status: GuestAddress,
+    /// The memory the status byte is written to.
+    pub mem: Arc<GuestMemoryMmap>,
+    /// Bytes the request puts in device-writable buffers when it succeeds.
     pub written: u32,
-    /// Why the request failed, for the log.
-    pub reason: &'static str,
-    /// It failed because the device is out of space.
-    pub nospace: bool,
 }
 
-impl Outcome {
-    pub fn ok(written: u32) -> Self {
-        Outcome {
-            status: VIRTIO_BLK_S_OK as u8,
-            written,
-            reason: "",
-            nospace: false,
-        }
-    }
-    pub fn ioerr(reason: &'static str) -> Self {
-        Outcome {
-            status: VIRTIO_BLK_S_IOERR as u8,
-            written: 0,
-            reason,
-            nospace: false,
-        }
-    }
-    fn unsupp(reason: &'static str) -> Self {
-        Outcome {
-            status: VIRTIO_BLK_S_UNSUPP as u8,
-            written: 0,
-            reason,
-            nospace: false,
-        }
-    }
-}
-
-pub fn from_block(err: &BlockError) -> Outcome {
-    match err {
-        BlockError::Unsupported(_) => Outcome::unsupp("unsupported by the device"),
-        BlockError::NoSpace => Outcome {
-            nospace: true,
-            ..Outcome::ioerr("the device is out of space")
-        },
-        BlockError::ReadOnly => Outcome::ioerr("the device is read-only"),
-        _ => Outcome::ioerr("the device failed"),
-    }
+/// What becomes of a framed request.
+pub enum Prepared {
+    /// Finished without the device (GET_ID, or refused): used bytes or why it failed.
+    Done(Result<u32, ExecuteError>),
+    /// For the device's queue (its tag still to be set), and the bytes it writes on success.
+    Submit(IoRequest, u32),
 }
 
 /// Host views of a request's buffers: one per segment unless a segment crosses regions.
@@ -128,33 +136,112 @@ pub fn host_slices(mem: &GuestMemoryMmap, segs: &[Segment]) -> Option<HostSlices
     Some(out)
 }
 
-/// Runs `req` synchronously and stores its status byte. Returns the used length for the chain.
-pub fn complete(mem: &GuestMemoryMmap, req: &Request, target: &Target<'_>) -> u32 {
-    finish(mem, req, run(mem, req, target), target)
+/// Checks a framed request and turns it into a request of the device's queue.
+pub fn prepare(mem: &Arc<GuestMemoryMmap>, req: &Request, t: &Target<'_>) -> Prepared {
+    match prepare_io(mem, req, t) {
+        Ok(Some((io, written))) => Prepared::Submit(io, written),
+        Ok(None) => Prepared::Done(get_id(mem, req, t)),
+        Err(e) => Prepared::Done(Err(e)),
+    }
 }
 
-/// Stores a finished request's status byte. Returns the used length for the chain.
-pub fn finish(mem: &GuestMemoryMmap, req: &Request, outcome: Outcome, t: &Target<'_>) -> u32 {
-    if outcome.status != VIRTIO_BLK_S_OK as u8 {
-        note_failure(req, &outcome);
-        if let Some(sink) = t.on_failure {
-            sink(&Failure {
-                op: req.op,
-                sector: req.sector,
-                status: outcome.status,
-                nospace: outcome.nospace,
-                reason: outcome.reason,
-            });
-        }
+fn prepare_io(
+    mem: &Arc<GuestMemoryMmap>,
+    req: &Request,
+    t: &Target<'_>,
+) -> Result<Option<(IoRequest, u32)>, ExecuteError> {
+    let mutates = matches!(req.op, Op::Write | Op::Discard | Op::WriteZeroes);
+    if mutates && t.read_only {
+        return Err(ExecuteError::ReadOnlyExport);
     }
+    let durable = mutates && !t.writeback;
+    let (op, written) = match req.op {
+        Op::GetId => return Ok(None),
+        Op::Read => (IoOp::Read, 0),
+        Op::Write => (IoOp::Write, 0),
+        Op::Flush => return Ok(Some((IoRequest::unbuffered(IoOp::Flush, false, 0), 0))),
+        Op::Discard => {
+            let ranges = ranges(mem, req, t)?;
+            let io = IoRequest::unbuffered(IoOp::Discard(ranges), durable, 0);
+            return Ok(Some((io, 0)));
+        }
+        Op::WriteZeroes => {
+            let ranges = ranges(mem, req, t)?;
+            let io = IoRequest::unbuffered(IoOp::WriteZeroes(ranges), durable, 0);
+            return Ok(Some((io, 0)));
+        }
+    };
+    let (offset, len) = io_range(req, t.dev).ok_or(ExecuteError::BadRange)?;
+    let slices = host_slices(mem, &req.data).ok_or(ExecuteError::NotInMemory)?;
+    let keepalive: KeepAlive = mem.clone();
+    // SAFETY: each piece lies in a guest memory region that `mem` keeps mapped for as long as
+    // the request holds it; the guest gave these buffers to the device until the chain is
+    // returned, which is after the request completes, and nothing in this process makes a
+    // Rust reference over them.
+    let bufs = unsafe { RawBufs::new(slices, Some(keepalive)) };
+    let written = if op == IoOp::Read {
+        u32::try_from(len).map_err(|_| ExecuteError::BadRange)?
+    } else {
+        written
+    };
+    let io = IoRequest {
+        op,
+        offset,
+        bufs,
+        durable,
+        tag: 0,
+    };
+    Ok(Some((io, written)))
+}
+
+/// Runs `req` to its end on this thread, through the device's synchronous methods, and
+/// stores its status byte; returns the used length. For fuzzing and tests: a queue worker
+/// submits to the device's queue instead.
+pub fn complete(mem: &GuestMemoryMmap, req: &Request, t: &Target<'_>) -> u32 {
+    let mem = Arc::new(mem.clone());
+    let result = match prepare(&mem, req, t) {
+        Prepared::Done(result) => result,
+        Prepared::Submit(io, written) => crate::engine::io::run_now(t.dev, &io)
+            .map(|()| written)
+            .map_err(ExecuteError::from),
+    };
+    finish(&mem, req.op, req.sector, req.status, result, t)
+}
+
+/// Stores a finished request's status byte and tells of a failure. Returns the used length
+/// for the chain.
+pub fn finish(
+    mem: &GuestMemoryMmap,
+    op: Op,
+    sector: u64,
+    status_at: GuestAddress,
+    result: Result<u32, ExecuteError>,
+    t: &Target<'_>,
+) -> u32 {
+    let (status, written) = match &result {
+        Ok(n) => (VIRTIO_BLK_S_OK as u8, *n),
+        Err(e) => {
+            note_failure(op, sector, e);
+            if let Some(sink) = t.on_failure {
+                sink(&Failure {
+                    op,
+                    sector,
+                    status: e.status(),
+                    nospace: e.nospace(),
+                    reason: e.to_string(),
+                });
+            }
+            (e.status(), 0)
+        }
+    };
     // A volatile store of the one byte, rather than a general guest memory copy.
-    let status = GuestMemoryBackend::get_slice(mem, req.status, 1).and_then(|s| {
+    let stored = GuestMemoryBackend::get_slice(mem, status_at, 1).and_then(|s| {
         s.get_ref::<u8>(0)
-            .map(|r| r.store(outcome.status))
+            .map(|r| r.store(status))
             .map_err(Into::into)
     });
-    match status {
-        Ok(()) => outcome.written.saturating_add(1),
+    match stored {
+        Ok(()) => written.saturating_add(1),
         Err(e) => {
             warn!("cannot write request status: {e}");
             0
@@ -164,14 +251,14 @@ pub fn finish(mem: &GuestMemoryMmap, req: &Request, outcome: Outcome, t: &Target
 
 /// Logs a failed request without letting a guest flood the log: the 1st, 2nd, 4th, 8th...
 /// failure is a warning, the rest debug messages.
-fn note_failure(req: &Request, outcome: &Outcome) {
+fn note_failure(op: Op, sector: u64, e: &ExecuteError) {
     static FAILURES: AtomicU64 = AtomicU64::new(0);
     let n = FAILURES.fetch_add(1, Ordering::Relaxed) + 1;
-    let (op, sector, status, why) = (req.op, req.sector, outcome.status, outcome.reason);
+    let status = e.status();
     if n.is_power_of_two() {
-        warn!("{op:?} at sector {sector} failed with status {status}: {why} ({n} failures so far)");
+        warn!("{op:?} at sector {sector} failed with status {status}: {e} ({n} failures so far)");
     } else {
-        debug!("{op:?} at sector {sector} failed with status {status}: {why}");
+        debug!("{op:?} at sector {sector} failed with status {status}: {e}");
     }
 }
 
@@ -187,66 +274,7 @@ pub fn io_range(req: &Request, dev: &dyn BlockDevice) -> Option<(u64, u64)> {
     (len % SECTOR_SIZE == 0 && end <= dev.size()).then_some((offset, len))
 }
 
-fn run(mem: &GuestMemoryMmap, req: &Request, t: &Target<'_>) -> Outcome {
-    let mutates = matches!(req.op, Op::Write | Op::Discard | Op::WriteZeroes);
-    if mutates && t.read_only {
-        return Outcome::ioerr("write to a read-only export");
-    }
-    let result = match req.op {
-        Op::Read => return read(mem, req, t),
-        Op::GetId => return get_id(mem, req, t),
-        Op::Write => write(mem, req, t),
-        Op::Flush => t.dev.flush().map_err(|e| from_block(&e)),
-        Op::Discard | Op::WriteZeroes => ranges(mem, req, t),
-    };
-    let result = result.and_then(|()| {
-        if mutates && !t.writeback {
-            t.dev.flush().map_err(|e| from_block(&e))
-        } else {
-            Ok(())
-        }
-    });
-    result.map(|()| Outcome::ok(0)).unwrap_or_else(|o| o)
-}
-
-fn read(mem: &GuestMemoryMmap, req: &Request, t: &Target<'_>) -> Outcome {
-    let Some((offset, len)) = io_range(req, t.dev) else {
-        return Outcome::ioerr(BAD_RANGE);
-    };
-    let Some(slices) = host_slices(mem, &req.data) else {
-        return Outcome::ioerr(NOT_IN_MEMORY);
-    };
-    let mut iovs: SmallVec<[IoSliceMut<'_>; 4]> = slices
-        .iter()
-        // SAFETY: each pointer comes from a guest memory region that `mem` keeps mapped for the
-        // whole call, and spans exactly `n` bytes of it. The guest owns these buffers until the
-        // chain is returned, so nothing else in this process touches them meanwhile.
-        .map(|&(p, n)| IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(p, n) }))
-        .collect();
-    match t.dev.read(offset, &mut iovs) {
-        Ok(()) => Outcome::ok(u32::try_from(len).unwrap_or(u32::MAX)),
-        Err(e) => {
-            warn!("read of {len} bytes at {offset} failed: {e}");
-            from_block(&e)
-        }
-    }
-}
-
-fn write(mem: &GuestMemoryMmap, req: &Request, t: &Target<'_>) -> Result<(), Outcome> {
-    let (offset, len) = io_range(req, t.dev).ok_or(Outcome::ioerr(BAD_RANGE))?;
-    let slices = host_slices(mem, &req.data).ok_or(Outcome::ioerr(NOT_IN_MEMORY))?;
-    let iovs: SmallVec<[IoSlice<'_>; 4]> = slices
-        .iter()
-        // SAFETY: as in `read`: mapped for the call, `n` bytes long, owned by the request.
-        .map(|&(p, n)| IoSlice::new(unsafe { std::slice::from_raw_parts(p, n) }))
-        .collect();
-    t.dev.write(offset, &iovs).map_err(|e| {
-        warn!("write of {len} bytes at {offset} failed: {e}");
-        from_block(&e)
-    })
-}
-
-fn get_id(mem: &GuestMemoryMmap, req: &Request, t: &Target<'_>) -> Outcome {
+fn get_id(mem: &GuestMemoryMmap, req: &Request, t: &Target<'_>) -> Result<u32, ExecuteError> {
     let mut id = [0u8; ID_BYTES];
     let n = t.serial.len().min(ID_BYTES);
     id[..n].copy_from_slice(&t.serial[..n]);
@@ -258,28 +286,30 @@ fn get_id(mem: &GuestMemoryMmap, req: &Request, t: &Target<'_>) -> Outcome {
         if take == 0 {
             break;
         }
-        if mem.write_slice(&id[pos..pos + take], s.addr).is_err() {
-            return Outcome::ioerr(NOT_IN_MEMORY);
-        }
+        mem.write_slice(&id[pos..pos + take], s.addr)
+            .map_err(|_| ExecuteError::NotInMemory)?;
         pos += take;
     }
-    Outcome::ok(pos as u32)
+    Ok(pos as u32)
 }
 
-/// DISCARD and WRITE_ZEROES: every segment is checked before any of them runs.
-fn ranges(mem: &GuestMemoryMmap, req: &Request, t: &Target<'_>) -> Result<(), Outcome> {
-    let bad_list = Outcome::ioerr("malformed range list");
-    let len = data_len(req).ok_or(bad_list)?;
+/// The segments of DISCARD and WRITE_ZEROES: every one is checked before any of them runs.
+fn ranges(
+    mem: &GuestMemoryMmap,
+    req: &Request,
+    t: &Target<'_>,
+) -> Result<Vec<ByteRange>, ExecuteError> {
+    let len = data_len(req).ok_or(ExecuteError::BadRangeList)?;
     if len == 0 || len % RANGE_SEGMENT_LEN != 0 {
-        return Err(bad_list);
+        return Err(ExecuteError::BadRangeList);
     }
     let bytes = gather(
         mem,
         &req.data,
         u64::from(MAX_RANGE_SEGMENTS) * RANGE_SEGMENT_LEN,
     )
-    .ok_or(bad_list)?;
-    let mut work = Vec::new();
+    .ok_or(ExecuteError::BadRangeList)?;
+    let mut work = Vec::with_capacity(bytes.len() / RANGE_SEGMENT_LEN as usize);
     for seg in bytes.chunks_exact(RANGE_SEGMENT_LEN as usize) {
         let field = |r: std::ops::Range<usize>| seg.get(r).unwrap_or(&[]).to_vec();
         let sector = u64::from_le_bytes(field(0..8).try_into().unwrap_or_default());
@@ -287,29 +317,23 @@ fn ranges(mem: &GuestMemoryMmap, req: &Request, t: &Target<'_>) -> Result<(), Ou
         let flags = u32::from_le_bytes(field(12..16).try_into().unwrap_or_default());
         let unmap = flags & RANGE_FLAG_UNMAP != 0;
         if flags & !RANGE_FLAG_UNMAP != 0 || (unmap && req.op == Op::Discard) {
-            return Err(Outcome::unsupp("unknown range flags"));
+            return Err(ExecuteError::UnknownRangeFlags);
         }
         if sectors > MAX_RANGE_SECTORS {
-            return Err(Outcome::ioerr("range longer than the limit"));
+            return Err(ExecuteError::RangeTooLong);
         }
         let offset = sector
             .checked_mul(SECTOR_SIZE)
-            .ok_or(Outcome::ioerr(BAD_RANGE))?;
+            .ok_or(ExecuteError::BadRange)?;
         let n = u64::from(sectors) * SECTOR_SIZE;
         match offset.checked_add(n) {
-            Some(end) if end <= t.dev.size() => work.push((offset, n, unmap)),
-            _ => return Err(Outcome::ioerr(BAD_RANGE)),
+            Some(end) if end <= t.dev.size() => work.push(ByteRange {
+                offset,
+                len: n,
+                may_unmap: unmap,
+            }),
+            _ => return Err(ExecuteError::BadRange),
         }
     }
-    for (offset, n, unmap) in work {
-        let r = match req.op {
-            Op::Discard => t.dev.discard(offset, n),
-            _ => t.dev.write_zeroes(offset, n, unmap),
-        };
-        r.map_err(|e| {
-            warn!("{:?} of {n} bytes at {offset} failed: {e}", req.op);
-            from_block(&e)
-        })?;
-    }
-    Ok(())
+    Ok(work)
 }

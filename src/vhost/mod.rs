@@ -7,10 +7,9 @@ pub mod config;
 pub mod execute;
 pub mod export;
 pub mod request;
-pub mod uring;
 
 pub use backend::{BlkBackend, DeviceSettings, MAX_QUEUES, MAX_QUEUE_SIZE};
-pub use execute::{Failure, FailureSink};
+pub use execute::{ExecuteError, Failure, FailureSink};
 pub use export::Export;
 
 #[cfg(test)]

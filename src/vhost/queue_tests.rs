@@ -191,10 +191,13 @@ impl Harness {
         head
     }
 
+    /// Serves the queue as a kick does, then waits for what went to the device's queue
+    /// (this device's requests run on its blocking thread) and completes it.
     fn run(&self) {
         self.backend
             .handle_event(0, EventSet::IN, std::slice::from_ref(&self.vring), 0)
             .unwrap();
+        self.backend.stop_vring(0).unwrap();
     }
 
     fn used_idx(&self) -> u16 {
