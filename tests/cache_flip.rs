@@ -161,7 +161,7 @@ fn other_disk_writes(socket: &Path, qmp: &mut Qmp, from: u64, busy: &AtomicBool)
         vm.kick(0);
         wait_used_idx(&vm, target);
         assert_eq!(vm.get(status, 1)[0], VIRTIO_BLK_S_OK as u8);
-        if done % 16 == 0 {
+        if done.is_multiple_of(16) {
             let name = format!("snap{done}");
             qmp.ok("thin-snapshot", json!({"device": "a", "name": name}));
         }

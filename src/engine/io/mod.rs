@@ -158,3 +158,6 @@ pub fn default_queue(
 ) -> io::Result<Box<dyn IoQueue>> {
     uring::UringQueue::open(dev, opts)
 }
+
+#[cfg(test)]
+mod tests;

@@ -96,7 +96,10 @@ impl UringQueue {
     pub fn open(dev: Arc<dyn BlockDevice>, opts: &QueueOptions) -> io::Result<Box<dyn IoQueue>> {
         let cap = opts.entries.clamp(1, 1 << 15) as usize;
         let notify = Arc::new(EventFd::new(EFD_NONBLOCK)?);
-        let sq = (opts.entries.clamp(1, 1 << 14) * 2).next_power_of_two();
+        // Room for the largest request the ring takes, and two operations per request.
+        let sq = (opts.entries.clamp(1, 1 << 14) * 2)
+            .max(MAX_EXTENTS as u32)
+            .next_power_of_two();
         let ring = match IoUring::builder().setup_cqsize(sq * 4).build(sq) {
             Ok(r) => match r.submitter().register_eventfd(notify.as_raw_fd()) {
                 Ok(()) => Some(r),
