@@ -18,6 +18,7 @@ use crate::export_spec::{
 };
 use state::{ExportConfig, Node, State};
 
+pub mod events;
 pub mod state;
 pub mod watch;
 

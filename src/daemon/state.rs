@@ -2,19 +2,15 @@
 //! that listen for events. The control socket and the command line both act through this.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
 
-use log::{info, warn};
+use log::info;
 use parking_lot::Mutex;
 use serde_json::Value;
 
+use super::events::EventBus;
 use super::watch::{forward_pool_events, io_error_sink, Watched, WriteThreshold};
-use crate::control::protocol::{encode, event};
 use crate::engine::cow::{CowEvent, CowFiles};
 use crate::engine::thin::ThinPool;
 use crate::engine::BlockDevice;
@@ -79,8 +75,8 @@ pub struct State {
     /// COW nodes (also in `nodes`), for status and merge.
     cows: Mutex<BTreeMap<String, Arc<CowFiles>>>,
     exports: Mutex<BTreeMap<String, RunningExport>>,
-    listeners: Mutex<Vec<(u64, Arc<Mutex<UnixStream>>)>>,
-    next_listener: AtomicU64,
+    /// Where events go; QMP clients take them from there.
+    events: EventBus,
     /// Write thresholds by node name; every export of a node writes through its threshold.
     thresholds: Mutex<HashMap<String, Arc<WriteThreshold>>>,
     /// This state, for the callbacks (exports, the pool) that report back to it.
@@ -286,33 +282,15 @@ impl State {
         drop(all);
     }
 
-    /// Sends events to a client from now on; returns the token that unsubscribes it.
-    pub fn subscribe(&self, stream: Arc<Mutex<UnixStream>>) -> u64 {
-        // A client that stops reading must not stall everyone else's events.
-        let _ = stream
-            .lock()
-            .set_write_timeout(Some(Duration::from_secs(1)));
-        let token = self.next_listener.fetch_add(1, Ordering::Relaxed);
-        self.listeners.lock().push((token, stream));
-        token
+    /// The clients' event queues.
+    pub fn events(&self) -> &EventBus {
+        &self.events
     }
 
-    pub fn unsubscribe(&self, token: u64) {
-        self.listeners.lock().retain(|(t, _)| *t != token);
-    }
-
-    /// Sends an event to every subscribed client; a client that cannot take it is dropped.
-    pub fn emit(&self, name: &str, data: Value) {
-        let bytes = encode(&event(name, data));
-        self.listeners
-            .lock()
-            .retain(|(_, s)| match s.lock().write_all(&bytes) {
-                Ok(()) => true,
-                Err(e) => {
-                    warn!("dropping an event listener: {e}");
-                    false
-                }
-            });
+    /// Queues an event for every listening client and returns at once: nothing here waits
+    /// for a client to read.
+    pub fn emit(&self, name: &'static str, data: Value) {
+        self.events.send(name, data);
     }
 }
 
