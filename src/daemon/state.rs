@@ -12,7 +12,7 @@ use serde_json::Value;
 use super::events::EventBus;
 use super::watch::{forward_pool_events, io_error_sink, Watched, WriteThreshold};
 use crate::engine::cow::{CowEvent, CowFiles};
-use crate::engine::thin::ThinPool;
+use crate::engine::thin::{ThinPool, VolumeError};
 use crate::engine::BlockDevice;
 use crate::sockets::SocketError;
 use crate::vhost::{DeviceSettings, Export};
@@ -64,6 +64,8 @@ pub enum StateError {
     Exported { node: String, export: String },
     #[error(transparent)]
     Socket(#[from] SocketError),
+    #[error(transparent)]
+    Thin(#[from] VolumeError),
 }
 
 /// The daemon's shared state.
@@ -75,6 +77,13 @@ pub struct State {
     /// COW nodes (also in `nodes`), for status and merge.
     cows: Mutex<BTreeMap<String, Arc<CowFiles>>>,
     exports: Mutex<BTreeMap<String, RunningExport>>,
+    /// Held from a node's lookup until its export runs, and by a thin device's deletion from
+    /// its check for exports until the device is gone, so that an export never starts on a
+    /// device being deleted (whose id a new device may then reuse).
+    node_changes: Mutex<()>,
+    /// Runs between an export's node lookup and its start (tests widen the window with it).
+    #[cfg(test)]
+    after_lookup: Mutex<Option<Box<dyn Fn() + Send>>>,
     /// Where events go; QMP clients take them from there.
     events: EventBus,
     /// Write thresholds by node name; every export of a node writes through its threshold.
@@ -199,7 +208,12 @@ impl State {
 
     /// Starts serving a node on a new socket.
     pub fn add_export(&self, config: ExportConfig) -> Result<(), StateError> {
+        let _changes = self.node_changes.lock();
         let node = self.node(&config.node)?;
+        #[cfg(test)]
+        if let Some(hook) = &*self.after_lookup.lock() {
+            hook();
+        }
         if config.writable && node.read_only {
             return Err(StateError::ReadOnlyNode(config.node.clone()));
         }
@@ -230,6 +244,33 @@ impl State {
             config.socket.display()
         );
         exports.insert(config.id.clone(), RunningExport { config, export });
+        Ok(())
+    }
+
+    /// Deletes the thin device `name`. Refused while it is exported, unless `force`: then its
+    /// exports stop first. No export can start on it meanwhile.
+    pub fn delete_thin(&self, name: &str, force: bool) -> Result<(), StateError> {
+        let thin = self
+            .thin
+            .as_ref()
+            .ok_or_else(|| StateError::NoNode(name.into()))?;
+        let _changes = self.node_changes.lock();
+        if !thin.exists(name) {
+            return Err(VolumeError::NoSuchDisk(name.into()).into());
+        }
+        let exports = self.exports_of(name);
+        if let (Some(export), false) = (exports.first(), force) {
+            return Err(StateError::Exported {
+                node: name.into(),
+                export: export.clone(),
+            });
+        }
+        for id in &exports {
+            self.remove_export(id)?;
+        }
+        thin.delete(name, force)?;
+        // A later device of the same name starts without this one's threshold.
+        self.write_threshold(name).set(0);
         Ok(())
     }
 
@@ -299,3 +340,7 @@ pub fn socket_path_is_valid(path: &Path) -> bool {
     // sun_path holds 108 bytes including the terminating NUL.
     len > 0 && len < 108 && !path.as_os_str().as_encoded_bytes().contains(&0)
 }
+
+#[cfg(test)]
+#[path = "state_tests.rs"]
+mod tests;

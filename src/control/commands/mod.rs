@@ -61,6 +61,7 @@ impl From<StateError> for QmpError {
     fn from(e: StateError) -> Self {
         match e {
             StateError::NoNode(_) | StateError::NoExport(_) => QmpError::not_found(e.to_string()),
+            StateError::Thin(v) => v.into(),
             _ => QmpError::generic(e.to_string()),
         }
     }

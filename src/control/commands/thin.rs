@@ -5,7 +5,7 @@ use serde_json::{json, Value};
 
 use super::{args, thin, NoArgs};
 use crate::control::protocol::QmpError;
-use crate::daemon::state::{State, StateError};
+use crate::daemon::state::State;
 
 pub(super) fn query_thin_devices(state: &State, v: Value) -> Result<Value, QmpError> {
     let NoArgs {} = args(v)?;
@@ -70,27 +70,8 @@ struct Delete {
 /// Refused while the device is exported, unless `force`: then its exports stop first.
 pub(super) fn thin_delete(state: &State, v: Value) -> Result<Value, QmpError> {
     let a: Delete = args(v)?;
-    let thin = thin(state)?;
-    if !thin.exists(&a.name) {
-        return Err(QmpError::not_found(format!(
-            "no thin device named '{}'",
-            a.name
-        )));
-    }
-    let exports = state.exports_of(&a.name);
-    if let (Some(export), false) = (exports.first(), a.force) {
-        return Err(StateError::Exported {
-            node: a.name,
-            export: export.clone(),
-        }
-        .into());
-    }
-    for id in &exports {
-        state.remove_export(id)?;
-    }
-    thin.delete(&a.name, a.force)?;
-    // A later device of the same name starts without this one's threshold.
-    state.write_threshold(&a.name).set(0);
+    thin(state)?;
+    state.delete_thin(&a.name, a.force)?;
     Ok(json!({}))
 }
 
