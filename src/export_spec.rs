@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use crate::engine::limits::{check_device_size, SizeError, MAX_DEVICE_BYTES};
 use crate::vhost::{MAX_QUEUES, MAX_QUEUE_SIZE};
 
 pub const DEFAULT_QUEUES: u16 = 2;
@@ -196,10 +197,11 @@ pub fn parse_size(key: &'static str, value: &str) -> Result<u64, SpecError> {
     let bytes = n
         .checked_mul(1u64 << shift)
         .ok_or_else(|| bad("too large"))?;
-    if bytes == 0 || bytes % 512 != 0 {
-        return Err(bad("must be a positive multiple of 512"));
+    match check_device_size(bytes) {
+        Ok(()) => Ok(bytes),
+        Err(SizeError::NotSectors(_)) => Err(bad("must be a positive multiple of 512")),
+        Err(e @ SizeError::TooLarge(_)) => Err(bad(&e.to_string())),
     }
-    Ok(bytes)
 }
 
 fn parse_ranged(key: &'static str, value: &str, max: u16) -> Result<u16, SpecError> {
@@ -490,5 +492,25 @@ mod tests {
         assert!(e("G").contains("not a size"));
         assert!(e("-1G").contains("not a size"));
         assert!(e("99999999999T").contains("too large"));
+    }
+
+    #[test]
+    fn sizes_stop_at_the_largest_disk() {
+        let max = MAX_DEVICE_BYTES.to_string();
+        assert_eq!(parse_size("size", &max), Ok(MAX_DEVICE_BYTES));
+        let past = (MAX_DEVICE_BYTES + 512).to_string();
+        let e = parse_size("size", &past).unwrap_err().to_string();
+        assert!(e.contains("largest disk size") && e.contains(&max), "{e}");
+        let e = format!("name=d,size={past}")
+            .parse::<ExportSpec>()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("size=") && e.contains(&max), "{e}");
+        assert!(format!("null={past},socket=/s")
+            .parse::<ExportSpec>()
+            .is_err());
+        assert!(format!("null={max},socket=/s")
+            .parse::<ExportSpec>()
+            .is_ok());
     }
 }

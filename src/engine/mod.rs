@@ -8,6 +8,7 @@ mod aligned;
 pub mod cow;
 mod error;
 pub mod iov;
+pub mod limits;
 pub mod memory;
 pub mod null;
 pub mod pdata;
