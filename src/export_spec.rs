@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use crate::engine::limits::{check_device_size, SizeError, MAX_DEVICE_BYTES};
+use crate::engine::limits::{check_device_size, SizeError};
 use crate::vhost::{MAX_QUEUES, MAX_QUEUE_SIZE};
 
 pub const DEFAULT_QUEUES: u16 = 2;
@@ -496,6 +496,7 @@ mod tests {
 
     #[test]
     fn sizes_stop_at_the_largest_disk() {
+        use crate::engine::limits::MAX_DEVICE_BYTES;
         let max = MAX_DEVICE_BYTES.to_string();
         assert_eq!(parse_size("size", &max), Ok(MAX_DEVICE_BYTES));
         let past = (MAX_DEVICE_BYTES + 512).to_string();
