@@ -13,12 +13,12 @@ use crate::engine::null::NullDevice;
 use crate::engine::raw::{RawDevice, RawOptions};
 use crate::engine::thin::{Pool, PoolGeometry, PoolOptions, ThinPool};
 use crate::engine::BlockDevice;
-use crate::export_spec::{
-    Backing, ExportSpec, DEFAULT_POLL_US, DEFAULT_QUEUES, DEFAULT_QUEUE_SIZE, DEFAULT_SUBMIT_BATCH,
-};
+use crate::export_spec::{Backing, ExportSpec};
+use export_settings::ExportSettings;
 use state::{ExportConfig, Node, State};
 
 pub mod events;
+pub mod export_settings;
 pub mod state;
 pub mod watch;
 
@@ -74,12 +74,9 @@ pub fn default_export() -> ExportSpec {
         },
         socket: None,
         id: DEFAULT_DISK.into(),
-        queues: DEFAULT_QUEUES,
-        queue_size: DEFAULT_QUEUE_SIZE,
         read_only: false,
         direct: true,
-        poll_us: DEFAULT_POLL_US,
-        submit_batch: DEFAULT_SUBMIT_BATCH,
+        settings: ExportSettings::default(),
     }
 }
 
@@ -240,19 +237,17 @@ pub fn serve(config: ServeConfig) -> anyhow::Result<()> {
                 node,
                 socket: socket.clone(),
                 writable: !spec.read_only,
-                num_queues: spec.queues,
-                queue_size: spec.queue_size,
-                poll_us: spec.poll_us,
-                submit_batch: spec.submit_batch,
+                settings: spec.settings,
             })
             .with_context(|| format!("starting export {}", spec.id))?;
         let socket = absolute(&socket);
         println!("export {} at {}", spec.id, socket.display());
-        println!("  QEMU: {}", qemu_options(&socket, spec.queues));
+        let queues = spec.settings.num_queues;
+        println!("  QEMU: {}", qemu_options(&socket, queues));
         println!(
             "  cloud-hypervisor: --memory size=1G,shared=on --disk vhost_user=on,socket={},num_queues={}",
             socket.display(),
-            spec.queues
+            queues
         );
     }
     let _control = match &config.control {

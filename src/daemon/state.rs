@@ -10,12 +10,13 @@ use parking_lot::Mutex;
 use serde_json::Value;
 
 use super::events::EventBus;
+use super::export_settings::{ExportSettings, SettingsError};
 use super::watch::{forward_pool_events, io_error_sink, Watched, WriteThreshold};
 use crate::engine::cow::{CowEvent, CowFiles};
 use crate::engine::thin::{ThinPool, VolumeError};
 use crate::engine::BlockDevice;
 use crate::sockets::SocketError;
-use crate::vhost::{DeviceSettings, Export};
+use crate::vhost::Export;
 
 /// A named disk that exports can serve.
 #[derive(Clone)]
@@ -32,12 +33,7 @@ pub struct ExportConfig {
     pub node: String,
     pub socket: PathBuf,
     pub writable: bool,
-    pub num_queues: u16,
-    pub queue_size: u16,
-    /// Microseconds each queue worker polls after activity (0: never).
-    pub poll_us: u32,
-    /// Requests each queue worker hands to io_uring per system call at most.
-    pub submit_batch: u16,
+    pub settings: ExportSettings,
 }
 
 struct RunningExport {
@@ -66,6 +62,8 @@ pub enum StateError {
     Socket(#[from] SocketError),
     #[error(transparent)]
     Thin(#[from] VolumeError),
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
 }
 
 /// The daemon's shared state.
@@ -208,6 +206,7 @@ impl State {
 
     /// Starts serving a node on a new socket.
     pub fn add_export(&self, config: ExportConfig) -> Result<(), StateError> {
+        config.settings.validate()?;
         let _changes = self.node_changes.lock();
         let node = self.node(&config.node)?;
         #[cfg(test)]
@@ -221,14 +220,9 @@ impl State {
         if exports.contains_key(&config.id) {
             return Err(StateError::ExportExists(config.id.clone()));
         }
-        let settings = DeviceSettings {
-            serial: config.id.clone(),
-            num_queues: config.num_queues,
-            queue_size: config.queue_size,
-            read_only: !config.writable,
-            poll: std::time::Duration::from_micros(u64::from(config.poll_us)),
-            submit_batch: config.submit_batch,
-        };
+        let settings = config
+            .settings
+            .device_settings(&config.id, !config.writable);
         let dev: Arc<dyn BlockDevice> = Arc::new(Watched::new(
             node.dev,
             &config.node,

@@ -29,10 +29,12 @@ fn export_of(node: &str, dir: &Path) -> ExportConfig {
         node: node.into(),
         socket: dir.join(format!("{node}.sock")),
         writable: true,
-        num_queues: 1,
-        queue_size: 128,
-        poll_us: 0,
-        submit_batch: 4,
+        settings: ExportSettings {
+            num_queues: 1,
+            queue_size: 128,
+            poll_us: 0,
+            submit_batch: 4,
+        },
     }
 }
 
