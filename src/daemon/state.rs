@@ -168,6 +168,8 @@ impl State {
 
     /// Removes a COW node no export serves; returns it (its files stay).
     pub fn remove_cow_node(&self, name: &str) -> Result<Arc<CowFiles>, StateError> {
+        // No export may start on it between the check and the removal.
+        let _changes = self.node_changes.lock();
         if let Some(e) = self.exports.lock().values().find(|e| e.config.node == name) {
             return Err(StateError::NodeInUse(name.into(), e.config.id.clone()));
         }
