@@ -6,12 +6,15 @@
 //!   signed 64-bit count: at most `i64::MAX` bytes (Linux's `MAX_LFS_FILESIZE`; a disk
 //!   image file or a loop device of the disk cannot be larger, nor can `qemu-img` or `dd`
 //!   seek past it);
-//! - the kernel's dm-thin table gives a thin device's length in 512-byte sectors (`sector_t`,
-//!   unsigned 64-bit) and its mapping btree is keyed by 64-bit virtual block numbers, so it
-//!   holds every size `off_t` can;
+//! - the kernel's device-mapper table gives a thin device's length in 512-byte sectors
+//!   (`sector_t`, unsigned 64-bit), but `dm_table_add_target` refuses a target that ends past
+//!   `LLONG_MAX >> SECTOR_SHIFT` sectors ("too large device"): 2^54 - 1 sectors, which is
+//!   again 2^63 - 512 bytes. dm-thin's mapping btree is keyed by 64-bit virtual block
+//!   numbers, which hold more;
 //! - thin_dump's XML stores no device size at all, only 64-bit block numbers in mappings.
 //!
-//! So the limit is `off_t`'s, rounded down to a whole sector: 2^63 - 512 bytes.
+//! So the limit is `off_t`'s rounded down to a whole sector, the same as the kernel's table:
+//! 2^63 - 512 bytes. A disk of any accepted size can also move between thinblk and LVM thin.
 
 /// Bytes in a sector, the unit of every disk size.
 pub const SECTOR_BYTES: u64 = 512;
@@ -26,7 +29,8 @@ pub enum SizeError {
     NotSectors(u64),
     #[error(
         "size {0} is past the largest disk size, {MAX_DEVICE_BYTES} bytes (2^63 - 512: the \
-         host and guest address disk bytes with a signed 64-bit off_t)"
+         host and guest address disk bytes with a signed 64-bit off_t, and the kernel's \
+         device-mapper table stops there too)"
     )]
     TooLarge(u64),
 }
