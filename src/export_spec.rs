@@ -3,20 +3,8 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use crate::vhost::{MAX_QUEUES, MAX_QUEUE_SIZE};
-
-pub const DEFAULT_QUEUES: u16 = 2;
-pub const DEFAULT_QUEUE_SIZE: u16 = 256;
-/// How long a queue worker keeps polling after the last request or completion, in µs (as
-/// QEMU's iothreads do by default): on small VMs waking a sleeping worker costs more.
-pub const DEFAULT_POLL_US: u32 = 32;
-/// At most this much polling per queue.
-pub const MAX_POLL_US: u32 = 1000;
-/// Requests a queue worker hands to io_uring per system call. Small batches let the host
-/// device start on the first requests while the worker frames the rest; one batch of a whole
-/// queue depth made a virtio disk finish it in one go and then sit idle for the round trip
-/// (4 KiB random writes at QD32: 84k IOPS at 32 per call, 114-134k at 4).
-pub const DEFAULT_SUBMIT_BATCH: u16 = 4;
+use crate::daemon::export_settings::ExportSettings;
+use crate::engine::limits::{check_device_size, SizeError};
 
 /// What backs an export.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,15 +44,11 @@ pub struct ExportSpec {
     pub socket: Option<PathBuf>,
     /// Export name: the GET_ID serial and the name used in logs.
     pub id: String,
-    pub queues: u16,
-    pub queue_size: u16,
     pub read_only: bool,
     /// O_DIRECT on the backing file (default on).
     pub direct: bool,
-    /// Microseconds a queue worker polls after activity before it sleeps (0: never polls).
-    pub poll_us: u32,
-    /// Requests per io_uring submission at most.
-    pub submit_batch: u16,
+    /// Queues, polling, batching; validated as QMP's are.
+    pub settings: ExportSettings,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -196,23 +180,20 @@ pub fn parse_size(key: &'static str, value: &str) -> Result<u64, SpecError> {
     let bytes = n
         .checked_mul(1u64 << shift)
         .ok_or_else(|| bad("too large"))?;
-    if bytes == 0 || bytes % 512 != 0 {
-        return Err(bad("must be a positive multiple of 512"));
+    match check_device_size(bytes) {
+        Ok(()) => Ok(bytes),
+        Err(SizeError::NotSectors(_)) => Err(bad("must be a positive multiple of 512")),
+        Err(e @ SizeError::TooLarge(_)) => Err(bad(&e.to_string())),
     }
-    Ok(bytes)
 }
 
-fn parse_ranged(key: &'static str, value: &str, max: u16) -> Result<u16, SpecError> {
-    let bad = |why: String| SpecError::BadValue {
+/// A number; its range is [`ExportSettings::validate`]'s business.
+fn parse_number<T: std::str::FromStr>(key: &'static str, value: &str) -> Result<T, SpecError> {
+    value.parse().map_err(|_| SpecError::BadValue {
         key,
         value: value.into(),
-        why,
-    };
-    let n: u16 = value.parse().map_err(|_| bad("not a number".into()))?;
-    if n == 0 || n > max {
-        return Err(bad(format!("must be 1 to {max}")));
-    }
-    Ok(n)
+        why: "not a number".into(),
+    })
 }
 
 /// `value` parsed with `parse`, or `default` when the key was not given.
@@ -222,19 +203,6 @@ fn parsed_or<T>(
     parse: impl FnOnce(&str) -> Result<T, SpecError>,
 ) -> Result<T, SpecError> {
     value.map_or(Ok(default), |v| parse(&v))
-}
-
-fn parse_poll_us(value: &str) -> Result<u32, SpecError> {
-    let bad = |why: String| SpecError::BadValue {
-        key: "poll-us",
-        value: value.into(),
-        why,
-    };
-    let n: u32 = value.parse().map_err(|_| bad("not a number".into()))?;
-    if n > MAX_POLL_US {
-        return Err(bad(format!("must be 0 to {MAX_POLL_US}")));
-    }
-    Ok(n)
 }
 
 impl std::str::FromStr for ExportSpec {
@@ -321,25 +289,24 @@ impl std::str::FromStr for ExportSpec {
                 .unwrap_or_else(|| "thinblk".into()),
             _ => "thinblk".into(),
         });
-        let queues = parsed_or(take("queues"), DEFAULT_QUEUES, |v| {
-            parse_ranged("queues", v, MAX_QUEUES)
+        let d = ExportSettings::default();
+        let settings = ExportSettings {
+            num_queues: parsed_or(take("queues"), d.num_queues, |v| parse_number("queues", v))?,
+            queue_size: parsed_or(take("queue-size"), d.queue_size, |v| {
+                parse_number("queue-size", v)
+            })?,
+            poll_us: parsed_or(take("poll-us"), d.poll_us, |v| parse_number("poll-us", v))?,
+            submit_batch: parsed_or(take("submit-batch"), d.submit_batch, |v| {
+                parse_number("submit-batch", v)
+            })?,
+        };
+        settings.validate().map_err(|e| SpecError::BadValue {
+            key: e.setting.cli_key(),
+            value: e.value.to_string(),
+            why: e.rule,
         })?;
-        let queue_size = parsed_or(take("queue-size"), DEFAULT_QUEUE_SIZE, |v| {
-            parse_ranged("queue-size", v, MAX_QUEUE_SIZE)
-        })?;
-        if !queue_size.is_power_of_two() {
-            return Err(SpecError::BadValue {
-                key: "queue-size",
-                value: queue_size.to_string(),
-                why: "must be a power of two".into(),
-            });
-        }
         let read_only = parsed_or(take("readonly"), false, |v| parse_bool("readonly", v))?;
         let direct = parsed_or(take("direct"), true, |v| parse_bool("direct", v))?;
-        let poll_us = parsed_or(take("poll-us"), DEFAULT_POLL_US, parse_poll_us)?;
-        let submit_batch = parsed_or(take("submit-batch"), DEFAULT_SUBMIT_BATCH, |v| {
-            parse_ranged("submit-batch", v, MAX_QUEUE_SIZE)
-        })?;
         if let Some(k) = kv.into_keys().next() {
             return Err(SpecError::UnknownKey(k));
         }
@@ -347,12 +314,9 @@ impl std::str::FromStr for ExportSpec {
             backing,
             socket,
             id,
-            queues,
-            queue_size,
             read_only,
             direct,
-            poll_us,
-            submit_batch,
+            settings,
         })
     }
 }
@@ -366,11 +330,8 @@ mod tests {
     fn minimal_spec_takes_defaults() {
         let s: ExportSpec = "raw=/tmp/d.img,socket=/tmp/d.sock".parse().unwrap();
         assert_eq!(s.backing, Backing::Raw("/tmp/d.img".into()));
-        assert_eq!(
-            (s.queues, s.queue_size, s.read_only, s.direct, s.poll_us),
-            (2, 256, false, true, DEFAULT_POLL_US)
-        );
-        assert_eq!(s.submit_batch, DEFAULT_SUBMIT_BATCH);
+        assert_eq!((s.read_only, s.direct), (false, true));
+        assert_eq!(s.settings, ExportSettings::default());
         assert_eq!(s.id, "d");
     }
 
@@ -381,11 +342,16 @@ mod tests {
                 .parse()
                 .unwrap();
         assert_eq!(s.backing, Backing::Raw("a,b".into()));
+        assert_eq!((s.read_only, s.direct), (true, false));
         assert_eq!(
-            (s.queues, s.queue_size, s.read_only, s.direct, s.poll_us),
-            (4, 1024, true, false, 0)
+            s.settings,
+            ExportSettings {
+                num_queues: 4,
+                queue_size: 1024,
+                poll_us: 0,
+                submit_batch: 32
+            }
         );
-        assert_eq!(s.submit_batch, 32);
         assert_eq!(s.id, "vm1");
     }
 
@@ -490,5 +456,26 @@ mod tests {
         assert!(e("G").contains("not a size"));
         assert!(e("-1G").contains("not a size"));
         assert!(e("99999999999T").contains("too large"));
+    }
+
+    #[test]
+    fn sizes_stop_at_the_largest_disk() {
+        use crate::engine::limits::MAX_DEVICE_BYTES;
+        let max = MAX_DEVICE_BYTES.to_string();
+        assert_eq!(parse_size("size", &max), Ok(MAX_DEVICE_BYTES));
+        let past = (MAX_DEVICE_BYTES + 512).to_string();
+        let e = parse_size("size", &past).unwrap_err().to_string();
+        assert!(e.contains("largest disk size") && e.contains(&max), "{e}");
+        let e = format!("name=d,size={past}")
+            .parse::<ExportSpec>()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("size=") && e.contains(&max), "{e}");
+        assert!(format!("null={past},socket=/s")
+            .parse::<ExportSpec>()
+            .is_err());
+        assert!(format!("null={max},socket=/s")
+            .parse::<ExportSpec>()
+            .is_ok());
     }
 }

@@ -202,8 +202,8 @@ fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     match cli.command {
-        None => daemon::serve(ServeArgs::default_args().into_config()?),
-        Some(Command::Serve(args)) => daemon::serve(args.into_config()?),
+        None => Ok(daemon::serve(ServeArgs::default_args().into_config()?)?),
+        Some(Command::Serve(args)) => Ok(daemon::serve(args.into_config()?)?),
         Some(Command::Check(a)) => Ok(tools::cli::run_check(&a)?),
         Some(Command::Dump(a)) => Ok(tools::cli::run_dump(&a)?),
         Some(Command::Restore(a)) => Ok(tools::cli::run_restore(&a)?),

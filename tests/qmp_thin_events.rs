@@ -276,3 +276,54 @@ fn a_grown_disk_shows_its_new_capacity_to_the_next_connection() {
     assert_eq!(c.capacity(), 128 << 20);
     assert_eq!(write_at(&mut c, (128 << 20) - 4096, 4096, 7), 0);
 }
+
+#[test]
+fn the_largest_disk_qmp_creates_serves_its_last_sector_and_one_sector_more_is_refused() {
+    use thinblk::engine::limits::MAX_DEVICE_BYTES;
+    let p = pool("64M", &[]);
+    let mut q = Qmp::connect(&p.control);
+    let limit = MAX_DEVICE_BYTES.to_string();
+    for (cmd, args) in [
+        (
+            "thin-create",
+            json!({"name": "huge", "size": MAX_DEVICE_BYTES + 512}),
+        ),
+        ("thin-create", json!({"name": "huge", "size": 1u64 << 63})),
+        (
+            "block-resize",
+            json!({"node-name": "d", "size": MAX_DEVICE_BYTES + 512}),
+        ),
+    ] {
+        let err = q.exec(cmd, args.clone());
+        let desc = err["error"]["desc"].as_str().unwrap_or_default();
+        assert!(
+            desc.contains("'size'") && desc.contains(&limit),
+            "{cmd} {args}: {err}"
+        );
+    }
+    q.ok(
+        "thin-create",
+        json!({"name": "huge", "size": MAX_DEVICE_BYTES}),
+    );
+    let socket = p.socket.with_file_name("huge.sock");
+    q.ok(
+        "block-export-add",
+        json!({"type": "vhost-user-blk", "id": "huge", "node-name": "huge",
+               "addr": {"type": "unix", "path": socket}, "writable": true, "num-queues": 1}),
+    );
+    let mut c = Client::connect(&socket, 1);
+    assert_eq!(c.capacity(), MAX_DEVICE_BYTES);
+    let last = MAX_DEVICE_BYTES - 512;
+    assert_eq!(write_at(&mut c, last, 512, 9), 0);
+    c.buf()[..512].fill(0);
+    let ptr = c.buf_ptr(0);
+    assert_eq!(read(&mut c.queues[0], ptr, last, 512), 0);
+    assert_eq!(&c.buf()[..512], &pattern(9, last, 512)[..]);
+    // One sector past the end is an I/O error, not a wrap-around.
+    assert_ne!(write_at(&mut c, MAX_DEVICE_BYTES, 512, 10), 0);
+    // The device is really that big: block-resize to the same size is accepted.
+    q.ok(
+        "block-resize",
+        json!({"node-name": "huge", "size": MAX_DEVICE_BYTES}),
+    );
+}

@@ -5,6 +5,7 @@ pub mod commands;
 pub mod json_stream;
 pub mod protocol;
 mod session;
+mod writer;
 
 pub use session::replies;
 

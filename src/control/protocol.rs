@@ -1,6 +1,6 @@
 //! QMP messages: the greeting, replies, errors and events, each one JSON object plus CRLF.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value};
 
@@ -89,6 +89,12 @@ pub fn event(name: &str, data: Value) -> Value {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
+    event_at(name, data, now)
+}
+
+/// An event that happened `time` after the Unix epoch.
+pub fn event_at(name: &str, data: Value, time: Duration) -> Value {
+    let now = time;
     json!({
         "event": name,
         "data": data,

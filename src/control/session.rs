@@ -1,23 +1,25 @@
 //! One QMP client connection: greeting, capabilities negotiation, then commands.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use log::{debug, warn};
-use parking_lot::Mutex;
 use serde_json::{json, Map, Value};
 
 use super::commands;
 use super::json_stream::{next_piece, Piece};
 use super::protocol::{encode, greeting, reply, QmpError};
+use super::writer::ClientWriter;
+use crate::daemon::events::Subscription;
 use crate::daemon::state::State;
 
 struct Session {
     state: Arc<State>,
-    writer: Arc<Mutex<UnixStream>>,
-    /// Set once `qmp_capabilities` succeeded: the event subscription token.
-    subscription: Option<u64>,
+    writer: ClientWriter,
+    /// Set once `qmp_capabilities` succeeded: the client's events and their writer thread.
+    events: Option<(Subscription, Option<JoinHandle<()>>)>,
 }
 
 /// Serves one client until it hangs up.
@@ -31,8 +33,8 @@ pub fn run(state: Arc<State>, stream: UnixStream) {
     };
     let mut s = Session {
         state,
-        writer: Arc::new(Mutex::new(stream)),
-        subscription: None,
+        writer: ClientWriter::new(stream),
+        events: None,
     };
     if s.send(&greeting()).is_err() {
         return;
@@ -63,8 +65,11 @@ pub fn run(state: Arc<State>, stream: UnixStream) {
             Ok(n) => buf.extend_from_slice(chunk.get(..n).unwrap_or(&[])),
         }
     }
-    if let Some(token) = s.subscription {
-        s.state.unsubscribe(token);
+    if let Some((sub, thread)) = s.events.take() {
+        s.state.events().unsubscribe(sub.token);
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
     }
     debug!("control: client gone");
 }
@@ -208,15 +213,29 @@ fn frame(v: Value) -> Result<Command, FrameError> {
 }
 
 impl Session {
+    /// Waits for the client to read the reply, unless it is being dropped for falling behind
+    /// on its events.
     fn send(&self, v: &Value) -> std::io::Result<()> {
-        self.writer.lock().write_all(&encode(v))
+        let queue = self.events.as_ref().map(|(sub, _)| sub.queue.clone());
+        self.writer.send(&encode(v), || {
+            queue.as_ref().is_some_and(|q| q.overflowed())
+        })
     }
 
     fn handle(&mut self, text: &[u8]) -> std::io::Result<()> {
-        let mut negotiated = self.subscription.is_some();
+        let mut negotiated = self.events.is_some();
         let answer = respond(&self.state, &mut negotiated, text);
-        if negotiated && self.subscription.is_none() {
-            self.subscription = Some(self.state.subscribe(self.writer.clone()));
+        if negotiated && self.events.is_none() {
+            let sub = self.state.events().subscribe();
+            let thread = match self.writer.spawn_events(&sub) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    warn!("control: cannot start an event writer: {e}");
+                    self.state.events().unsubscribe(sub.token);
+                    None
+                }
+            };
+            self.events = Some((sub, thread));
         }
         self.send(&answer)
     }

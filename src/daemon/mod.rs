@@ -4,20 +4,21 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::Context;
 use log::info;
 
 use crate::control::ControlServer;
-use crate::engine::cow::{open_cow, CowOptions};
+use crate::engine::cow::{open_cow, CowError, CowOptions};
 use crate::engine::null::NullDevice;
 use crate::engine::raw::{RawDevice, RawOptions};
-use crate::engine::thin::{Pool, PoolGeometry, PoolOptions, ThinPool};
+use crate::engine::thin::{Pool, PoolGeometry, PoolOpenError, PoolOptions, ThinPool, VolumeError};
 use crate::engine::BlockDevice;
-use crate::export_spec::{
-    Backing, ExportSpec, DEFAULT_POLL_US, DEFAULT_QUEUES, DEFAULT_QUEUE_SIZE, DEFAULT_SUBMIT_BATCH,
-};
-use state::{ExportConfig, Node, State};
+use crate::export_spec::{Backing, ExportSpec};
+use crate::sockets::SocketError;
+use export_settings::ExportSettings;
+use state::{ExportConfig, Node, State, StateError};
 
+pub mod events;
+pub mod export_settings;
 pub mod state;
 pub mod watch;
 
@@ -27,6 +28,59 @@ pub const DEFAULT_DISK_SIZE: u64 = 16 << 30;
 pub const DEFAULT_DISK: &str = "disk0";
 /// Where `thinblk serve` keeps its files when run with no options.
 pub const DEFAULT_POOL_DIR: &str = "thinblk-pool";
+
+/// Why `serve` could not start (or stop) cleanly. The cause of each is its `source`.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{what} {}", .path.display())]
+    File {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("opening the pool {}", .path.display())]
+    Pool {
+        path: PathBuf,
+        #[source]
+        source: PoolOpenError,
+    },
+    #[error("opening the snapshot {}", .path.display())]
+    Cow {
+        path: PathBuf,
+        #[source]
+        source: CowError,
+    },
+    #[error(transparent)]
+    Thin(#[from] VolumeError),
+    #[error("thin exports need a pool")]
+    NoPool,
+    #[error("thin device '{0}' does not exist; give size=, snapshot-of= or origin= to create it")]
+    NoThinDevice(String),
+    #[error("export {0} needs socket=")]
+    NoSocket(String),
+    #[error("starting export {id}")]
+    Export {
+        id: String,
+        #[source]
+        source: StateError,
+    },
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("starting the control socket {}", .path.display())]
+    Control {
+        path: PathBuf,
+        #[source]
+        source: SocketError,
+    },
+    #[error("waiting for SIGINT and SIGTERM")]
+    Signals(#[source] std::io::Error),
+}
+
+fn file_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ServeError {
+    let path = path.to_path_buf();
+    move |source| ServeError::File { what, path, source }
+}
 
 /// Where a pool lives and how a new one is shaped.
 #[derive(Clone, Debug)]
@@ -73,28 +127,29 @@ pub fn default_export() -> ExportSpec {
         },
         socket: None,
         id: DEFAULT_DISK.into(),
-        queues: DEFAULT_QUEUES,
-        queue_size: DEFAULT_QUEUE_SIZE,
         read_only: false,
         direct: true,
-        poll_us: DEFAULT_POLL_US,
-        submit_batch: DEFAULT_SUBMIT_BATCH,
+        settings: ExportSettings::default(),
     }
 }
 
-fn private_dir(dir: &Path) -> anyhow::Result<()> {
+fn private_dir(dir: &Path) -> Result<(), ServeError> {
     if !dir.exists() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(file_error("creating", dir))?;
         std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-            .with_context(|| format!("restricting {}", dir.display()))?;
+            .map_err(file_error("restricting", dir))?;
     }
     Ok(())
 }
 
-fn open_pool(loc: &PoolLocation) -> anyhow::Result<Arc<ThinPool>> {
+fn open_pool(loc: &PoolLocation) -> Result<Arc<ThinPool>, ServeError> {
     private_dir(&loc.dir)?;
-    let pool = Pool::open(&loc.metadata, &loc.data, &loc.geometry, loc.options.clone())
-        .with_context(|| format!("opening the pool {}", loc.metadata.display()))?;
+    let pool = Pool::open(&loc.metadata, &loc.data, &loc.geometry, loc.options.clone()).map_err(
+        |source| ServeError::Pool {
+            path: loc.metadata.clone(),
+            source,
+        },
+    )?;
     let m = pool.meta();
     info!(
         "pool {}: {} of {} data blocks free ({} KiB each), {} of {} metadata blocks free",
@@ -113,15 +168,14 @@ fn open_device(
     spec: &ExportSpec,
     thin: Option<&Arc<ThinPool>>,
     state: &Arc<State>,
-) -> anyhow::Result<Arc<dyn BlockDevice>> {
+) -> Result<Arc<dyn BlockDevice>, ServeError> {
     match &spec.backing {
         Backing::Raw(path) => {
             let opts = RawOptions {
                 read_only: spec.read_only,
                 direct: spec.direct,
             };
-            let dev = RawDevice::open(path, opts)
-                .with_context(|| format!("opening {}", path.display()))?;
+            let dev = RawDevice::open(path, opts).map_err(file_error("opening", path))?;
             info!(
                 "{}: raw {} ({} bytes, {})",
                 spec.id,
@@ -146,8 +200,10 @@ fn open_device(
                 store_size: c.store_size,
                 direct: spec.direct,
             };
-            let files = open_cow(&c.origin, &c.store, &opts)
-                .with_context(|| format!("opening the snapshot {}", c.store.display()))?;
+            let files = open_cow(&c.origin, &c.store, &opts).map_err(|source| ServeError::Cow {
+                path: c.store.clone(),
+                source,
+            })?;
             let st = files.device.status();
             info!(
                 "{}: snapshot of {} in {} ({}, {} KiB chunks, {} exceptions, {:.1}% full{})",
@@ -174,7 +230,7 @@ fn open_device(
             snapshot_of,
             origin,
         } => {
-            let thin = thin.context("thin exports need a pool")?;
+            let thin = thin.ok_or(ServeError::NoPool)?;
             if !thin.exists(name) {
                 match (size, snapshot_of, origin) {
                     (_, Some(origin), _) => {
@@ -186,9 +242,7 @@ fn open_device(
                     (Some(size), None, None) => {
                         thin.create(name, *size)?;
                     }
-                    (None, None, None) => anyhow::bail!(
-                        "thin device '{name}' does not exist; give size=, snapshot-of= or origin= to create it"
-                    ),
+                    (None, None, None) => return Err(ServeError::NoThinDevice(name.clone())),
                 }
             }
             let dev = thin.device(name)?;
@@ -209,8 +263,8 @@ pub fn qemu_options(socket: &Path, queues: u16) -> String {
 }
 
 /// Starts every export and the control socket; they run until SIGINT or SIGTERM.
-pub fn serve(config: ServeConfig) -> anyhow::Result<()> {
-    let signals = crate::signals::block_termination()?;
+pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
+    let signals = crate::signals::block_termination().map_err(ServeError::Signals)?;
     let thin = config.pool.as_ref().map(open_pool).transpose()?;
     let state = State::new(thin.clone());
     for spec in &config.exports {
@@ -218,7 +272,7 @@ pub fn serve(config: ServeConfig) -> anyhow::Result<()> {
         let socket = match (&spec.socket, &config.pool) {
             (Some(s), _) => s.clone(),
             (None, Some(loc)) => loc.dir.join(format!("{}.sock", spec.id)),
-            (None, None) => anyhow::bail!("export {} needs socket=", spec.id),
+            (None, None) => return Err(ServeError::NoSocket(spec.id.clone())),
         };
         if !matches!(spec.backing, Backing::Thin { .. } | Backing::Cow(_)) {
             state.add_node(
@@ -239,31 +293,36 @@ pub fn serve(config: ServeConfig) -> anyhow::Result<()> {
                 node,
                 socket: socket.clone(),
                 writable: !spec.read_only,
-                num_queues: spec.queues,
-                queue_size: spec.queue_size,
-                poll_us: spec.poll_us,
-                submit_batch: spec.submit_batch,
+                settings: spec.settings,
             })
-            .with_context(|| format!("starting export {}", spec.id))?;
+            .map_err(|source| ServeError::Export {
+                id: spec.id.clone(),
+                source,
+            })?;
         let socket = absolute(&socket);
         println!("export {} at {}", spec.id, socket.display());
-        println!("  QEMU: {}", qemu_options(&socket, spec.queues));
+        let queues = spec.settings.num_queues;
+        println!("  QEMU: {}", qemu_options(&socket, queues));
         println!(
             "  cloud-hypervisor: --memory size=1G,shared=on --disk vhost_user=on,socket={},num_queues={}",
             socket.display(),
-            spec.queues
+            queues
         );
     }
     let _control = match &config.control {
         Some(path) => {
-            let server = ControlServer::start(path, state.clone())
-                .with_context(|| format!("starting the control socket {}", path.display()))?;
+            let server = ControlServer::start(path, state.clone()).map_err(|source| {
+                ServeError::Control {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
             println!("control (QMP) at {}", absolute(path).display());
             Some(server)
         }
         None => None,
     };
-    let sig = signals.wait()?;
+    let sig = signals.wait().map_err(ServeError::Signals)?;
     info!("signal {sig}: stopping");
     state.stop_all();
     if let Some(thin) = thin {

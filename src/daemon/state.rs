@@ -2,24 +2,21 @@
 //! that listen for events. The control socket and the command line both act through this.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
 
-use log::{info, warn};
+use log::info;
 use parking_lot::Mutex;
 use serde_json::Value;
 
+use super::events::EventBus;
+use super::export_settings::{ExportSettings, SettingsError};
 use super::watch::{forward_pool_events, io_error_sink, Watched, WriteThreshold};
-use crate::control::protocol::{encode, event};
 use crate::engine::cow::{CowEvent, CowFiles};
-use crate::engine::thin::ThinPool;
+use crate::engine::thin::{ThinPool, VolumeError};
 use crate::engine::BlockDevice;
 use crate::sockets::SocketError;
-use crate::vhost::{DeviceSettings, Export};
+use crate::vhost::Export;
 
 /// A named disk that exports can serve.
 #[derive(Clone)]
@@ -36,12 +33,7 @@ pub struct ExportConfig {
     pub node: String,
     pub socket: PathBuf,
     pub writable: bool,
-    pub num_queues: u16,
-    pub queue_size: u16,
-    /// Microseconds each queue worker polls after activity (0: never).
-    pub poll_us: u32,
-    /// Requests each queue worker hands to io_uring per system call at most.
-    pub submit_batch: u16,
+    pub settings: ExportSettings,
 }
 
 struct RunningExport {
@@ -68,6 +60,10 @@ pub enum StateError {
     Exported { node: String, export: String },
     #[error(transparent)]
     Socket(#[from] SocketError),
+    #[error(transparent)]
+    Thin(#[from] VolumeError),
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
 }
 
 /// The daemon's shared state.
@@ -79,8 +75,15 @@ pub struct State {
     /// COW nodes (also in `nodes`), for status and merge.
     cows: Mutex<BTreeMap<String, Arc<CowFiles>>>,
     exports: Mutex<BTreeMap<String, RunningExport>>,
-    listeners: Mutex<Vec<(u64, Arc<Mutex<UnixStream>>)>>,
-    next_listener: AtomicU64,
+    /// Held from a node's lookup until its export runs, and by a thin device's deletion from
+    /// its check for exports until the device is gone, so that an export never starts on a
+    /// device being deleted (whose id a new device may then reuse).
+    node_changes: Mutex<()>,
+    /// Runs between an export's node lookup and its start (tests widen the window with it).
+    #[cfg(test)]
+    after_lookup: Mutex<Option<Box<dyn Fn() + Send>>>,
+    /// Where events go; QMP clients take them from there.
+    events: EventBus,
     /// Write thresholds by node name; every export of a node writes through its threshold.
     thresholds: Mutex<HashMap<String, Arc<WriteThreshold>>>,
     /// This state, for the callbacks (exports, the pool) that report back to it.
@@ -165,6 +168,8 @@ impl State {
 
     /// Removes a COW node no export serves; returns it (its files stay).
     pub fn remove_cow_node(&self, name: &str) -> Result<Arc<CowFiles>, StateError> {
+        // No export may start on it between the check and the removal.
+        let _changes = self.node_changes.lock();
         if let Some(e) = self.exports.lock().values().find(|e| e.config.node == name) {
             return Err(StateError::NodeInUse(name.into(), e.config.id.clone()));
         }
@@ -203,7 +208,13 @@ impl State {
 
     /// Starts serving a node on a new socket.
     pub fn add_export(&self, config: ExportConfig) -> Result<(), StateError> {
+        config.settings.validate()?;
+        let _changes = self.node_changes.lock();
         let node = self.node(&config.node)?;
+        #[cfg(test)]
+        if let Some(hook) = &*self.after_lookup.lock() {
+            hook();
+        }
         if config.writable && node.read_only {
             return Err(StateError::ReadOnlyNode(config.node.clone()));
         }
@@ -211,14 +222,9 @@ impl State {
         if exports.contains_key(&config.id) {
             return Err(StateError::ExportExists(config.id.clone()));
         }
-        let settings = DeviceSettings {
-            serial: config.id.clone(),
-            num_queues: config.num_queues,
-            queue_size: config.queue_size,
-            read_only: !config.writable,
-            poll: std::time::Duration::from_micros(u64::from(config.poll_us)),
-            submit_batch: config.submit_batch,
-        };
+        let settings = config
+            .settings
+            .device_settings(&config.id, !config.writable);
         let dev: Arc<dyn BlockDevice> = Arc::new(Watched::new(
             node.dev,
             &config.node,
@@ -234,6 +240,33 @@ impl State {
             config.socket.display()
         );
         exports.insert(config.id.clone(), RunningExport { config, export });
+        Ok(())
+    }
+
+    /// Deletes the thin device `name`. Refused while it is exported, unless `force`: then its
+    /// exports stop first. No export can start on it meanwhile.
+    pub fn delete_thin(&self, name: &str, force: bool) -> Result<(), StateError> {
+        let thin = self
+            .thin
+            .as_ref()
+            .ok_or_else(|| StateError::NoNode(name.into()))?;
+        let _changes = self.node_changes.lock();
+        if !thin.exists(name) {
+            return Err(VolumeError::NoSuchDisk(name.into()).into());
+        }
+        let exports = self.exports_of(name);
+        if let (Some(export), false) = (exports.first(), force) {
+            return Err(StateError::Exported {
+                node: name.into(),
+                export: export.clone(),
+            });
+        }
+        for id in &exports {
+            self.remove_export(id)?;
+        }
+        thin.delete(name, force)?;
+        // A later device of the same name starts without this one's threshold.
+        self.write_threshold(name).set(0);
         Ok(())
     }
 
@@ -286,33 +319,15 @@ impl State {
         drop(all);
     }
 
-    /// Sends events to a client from now on; returns the token that unsubscribes it.
-    pub fn subscribe(&self, stream: Arc<Mutex<UnixStream>>) -> u64 {
-        // A client that stops reading must not stall everyone else's events.
-        let _ = stream
-            .lock()
-            .set_write_timeout(Some(Duration::from_secs(1)));
-        let token = self.next_listener.fetch_add(1, Ordering::Relaxed);
-        self.listeners.lock().push((token, stream));
-        token
+    /// The clients' event queues.
+    pub fn events(&self) -> &EventBus {
+        &self.events
     }
 
-    pub fn unsubscribe(&self, token: u64) {
-        self.listeners.lock().retain(|(t, _)| *t != token);
-    }
-
-    /// Sends an event to every subscribed client; a client that cannot take it is dropped.
-    pub fn emit(&self, name: &str, data: Value) {
-        let bytes = encode(&event(name, data));
-        self.listeners
-            .lock()
-            .retain(|(_, s)| match s.lock().write_all(&bytes) {
-                Ok(()) => true,
-                Err(e) => {
-                    warn!("dropping an event listener: {e}");
-                    false
-                }
-            });
+    /// Queues an event for every listening client and returns at once: nothing here waits
+    /// for a client to read.
+    pub fn emit(&self, name: &'static str, data: Value) {
+        self.events.send(name, data);
     }
 }
 
@@ -321,3 +336,7 @@ pub fn socket_path_is_valid(path: &Path) -> bool {
     // sun_path holds 108 bytes including the terminating NUL.
     len > 0 && len < 108 && !path.as_os_str().as_encoded_bytes().contains(&0)
 }
+
+#[cfg(test)]
+#[path = "state_tests.rs"]
+mod tests;

@@ -9,6 +9,7 @@ pub mod cow;
 mod error;
 pub mod io;
 pub mod iov;
+pub mod limits;
 pub mod memory;
 pub mod null;
 pub mod pdata;

@@ -502,3 +502,48 @@ def test_external_origin_snapshots_are_created_queried_merged_and_deleted(daemon
         await qmp.disconnect()
 
     run(go())
+
+
+def test_a_client_that_stops_reading_is_dropped_without_slowing_commands_or_other_clients(daemon):
+    # A raw client negotiates and then never reads again.
+    stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stalled.connect(daemon["ctl"])
+    stalled.sendall(b'{"execute": "qmp_capabilities"}')
+    reader = stalled.makefile("rb")
+    reader.readline()  # greeting
+    assert b"return" in reader.readline()
+
+    cycles = 2000  # more BLOCK_EXPORT_DELETED events than its socket and its queue hold
+    new_sock = os.path.join(daemon["dir"], "cycle.sock")
+    add = {"type": "vhost-user-blk", "id": "cycle", "node-name": "vm1",
+           "addr": {"type": "unix", "path": new_sock}, "num-queues": 1}
+
+    async def go():
+        qmp = await connected(daemon["ctl"])
+        slowest = 0.0
+        for _ in range(cycles):
+            await qmp.execute("block-export-add", add)
+            start = time.monotonic()
+            # Deleting an export sends BLOCK_EXPORT_DELETED to every client.
+            await qmp.execute("block-export-del", {"id": "cycle"})
+            slowest = max(slowest, time.monotonic() - start)
+        seen = 0
+        while seen < cycles:
+            event = await asyncio.wait_for(qmp.events.get(), 10)
+            seen += event["event"] == "BLOCK_EXPORT_DELETED"
+        await qmp.disconnect()
+        return slowest
+
+    slowest = run(go())
+    # Before, the first event the stalled client could not take held the command for 1 s.
+    assert slowest < 0.5, f"a block-export-del took {slowest:.3f} s"
+    # The stalled client was hung up on: it reads what was written, then the end.
+    stalled.settimeout(10)
+    got = 0
+    while True:
+        line = reader.readline()
+        if not line:
+            break
+        got += 1
+    assert got < cycles, f"the stalled client got all {got} events"
+    stalled.close()

@@ -7,11 +7,8 @@ use serde_json::{json, Value};
 
 use super::{args, NoArgs};
 use crate::control::protocol::QmpError;
+use crate::daemon::export_settings::ExportSettings;
 use crate::daemon::state::{socket_path_is_valid, ExportConfig, State};
-use crate::export_spec::{
-    DEFAULT_POLL_US, DEFAULT_QUEUES, DEFAULT_QUEUE_SIZE, DEFAULT_SUBMIT_BATCH, MAX_POLL_US,
-};
-use crate::vhost::{MAX_QUEUES, MAX_QUEUE_SIZE};
 
 pub(super) fn query_block_exports(state: &State, v: Value) -> Result<Value, QmpError> {
     let NoArgs {} = args(v)?;
@@ -27,7 +24,7 @@ pub(super) fn query_block_exports(state: &State, v: Value) -> Result<Value, QmpE
                     "shutting-down": false,
                     "addr": {"type": "unix", "path": e.socket},
                     "writable": e.writable,
-                    "num-queues": e.num_queues,
+                    "num-queues": e.settings.num_queues,
                 })
             })
             .collect(),
@@ -76,39 +73,26 @@ pub(super) fn block_export_add(state: &State, v: Value) -> Result<Value, QmpErro
             path.display()
         )));
     }
-    let num_queues = a.num_queues.unwrap_or(DEFAULT_QUEUES);
-    if num_queues == 0 || num_queues > MAX_QUEUES {
-        return Err(QmpError::generic(format!(
-            "num-queues must be 1 to {MAX_QUEUES}"
-        )));
-    }
-    let queue_size = a.queue_size.unwrap_or(DEFAULT_QUEUE_SIZE);
-    if !queue_size.is_power_of_two() || queue_size > MAX_QUEUE_SIZE {
-        return Err(QmpError::generic(format!(
-            "queue-size must be a power of two up to {MAX_QUEUE_SIZE}"
-        )));
-    }
-    let poll_us = a.poll_us.unwrap_or(DEFAULT_POLL_US);
-    if poll_us > MAX_POLL_US {
-        return Err(QmpError::generic(format!(
-            "poll-us must be 0 to {MAX_POLL_US}"
-        )));
-    }
-    let submit_batch = a.submit_batch.unwrap_or(DEFAULT_SUBMIT_BATCH);
-    if submit_batch == 0 || submit_batch > MAX_QUEUE_SIZE {
-        return Err(QmpError::generic(format!(
-            "submit-batch must be 1 to {MAX_QUEUE_SIZE}"
-        )));
-    }
+    let defaults = ExportSettings::default();
+    let settings = ExportSettings {
+        num_queues: a.num_queues.unwrap_or(defaults.num_queues),
+        queue_size: a.queue_size.unwrap_or(defaults.queue_size),
+        poll_us: a.poll_us.unwrap_or(defaults.poll_us),
+        submit_batch: a.submit_batch.unwrap_or(defaults.submit_batch),
+    };
+    settings.validate().map_err(|e| {
+        QmpError::generic(format!(
+            "invalid arguments: '{}': {}",
+            e.setting.qmp_key(),
+            e.rule
+        ))
+    })?;
     state.add_export(ExportConfig {
         id: a.id,
         node: a.node_name,
         socket: path,
         writable: a.writable,
-        num_queues,
-        queue_size,
-        poll_us,
-        submit_batch,
+        settings,
     })?;
     Ok(json!({}))
 }

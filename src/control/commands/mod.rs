@@ -3,6 +3,7 @@
 
 mod basic;
 mod cow;
+mod decode;
 mod export;
 mod pool;
 mod snapshot;
@@ -61,6 +62,7 @@ impl From<StateError> for QmpError {
     fn from(e: StateError) -> Self {
         match e {
             StateError::NoNode(_) | StateError::NoExport(_) => QmpError::not_found(e.to_string()),
+            StateError::Thin(v) => v.into(),
             _ => QmpError::generic(e.to_string()),
         }
     }
@@ -81,32 +83,9 @@ impl From<ThinError> for QmpError {
     }
 }
 
-/// Decodes `arguments` into `T`, naming the offending key on failure. The arguments are
-/// decoded from their pretty-printed text, one key a line, so that the line of a mistyped
-/// value tells its key (serde names missing and unknown keys itself).
+/// Decodes `arguments` into `T`; an error names the key it is about (see `decode`).
 fn args<T: DeserializeOwned>(v: Value) -> Result<T, QmpError> {
-    let text = serde_json::to_string_pretty(&v)
-        .map_err(|e| QmpError::generic(format!("invalid arguments: {e}")))?;
-    serde_json::from_str(&text).map_err(|e| {
-        let full = e.to_string();
-        let msg = full.split(" at line ").next().unwrap_or(&full);
-        match key_on_line(&text, e.line()) {
-            Some(key) if !msg.contains(&format!("`{key}`")) => {
-                QmpError::generic(format!("invalid arguments: '{key}': {msg}"))
-            }
-            _ => QmpError::generic(format!("invalid arguments: {msg}")),
-        }
-    })
-}
-
-/// The object key that begins line `line` (1-based) of pretty-printed JSON, if one does.
-fn key_on_line(text: &str, line: usize) -> Option<String> {
-    let l = text.lines().nth(line.checked_sub(1)?)?.trim_start();
-    if !l.starts_with('"') {
-        return None;
-    }
-    let end = l.find("\": ")?;
-    serde_json::from_str(l.get(..=end)?).ok()
+    decode::decode(&v).map_err(|e| QmpError::generic(format!("invalid arguments: {e}")))
 }
 
 /// The daemon's thin pool, or the error every pool command gives without one.
@@ -153,7 +132,12 @@ mod tests {
     fn argument_errors_name_the_key() {
         assert!(desc(json!({"name": "a", "size": "big"})).contains("'size'"));
         assert!(desc(json!({"name": 5, "size": 1})).contains("'name'"));
-        assert!(desc(json!({"name": "a", "size": 1, "addr": {"path": 1}})).contains("'path'"));
+        // A value of several lines (an object where a string belongs) is named too.
+        let d = desc(json!({"name": {"first": 1, "second": 2}, "size": 1}));
+        assert!(d.contains("'name'"), "{d}");
+        let d = desc(json!({"name": "a", "size": [1, 2]}));
+        assert!(d.contains("'size'"), "{d}");
+        assert!(desc(json!({"name": "a", "size": 1, "addr": {"path": 1}})).contains("'addr.path'"));
         assert!(desc(json!({"name": "a"})).contains("`size`"));
         let unknown = desc(json!({"name": "a", "size": 1, "colour": 1}));
         assert!(

@@ -5,7 +5,8 @@ use serde_json::{json, Value};
 
 use super::{args, thin, NoArgs};
 use crate::control::protocol::QmpError;
-use crate::daemon::state::{State, StateError};
+use crate::daemon::state::State;
+use crate::engine::limits::check_device_size;
 
 pub(super) fn query_thin_devices(state: &State, v: Value) -> Result<Value, QmpError> {
     let NoArgs {} = args(v)?;
@@ -46,6 +47,9 @@ struct Create {
 
 pub(super) fn thin_create(state: &State, v: Value) -> Result<Value, QmpError> {
     let a: Create = args(v)?;
+    if let Some(size) = a.size {
+        checked_size(size)?;
+    }
     let pool = thin(state)?;
     let id = match (&a.origin, a.size) {
         (Some(origin), size) => pool.create_with_origin(&a.name, origin, size)?,
@@ -59,6 +63,13 @@ pub(super) fn thin_create(state: &State, v: Value) -> Result<Value, QmpError> {
     Ok(json!({ "id": id }))
 }
 
+/// A disk size the whole stack can address (see `engine::limits`).
+fn checked_size(size: u64) -> Result<u64, QmpError> {
+    check_device_size(size)
+        .map(|()| size)
+        .map_err(|e| QmpError::generic(format!("invalid arguments: 'size': {e}")))
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Delete {
@@ -70,27 +81,8 @@ struct Delete {
 /// Refused while the device is exported, unless `force`: then its exports stop first.
 pub(super) fn thin_delete(state: &State, v: Value) -> Result<Value, QmpError> {
     let a: Delete = args(v)?;
-    let thin = thin(state)?;
-    if !thin.exists(&a.name) {
-        return Err(QmpError::not_found(format!(
-            "no thin device named '{}'",
-            a.name
-        )));
-    }
-    let exports = state.exports_of(&a.name);
-    if let (Some(export), false) = (exports.first(), a.force) {
-        return Err(StateError::Exported {
-            node: a.name,
-            export: export.clone(),
-        }
-        .into());
-    }
-    for id in &exports {
-        state.remove_export(id)?;
-    }
-    thin.delete(&a.name, a.force)?;
-    // A later device of the same name starts without this one's threshold.
-    state.write_threshold(&a.name).set(0);
+    thin(state)?;
+    state.delete_thin(&a.name, a.force)?;
     Ok(json!({}))
 }
 
@@ -107,6 +99,7 @@ struct Resize {
 /// new capacity at once; a frontend without the backend channel, at its next connection).
 pub(super) fn block_resize(state: &State, v: Value) -> Result<Value, QmpError> {
     let a: Resize = args(v)?;
+    checked_size(a.size)?;
     let name = match (a.node_name, a.device) {
         (Some(n), None) | (None, Some(n)) => n,
         _ => {

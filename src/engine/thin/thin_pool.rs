@@ -45,6 +45,8 @@ pub enum VolumeError {
     #[error("the pool has no free device ids")]
     NoIds,
     #[error(transparent)]
+    Size(#[from] crate::engine::limits::SizeError),
+    #[error(transparent)]
     Thin(#[from] ThinError),
     #[error(transparent)]
     Block(#[from] BlockError),
@@ -215,6 +217,7 @@ impl ThinPool {
         if size == 0 || !size.is_multiple_of(512) {
             return Err(VolumeError::BadSize { size });
         }
+        crate::engine::limits::check_device_size(size)?;
         let mut catalog = self.catalog.lock();
         self.check_new(name, &catalog)?;
         let id = self.next_id()?;
@@ -335,6 +338,7 @@ impl ThinPool {
         if size == 0 || !size.is_multiple_of(512) {
             return Err(VolumeError::BadSize { size });
         }
+        crate::engine::limits::check_device_size(size)?;
         let mut catalog = self.catalog.lock();
         let entry = catalog
             .devices
