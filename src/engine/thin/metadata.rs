@@ -263,6 +263,21 @@ impl PoolMetadata {
         Ok(())
     }
 
+    /// Whether anything changed since the last commit (or abort).
+    pub fn has_changes(&self) -> bool {
+        let sb = &self.committed;
+        self.tm.metadata_sm().is_dirty()
+            || self.data_sm.is_dirty()
+            || !self.deleted.is_empty()
+            || self.devices.values().any(|d| d.changed)
+            || self.mapping_root != sb.data_mapping_root
+            || self.details_root != sb.device_details_root
+            || self.time != sb.time
+            || self.trans_id != sb.trans_id
+            || self.held_root != sb.held_root
+            || self.bm.nr_blocks() != sb.metadata_nr_blocks
+    }
+
     /// Drops every change since the last commit.
     pub fn abort(&mut self) -> Result<()> {
         let sb = self.committed.clone();

@@ -273,13 +273,16 @@ impl ThinPool {
         }
         let first_id = self.next_id()?;
         let ids: Vec<u64> = (0..planned.len() as u64).map(|i| first_id + i).collect();
+        // What guest I/O changed is committed before the snapshots change anything, so that
+        // taking back a snapshot that fails part way takes back nothing else.
+        self.pool.commit()?;
         let quiesce_start = Instant::now();
         {
             // In-flight I/O drains and new I/O waits while the snapshots are taken.
-            let (_gate, mut meta) = self.pool.quiesce();
+            let mut quiesced = self.pool.quiesce_committed()?;
             for ((origin_id, ..), id) in planned.iter().zip(&ids) {
-                if let Err(e) = meta.create_snap(*id, *origin_id) {
-                    let _ = meta.abort();
+                if let Err(e) = quiesced.1.create_snap(*id, *origin_id) {
+                    self.pool.undo(quiesced, &e);
                     return Err(e.into());
                 }
             }
@@ -317,9 +320,14 @@ impl ThinPool {
         if !force && self.is_open(name) {
             return Err(VolumeError::InUse(name.into()));
         }
+        // As for a snapshot: a delete that fails part way is taken back alone.
+        self.pool.commit()?;
         {
-            let (_gate, mut meta) = self.pool.quiesce();
-            meta.delete_thin(entry.id)?;
+            let mut quiesced = self.pool.quiesce_committed()?;
+            if let Err(e) = quiesced.1.delete_thin(entry.id) {
+                self.pool.undo(quiesced, &e);
+                return Err(e.into());
+            }
         }
         self.pool.note_change();
         self.pool.commit()?;
