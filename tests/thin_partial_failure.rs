@@ -190,3 +190,63 @@ fn a_delete_hitting_a_metadata_read_error_loses_no_write() {
     let thin = open(dir.path(), &store, 4096);
     assert_writes_readable(&thin, "after a reopen");
 }
+
+/// Makes the next catalog save fail: its temporary file's name is taken by a directory.
+fn break_catalog(dir: &Path) -> std::path::PathBuf {
+    let tmp = dir.join("devices.json.tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    tmp
+}
+
+fn names(thin: &ThinPool) -> Vec<(String, u64)> {
+    let list = thin.list().unwrap();
+    list.into_iter().map(|d| (d.name, d.size)).collect()
+}
+
+#[test]
+fn a_create_or_snapshot_whose_names_cannot_be_saved_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(CrashStore::new(4096, META_BLOCKS));
+    let thin = pool_with_uncommitted_writes(dir.path(), &store, 4096);
+    let before = names(&thin);
+    let ids_before = thin.pool().meta().device_ids();
+    let tmp = break_catalog(dir.path());
+    assert!(thin.create("x", DISK).is_err());
+    assert!(thin.snapshot_many(&[("a", "s1"), ("b", "s2")]).is_err());
+    assert_eq!(
+        names(&thin),
+        before,
+        "a failed create or snapshot is listed"
+    );
+    assert_eq!(thin.pool().meta().device_ids(), ids_before);
+    assert_eq!(thin.pool().mode(), PoolMode::Write);
+    assert_writes_readable(&thin, "after the failed create and snapshot");
+    std::fs::remove_dir(&tmp).unwrap();
+    // The names are free, and nothing nameless turns up at the next start.
+    thin.create("x", DISK).unwrap();
+    thin.snapshot("a", "s1").unwrap();
+    drop(thin);
+    let thin = open(dir.path(), &store, 4096);
+    let mut want = before.clone();
+    want.push(("s1".into(), DISK));
+    want.push(("x".into(), DISK));
+    want.sort();
+    assert_eq!(names(&thin), want);
+    assert_writes_readable(&thin, "after a reopen");
+}
+
+#[test]
+fn a_resize_whose_size_cannot_be_saved_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(CrashStore::new(4096, META_BLOCKS));
+    let thin = pool_with_uncommitted_writes(dir.path(), &store, 4096);
+    let a = thin.device("a").unwrap();
+    let tmp = break_catalog(dir.path());
+    assert!(thin.resize("a", 2 * DISK).is_err());
+    let listed = names(&thin).into_iter().find(|(n, _)| n == "a").unwrap().1;
+    assert_eq!(listed, DISK, "the listing shows a size that was not saved");
+    assert_eq!(a.size(), DISK);
+    std::fs::remove_dir(&tmp).unwrap();
+    thin.resize("a", 2 * DISK).unwrap();
+    assert_eq!(a.size(), 2 * DISK);
+}
