@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use thinblk::bufio::CrashStore;
+use thinblk::bufio::{CrashStore, WriteFault};
 use thinblk::engine::thin::{Pool, PoolGeometry, PoolMode, PoolOptions, ThinPool, VolumeError};
 use thinblk::engine::BlockDevice;
 
@@ -77,6 +77,17 @@ fn holds(dev: &dyn BlockDevice, offset: u64, byte: u8) -> Result<(), String> {
     }
 }
 
+/// Makes the mapping tree's root (as it is now, uncommitted changes included) unreadable from
+/// the store and drops it from the cache, so that the next lookup fails.
+fn fail_mapping_root_reads(thin: &ThinPool, store: &CrashStore) {
+    let meta = thin.pool().meta();
+    let (mapping_root, _) = meta.roots();
+    let cache = meta.block_manager().cache();
+    cache.write_dirty().unwrap();
+    cache.forget(mapping_root);
+    store.fail_read(mapping_root);
+}
+
 fn assert_writes_readable(thin: &ThinPool, when: &str) {
     let a = thin.device("a").unwrap();
     if let Err(e) = holds(&*a, 0, 1) {
@@ -139,14 +150,7 @@ fn a_snapshot_hitting_a_metadata_read_error_loses_no_write() {
     let store = Arc::new(CrashStore::new(4096, META_BLOCKS));
     // A small cache, so that the snapshot reads the tree from the store.
     let thin = pool_with_uncommitted_writes(dir.path(), &store, 16);
-    {
-        let meta = thin.pool().meta();
-        let (mapping_root, _) = meta.roots();
-        let cache = meta.block_manager().cache();
-        cache.write_dirty().unwrap();
-        cache.forget(mapping_root);
-        store.fail_read(mapping_root);
-    }
+    fail_mapping_root_reads(&thin, &store);
     assert!(thin.snapshot("a", "s1").is_err());
     assert!(!thin.exists("s1"));
     assert_eq!(
@@ -161,6 +165,23 @@ fn a_snapshot_hitting_a_metadata_read_error_loses_no_write() {
     assert_writes_readable(&thin, "after a reopen");
 }
 
+/// Creating a device when the mapping tree cannot be read: a metadata error part way.
+#[test]
+fn a_create_hitting_a_metadata_read_error_loses_no_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(CrashStore::new(4096, META_BLOCKS));
+    let thin = pool_with_uncommitted_writes(dir.path(), &store, 16);
+    fail_mapping_root_reads(&thin, &store);
+    assert!(thin.create("x", DISK).is_err());
+    assert!(!thin.exists("x"));
+    assert_eq!(thin.pool().mode(), PoolMode::ReadOnly);
+    store.clear_faults();
+    assert_writes_readable(&thin, "after the failed create");
+    drop(thin);
+    let thin = open(dir.path(), &store, 4096);
+    assert_writes_readable(&thin, "after a reopen");
+}
+
 /// Deleting a device whose metadata cannot be read fails part way; other devices' completed
 /// writes stay.
 #[test]
@@ -168,14 +189,7 @@ fn a_delete_hitting_a_metadata_read_error_loses_no_write() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(CrashStore::new(4096, META_BLOCKS));
     let thin = pool_with_uncommitted_writes(dir.path(), &store, 16);
-    {
-        let meta = thin.pool().meta();
-        let (mapping_root, _) = meta.roots();
-        let cache = meta.block_manager().cache();
-        cache.write_dirty().unwrap();
-        cache.forget(mapping_root);
-        store.fail_read(mapping_root);
-    }
+    fail_mapping_root_reads(&thin, &store);
     assert!(thin.delete("b", false).is_err());
     // Half a delete may be in the metadata: the pool must stop changing it.
     assert_eq!(
@@ -249,4 +263,29 @@ fn a_resize_whose_size_cannot_be_saved_changes_nothing() {
     std::fs::remove_dir(&tmp).unwrap();
     thin.resize("a", 2 * DISK).unwrap();
     assert_eq!(a.size(), 2 * DISK);
+}
+
+/// The metadata device fails after the reservation's first commit: half a reservation may be
+/// in the metadata, so the pool must stop changing it, and say so.
+#[test]
+fn a_metadata_snapshot_reservation_failing_part_way_turns_the_pool_read_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(CrashStore::new(4096, META_BLOCKS));
+    let thin = pool_with_uncommitted_writes(dir.path(), &store, 4096);
+    thin.device("a").unwrap().flush().unwrap();
+    // The first commit has nothing to write but the superblock.
+    store.fail_after_writes(1, WriteFault::Error);
+    assert!(thin.reserve_metadata_snap().is_err());
+    assert!(thin.pool().meta().is_read_only());
+    assert_eq!(
+        thin.pool().mode(),
+        PoolMode::ReadOnly,
+        "the metadata stopped changing but the pool says it is writable"
+    );
+    store.clear_faults();
+    assert_writes_readable(&thin, "after the failed reservation");
+    drop(thin);
+    let thin = open(dir.path(), &store, 4096);
+    assert!(thin.pool().meta().metadata_snap().is_none());
+    assert_writes_readable(&thin, "after a reopen");
 }

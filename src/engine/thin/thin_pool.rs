@@ -20,6 +20,7 @@ use parking_lot::Mutex;
 use super::catalog::{Catalog, CatalogError, Entry};
 use super::device::ThinDevice;
 use super::error::ThinError;
+use super::metadata::PoolMetadata;
 use super::pool::Pool;
 use crate::engine::raw::{RawDevice, RawOptions};
 use crate::engine::{BlockDevice, BlockError};
@@ -223,7 +224,7 @@ impl ThinPool {
         let mut catalog = self.catalog.lock();
         self.check_new(name, &catalog)?;
         let id = self.next_id()?;
-        self.pool.change(|m| m.create_thin(id))?;
+        self.change_alone(|m| m.create_thin(id))?;
         self.pool.commit()?;
         let entry = Entry {
             id,
@@ -346,19 +347,31 @@ impl ThinPool {
     /// Deletes devices from the metadata and commits. As for a snapshot, a delete that fails
     /// part way is taken back alone.
     fn delete_ids(&self, ids: &[u64]) -> Result<(), VolumeError> {
-        self.pool.commit()?;
-        {
-            let mut quiesced = self.pool.quiesce_committed()?;
-            for id in ids {
-                if let Err(e) = quiesced.1.delete_thin(*id) {
-                    self.pool.undo(quiesced, &e);
-                    return Err(e.into());
-                }
-            }
-        }
-        self.pool.note_change();
+        self.change_alone(|m| ids.iter().try_for_each(|id| m.delete_thin(*id)))?;
         self.pool.commit()?;
         Ok(())
+    }
+
+    /// Makes a change to the metadata that is not guest I/O (a device created or deleted, a
+    /// metadata snapshot reserved) so that if it fails part way it is taken back alone: what
+    /// guest I/O changed is committed first, then `f` runs with I/O quiesced.
+    pub(super) fn change_alone<T>(
+        &self,
+        f: impl FnOnce(&mut PoolMetadata) -> Result<T, ThinError>,
+    ) -> Result<T, VolumeError> {
+        self.pool.commit()?;
+        let mut quiesced = self.pool.quiesce_committed()?;
+        match f(&mut quiesced.1) {
+            Ok(v) => {
+                drop(quiesced);
+                self.pool.note_change();
+                Ok(v)
+            }
+            Err(e) => {
+                self.pool.undo(quiesced, &e);
+                Err(e.into())
+            }
+        }
     }
 
     /// Deletes devices just made whose names could not be saved, so that the failed create
