@@ -1,6 +1,9 @@
 //! The thin engine against a reference model: a byte image per device, a snapshot copies it.
 #![allow(clippy::unwrap_used)]
 
+#[path = "external/mod.rs"]
+mod external;
+
 use std::collections::BTreeMap;
 use std::io::{IoSlice, IoSliceMut};
 use std::path::{Path, PathBuf};
@@ -71,7 +74,8 @@ fn assert_clean(meta: &Path) {
     let bm = Arc::new(thinblk::engine::pdata::BlockManager::new(cache, nr));
     let report = check_pool(&bm);
     assert!(report.is_clean(), "{:?}", report.problems);
-    if let Ok(out) = std::process::Command::new("thin_check").arg(meta).output() {
+    if let Some(exe) = external::tool("thin_check") {
+        let out = std::process::Command::new(exe).arg(meta).output().unwrap();
         assert!(
             out.status.success(),
             "thin_check: {}",

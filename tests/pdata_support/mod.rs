@@ -2,11 +2,17 @@
 //! what a pool's metadata holds, and the `thin_dump` XML parsed into the same shape.
 #![allow(dead_code)]
 
+#[path = "../external/mod.rs"]
+mod external;
 pub mod pool;
 pub mod writer;
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use external::fixture_bytes;
+// Not every test uses every one.
+#[allow(unused_imports)]
+pub use external::{fixture_dir, fixture_text, tool};
+
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
@@ -17,39 +23,9 @@ use thinblk::engine::pdata::error::Result;
 use thinblk::engine::pdata::superblock::{Superblock, BLOCK_SIZE};
 use thinblk::engine::pdata::tm::BlockSource;
 
-pub fn fixture_dir() -> Option<PathBuf> {
-    let candidates = [
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/dm-thin"),
-        PathBuf::from("/work/shared/fixtures/dm-thin"),
-    ];
-    candidates.into_iter().find(|p| p.join("pool.xml").exists())
-}
-
-/// Decompresses a fixture image, or `None` (with a message) when fixtures are absent.
+/// Decompresses a fixture image; fails (or skips, see `external`) when fixtures are absent.
 pub fn fixture_image(rel: &str) -> Option<Vec<u8>> {
-    let Some(dir) = fixture_dir() else {
-        eprintln!("skipping: dm-thin fixtures not found");
-        return None;
-    };
-    let file = std::fs::File::open(dir.join(rel)).ok()?;
-    let mut dec = ruzstd::decoding::StreamingDecoder::new(std::io::BufReader::new(file)).ok()?;
-    let mut out = Vec::new();
-    dec.read_to_end(&mut out).ok()?;
-    Some(out)
-}
-
-pub fn fixture_text(rel: &str) -> Option<String> {
-    std::fs::read_to_string(fixture_dir()?.join(rel)).ok()
-}
-
-pub fn tool(name: &str) -> Option<PathBuf> {
-    let p = PathBuf::from("/usr/sbin").join(name);
-    if p.exists() {
-        Some(p)
-    } else {
-        eprintln!("skipping: {name} not installed");
-        None
-    }
+    fixture_bytes(rel)
 }
 
 /// A block manager over a memory copy of `image`.

@@ -6,11 +6,9 @@ use super::thin_pool::{ThinPool, VolumeError};
 impl ThinPool {
     /// Commits and holds a read-only copy of the metadata; returns its superblock's location.
     /// I/O is quiesced meanwhile, so the commit covers only data already on the data device.
+    /// Like a snapshot, a reservation that fails part way is taken back alone.
     pub fn reserve_metadata_snap(&self) -> Result<u64, VolumeError> {
-        let pool = self.pool();
-        let (_gate, mut meta) = pool.quiesce();
-        pool.data().flush()?;
-        Ok(meta.reserve_metadata_snap()?)
+        self.change_alone(|m| m.reserve_metadata_snap())
     }
 
     /// Drops the held metadata snapshot and commits, freeing what only it referenced.

@@ -18,6 +18,3 @@ pub use metadata::{Lookup, MappedRange, PoolMetadata};
 pub use pool::{Pool, PoolEvent, PoolGeometry, PoolMode, PoolOpenError, PoolOptions};
 pub use query::{DeltaKind, DeltaRun};
 pub use thin_pool::{DiskInfo, SnapshotTiming, ThinPool, VolumeError};
-
-#[cfg(test)]
-mod metadata_tests;

@@ -329,6 +329,64 @@ impl Pool {
         (gate, self.meta.write())
     }
 
+    /// [`Pool::quiesce`], with what completed before it committed: a metadata operation made
+    /// under it that fails part way is taken back by [`Pool::undo`], which then drops that
+    /// operation's changes and no completed write. Call [`Pool::commit`] first, so that
+    /// little is left to commit while I/O is held.
+    pub fn quiesce_committed(
+        &self,
+    ) -> Result<(Closed<'_>, RwLockWriteGuard<'_, PoolMetadata>), BlockError> {
+        let (gate, mut meta) = self.quiesce();
+        if !meta.has_changes() {
+            return Ok((gate, meta));
+        }
+        // No data I/O is in flight, and every allocation already has its mapping (both are
+        // made under an I/O ticket), so neither the provision gate nor a grace period is
+        // needed: the data, then the metadata that points at it.
+        if let Err(e) = self.data.flush() {
+            // Before anyone else can commit what this flush may have lost.
+            meta.set_read_only();
+            drop(meta);
+            drop(gate);
+            self.data_failed(&e);
+            return Err(e);
+        }
+        if let Err(e) = meta.commit() {
+            drop(meta);
+            drop(gate);
+            if e.is_fatal() {
+                // `commit` already went back to the last commit and stopped changes.
+                error!("commit failed, the pool becomes read-only: {e}");
+                self.set_mode(PoolMode::ReadOnly);
+            }
+            return Err(BlockError::from(e));
+        }
+        Ok((gate, meta))
+    }
+
+    /// Takes back a metadata operation that failed with `e` under
+    /// [`Pool::quiesce_committed`]: back to the last commit, which holds every completed
+    /// write. After an error that says the metadata cannot be trusted (or when going back
+    /// fails), the pool turns read-only, as after any other metadata error.
+    pub fn undo(&self, quiesced: (Closed<'_>, RwLockWriteGuard<'_, PoolMetadata>), e: &ThinError) {
+        let (gate, mut meta) = quiesced;
+        let fatal = e.is_fatal()
+            || match meta.abort() {
+                Ok(()) => false,
+                Err(e2) => {
+                    error!("cannot take back a failed metadata operation: {e2}");
+                    true
+                }
+            };
+        if fatal {
+            error!("metadata error, the pool becomes read-only: {e}");
+            meta.fail();
+            drop(meta);
+            drop(gate);
+            self.set_mode(PoolMode::ReadOnly);
+        }
+    }
+
     /// A ticket for one synchronous data I/O; waits while a commit runs.
     pub(super) fn io_gate(&self) -> Ticket {
         self.io_gate.enter()

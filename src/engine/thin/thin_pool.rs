@@ -3,6 +3,11 @@
 //! Every change commits the metadata before the catalog is saved, so a crash in between
 //! leaves a device without a name (it is named after its id at the next start) or a name
 //! without a device (dropped at the next start), never a name pointing at the wrong device.
+//!
+//! An operation that fails part way leaves what it found: a snapshot or delete whose metadata
+//! change fails is taken back alone, after what guest I/O changed was committed (so no
+//! completed write goes with it); a create or snapshot whose names cannot be saved deletes
+//! the devices it made; a resize changes nothing until its size is saved.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -15,6 +20,7 @@ use parking_lot::Mutex;
 use super::catalog::{Catalog, CatalogError, Entry};
 use super::device::ThinDevice;
 use super::error::ThinError;
+use super::metadata::PoolMetadata;
 use super::pool::Pool;
 use crate::engine::raw::{RawDevice, RawOptions};
 use crate::engine::{BlockDevice, BlockError};
@@ -221,19 +227,22 @@ impl ThinPool {
         let mut catalog = self.catalog.lock();
         self.check_new(name, &catalog)?;
         let id = self.next_id()?;
-        self.pool.change(|m| m.create_thin(id))?;
+        self.change_alone(|m| m.create_thin(id))?;
         self.pool.commit()?;
-        catalog.devices.insert(
-            name.into(),
-            Entry {
-                id,
-                size,
-                origin: None,
-                created: now(),
-                origin_path: origin_path.map(Path::to_path_buf),
-            },
-        );
-        catalog.save(&self.catalog_path)?;
+        let entry = Entry {
+            id,
+            size,
+            origin: None,
+            created: now(),
+            origin_path: origin_path.map(Path::to_path_buf),
+        };
+        let saved = self.save_changed(&mut catalog, |c| {
+            c.devices.insert(name.into(), entry);
+        });
+        if let Err(e) = saved {
+            self.take_back(&[id]);
+            return Err(e);
+        }
         info!("created thin device {name} (id {id}, {size} bytes)");
         Ok(id)
     }
@@ -276,13 +285,16 @@ impl ThinPool {
         }
         let first_id = self.next_id()?;
         let ids: Vec<u64> = (0..planned.len() as u64).map(|i| first_id + i).collect();
+        // What guest I/O changed is committed before the snapshots change anything, so that
+        // taking back a snapshot that fails part way takes back nothing else.
+        self.pool.commit()?;
         let quiesce_start = Instant::now();
         {
             // In-flight I/O drains and new I/O waits while the snapshots are taken.
-            let (_gate, mut meta) = self.pool.quiesce();
+            let mut quiesced = self.pool.quiesce_committed()?;
             for ((origin_id, ..), id) in planned.iter().zip(&ids) {
-                if let Err(e) = meta.create_snap(*id, *origin_id) {
-                    let _ = meta.abort();
+                if let Err(e) = quiesced.1.create_snap(*id, *origin_id) {
+                    self.pool.undo(quiesced, &e);
                     return Err(e.into());
                 }
             }
@@ -292,20 +304,25 @@ impl ThinPool {
         let commit_start = Instant::now();
         self.pool.commit()?;
         let commit = commit_start.elapsed();
-        for ((_, size, origin, name, origin_path), id) in planned.iter().zip(&ids) {
-            catalog.devices.insert(
-                (*name).into(),
-                Entry {
+        let saved = self.save_changed(&mut catalog, |c| {
+            for ((_, size, origin, name, origin_path), id) in planned.iter().zip(&ids) {
+                let entry = Entry {
                     id: *id,
                     size: *size,
                     origin: Some((*origin).into()),
                     created: now(),
                     origin_path: origin_path.clone(),
-                },
-            );
+                };
+                c.devices.insert((*name).into(), entry);
+            }
+        });
+        if let Err(e) = saved {
+            self.take_back(&ids);
+            return Err(e);
+        }
+        for ((_, _, origin, name, _), id) in planned.iter().zip(&ids) {
             info!("snapshot {name} (id {id}) of {origin}");
         }
-        catalog.save(&self.catalog_path)?;
         Ok(SnapshotTiming { ids, pause, commit })
     }
 
@@ -320,16 +337,66 @@ impl ThinPool {
         if !force && self.is_open(name) {
             return Err(VolumeError::InUse(name.into()));
         }
-        {
-            let (_gate, mut meta) = self.pool.quiesce();
-            meta.delete_thin(entry.id)?;
-        }
-        self.pool.note_change();
-        self.pool.commit()?;
+        self.delete_ids(&[entry.id])?;
+        // The device is gone whether or not the catalog is saved: a name left in the file is
+        // dropped at the next start.
         catalog.devices.remove(name);
-        catalog.save(&self.catalog_path)?;
         self.devices.lock().remove(name);
+        catalog.save(&self.catalog_path)?;
         info!("deleted thin device {name} (id {})", entry.id);
+        Ok(())
+    }
+
+    /// Deletes devices from the metadata and commits. As for a snapshot, a delete that fails
+    /// part way is taken back alone.
+    fn delete_ids(&self, ids: &[u64]) -> Result<(), VolumeError> {
+        self.change_alone(|m| ids.iter().try_for_each(|id| m.delete_thin(*id)))?;
+        self.pool.commit()?;
+        Ok(())
+    }
+
+    /// Makes a change to the metadata that is not guest I/O (a device created or deleted, a
+    /// metadata snapshot reserved) so that if it fails part way it is taken back alone: what
+    /// guest I/O changed is committed first, then `f` runs with I/O quiesced.
+    pub(super) fn change_alone<T>(
+        &self,
+        f: impl FnOnce(&mut PoolMetadata) -> Result<T, ThinError>,
+    ) -> Result<T, VolumeError> {
+        self.pool.commit()?;
+        let mut quiesced = self.pool.quiesce_committed()?;
+        match f(&mut quiesced.1) {
+            Ok(v) => {
+                drop(quiesced);
+                self.pool.note_change();
+                Ok(v)
+            }
+            Err(e) => {
+                self.pool.undo(quiesced, &e);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Deletes devices just made whose names could not be saved, so that the failed create
+    /// or snapshot leaves nothing behind. If that fails too, they are named after their ids
+    /// at the next start.
+    fn take_back(&self, ids: &[u64]) {
+        if let Err(e) = self.delete_ids(ids) {
+            warn!("cannot delete devices {ids:?}, whose names were not saved: {e}");
+        }
+    }
+
+    /// Saves the catalog with `change` made to it, and makes that the catalog only once it
+    /// is saved: a failed save changes nothing, in memory or on disk.
+    fn save_changed(
+        &self,
+        catalog: &mut Catalog,
+        change: impl FnOnce(&mut Catalog),
+    ) -> Result<(), VolumeError> {
+        let mut next = catalog.clone();
+        change(&mut next);
+        next.save(&self.catalog_path)?;
+        *catalog = next;
         Ok(())
     }
 
@@ -342,7 +409,7 @@ impl ThinPool {
         let mut catalog = self.catalog.lock();
         let entry = catalog
             .devices
-            .get_mut(name)
+            .get(name)
             .ok_or_else(|| VolumeError::NoSuchDisk(name.into()))?;
         if size < entry.size {
             return Err(VolumeError::Shrink {
@@ -351,8 +418,11 @@ impl ThinPool {
                 to: size,
             });
         }
-        entry.size = size;
-        catalog.save(&self.catalog_path)?;
+        self.save_changed(&mut catalog, |c| {
+            if let Some(e) = c.devices.get_mut(name) {
+                e.size = size;
+            }
+        })?;
         if let Some(dev) = self.devices.lock().get(name).and_then(Weak::upgrade) {
             dev.set_size(size);
         }

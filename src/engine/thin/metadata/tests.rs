@@ -3,8 +3,8 @@ use std::sync::Arc;
 use crate::bufio::{BufferCache, BufioConfig, MemStore};
 use crate::engine::pdata::check::check_pool;
 
-use super::metadata::PoolMetadata;
-use super::ThinError;
+use super::PoolMetadata;
+use crate::engine::thin::ThinError;
 
 fn cache(store: &Arc<MemStore>) -> Arc<BufferCache> {
     Arc::new(BufferCache::new(store.clone(), BufioConfig::default()))
