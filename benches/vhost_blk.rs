@@ -3,6 +3,7 @@
 //! ```text
 //! cargo bench --bench vhost_blk -- --socket PATH [--seconds N] [--jobs a,b]   # any server
 //! cargo bench --bench vhost_blk -- --suite [--seconds N] [--sections raw,null,thin]
+//! cargo bench --bench vhost_blk -- --suite --sections builds --baseline OLD_THINBLK   # before/after
 //! ```
 //!
 //! `--suite` starts thinblk and qemu-storage-daemon itself, one after the other for every job
@@ -12,6 +13,8 @@
 //! small thin disk.
 #![allow(clippy::expect_used)]
 
+#[path = "vhost_blk/builds.rs"]
+mod builds;
 #[path = "vhost_blk/client.rs"]
 mod client;
 #[path = "vhost_blk/fio.rs"]
@@ -90,6 +93,10 @@ struct Args {
     /// Size of the null devices.
     #[arg(long, default_value = "16G", value_parser = size)]
     null_size: u64,
+    /// With --suite: also measure this other thinblk binary in turn with this build (raw, null,
+    /// fully provisioned thin and first writes), for before/after tables of a change.
+    #[arg(long, value_name = "PATH", requires = "suite")]
+    baseline: Option<PathBuf>,
     /// Passed by `cargo bench`.
     #[arg(long, hide = true)]
     bench: bool,
@@ -215,6 +222,7 @@ fn main() {
                     jobs: pick_jobs(&args.jobs)?,
                     sections: args.sections.clone(),
                     rounds: args.rounds as usize,
+                    baseline: args.baseline.clone(),
                 };
                 let placed = placement::apply(args.placement)?;
                 eprintln!("{placed}");

@@ -23,10 +23,25 @@ pub fn qsd_file_node(node: &str, file: &Path) -> String {
     )
 }
 
+/// The thinblk binary cargo built with this benchmark.
+pub fn this_build() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_thinblk"))
+}
+
 impl Server {
     /// `thinblk serve --export SPEC,socket=SOCKET,queues=1`.
     pub fn thinblk(backing: &str, socket: &Path, dir: &Path) -> Result<Server, String> {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_thinblk"));
+        Server::thinblk_of(&this_build(), backing, socket, dir)
+    }
+
+    /// [`Server::thinblk`] with the thinblk binary `bin`.
+    pub fn thinblk_of(
+        bin: &Path,
+        backing: &str,
+        socket: &Path,
+        dir: &Path,
+    ) -> Result<Server, String> {
+        let mut cmd = Command::new(bin);
         cmd.arg("serve")
             .arg("--export")
             .arg(format!("{backing},socket={},queues=1", socket.display()));
@@ -43,7 +58,19 @@ impl Server {
         socket: &Path,
         dir: &Path,
     ) -> Result<Server, String> {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_thinblk"));
+        Server::thin_of(&this_build(), pool, spec, extra, socket, dir)
+    }
+
+    /// [`Server::thin`] with the thinblk binary `bin`.
+    pub fn thin_of(
+        bin: &Path,
+        pool: &Path,
+        spec: &str,
+        extra: &[String],
+        socket: &Path,
+        dir: &Path,
+    ) -> Result<Server, String> {
+        let mut cmd = Command::new(bin);
         cmd.arg("serve")
             .arg("--dir")
             .arg(pool)

@@ -21,6 +21,8 @@ pub enum Section {
     Null,
     /// thin devices vs thinblk raw and qcow2.
     Thin,
+    /// Only this build vs `--baseline` (which runs with any section).
+    Builds,
 }
 
 pub struct Settings {
@@ -33,11 +35,13 @@ pub struct Settings {
     pub sections: Vec<Section>,
     /// Raw and null rows: how many times each server runs each job, in turn.
     pub rounds: usize,
+    /// Another thinblk binary to measure in turn with this build (`--baseline`).
+    pub baseline: Option<PathBuf>,
 }
 
 /// Runs each of `runs` `rounds` times, in turn, and keeps for each the round with the median
 /// IOPS (a failed round counts as none; all failed gives the last error).
-fn alternate<const N: usize>(rounds: usize, runs: [&dyn Fn() -> Cell; N]) -> [Cell; N] {
+pub fn alternate<const N: usize>(rounds: usize, runs: [&dyn Fn() -> Cell; N]) -> [Cell; N] {
     let mut seen: [Vec<Cell>; N] = std::array::from_fn(|_| Vec::new());
     for _ in 0..rounds.max(1) {
         for (run, cells) in runs.iter().zip(seen.iter_mut()) {
@@ -75,7 +79,7 @@ impl Settings {
     }
 
     /// Starts a server with `start`, runs `job` against it over `span` bytes, stops it.
-    fn measure(
+    pub fn measure(
         &self,
         label: &str,
         job: &Job,
@@ -134,7 +138,10 @@ fn qsd_raw(file: &Path, dir: &Path) -> impl FnOnce(&Path) -> Result<Server, Stri
 pub fn run(s: &Settings) -> Result<String, String> {
     std::fs::create_dir_all(&s.dir).map_err(|e| format!("creating {}: {e}", s.dir.display()))?;
     let mut out = String::new();
-    let raw = if s.sections.contains(&Section::Raw) || s.sections.contains(&Section::Thin) {
+    let raw = if s.sections.contains(&Section::Raw)
+        || s.sections.contains(&Section::Thin)
+        || s.baseline.is_some()
+    {
         Some(images::raw_file(&s.dir, s.file_size)?)
     } else {
         None
@@ -144,6 +151,9 @@ pub fn run(s: &Settings) -> Result<String, String> {
     }
     if s.sections.contains(&Section::Null) {
         null_section(s, &mut out);
+    }
+    if let (Some(baseline), Some(file)) = (&s.baseline, &raw) {
+        crate::builds::section(s, file, baseline, &mut out);
     }
     if let (true, Some(file)) = (s.sections.contains(&Section::Thin), &raw) {
         thin_section(s, file, &mut out);
@@ -241,7 +251,7 @@ fn thin_row(out: &mut String, what: &str, thin: &Cell, other: &Cell) {
 
 /// A thin pool for the suite, made afresh, with the device `full`: every block of `span`
 /// provisioned, shared with nothing yet.
-fn thin_pool(s: &Settings, span: u64) -> Result<PathBuf, String> {
+pub fn thin_pool(s: &Settings, span: u64) -> Result<PathBuf, String> {
     let pool = s.dir.join("pool");
     let _ = std::fs::remove_dir_all(&pool);
     let sock = s.socket();
