@@ -91,6 +91,9 @@ struct AddrMapping {
     gpa_base: u64,
 }
 
+/// THINBLK-PATCH: public, so that an application can put its own checks in front of it (a
+/// `VhostUserBackendReqHandlerMut` that validates a message and then delegates here) and serve
+/// connections with `vhost::vhost_user::BackendReqHandler` itself.
 pub struct VhostUserHandler<T: VhostUserBackend> {
     backend: T,
     handlers: Vec<Arc<VringEpollHandler<T>>>,
@@ -119,7 +122,9 @@ where
     T::Vring: Clone + Send + Sync + 'static,
     T::Bitmap: Clone + Send + Sync + 'static,
 {
-    pub(crate) fn new(backend: T, atomic_mem: GM<T::Bitmap>) -> VhostUserHandlerResult<Self> {
+    /// Creates the vrings and starts one worker thread per entry of `queues_per_thread`
+    /// (THINBLK-PATCH: public; dropping the handler stops and joins them).
+    pub fn new(backend: T, atomic_mem: GM<T::Bitmap>) -> VhostUserHandlerResult<Self> {
         let num_queues = backend.num_queues();
         let max_queue_size = backend.max_queue_size();
         let queues_per_thread = backend.queues_per_thread();
@@ -178,7 +183,8 @@ where
 }
 
 impl<T: VhostUserBackend> VhostUserHandler<T> {
-    pub(crate) fn send_exit_event(&self) {
+    /// Tells every worker thread to end.
+    pub fn send_exit_event(&self) {
         for handler in self.handlers.iter() {
             handler.send_exit_event();
         }
@@ -237,7 +243,8 @@ impl<T> VhostUserHandler<T>
 where
     T: VhostUserBackend,
 {
-    pub(crate) fn get_epoll_handlers(&self) -> Vec<Arc<VringEpollHandler<T>>> {
+    /// The worker threads' event loops, to register more event fds with.
+    pub fn get_epoll_handlers(&self) -> Vec<Arc<VringEpollHandler<T>>> {
         self.handlers.clone()
     }
 

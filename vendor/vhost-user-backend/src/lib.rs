@@ -20,7 +20,6 @@ use vhost::vhost_user::{BackendListener, BackendReqHandler, Error as VhostUserEr
 use vm_memory::mmap::NewBitmap;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use self::handler::VhostUserHandler;
 
 mod backend;
 pub use self::backend::{VhostUserBackend, VhostUserBackendMut};
@@ -29,7 +28,7 @@ mod event_loop;
 pub use self::event_loop::VringEpollHandler;
 
 mod handler;
-pub use self::handler::VhostUserHandlerError;
+pub use self::handler::{VhostUserHandler, VhostUserHandlerError};
 
 pub mod bitmap;
 use crate::bitmap::BitmapReplace;
