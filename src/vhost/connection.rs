@@ -1,0 +1,101 @@
+//! One vhost-user connection, from accept to hang-up: the one object that owns everything the
+//! frontend sent (its socket, memory region fds and mappings, kick/call/err eventfds, the
+//! backend channel) and everything created for it (vrings, one worker thread per queue with
+//! its epoll and exit eventfds). [`Connection::serve`] consumes it, so when the frontend goes
+//! away all of it is closed and every worker is joined before the export accepts the next
+//! frontend.
+
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+
+use vhost::vhost_user::{BackendReqHandler, Error as VhostUserError};
+use vhost_user_backend::{VhostUserBackend, VhostUserHandler};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use super::backend::BlkBackend;
+use super::frontend_checks::Checked;
+use super::memory_table::UnsealedMemory;
+
+type Requests = BackendReqHandler<Mutex<Checked<VhostUserHandler<Arc<BlkBackend>>>>>;
+
+/// A frontend being served.
+pub struct Connection {
+    requests: Requests,
+    backend: Arc<BlkBackend>,
+}
+
+/// How a connection ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// The frontend hung up (or the connection was shut down).
+    HungUp,
+    /// A request was malformed or refused; the connection was closed after any error reply.
+    Refused(VhostUserError),
+}
+
+impl Connection {
+    /// Sets up a fresh device state for the frontend on `stream`: vrings and worker threads,
+    /// each worker watching its queue's io_uring completions.
+    pub fn new(
+        stream: UnixStream,
+        backend: &Arc<BlkBackend>,
+        unsealed: UnsealedMemory,
+    ) -> io::Result<Connection> {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let handler = VhostUserHandler::new(backend.clone(), mem)
+            .map_err(|e| io::Error::other(format!("cannot create the vhost-user handler: {e}")))?;
+        for (queue, worker) in handler.get_epoll_handlers().iter().enumerate() {
+            if let Some(fd) = backend.completion_fd(queue) {
+                let id = u64::from(backend.completion_event());
+                worker.register_listener(fd, EventSet::IN, id)?;
+            }
+        }
+        let max_queue_size = u32::try_from(backend.max_queue_size()).unwrap_or(u32::MAX);
+        let checked = Checked::new(handler, max_queue_size, unsealed)
+            .map_err(|e| io::Error::other(format!("cannot set up request checks: {e}")))?;
+        Ok(Connection {
+            requests: BackendReqHandler::from_stream(stream, Arc::new(Mutex::new(checked))),
+            backend: backend.clone(),
+        })
+    }
+
+    /// A second handle on the connection's socket: shutting it down ends [`Connection::serve`]
+    /// (the frontend sees the socket close, as after a crash).
+    pub fn shutdown_handle(&self) -> io::Result<UnixStream> {
+        self.requests.try_clone_connection()
+    }
+
+    /// Handles requests until the frontend hangs up or sends one that is refused, then
+    /// releases everything the connection holds.
+    pub fn serve(mut self) -> Ended {
+        let ended = loop {
+            match self.requests.handle_request() {
+                Ok(()) => {}
+                Err(
+                    VhostUserError::Disconnected
+                    | VhostUserError::PartialMessage
+                    | VhostUserError::SocketBroken(_),
+                ) => break Ended::HungUp,
+                Err(e) => break Ended::Refused(e),
+            }
+        };
+        let backend = self.backend.clone();
+        // The socket, the handler (which stops and joins its workers, closing the vrings' fds)
+        // and the memory table the handler holds.
+        drop(self);
+        // The backend keeps the last memory table for its workers; the workers are gone, so
+        // let go of the mappings and the region fds behind them.
+        let _ = backend.update_memory(GuestMemoryAtomic::new(GuestMemoryMmap::new()));
+        backend.frontend_gone();
+        ended
+    }
+}
+
+/// Serves one frontend on `stream` from its first message to its hang-up, with every check a
+/// thinblk export makes, and releases everything before returning. For tests and fuzzing of the
+/// message stream: an export uses [`Connection`] so that it can end a session early.
+pub fn serve_stream(stream: UnixStream, backend: &Arc<BlkBackend>) -> io::Result<Ended> {
+    Ok(Connection::new(stream, backend, UnsealedMemory::Accept)?.serve())
+}
