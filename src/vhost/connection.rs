@@ -9,6 +9,7 @@ use std::io;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
+use log::warn;
 use vhost::vhost_user::{BackendReqHandler, Error as VhostUserError};
 use vhost_user_backend::{VhostUserBackend, VhostUserHandler};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -85,6 +86,14 @@ impl Connection {
         // The socket, the handler (which stops and joins its workers, closing the vrings' fds)
         // and the memory table the handler holds.
         drop(self);
+        // Requests the workers handed to a queue's io_uring and did not see complete still
+        // hold their vring (with its kick and call fds) and the memory they point into: finish
+        // them now, as a GET_VRING_BASE would have.
+        for queue in 0..backend.num_queues() {
+            if let Err(e) = backend.stop_vring(u32::try_from(queue).unwrap_or(u32::MAX)) {
+                warn!("queue {queue}: requests in flight at the hang-up failed: {e}");
+            }
+        }
         // The backend keeps the last memory table for its workers; the workers are gone, so
         // let go of the mappings and the region fds behind them.
         let _ = backend.update_memory(GuestMemoryAtomic::new(GuestMemoryMmap::new()));
