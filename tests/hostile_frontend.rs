@@ -12,7 +12,9 @@ mod hostile;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 
-use hostile::guest::{self, eventfd, kick, memfd, pipe, Guest, GUEST, QUEUE, SIZE, USER};
+use hostile::guest::{
+    self, blocking_eventfd, eventfd, kick, memfd, pipe, Guest, GUEST, QUEUE, SIZE, USER,
+};
 use hostile::watch::{counts, Watched};
 use hostile::wire::*;
 
@@ -368,6 +370,41 @@ fn a_call_fd_nobody_reads_cannot_block_a_worker() {
     }
     drop(wire);
     w.check("9000 notifications nobody reads");
+}
+
+#[test]
+fn a_call_eventfd_held_at_its_maximum_cannot_hang_the_export() {
+    // An eventfd write blocks when the counter would pass 2^64 - 2. A frontend that puts its
+    // call eventfd there blocked the queue's worker in write(), and the connection's teardown,
+    // which joins the worker, with it: the export never served anyone again.
+    let mut w = Watched::start();
+    let mut wire = negotiated(&w);
+    let g = Guest::new();
+    let (k, c) = (blocking_eventfd(), blocking_eventfd());
+    g.set_up_queue(&mut wire, k.as_raw_fd(), c.as_raw_fd());
+    let max = (u64::MAX - 1).to_ne_bytes();
+    // SAFETY: writes 8 bytes from a live buffer to an eventfd the test owns.
+    let n = unsafe { libc::write(c.as_raw_fd(), max.as_ptr() as *const libc::c_void, 8) };
+    assert_eq!(n, 8);
+    let mut buf = vec![0u8; 512];
+    g.submit(0, guest::T_IN, 0, &mut buf);
+    kick(k.as_raw_fd());
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    drop(wire);
+    w.check("call eventfd at its maximum");
+    // The same with the frontend reading its own kick eventfd away: nothing to block on.
+    let mut wire = negotiated(&w);
+    let (k, c) = (blocking_eventfd(), blocking_eventfd());
+    g.set_up_queue(&mut wire, k.as_raw_fd(), c.as_raw_fd());
+    for _ in 0..100 {
+        kick(k.as_raw_fd());
+        let mut sink = [0u8; 8];
+        // (The kick was written just before, so this read does not block.)
+        // SAFETY: reads 8 bytes into a live buffer from an eventfd the test owns.
+        unsafe { libc::read(k.as_raw_fd(), sink.as_mut_ptr() as *mut libc::c_void, 8) };
+    }
+    drop(wire);
+    w.check("kick eventfd read by the frontend");
 }
 
 #[test]

@@ -11,7 +11,14 @@
 //!   arithmetic assumes a power of two; virtio 1.2 §2.7).
 //! - SET_VRING_KICK/CALL/ERR: eventfds only. A pipe as call fd fills up when nobody reads it
 //!   and then blocks the queue's worker in write() forever; a pipe or socket as kick fd is
-//!   read 8 bytes at a time.
+//!   read 8 bytes at a time. Kick and call eventfds are made non-blocking too: a frontend can
+//!   hold its call eventfd's counter at the maximum (a write then blocks) or read its own kick
+//!   eventfd before the worker does (the worker's read then blocks), and a worker blocked in a
+//!   system call can never be joined, so the export would never serve anyone again. The flag
+//!   is on the file description the frontend shares; QEMU and cloud-hypervisor create these
+//!   eventfds non-blocking anyway, and libblkio reads its call eventfd only after poll().
+//!   A worker that meets a full call eventfd stops (its queue is dead until the frontend
+//!   reconnects); nothing else is affected.
 //! - SET_PROTOCOL_FEATURES: only features the device offered; the vhost crate gates requests
 //!   such as SET_LOG_BASE or SET_INFLIGHT_FD on what the frontend *acked*. Those requests are
 //!   refused here regardless, because this device offers none of them.
@@ -60,6 +67,22 @@ pub fn is_eventfd(fd: BorrowedFd<'_>) -> bool {
         .is_ok_and(|target| target.as_os_str() == "anon_inode:[eventfd]")
 }
 
+fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: F_GETFL only reads the status flags of the borrowed fd.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if flags & libc::O_NONBLOCK != 0 {
+        return Ok(());
+    }
+    // SAFETY: F_SETFL changes only the status flags of the borrowed fd's file description.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 impl<H: VhostUserBackendReqHandlerMut> Checked<H> {
     /// `max_queue_size`: the largest ring the export allows.
     pub fn new(mut inner: H, max_queue_size: u32, unsealed: UnsealedMemory) -> Result<Self> {
@@ -83,6 +106,19 @@ impl<H: VhostUserBackendReqHandlerMut> Checked<H> {
             ))),
             _ => Ok(()),
         }
+    }
+
+    /// [`Self::check_ring_fd`], then makes the eventfd non-blocking (see the module comment).
+    fn check_notifier(&self, request: &str, index: u8, file: &Option<File>) -> Result<()> {
+        self.check_ring_fd(request, index, file)?;
+        if let Some(f) = file {
+            set_nonblocking(f.as_fd()).map_err(|e| {
+                refused(format!(
+                    "{request} for queue {index}: cannot make it non-blocking: {e}"
+                ))
+            })?;
+        }
+        Ok(())
     }
 
     fn check_region(&self, p: Proposed, fd: BorrowedFd<'_>, others: &[Region]) -> Result<Region> {
@@ -182,12 +218,12 @@ impl<H: VhostUserBackendReqHandlerMut> VhostUserBackendReqHandlerMut for Checked
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> Result<()> {
-        self.check_ring_fd("SET_VRING_KICK", index, &fd)?;
+        self.check_notifier("SET_VRING_KICK", index, &fd)?;
         self.inner.set_vring_kick(index, fd)
     }
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> Result<()> {
-        self.check_ring_fd("SET_VRING_CALL", index, &fd)?;
+        self.check_notifier("SET_VRING_CALL", index, &fd)?;
         self.inner.set_vring_call(index, fd)
     }
 

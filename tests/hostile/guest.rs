@@ -44,6 +44,15 @@ pub fn eventfd() -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
+/// A blocking eventfd, as libblkio creates them.
+pub fn blocking_eventfd() -> OwnedFd {
+    // SAFETY: eventfd returns a fresh fd we then own.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    assert!(fd >= 0, "eventfd");
+    // SAFETY: fd is fresh and owned by nobody else.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
 /// A pipe: (read end, write end).
 pub fn pipe() -> (OwnedFd, OwnedFd) {
     let mut fds = [0; 2];
