@@ -108,3 +108,65 @@ impl Connection {
 pub fn serve_stream(stream: UnixStream, backend: &Arc<BlkBackend>) -> io::Result<Ended> {
     Ok(Connection::new(stream, backend, UnsealedMemory::Accept)?.serve())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+    use crate::engine::memory::MemoryDevice;
+    use crate::vhost::backend::DeviceSettings;
+
+    fn backend() -> Arc<BlkBackend> {
+        let dev = Arc::new(MemoryDevice::new(1 << 20).unwrap());
+        let settings = DeviceSettings {
+            serial: "stream".into(),
+            num_queues: 2,
+            queue_size: 16,
+            read_only: false,
+            poll: std::time::Duration::ZERO,
+            submit_batch: 4,
+        };
+        Arc::new(BlkBackend::new(dev, settings))
+    }
+
+    fn request(code: u32, flags: u32, payload: &[u8]) -> Vec<u8> {
+        let mut m = Vec::new();
+        for w in [code, flags, payload.len() as u32] {
+            m.extend_from_slice(&w.to_le_bytes());
+        }
+        m.extend_from_slice(payload);
+        m
+    }
+
+    #[test]
+    fn serve_stream_answers_until_the_hang_up_and_joins_its_workers() {
+        let b = backend();
+        let (ours, mut frontend) = UnixStream::pair().unwrap();
+        let served = b.clone();
+        let t = std::thread::spawn(move || serve_stream(ours, &served));
+        frontend.write_all(&request(1, 1, &[])).unwrap(); // GET_FEATURES
+        let mut reply = [0u8; 20];
+        frontend.read_exact(&mut reply).unwrap();
+        assert_eq!(&reply[..4], &1u32.to_le_bytes());
+        assert_eq!(&reply[8..12], &8u32.to_le_bytes());
+        drop(frontend);
+        assert!(matches!(t.join().unwrap().unwrap(), Ended::HungUp));
+        // Nothing of the session holds the backend any more: the workers are joined.
+        assert_eq!(Arc::strong_count(&b), 1);
+    }
+
+    #[test]
+    fn a_malformed_message_ends_the_session_with_the_reason() {
+        let b = backend();
+        let (ours, mut frontend) = UnixStream::pair().unwrap();
+        let served = b.clone();
+        let t = std::thread::spawn(move || serve_stream(ours, &served));
+        // SET_VRING_NUM 3 for queue 0: refused by the checks.
+        let mut p = 0u32.to_le_bytes().to_vec();
+        p.extend_from_slice(&3u32.to_le_bytes());
+        frontend.write_all(&request(8, 1, &p)).unwrap();
+        assert!(matches!(t.join().unwrap().unwrap(), Ended::Refused(_)));
+        assert_eq!(Arc::strong_count(&b), 1);
+    }
+}
