@@ -1,7 +1,9 @@
 //! A running export: a socket that serves one frontend at a time, for as long as it is up.
 //!
-//! Each connection gets a fresh vhost-user daemon (fresh vrings and worker threads), so a
-//! guest reboot or a VMM restart reconnects to the same export without a thinblk restart.
+//! Each accepted frontend becomes a [`Connection`] (fresh vrings and worker threads) that owns
+//! everything of its session and releases it when the frontend goes away, so a guest reboot or
+//! a VMM restart reconnects to the same export without a thinblk restart, and a thousand
+//! reconnects leave no descriptor or thread behind.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -12,13 +14,11 @@ use std::thread::JoinHandle;
 
 use log::{error, info, warn};
 use parking_lot::Mutex;
-use vhost::vhost_user::Listener;
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
 
 use super::backend::{BlkBackend, DeviceSettings};
+use super::connection::{Connection, Ended};
 use super::execute::FailureSink;
+use super::memory_table::UnsealedMemory;
 use crate::engine::BlockDevice;
 use crate::sockets::{bind_private, SocketError};
 
@@ -28,8 +28,9 @@ pub struct Export {
     /// A duplicate of the listening socket, to end a blocked accept at shutdown.
     wake: Option<UnixListener>,
     stopping: Arc<AtomicBool>,
-    /// Ends the connection of the frontend being served, if there is one.
-    connection: Arc<Mutex<Option<ShutdownHandle>>>,
+    /// A handle on the socket of the frontend being served, if there is one, to end its
+    /// session.
+    connection: Arc<Mutex<Option<UnixStream>>>,
     thread: Option<JoinHandle<()>>,
     backend: Arc<BlkBackend>,
 }
@@ -120,7 +121,7 @@ impl Drop for Export {
         // A connected frontend would keep the serving thread in its session for as long as it
         // likes: end the session (the frontend sees the socket close, as after a crash).
         if let Some(conn) = self.connection.lock().as_ref() {
-            conn.shutdown();
+            let _ = conn.shutdown(std::net::Shutdown::Both);
         }
         // Shutting the listening socket down makes a blocked accept fail at once, even if the
         // socket's path has been removed; the serving loop then sees the flag and ends.
@@ -141,51 +142,46 @@ fn serve(
     listener: UnixListener,
     backend: Arc<BlkBackend>,
     stopping: &AtomicBool,
-    connection: &Mutex<Option<ShutdownHandle>>,
+    connection: &Mutex<Option<UnixStream>>,
 ) {
-    let mut listener = Listener::from(listener);
     while !stopping.load(Ordering::Acquire) {
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let mut daemon = match VhostUserDaemon::new(name.to_string(), backend.clone(), mem) {
-            Ok(d) => d,
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
             Err(e) => {
-                error!("{name}: cannot create the vhost-user daemon: {e}");
-                return;
+                if !stopping.load(Ordering::Acquire) {
+                    error!("{name}: accepting a frontend failed: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                continue;
             }
         };
-        for (queue, handler) in daemon.get_epoll_handlers().iter().enumerate() {
-            if let Some(fd) = backend.completion_fd(queue) {
-                let id = u64::from(backend.completion_event());
-                if let Err(e) = handler.register_listener(fd, EventSet::IN, id) {
-                    error!("{name}: cannot watch queue {queue}'s completions: {e}");
-                    return;
-                }
-            }
+        if stopping.load(Ordering::Acquire) {
+            break;
         }
-        if let Err(e) = daemon.start(&mut listener) {
-            if !stopping.load(Ordering::Acquire) {
-                error!("{name}: accepting a frontend failed: {e}");
-                std::thread::sleep(std::time::Duration::from_millis(100));
+        // Memory that could still shrink is mapped (libblkio's memfds cannot be sealed, nor can
+        // QEMU's memory-backend-file); SECURITY.md, "Guest memory", says what that risks.
+        let session = match Connection::new(stream, &backend, UnsealedMemory::Accept) {
+            Ok(s) => s,
+            Err(e) => {
+                error!("{name}: cannot serve a frontend: {e}");
+                continue;
             }
-            continue;
-        }
+        };
         // Published before `stopping` is read again: either `Drop` finds the handle, or this
         // thread sees the flag (the mutex orders the two).
-        *connection.lock() = daemon.shutdown_handle();
+        *connection.lock() = session.shutdown_handle().ok();
         if stopping.load(Ordering::SeqCst) {
-            daemon.request_shutdown();
+            if let Some(s) = connection.lock().as_ref() {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
         } else {
             info!("{name}: frontend connected");
         }
-        let ended = daemon.wait();
+        let ended = session.serve();
         *connection.lock() = None;
         match ended {
-            Ok(()) => info!("{name}: frontend disconnected"),
-            Err(e) => info!("{name}: connection ended: {e}"),
-        }
-        backend.frontend_gone();
-        for handler in daemon.get_epoll_handlers() {
-            handler.send_exit_event();
+            Ended::HungUp => info!("{name}: frontend disconnected"),
+            Ended::Refused(e) => warn!("{name}: connection closed: {e}"),
         }
     }
 }

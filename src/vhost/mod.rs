@@ -4,8 +4,11 @@
 
 pub mod backend;
 pub mod config;
+pub mod connection;
 pub mod execute;
 pub mod export;
+pub mod frontend_checks;
+pub mod memory_table;
 pub mod request;
 
 pub use backend::{BlkBackend, DeviceSettings, MAX_QUEUES, MAX_QUEUE_SIZE};
