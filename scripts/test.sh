@@ -25,3 +25,7 @@ THINBLK="$PWD/target/release/thinblk" bash qemu-scripts/e2e.sh
 THINBLK="$PWD/target/release/thinblk" SERVER=thin bash qemu-scripts/e2e.sh
 # Snapshots of an external origin: a cow= export and a thin origin= export of one image.
 THINBLK="$PWD/target/release/thinblk" SERVER=cow bash qemu-scripts/e2e.sh
+# Issue 13: a guest flips its write cache under QD32 first writes while another disk of the pool
+# takes first writes and the host snapshots; must finish, and thinblk exit on SIGTERM (on a
+# deadlock the case kills QEMU and thinblk and fails).
+THINBLK="$PWD/target/release/thinblk" SERVER=thin E2E_TESTS=cacheflip bash qemu-scripts/e2e.sh
