@@ -293,6 +293,48 @@ fn wait_for_a_call(eventfds: &[EventFd], kicked: usize) {
     };
 }
 
+/// The daemon's side of one frontend connection: the one place that knows how thinblk serves a
+/// vhost-user connection. (Where the code has `vhost::connection::serve_stream`, a session is a
+/// thread running it on one end of `UnixStream::pair()`, with every check an export makes.)
+struct Session {
+    daemon: VhostUserDaemon<Arc<BlkBackend>>,
+}
+
+impl Session {
+    /// Serves `backend` to a new frontend, as `vhost::export` does; returns the frontend's
+    /// socket.
+    fn start(backend: &Arc<BlkBackend>) -> (UnixStream, Session) {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let mut daemon =
+            VhostUserDaemon::new("fuzz".into(), backend.clone(), mem).expect("vhost-user daemon");
+        // Each worker also waits on its queue's io_uring completions.
+        for (queue, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+            if let Some(fd) = backend.completion_fd(queue) {
+                let id = u64::from(backend.completion_event());
+                handler
+                    .register_listener(fd, EventSet::IN, id)
+                    .expect("watch completions");
+            }
+        }
+        let addr = address().expect("abstract socket address");
+        let listener = UnixListener::bind_addr(&addr).expect("bind the daemon's socket");
+        let sock = UnixStream::connect_addr(&addr).expect("connect as the frontend");
+        daemon
+            .start(&mut Listener::from(listener))
+            .expect("accept the frontend");
+        (sock, Session { daemon })
+    }
+
+    /// Waits for the session to end after the frontend hung up, and stops its workers.
+    fn end(mut self, backend: &BlkBackend) {
+        let _ = self.daemon.wait();
+        backend.frontend_gone();
+        for handler in self.daemon.get_epoll_handlers() {
+            handler.send_exit_event();
+        }
+    }
+}
+
 /// A fresh abstract socket address (no file), unique in this process.
 fn address() -> Option<SocketAddr> {
     static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -316,24 +358,7 @@ pub fn run(data: &[u8]) {
             submit_batch: 4,
         },
     ));
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let mut daemon =
-        VhostUserDaemon::new("fuzz".into(), backend.clone(), mem).expect("vhost-user daemon");
-    // As vhost::export does: each worker also waits on its queue's io_uring completions.
-    for (queue, handler) in daemon.get_epoll_handlers().iter().enumerate() {
-        if let Some(fd) = backend.completion_fd(queue) {
-            let id = u64::from(backend.completion_event());
-            handler
-                .register_listener(fd, EventSet::IN, id)
-                .expect("watch completions");
-        }
-    }
-    let addr = address().expect("abstract socket address");
-    let listener = UnixListener::bind_addr(&addr).expect("bind the daemon's socket");
-    let sock = UnixStream::connect_addr(&addr).expect("connect as the frontend");
-    daemon
-        .start(&mut Listener::from(listener))
-        .expect("accept the frontend");
+    let (sock, session) = Session::start(&backend);
 
     // Replies are read and dropped as they come, so the daemon never blocks on a full socket.
     let mut replies = sock.try_clone().expect("clone the frontend socket");
@@ -376,11 +401,7 @@ pub fn run(data: &[u8]) {
 
     // The frontend hangs up; the session and every worker must end.
     let _ = sock.shutdown(std::net::Shutdown::Write);
-    let _ = daemon.wait();
-    backend.frontend_gone();
-    for handler in daemon.get_epoll_handlers() {
-        handler.send_exit_event();
-    }
+    session.end(&backend);
     let _ = sock.shutdown(std::net::Shutdown::Both);
     reader.join().expect("reply reader");
     drop(sent);
