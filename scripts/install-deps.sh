@@ -24,7 +24,9 @@ is_installed() {
     [[ $(dpkg-query -W -f '${db:Status-Status}' "$1" 2>/dev/null) == installed ]]
 }
 
-if ! grep -rqs '^[^#]*bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+# Only the files apt reads (*.list, *.sources), not disabled leftovers beside them.
+if ! grep -qs '^[^#]*bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/*.list \
+    /etc/apt/sources.list.d/*.sources; then
     echo "adding bookworm-backports to apt's sources"
     cat >/etc/apt/sources.list.d/bookworm-backports.sources <<'SOURCES'
 Types: deb
@@ -36,7 +38,7 @@ SOURCES
 fi
 
 # Any other QEMU package already installed (e.g. qemu-system-gui or the module packages
-# pulled in by a earlier install's recommends) must move to 10.0 with the rest.
+# pulled in by an earlier install's recommends) must move to 10.0 with the rest.
 mapfile -t installed_qemu < <(dpkg-query -W -f '${db:Status-Status} ${Package}\n' 'qemu-*' 2>/dev/null |
     awk '$1 == "installed" { print $2 }')
 qemu_missing=()
