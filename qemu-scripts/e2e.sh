@@ -27,6 +27,13 @@
 #        fsynced in any round so far must be there with its checksum. Rounds
 #        alternate write-back and write-through. With another server the case
 #        runs too, without the pool checks.
+#   cacheflip (thin, never by default; scripts/test.sh runs it on its own)  two new thin
+#        devices of one pool in one guest: fio writes at QD32 into unprovisioned blocks of
+#        the first while the guest flips its write cache to write-through and back, and
+#        into the second meanwhile; the host takes thin-snapshots of the first every
+#        second. All within E2E_CACHEFLIP_TIMEOUT (default 120 s), fio without errors, and
+#        thinblk exits 0 on SIGTERM afterwards. On a timeout QEMU and thinblk are killed
+#        with SIGKILL and the case fails (issue 13: a flip under load deadlocked the pool).
 # Prints one line per case and "N passed, M failed"; exits 1 if any failed.
 #
 # Environment:
@@ -340,6 +347,78 @@ resize_case() {
         "$(tr -d '\r' <"$glog" | sed -n 's/^capacity now //p')"
 }
 
+# cacheflip: see the header. Restarts the server with two more thin devices (new, so every
+# write is a first write), runs the guest test of the same name on both, snapshots the first
+# while it runs, then stops the server, which must exit 0 on SIGTERM. Records its own result.
+CACHEFLIP_TIMEOUT=${E2E_CACHEFLIP_TIMEOUT:-120}
+cacheflip_case() {
+    local start=$1 glog=$SCRATCH/guest-cacheflip.log pidfile=$SCRATCH/qemu-cacheflip.pid
+    local flip=$SCRATCH/flip.sock other=$SCRATCH/flip2.sock n=0 rc=0 out err= qpid
+    stop_server
+    THIN_EXTRA=(--export "name=flip,size=256M,socket=$flip,queues=$QUEUES"
+        --export "name=flip2,size=64M,socket=$other,queues=$QUEUES")
+    if ! start_server || ! wait_socket "$flip" || ! wait_socket "$other"; then
+        SERVER_UP=0
+        show_tail "$SERVER_LOG" "server log"
+        record FAIL cacheflip $(($(date +%s) - start)) "server did not start with the flip disks"
+        return
+    fi
+    rm -f "$pidfile"
+    "$HERE/run-qemu.sh" -g "$GUEST" -l "$glog" -q "$QUEUES" -t "$CACHEFLIP_TIMEOUT" \
+        -d "$other" -p "$pidfile" "$flip" cacheflip 2>"$SCRATCH/run-cacheflip.err" &
+    RUN_PID=$!
+    while kill -0 "$RUN_PID" 2>/dev/null && ! grep -q "CACHEFLIP started" "$glog" 2>/dev/null; do
+        sleep 0.2
+    done
+    # Snapshots while the guest writes and flips; one that does not answer is the deadlock.
+    while kill -0 "$RUN_PID" 2>/dev/null; do
+        n=$((n + 1))
+        if ! out=$(timeout 30 "$THINBLK" ctl --socket "$CONTROL" thin-snapshot device=flip \
+            "name=flip-snap$n" 2>&1); then
+            err="thin-snapshot $n did not complete: ${out:-no answer within 30 s}"
+            break
+        fi
+        sleep 1
+    done
+    if [ -n "$err" ] && kill -0 "$RUN_PID" 2>/dev/null; then
+        # QEMU would wait for the stuck backend forever: kill it outright.
+        qpid=$(cat "$pidfile" 2>/dev/null || true)
+        [ -z "$qpid" ] || kill -KILL "$qpid" 2>/dev/null || true
+    fi
+    wait "$RUN_PID" || rc=$?
+    RUN_PID=
+    cat "$SCRATCH/run-cacheflip.err" >&2
+    if [ -z "$err" ] && [ "$rc" -ne 0 ]; then
+        err=$(tail -n1 "$SCRATCH/run-cacheflip.err" \
+            | sed -e 's/^e2e: cacheflip: FAIL in [0-9]*s: //' -e 's/ (log: [^)]*)$//')
+    fi
+    # thinblk must still exit on SIGTERM (stop_server gives it 10 s, then SIGKILL).
+    stop_server
+    SERVER_UP=0
+    if [ "$STOP_RC" -ne 0 ]; then
+        err="${err:+$err; }thinblk exited with status $STOP_RC on SIGTERM (137: it had to be killed)"
+    fi
+    if [ -n "$err" ]; then
+        show_tail "$glog" "guest serial log"
+        show_tail "$SERVER_LOG" "server log"
+        record FAIL cacheflip $(($(date +%s) - start)) "$err"
+        return
+    fi
+    record PASS cacheflip $(($(date +%s) - start)) \
+        "$(tr -d '\r' <"$glog" | sed -n 's/^CACHEFLIP flipped \([0-9]*\) times$/\1/p') flips, $n snapshots"
+}
+
+# wait_socket PATH: up to 30 s for a server's socket to appear.
+wait_socket() {
+    local _
+    for _ in $(seq 300); do
+        [ -S "$1" ] && return 0
+        sleep 0.1
+    done
+    echo "no socket $1 within 30 s" >>"$SERVER_LOG"
+    return 1
+}
+
 # check_pool: the pool's metadata, with no server running, must pass Debian's thin_check and
 # thinblk's own check (which also counts data references). On failure prints why, returns 1.
 check_pool() {
@@ -518,6 +597,11 @@ for t in $TESTS; do
     fi
     if [ "$t" = resize ]; then
         resize_case "$start"
+        continue
+    fi
+    if [ "$t" = cacheflip ]; then
+        [ "$SERVER" = thin ] || die "cacheflip needs SERVER=thin"
+        cacheflip_case "$start"
         continue
     fi
     if [ "$t" = live-snapshot ]; then

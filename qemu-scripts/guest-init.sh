@@ -309,6 +309,40 @@ test_resize() {
     pass
 }
 
+# cacheflip: fio writes at QD32 into unprovisioned blocks of vda while the guest switches
+# vda's write cache to write-through and back, again and again; a second fio job writes to
+# vdb (another thin device of the same pool), all first writes. The host takes thin-snapshots
+# meanwhile. Every write must complete without an error (a flip used to deadlock the pool).
+test_cacheflip() {
+    ct=/sys/block/vda/cache_type
+    [ -w "$ct" ] || fail "no writable $ct (VIRTIO_BLK_F_CONFIG_WCE not offered?)"
+    [ -b /dev/vdb ] || fail "no second disk /dev/vdb"
+    echo "+ fio: vda 4k randwrite QD32 over 64M, vdb 64k write QD4 over 32M, while flipping"
+    fio --output=/tmp/fio.out --ioengine=libaio --direct=1 --runtime=90 \
+        --name=flip --filename=/dev/vda --rw=randwrite --bs=4k --iodepth=32 --size=64M \
+        --name=other --filename=/dev/vdb --rw=write --bs=64k --iodepth=4 --size=32M &
+    fpid=$!
+    echo "CACHEFLIP started"
+    n=0
+    while kill -0 "$fpid" 2>/dev/null && [ "$n" -lt 8 ]; do
+        echo "write through" >"$ct" || fail "cannot set write through"
+        sleep 0.4
+        echo "write back" >"$ct" || fail "cannot set write back"
+        sleep 0.4
+        n=$((n + 1))
+    done
+    echo "CACHEFLIP flipped $n times"
+    wait "$fpid"
+    rc=$?
+    cat /tmp/fio.out
+    [ "$rc" -eq 0 ] || fail "fio exited $rc: $(grep -m1 -E 'err=|error' /tmp/fio.out)"
+    if grep -qE 'err= *[1-9]' /tmp/fio.out; then
+        fail "fio reported errors: $(grep -m1 -E 'err= *[1-9]' /tmp/fio.out)"
+    fi
+    [ "$n" -ge 2 ] || fail "fio ended after $n flips: nothing was tested"
+    pass
+}
+
 # originrw: the disk is a writable view of a read-only origin image the host
 # built with mkfs.ext4 -d (a COW or thin external-origin export). Check the
 # origin's files, add files of our own, record checksums of everything; the
@@ -410,6 +444,7 @@ case "$TEST" in
     fio) test_fio ;;
     fiobench) test_fiobench ;;
     resize) test_resize ;;
+    cacheflip) test_cacheflip ;;
     livewrite) test_livewrite ;;
     liveverify) test_liveverify ;;
     originrw) test_originrw ;;

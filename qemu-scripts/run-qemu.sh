@@ -12,6 +12,8 @@
 #   -l FILE     serial log (default: ./qemu-TEST.log)
 #   -t SECONDS  kill QEMU after this long (default: 300)
 #   -q N        virtqueues of the disk (default: 2)
+#   -d SOCKET   one more vhost-user-blk disk (vdb, vdc, ...), served at SOCKET; repeatable
+#   -p FILE     QEMU writes its pid there (so a caller can SIGKILL a QEMU stuck on a backend)
 #   -i          interactive: serial on this terminal, no timeout, no log
 #               (use TEST=shell to get a guest shell; Ctrl-A x quits)
 # Environment: QEMU (binary), QEMU_MEM (1G), QEMU_SMP (2), QEMU_ACCEL (tcg;
@@ -28,18 +30,22 @@ LOG=
 TIMEOUT=300
 QUEUES=2
 INTERACTIVE=0
-while getopts "g:l:t:q:ih" opt; do
+EXTRA_DISKS=()
+PIDFILE=
+while getopts "g:l:t:q:d:p:ih" opt; do
     case "$opt" in
         g) GUEST=$OPTARG ;;
         l) LOG=$OPTARG ;;
         t) TIMEOUT=$OPTARG ;;
         q) QUEUES=$OPTARG ;;
+        d) EXTRA_DISKS+=("$OPTARG") ;;
+        p) PIDFILE=$OPTARG ;;
         i) INTERACTIVE=1 ;;
         *) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2 ;;
     esac
 done
 shift $((OPTIND - 1))
-[ $# -eq 2 ] || die "usage: run-qemu.sh [-g DIR] [-l LOG] [-t SECONDS] [-q N] [-i] SOCKET TEST"
+[ $# -eq 2 ] || die "usage: run-qemu.sh [-g DIR] [-l LOG] [-t SECONDS] [-q N] [-d SOCKET]... [-p FILE] [-i] SOCKET TEST"
 SOCK=$1
 TEST=$2
 LOG=${LOG:-qemu-$TEST.log}
@@ -69,6 +75,13 @@ args=(
     -kernel "$GUEST/vmlinuz" -initrd "$GUEST/initramfs.cpio.gz"
     -append "console=ttyS0 panic=-1 loglevel=4 thinblk.test=$TEST ${QEMU_APPEND:-}"
 )
+n=0
+for extra in "${EXTRA_DISKS[@]}"; do
+    n=$((n + 1))
+    [ -S "$extra" ] || die "$extra is not a socket: is its vhost-user server running?"
+    args+=(-chardev "socket,id=c$n,path=$extra" -device "vhost-user-blk-pci,chardev=c$n,num-queues=$QUEUES")
+done
+[ -z "$PIDFILE" ] || args+=(-pidfile "$PIDFILE")
 
 if [ "$INTERACTIVE" -eq 1 ]; then
     exec "$QEMU" "${args[@]}" -serial mon:stdio

@@ -80,6 +80,55 @@ fn xml_documents_restore_cleanly_or_are_refused_with_an_error() {
 }
 
 #[test]
+fn vhost_user_message_streams_end_their_session_without_panics() {
+    replay_all("vhost_user");
+}
+
+/// A session written with the seed writer's encoder (every kind of descriptor, a kick, a
+/// memory write, a header that lies about its size) runs and ends.
+#[test]
+fn vhost_user_sessions_built_by_the_encoder_end() {
+    use harness::vhost_user::{encode, run, FdKind, Op};
+    let kinds = [
+        FdKind::Memfd(1),
+        FdKind::EventFd,
+        FdKind::PipeRead,
+        FdKind::PipeWrite,
+        FdKind::Socket,
+        FdKind::DevNull,
+    ];
+    for k in kinds {
+        assert_eq!(FdKind::from_byte(k.to_byte()), k);
+    }
+    let ops = [
+        Op::Message {
+            code: 3,
+            need_reply: true,
+            payload: vec![],
+            fds: kinds.to_vec(),
+        },
+        Op::Kick(0),
+        Op::Fill {
+            memfd: 0,
+            offset: 7,
+            bytes: vec![1, 2, 3],
+        },
+        Op::Message {
+            code: 5,
+            need_reply: false,
+            payload: vec![0xff; 400],
+            fds: vec![FdKind::Memfd(0)],
+        },
+    ];
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        run(&encode(0, &ops));
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(HANG).expect("the session ended");
+}
+
+#[test]
 fn every_target_has_a_name_the_replay_knows() {
     for (name, _) in harness::TARGETS {
         assert!(Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use thinblk::engine::pdata::check::check_pool;
 use thinblk::engine::pdata::superblock::BLOCK_SIZE;
+use thinblk_fuzz::vhost_user::{encode, FdKind, Op};
 use thinblk_fuzz::{block_manager, pool_image};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -237,6 +238,134 @@ fn pdata(image: &[u8]) {
     write(t, "pool-raw-first-16-blocks", &raw);
 }
 
+/// A vhost-user message with `payload` and descriptors of `fds`.
+fn msg(code: u8, payload: Vec<u8>, fds: &[FdKind]) -> Op {
+    Op::Message {
+        code,
+        need_reply: false,
+        payload,
+        fds: fds.to_vec(),
+    }
+}
+
+fn le(words: &[u64], widths: &[usize]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (w, n) in words.iter().zip(widths) {
+        out.extend_from_slice(&w.to_le_bytes()[..*n]);
+    }
+    out
+}
+
+/// A memory region: guest address 0, 1 MiB, at the frontend's address `UADDR`, file offset 0.
+const UADDR: u64 = 0x7f00_0000_0000;
+fn region() -> Vec<u8> {
+    le(&[0, 1 << 20, UADDR, 0], &[8, 8, 8, 8])
+}
+
+/// Negotiation in cloud-hypervisor's order, then a config read.
+fn negotiation() -> Vec<Op> {
+    let virtio = (1u64 << 32) | (1 << 30) | (1 << VIRTIO_BLK_F_FLUSH);
+    let protocol = 0x8209u64; // MQ, REPLY_ACK, CONFIG, CONFIGURE_MEM_SLOTS
+    vec![
+        msg(3, vec![], &[]),
+        msg(1, vec![], &[]),
+        msg(15, vec![], &[]),
+        msg(16, le(&[protocol], &[8]), &[]),
+        msg(17, vec![], &[]),
+        msg(2, le(&[virtio], &[8]), &[]),
+        msg(24, [le(&[0, 60, 0], &[4, 4, 4]), vec![0; 60]].concat(), &[]),
+    ]
+}
+
+/// Queue 0 of 16 entries in the 1 MiB memfd, with call and kick eventfds, enabled.
+fn queue_setup() -> Vec<Op> {
+    vec![
+        msg(
+            5,
+            [le(&[1, 0], &[4, 4]), region()].concat(),
+            &[FdKind::Memfd(3)],
+        ),
+        msg(8, le(&[0, 16], &[4, 4]), &[]),
+        msg(
+            9,
+            le(
+                &[0, 0, UADDR, UADDR + 0x200, UADDR + 0x100, 0],
+                &[4, 4, 8, 8, 8, 8],
+            ),
+            &[],
+        ),
+        msg(10, le(&[0, 0], &[4, 4]), &[]),
+        msg(13, le(&[0], &[8]), &[FdKind::EventFd]),
+        msg(12, le(&[0], &[8]), &[FdKind::EventFd]),
+        msg(18, le(&[0, 1], &[4, 4]), &[]),
+    ]
+}
+
+/// Request number `n` (of at most 5) of `kind` in the memfd: descriptors 3n to 3n+2, header
+/// at 0x1000 + 16n, 512 bytes of data at 0x2000 + 0x1000n, status byte at 0x8000 + n (0xff
+/// until the device writes it); made available in ring slot n, and kicked.
+fn request_ops(kind: u32, n: u64) -> Vec<Op> {
+    let data_flags = if kind == VIRTIO_BLK_T_IN {
+        VRING_DESC_F_WRITE
+    } else {
+        0
+    };
+    let next = u64::from(VRING_DESC_F_NEXT);
+    let (hdr, data, status) = (0x1000 + 16 * n, 0x2000 + 0x1000 * n, 0x8000 + n);
+    let table = [
+        le(&[hdr, 16, next, 3 * n + 1], &[8, 4, 2, 2]),
+        le(
+            &[data, 512, next | u64::from(data_flags), 3 * n + 2],
+            &[8, 4, 2, 2],
+        ),
+        le(
+            &[status, 1, u64::from(VRING_DESC_F_WRITE), 0],
+            &[8, 4, 2, 2],
+        ),
+    ]
+    .concat();
+    let fill = |offset: u64, bytes| Op::Fill {
+        memfd: 0,
+        offset: offset as u32,
+        bytes,
+    };
+    vec![
+        fill(48 * n, table),
+        fill(hdr, header(kind, 8 * n)),
+        fill(status, vec![0xff]),
+        // Slot n holds head 3n; then the index moves past it.
+        fill(
+            0x100,
+            [
+                le(&[0, n + 1], &[2, 2]),
+                (0..=n).flat_map(|i| le(&[3 * i], &[2])).collect(),
+            ]
+            .concat(),
+        ),
+        Op::Kick(1),
+    ]
+}
+
+fn vhost_user() {
+    let t = "vhost_user";
+    write(t, "negotiate", &encode(0, &negotiation()));
+    let mut session = negotiation();
+    session.extend(queue_setup());
+    session.extend(request_ops(VIRTIO_BLK_T_OUT, 0));
+    session.extend(request_ops(VIRTIO_BLK_T_IN, 1));
+    // Stop the queue (GET_VRING_BASE), then reset.
+    session.push(msg(11, le(&[0, 0], &[4, 4]), &[]));
+    session.push(msg(4, vec![], &[]));
+    write(t, "session-read-write", &encode(0, &session));
+    let mut slots = negotiation();
+    slots.extend([
+        msg(36, vec![], &[]),
+        msg(37, [le(&[0], &[8]), region()].concat(), &[FdKind::Memfd(3)]),
+        msg(38, [le(&[0], &[8]), region()].concat(), &[]),
+    ]);
+    write(t, "mem-slots", &encode(1, &slots));
+}
+
 fn main() {
     let image = pool_image();
     let report = check_pool(&block_manager(&image));
@@ -253,4 +382,5 @@ fn main() {
     virtio_queue();
     qmp();
     pdata(&image);
+    vhost_user();
 }

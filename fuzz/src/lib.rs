@@ -1,7 +1,8 @@
 //! The fuzz targets' bodies (one module each; `fuzz_targets/<name>.rs` only hands libFuzzer's
 //! input to `<name>::run`) and what they share: guest memory from fuzzer bytes, and a small
-//! thin pool image to mutate. Everything here is deterministic and single-threaded: no
-//! threads, sockets, files or clocks.
+//! thin pool image to mutate. Everything here is deterministic and single-threaded (no
+//! threads, sockets, files or clocks) except `vhost_user`, which drives the real vhost-user
+//! daemon, threads and socket included.
 //!
 //! The main crate's `tests/fuzz_regressions.rs` includes this file as a module and replays
 //! every input under `fuzz/regressions/<target>/` through [`run`], so a crash found here stays
@@ -10,6 +11,7 @@
 pub mod pdata_blocks;
 pub mod pdata_image;
 pub mod qmp;
+pub mod vhost_user;
 pub mod virtio_queue;
 pub mod virtio_request;
 pub mod xml_restore;
@@ -30,13 +32,14 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 pub type Target = fn(&[u8]);
 
 /// Every target, by the name of its directory under `corpus/` and `regressions/`.
-pub const TARGETS: [(&str, Target); 6] = [
+pub const TARGETS: [(&str, Target); 7] = [
     ("virtio_request", virtio_request::run),
     ("virtio_queue", virtio_queue::run),
     ("qmp", qmp::run),
     ("pdata_blocks", pdata_blocks::run),
     ("pdata_image", pdata_image::run),
     ("xml_restore", xml_restore::run),
+    ("vhost_user", vhost_user::run),
 ];
 
 /// Runs target `name` on `data`; false if there is no such target.

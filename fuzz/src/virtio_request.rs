@@ -8,11 +8,14 @@
 
 use super::{guest_memory, Input};
 use thinblk::engine::memory::MemoryDevice;
+use thinblk::vhost::config::RequestLimits;
 use thinblk::vhost::execute::{complete, Target};
 use thinblk::vhost::request::{parse, Desc};
 use vm_memory::GuestMemoryBackend;
 
 const DISK: u64 = 64 << 10;
+/// A queue of 16: chains of up to 32 descriptors fall on both sides of its limits.
+const LIMITS: RequestLimits = RequestLimits::for_queue(16);
 
 pub fn run(data: &[u8]) {
     let mut input = Input(data);
@@ -31,7 +34,7 @@ pub fn run(data: &[u8]) {
         .filter(|d| d.writable)
         .map(|d| u64::from(d.len))
         .sum();
-    match parse(&mem, &descs) {
+    match parse(&mem, &descs, &LIMITS) {
         Err(rejection) => {
             if let Some(status) = rejection.status {
                 assert!(mem.address_in_range(status), "status outside guest memory");

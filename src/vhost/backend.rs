@@ -6,20 +6,20 @@ use std::sync::Arc;
 
 use log::{debug, warn};
 use parking_lot::{Mutex, RwLock};
-use smallvec::SmallVec;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_queue::{DescriptorChain, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use super::chain::{frame, DescTable};
 use super::config::{self, BlkConfig, SECTOR_SIZE, WRITEBACK_OFFSET};
 use super::execute::{finish, prepare, ExecuteError, FailureSink, Pending, Prepared, Target};
-use super::request::{parse, Desc, Request};
+use super::request::Request;
 use crate::engine::io::{Completion, IoQueue, QueueOptions};
 use crate::engine::BlockDevice;
 
@@ -195,8 +195,7 @@ impl BlkBackend {
     fn blk_config(&self) -> BlkConfig {
         BlkConfig {
             capacity_sectors: self.dev.size() / SECTOR_SIZE,
-            // Two descriptors of every chain hold the header and the status.
-            seg_max: u32::from(self.settings.queue_size.saturating_sub(2).max(1)),
+            seg_max: config::seg_max(self.settings.queue_size),
             num_queues: self.settings.num_queues,
             // The cache bit as the guest set it (default on). VMMs read the config before the
             // driver negotiates features, so this must not wait for FLUSH to be acked.
@@ -236,22 +235,11 @@ impl BlkBackend {
         state.as_ref().map(|q| q.io.notifier())
     }
 
-    /// Frames a chain; a rejected one is answered at once and `None` returned with its length.
-    fn frame<M>(&self, mem: &GuestMemoryMmap, chain: DescriptorChain<M>) -> Result<Request, u32>
-    where
-        M: std::ops::Deref,
-        M::Target: vm_memory::GuestMemory,
-    {
-        // Inline room for the usual header, data and status descriptors: no allocation per
-        // request unless the chain is long.
-        let descs: SmallVec<[Desc; 8]> = chain
-            .map(|d| Desc {
-                addr: d.addr().0,
-                len: d.len(),
-                writable: d.is_write_only(),
-            })
-            .collect();
-        parse(mem, &descs).map_err(|rejection| {
+    /// Frames chain `head` of `table`; a rejected one is answered at once and its used length
+    /// returned.
+    fn frame(&self, mem: &GuestMemoryMmap, table: DescTable, head: u16) -> Result<Request, u32> {
+        let limits = config::RequestLimits::for_queue(self.settings.queue_size);
+        frame(mem, table, head, &limits).map_err(|rejection| {
             self.note_rejection(rejection.reason);
             match rejection.status {
                 Some(addr) => match vm_memory::Bytes::write_obj(mem, rejection.code, addr) {
@@ -281,6 +269,14 @@ impl BlkBackend {
         }
         let mut used = false;
         let mut taken = 0usize;
+        let table = {
+            let state = vring.get_ref();
+            let q = state.get_queue();
+            DescTable {
+                addr: vm_memory::GuestAddress(q.desc_table()),
+                size: q.size(),
+            }
+        };
         while taken < self.pass_limit() {
             let chain = vring
                 .get_mut()
@@ -293,7 +289,7 @@ impl BlkBackend {
             // added the region this request's buffers are in just before publishing it.
             let newer = self.newer_memory(ring_mem);
             let mem = newer.as_ref().unwrap_or(ring_mem);
-            let len = match self.frame(mem, chain) {
+            let len = match self.frame(mem, table, head) {
                 Err(len) => len,
                 Ok(req) => match (prepare(mem, &req, &target), state.as_mut()) {
                     (Prepared::Submit(mut io, written), Some(qs)) => {

@@ -4,6 +4,11 @@
 //! bytes are the header, the last writable byte is the status, and what lies between is data,
 //! however the driver chose to cut it into descriptors (the specification forbids relying on
 //! any particular framing).
+//!
+//! This is also the one place a request is held to the limits the device advertised
+//! ([`RequestLimits`]: `seg_max`, `size_max`, and the range counts of DISCARD and
+//! WRITE_ZEROES): a request past them is answered with an error status here, the same whatever
+//! the device behind the export, and no device ever sees it.
 
 use smallvec::SmallVec;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -13,7 +18,11 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
 
+use super::config::{RequestLimits, MAX_RANGE_SEGMENTS};
+
 const HEADER_LEN: u64 = 16;
+/// Bytes of one DISCARD or WRITE_ZEROES range (`struct virtio_blk_discard_write_zeroes`).
+pub const RANGE_SEGMENT_LEN: u64 = 16;
 
 /// One descriptor as the chain walker found it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -230,9 +239,38 @@ fn op_of(kind: u32, status: GuestAddress) -> Result<Op, Rejection> {
     })
 }
 
-/// Frames a chain into a request.
-pub fn parse(mem: &GuestMemoryMmap, descs: &[Desc]) -> Result<Request, Rejection> {
+/// Why a request's data is past the device's limits, if it is.
+fn past_limits(op: Op, data: &[Segment], limits: &RequestLimits) -> Option<&'static str> {
+    if data.len() > limits.seg_max as usize {
+        return Some("more data segments than seg_max");
+    }
+    if data.iter().any(|s| s.len > u64::from(limits.size_max)) {
+        return Some("a data segment longer than size_max");
+    }
+    if matches!(op, Op::Discard | Op::WriteZeroes) {
+        // Bounded by the checks above: at most seg_max * size_max bytes.
+        let len: u64 = data.iter().map(|s| s.len).sum();
+        let ranges = len / RANGE_SEGMENT_LEN;
+        if !len.is_multiple_of(RANGE_SEGMENT_LEN)
+            || ranges == 0
+            || ranges > u64::from(MAX_RANGE_SEGMENTS)
+        {
+            return Some("range list is not 1 to max_discard_seg whole ranges");
+        }
+    }
+    None
+}
+
+/// Frames a chain into a request within `limits`.
+pub fn parse(
+    mem: &GuestMemoryMmap,
+    descs: &[Desc],
+    limits: &RequestLimits,
+) -> Result<Request, Rejection> {
     let (status, readable, writable) = split_chain(mem, descs)?;
+    if descs.len() > limits.max_descriptors as usize {
+        return Err(Rejection::ioerr(status, "chain longer than the queue"));
+    }
 
     let end = header_end(readable).ok_or(Rejection::ioerr(
         status,
@@ -260,6 +298,9 @@ pub fn parse(mem: &GuestMemoryMmap, descs: &[Desc]) -> Result<Request, Rejection
         Op::Flush if !has_readable && !has_writable => Segments::new(),
         _ => return Err(Rejection::ioerr(status, "data buffers point the wrong way")),
     };
+    if let Some(reason) = past_limits(op, &data, limits) {
+        return Err(Rejection::ioerr(status, reason));
+    }
     Ok(Request {
         op,
         sector,
@@ -271,6 +312,15 @@ pub fn parse(mem: &GuestMemoryMmap, descs: &[Desc]) -> Result<Request, Rejection
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::vhost::config::SIZE_MAX;
+
+    /// The limits of a queue of 256, which the hand-made chains here are well within.
+    const LIMITS: RequestLimits = RequestLimits::for_queue(256);
+
+    fn framed(mem: &GuestMemoryMmap, descs: &[Desc]) -> Result<Request, Rejection> {
+        parse(mem, descs, &LIMITS)
+    }
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap()
@@ -295,7 +345,7 @@ mod tests {
     fn header_data_and_status_in_one_descriptor_each() {
         let m = mem();
         header(&m, 0x100, VIRTIO_BLK_T_IN, 7);
-        let r = parse(
+        let r = framed(
             &m,
             &[
                 d(0x100, 16, false),
@@ -320,7 +370,7 @@ mod tests {
     fn header_split_across_descriptors_and_status_sharing_a_buffer_are_framed() {
         let m = mem();
         header(&m, 0x100, VIRTIO_BLK_T_OUT, 3);
-        let r = parse(
+        let r = framed(
             &m,
             &[
                 d(0x100, 10, false),
@@ -340,7 +390,7 @@ mod tests {
         );
 
         header(&m, 0x100, VIRTIO_BLK_T_IN, 0);
-        let r = parse(&m, &[d(0x100, 16, false), d(0x1000, 513, true)]).unwrap();
+        let r = framed(&m, &[d(0x100, 16, false), d(0x1000, 513, true)]).unwrap();
         assert_eq!(
             r.data.as_slice(),
             [Segment {
@@ -355,28 +405,28 @@ mod tests {
     fn a_chain_without_writable_status_has_nowhere_to_report() {
         let m = mem();
         header(&m, 0x100, VIRTIO_BLK_T_IN, 0);
-        let e = parse(&m, &[d(0x100, 16, false), d(0x200, 1, false)]).unwrap_err();
+        let e = framed(&m, &[d(0x100, 16, false), d(0x200, 1, false)]).unwrap_err();
         assert_eq!(e.status, None);
-        assert_eq!(parse(&m, &[]).unwrap_err().status, None);
+        assert_eq!(framed(&m, &[]).unwrap_err().status, None);
     }
 
     #[test]
     fn a_status_outside_guest_memory_is_never_written() {
         let m = mem();
         header(&m, 0x100, VIRTIO_BLK_T_FLUSH, 0);
-        let e = parse(&m, &[d(0x100, 16, false), d(0x10_0000, 1, true)]).unwrap_err();
+        let e = framed(&m, &[d(0x100, 16, false), d(0x10_0000, 1, true)]).unwrap_err();
         assert_eq!(e.status, None);
     }
 
     #[test]
     fn short_or_unreadable_headers_get_ioerr() {
         let m = mem();
-        let e = parse(&m, &[d(0x100, 8, false), d(0x200, 1, true)]).unwrap_err();
+        let e = framed(&m, &[d(0x100, 8, false), d(0x200, 1, true)]).unwrap_err();
         assert_eq!(
             (e.status, e.code),
             (Some(GuestAddress(0x200)), VIRTIO_BLK_S_IOERR as u8)
         );
-        let e = parse(&m, &[d(0xffff_0000, 16, false), d(0x200, 1, true)]).unwrap_err();
+        let e = framed(&m, &[d(0xffff_0000, 16, false), d(0x200, 1, true)]).unwrap_err();
         assert_eq!(e.code, VIRTIO_BLK_S_IOERR as u8);
     }
 
@@ -384,10 +434,10 @@ mod tests {
     fn unknown_types_are_unsupported_and_wrong_directions_are_errors() {
         let m = mem();
         header(&m, 0x100, 99, 0);
-        let e = parse(&m, &[d(0x100, 16, false), d(0x200, 1, true)]).unwrap_err();
+        let e = framed(&m, &[d(0x100, 16, false), d(0x200, 1, true)]).unwrap_err();
         assert_eq!(e.code, VIRTIO_BLK_S_UNSUPP as u8);
         header(&m, 0x100, VIRTIO_BLK_T_IN, 0);
-        let e = parse(
+        let e = framed(
             &m,
             &[
                 d(0x100, 16, false),
@@ -397,7 +447,7 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.code, VIRTIO_BLK_S_IOERR as u8);
-        let e = parse(
+        let e = framed(
             &m,
             &[
                 d(0x100, 16, false),
@@ -410,11 +460,96 @@ mod tests {
         assert_eq!(e.reason, "readable descriptor after a writable one");
     }
 
+    /// Header at 0x100, `data` (all one way), status at 0x200.
+    fn chain_with(data: &[Desc]) -> Vec<Desc> {
+        let mut c = vec![d(0x100, 16, false)];
+        c.extend_from_slice(data);
+        c.push(d(0x200, 1, true));
+        c
+    }
+
+    fn ioerr_at_status(reason: &'static str) -> Rejection {
+        Rejection::ioerr(GuestAddress(0x200), reason)
+    }
+
+    #[test]
+    fn requests_past_seg_max_or_size_max_get_ioerr_at_framing() {
+        let m = mem();
+        let limits = RequestLimits::for_queue(256);
+        header(&m, 0x100, VIRTIO_BLK_T_IN, 0);
+        // The cases of issue 21: ~4.1 GiB in 1025 descriptors of 4 MiB, ~4 GiB in 1022 of them.
+        for n in [1025, 1022] {
+            let data = vec![d(0x1000, 4 << 20, true); n];
+            let e = parse(&m, &chain_with(&data), &limits).unwrap_err();
+            assert_eq!(e, ioerr_at_status("chain longer than the queue"));
+        }
+        let data = vec![d(0x1000, 4 << 20, true); 4];
+        let e = parse(&m, &chain_with(&data), &limits).unwrap_err();
+        assert_eq!(e, ioerr_at_status("a data segment longer than size_max"));
+        // A 2 MiB write in 4096 descriptors of 512 bytes.
+        header(&m, 0x100, VIRTIO_BLK_T_OUT, 0);
+        let data = vec![d(0x1000, 512, false); 4096];
+        let e = parse(&m, &chain_with(&data), &limits).unwrap_err();
+        assert_eq!(e, ioerr_at_status("chain longer than the queue"));
+        // Within the queue, one segment past seg_max: the header shares its descriptor.
+        let mut chain = vec![d(0x100, 16 + 512, false)];
+        chain.extend(vec![d(0x1000, 512, false); 254]);
+        chain.push(d(0x200, 1, true));
+        assert_eq!(chain.len(), 256);
+        let e = parse(&m, &chain, &limits).unwrap_err();
+        assert_eq!(e, ioerr_at_status("more data segments than seg_max"));
+    }
+
+    #[test]
+    fn requests_at_the_limits_are_framed() {
+        let m = mem();
+        let limits = RequestLimits::for_queue(256);
+        header(&m, 0x100, VIRTIO_BLK_T_OUT, 0);
+        let most = vec![d(0x1000, SIZE_MAX, false); limits.seg_max as usize];
+        let r = parse(&m, &chain_with(&most), &limits).unwrap();
+        assert_eq!(r.data.len(), 254);
+        let bytes: u64 = r.data.iter().map(|s| s.len).sum();
+        assert_eq!(bytes, limits.max_transfer());
+        // Empty descriptors are no segments; a header sharing its descriptor with data is.
+        let mut chain = vec![d(0x100, 16 + 512, false), d(0x2000, 0, false)];
+        chain.extend(vec![d(0x1000, 512, false); 253]);
+        chain.push(d(0x200, 1, true));
+        assert_eq!(chain.len(), 256);
+        assert_eq!(parse(&m, &chain, &limits).unwrap().data.len(), 254);
+        chain.insert(2, d(0x1000, 0, false));
+        let e = parse(&m, &chain, &limits).unwrap_err();
+        assert_eq!(e, ioerr_at_status("chain longer than the queue"));
+    }
+
+    #[test]
+    fn range_requests_carry_one_to_max_discard_seg_whole_ranges() {
+        let m = mem();
+        for kind in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
+            header(&m, 0x100, kind, 0);
+            for (len, ok) in [(16, true), (16 * 32, true), (16 * 33, false), (24, false)] {
+                let r = framed(&m, &chain_with(&[d(0x1000, len, false)]));
+                assert_eq!(r.is_ok(), ok, "type {kind}, {len} bytes of ranges");
+            }
+            let e = framed(&m, &chain_with(&[])).unwrap_err();
+            assert_eq!(
+                e.code, VIRTIO_BLK_S_IOERR as u8,
+                "type {kind} without ranges"
+            );
+        }
+    }
+
     /// Framing as the specification states it, one list of byte ranges at a time, to hold
     /// the single-pass framing to.
-    fn model(mem: &GuestMemoryMmap, descs: &[Desc]) -> Result<Request, Rejection> {
+    fn model(
+        mem: &GuestMemoryMmap,
+        descs: &[Desc],
+        limits: &RequestLimits,
+    ) -> Result<Request, Rejection> {
         // The status checks are shared; what the single pass replaced starts after them.
         let (status, readable, writable) = split_chain(mem, descs)?;
+        if descs.len() as u64 > u64::from(limits.max_descriptors) {
+            return Err(Rejection::ioerr(status, "chain longer than the queue"));
+        }
         let segs = |ds: &[Desc]| -> Vec<Segment> {
             ds.iter()
                 .filter(|d| d.len > 0)
@@ -462,6 +597,25 @@ mod tests {
             Op::Flush if data_in.is_empty() && out.is_empty() => Vec::new(),
             _ => return Err(Rejection::ioerr(status, "data buffers point the wrong way")),
         };
+        // seg_max: the most segments; size_max: the longest one; a range request carries
+        // between one and max_discard_seg (max_write_zeroes_seg) ranges of 16 bytes.
+        if data.len() as u64 > u64::from(limits.seg_max) {
+            return Err(Rejection::ioerr(status, "more data segments than seg_max"));
+        }
+        if data.iter().map(|s| s.len).max().unwrap_or(0) > u64::from(limits.size_max) {
+            return Err(Rejection::ioerr(
+                status,
+                "a data segment longer than size_max",
+            ));
+        }
+        let bytes: u128 = data.iter().map(|s| u128::from(s.len)).sum();
+        let whole_ranges = bytes.is_multiple_of(16) && (16..=16 * 32).contains(&bytes);
+        if matches!(op, Op::Discard | Op::WriteZeroes) && !whole_ranges {
+            return Err(Rejection::ioerr(
+                status,
+                "range list is not 1 to max_discard_seg whole ranges",
+            ));
+        }
         Ok(Request {
             op,
             sector,
@@ -534,6 +688,21 @@ mod tests {
             })
     }
 
+    /// Limits small enough that the generated chains fall on both sides of them.
+    fn any_limits() -> impl proptest::strategy::Strategy<Value = RequestLimits> {
+        use proptest::prelude::*;
+        (
+            prop_oneof![3u32..9, Just(256)],
+            prop_oneof![1u32..4, Just(254)],
+            prop_oneof![Just(16u32), 1u32..0x300, Just(SIZE_MAX)],
+        )
+            .prop_map(|(max_descriptors, seg_max, size_max)| RequestLimits {
+                max_descriptors,
+                seg_max,
+                size_max,
+            })
+    }
+
     proptest::proptest! {
         // Cheap cases, and the corner ones (a header at the top of the address space) are rare.
         #![proptest_config(proptest::test_runner::Config {
@@ -546,9 +715,10 @@ mod tests {
                 any_chain(),
                 proptest::collection::vec(any_desc(), 0..7),
             ],
+            limits in any_limits(),
         ) {
             let m = patterned_memory();
-            proptest::prop_assert_eq!(parse(&m, &descs), model(&m, &descs));
+            proptest::prop_assert_eq!(parse(&m, &descs, &limits), model(&m, &descs, &limits));
         }
     }
 }
