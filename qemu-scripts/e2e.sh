@@ -405,7 +405,7 @@ cacheflip_case() {
         return
     fi
     record PASS cacheflip $(($(date +%s) - start)) \
-        "$(tr -d '\r' <"$glog" | sed -n 's/^CACHEFLIP flipped \([0-9]*\) times$/\1/p') flips, $n snapshots"
+        "$(tr -d '\r' <"$glog" | sed -n 's/^CACHEFLIP flipped \([0-9]*\) times$/\1/p') flips, $n snapshots, fio: $(tr -d '\r' <"$glog" | sed -n 's/^  write: IOPS=\([^,]*\),.*/\1/p' | paste -sd / -) IOPS"
 }
 
 # wait_socket PATH: up to 30 s for a server's socket to appear.

@@ -311,16 +311,18 @@ test_resize() {
 
 # cacheflip: fio writes at QD32 into unprovisioned blocks of vda while the guest switches
 # vda's write cache to write-through and back, again and again; a second fio job writes to
-# vdb (another thin device of the same pool), all first writes. The host takes thin-snapshots
+# vdb (another thin device of the same pool) meanwhile, all first writes. The host takes thin-snapshots
 # meanwhile. Every write must complete without an error (a flip used to deadlock the pool).
 test_cacheflip() {
     ct=/sys/block/vda/cache_type
     [ -w "$ct" ] || fail "no writable $ct (VIRTIO_BLK_F_CONFIG_WCE not offered?)"
     [ -b /dev/vdb ] || fail "no second disk /dev/vdb"
-    echo "+ fio: vda 4k randwrite QD32 over 64M, vdb 64k write QD4 over 32M, while flipping"
-    fio --output=/tmp/fio.out --ioengine=libaio --direct=1 --runtime=90 \
+    # vdb's job is paced (about 8 s) so that its first writes go on through the flips.
+    echo "+ fio: vda 4k randwrite QD32 over 64M, vdb 4k randwrite QD4 over 32M at 1000 IOPS"
+    fio --output=/tmp/fio.out --eta=never --ioengine=libaio --direct=1 --runtime=90 \
         --name=flip --filename=/dev/vda --rw=randwrite --bs=4k --iodepth=32 --size=64M \
-        --name=other --filename=/dev/vdb --rw=write --bs=64k --iodepth=4 --size=32M &
+        --name=other --filename=/dev/vdb --rw=randwrite --bs=4k --iodepth=4 --size=32M \
+        --rate_iops=1000 &
     fpid=$!
     echo "CACHEFLIP started"
     n=0
@@ -331,6 +333,7 @@ test_cacheflip() {
         sleep 0.4
         n=$((n + 1))
     done
+    echo
     echo "CACHEFLIP flipped $n times"
     wait "$fpid"
     rc=$?
