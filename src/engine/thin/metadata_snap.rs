@@ -11,9 +11,10 @@ impl ThinPool {
         self.change_alone(|m| m.reserve_metadata_snap())
     }
 
-    /// Drops the held metadata snapshot and commits, freeing what only it referenced.
+    /// Drops the held metadata snapshot and commits, freeing what only it referenced. A
+    /// release that fails part way is taken back alone too.
     pub fn release_metadata_snap(&self) -> Result<(), VolumeError> {
-        self.pool().change(|m| m.release_metadata_snap())?;
+        self.change_alone(|m| m.release_metadata_snap())?;
         self.pool().commit()?;
         Ok(())
     }

@@ -10,6 +10,7 @@ pub mod pool;
 mod prison;
 mod provision;
 pub mod query;
+pub mod quiesce;
 pub mod thin_pool;
 
 pub use device::ThinDevice;

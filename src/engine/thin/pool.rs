@@ -24,6 +24,7 @@ use log::{debug, error, info, warn};
 use parking_lot::{Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::gate::{Closed, IoGate, Ticket};
+use super::quiesce::Quiesced;
 
 use super::error::ThinError;
 use super::metadata::PoolMetadata;
@@ -329,49 +330,71 @@ impl Pool {
         (gate, self.meta.write())
     }
 
-    /// [`Pool::quiesce`], with what completed before it committed: a metadata operation made
-    /// under it that fails part way is taken back by [`Pool::undo`], which then drops that
-    /// operation's changes and no completed write. Call [`Pool::commit`] first, so that
-    /// little is left to commit while I/O is held.
-    pub fn quiesce_committed(
-        &self,
-    ) -> Result<(Closed<'_>, RwLockWriteGuard<'_, PoolMetadata>), BlockError> {
-        let (gate, mut meta) = self.quiesce();
-        if !meta.has_changes() {
-            return Ok((gate, meta));
+    /// Holds the pool still for a metadata operation that is not guest I/O, with everything
+    /// completed so far committed: an operation that fails part way is then taken back by
+    /// [`Pool::undo`], which drops its changes and no completed write.
+    ///
+    /// The commit runs as any commit does (first writes wait, reads and writes of mapped
+    /// blocks go on); provisioning stays stopped after it, so nothing is left to commit when
+    /// data I/O is then quiesced, and that pause stays as short as a plain [`Pool::quiesce`].
+    pub fn quiesce_committed(&self) -> Result<Quiesced<'_>, BlockError> {
+        let state = self.commit_state.lock();
+        let provisioning = self.provision_gate.close();
+        let covered = self.changes.load(Ordering::Acquire);
+        if self.meta.read().has_changes() {
+            // As in `commit`: the I/O that may use blocks this commit frees ends first, the
+            // data is durable before the metadata that points at it.
+            self.io_gate.grace();
+            self.flush_data()?;
+            self.commit_locked(&mut self.meta.write())?;
         }
-        // No data I/O is in flight, and every allocation already has its mapping (both are
-        // made under an I/O ticket), so neither the provision gate nor a grace period is
-        // needed: the data, then the metadata that points at it.
-        if let Err(e) = self.data.flush() {
-            // Before anyone else can commit what this flush may have lost.
-            meta.set_read_only();
-            drop(meta);
-            drop(gate);
-            self.data_failed(&e);
-            return Err(e);
+        let mut state = state;
+        state.committed = state.committed.max(covered);
+        drop(state);
+        let io_held_since = Instant::now();
+        let io = self.io_gate.close();
+        let mut meta = self.meta.write();
+        if meta.has_changes() {
+            // A change that is not guest I/O slipped in (the pool grew, say): commit it too,
+            // now with I/O held. Nothing can be in flight, so no grace period is needed.
+            if let Err(e) = self.data.flush() {
+                // Before anyone else can commit what this flush may have lost.
+                meta.set_read_only();
+                drop(meta);
+                drop(io);
+                self.data_failed(&e);
+                return Err(e);
+            }
+            self.commit_locked(&mut meta)?;
         }
-        if let Err(e) = meta.commit() {
-            drop(meta);
-            drop(gate);
+        Ok(Quiesced {
+            meta,
+            _io: io,
+            _provisioning: provisioning,
+            io_held_since,
+        })
+    }
+
+    /// Commits the metadata (the data already flushed); a fatal error turns the pool
+    /// read-only.
+    fn commit_locked(&self, meta: &mut PoolMetadata) -> Result<(), BlockError> {
+        meta.commit().map_err(|e| {
             if e.is_fatal() {
                 // `commit` already went back to the last commit and stopped changes.
                 error!("commit failed, the pool becomes read-only: {e}");
                 self.set_mode(PoolMode::ReadOnly);
             }
-            return Err(BlockError::from(e));
-        }
-        Ok((gate, meta))
+            BlockError::from(e)
+        })
     }
 
     /// Takes back a metadata operation that failed with `e` under
     /// [`Pool::quiesce_committed`]: back to the last commit, which holds every completed
     /// write. After an error that says the metadata cannot be trusted (or when going back
     /// fails), the pool turns read-only, as after any other metadata error.
-    pub fn undo(&self, quiesced: (Closed<'_>, RwLockWriteGuard<'_, PoolMetadata>), e: &ThinError) {
-        let (gate, mut meta) = quiesced;
+    pub fn undo(&self, mut quiesced: Quiesced<'_>, e: &ThinError) {
         let fatal = e.is_fatal()
-            || match meta.abort() {
+            || match quiesced.abort() {
                 Ok(()) => false,
                 Err(e2) => {
                     error!("cannot take back a failed metadata operation: {e2}");
@@ -380,9 +403,8 @@ impl Pool {
             };
         if fatal {
             error!("metadata error, the pool becomes read-only: {e}");
-            meta.fail();
-            drop(meta);
-            drop(gate);
+            quiesced.fail();
+            drop(quiesced);
             self.set_mode(PoolMode::ReadOnly);
         }
     }

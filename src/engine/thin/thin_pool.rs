@@ -82,8 +82,9 @@ pub struct SnapshotTiming {
     /// From asking for the quiesce until I/O may run again: in-flight I/O drains, new I/O
     /// waits, the snapshots are created.
     pub pause: Duration,
-    /// The commit that follows; like every commit it holds back first writes (not reads or
-    /// writes of mapped blocks) while it runs.
+    /// The commits around it: of what guest I/O changed before (so that a snapshot failing
+    /// part way is taken back alone), and of the snapshots after. Like every commit they hold
+    /// back first writes (not reads or writes of mapped blocks) while they run.
     pub commit: Duration,
 }
 
@@ -286,24 +287,25 @@ impl ThinPool {
         let first_id = self.next_id()?;
         let ids: Vec<u64> = (0..planned.len() as u64).map(|i| first_id + i).collect();
         // What guest I/O changed is committed before the snapshots change anything, so that
-        // taking back a snapshot that fails part way takes back nothing else.
-        self.pool.commit()?;
-        let quiesce_start = Instant::now();
-        {
-            // In-flight I/O drains and new I/O waits while the snapshots are taken.
+        // taking back a snapshot that fails part way takes back nothing else. Then in-flight
+        // I/O drains and new I/O waits while the snapshots are taken.
+        let start = Instant::now();
+        let (commit_before, pause) = {
             let mut quiesced = self.pool.quiesce_committed()?;
+            let io_held_since = quiesced.io_held_since();
             for ((origin_id, ..), id) in planned.iter().zip(&ids) {
-                if let Err(e) = quiesced.1.create_snap(*id, *origin_id) {
+                if let Err(e) = quiesced.create_snap(*id, *origin_id) {
                     self.pool.undo(quiesced, &e);
                     return Err(e.into());
                 }
             }
-        }
-        let pause = quiesce_start.elapsed();
+            drop(quiesced);
+            (io_held_since - start, io_held_since.elapsed())
+        };
         self.pool.note_change();
         let commit_start = Instant::now();
         self.pool.commit()?;
-        let commit = commit_start.elapsed();
+        let commit = commit_before + commit_start.elapsed();
         let saved = self.save_changed(&mut catalog, |c| {
             for ((_, size, origin, name, origin_path), id) in planned.iter().zip(&ids) {
                 let entry = Entry {
@@ -357,14 +359,14 @@ impl ThinPool {
 
     /// Makes a change to the metadata that is not guest I/O (a device created or deleted, a
     /// metadata snapshot reserved) so that if it fails part way it is taken back alone: what
-    /// guest I/O changed is committed first, then `f` runs with I/O quiesced.
+    /// guest I/O changed is committed first, then `f` runs with I/O quiesced
+    /// ([`Pool::quiesce_committed`]).
     pub(super) fn change_alone<T>(
         &self,
         f: impl FnOnce(&mut PoolMetadata) -> Result<T, ThinError>,
     ) -> Result<T, VolumeError> {
-        self.pool.commit()?;
         let mut quiesced = self.pool.quiesce_committed()?;
-        match f(&mut quiesced.1) {
+        match f(&mut quiesced) {
             Ok(v) => {
                 drop(quiesced);
                 self.pool.note_change();
