@@ -293,45 +293,23 @@ fn wait_for_a_call(eventfds: &[EventFd], kicked: usize) {
     };
 }
 
-/// The daemon's side of one frontend connection: the one place that knows how thinblk serves a
-/// vhost-user connection. (Where the code has `vhost::connection::serve_stream`, a session is a
-/// thread running it on one end of `UnixStream::pair()`, with every check an export makes.)
+/// The daemon's side of one frontend connection, with every check an export makes.
 struct Session {
-    daemon: VhostUserDaemon<Arc<BlkBackend>>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 impl Session {
-    /// Serves `backend` to a new frontend, as `vhost::export` does; returns the frontend's
-    /// socket.
     fn start(backend: &Arc<BlkBackend>) -> (UnixStream, Session) {
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let mut daemon =
-            VhostUserDaemon::new("fuzz".into(), backend.clone(), mem).expect("vhost-user daemon");
-        // Each worker also waits on its queue's io_uring completions.
-        for (queue, handler) in daemon.get_epoll_handlers().iter().enumerate() {
-            if let Some(fd) = backend.completion_fd(queue) {
-                let id = u64::from(backend.completion_event());
-                handler
-                    .register_listener(fd, EventSet::IN, id)
-                    .expect("watch completions");
-            }
-        }
-        let addr = address().expect("abstract socket address");
-        let listener = UnixListener::bind_addr(&addr).expect("bind the daemon's socket");
-        let sock = UnixStream::connect_addr(&addr).expect("connect as the frontend");
-        daemon
-            .start(&mut Listener::from(listener))
-            .expect("accept the frontend");
-        (sock, Session { daemon })
+        let (ours, theirs) = UnixStream::pair().expect("socket pair");
+        let backend = backend.clone();
+        let thread = std::thread::spawn(move || {
+            let _ = thinblk::vhost::connection::serve_stream(theirs, &backend);
+        });
+        (ours, Session { thread })
     }
 
-    /// Waits for the session to end after the frontend hung up, and stops its workers.
-    fn end(mut self, backend: &BlkBackend) {
-        let _ = self.daemon.wait();
-        backend.frontend_gone();
-        for handler in self.daemon.get_epoll_handlers() {
-            handler.send_exit_event();
-        }
+    fn end(self, _backend: &BlkBackend) {
+        self.thread.join().expect("the session thread");
     }
 }
 
