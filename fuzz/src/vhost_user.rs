@@ -27,18 +27,12 @@
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::linux::net::SocketAddrExt;
 use std::os::unix::fs::FileExt;
-use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
 use thinblk::engine::memory::MemoryDevice;
 use thinblk::vhost::{BlkBackend, DeviceSettings};
-use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
@@ -311,14 +305,6 @@ impl Session {
     fn end(self, _backend: &BlkBackend) {
         self.thread.join().expect("the session thread");
     }
-}
-
-/// A fresh abstract socket address (no file), unique in this process.
-fn address() -> Option<SocketAddr> {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let name = format!("thinblk-fuzz-vhost-user-{}-{n}", std::process::id());
-    SocketAddr::from_abstract_name(name.as_bytes()).ok()
 }
 
 pub fn run(data: &[u8]) {
