@@ -9,11 +9,8 @@ use log::warn;
 
 use super::metadata::Lookup;
 use super::pool::{Pool, PoolMode};
-use super::provision::{FirstWrites, NewBlock};
+use super::provision::{ready_new_block, FirstWrites, NewBlock, CHUNK};
 use crate::engine::{check_range, BlockDevice, BlockError, Extent, MapOp, Mapping};
-
-/// Largest buffer used to copy or zero inside one data block.
-const CHUNK: u64 = 1 << 20;
 
 pub struct ThinDevice {
     pool: Arc<Pool>,
@@ -196,36 +193,19 @@ impl ThinDevice {
     ) -> Result<(), BlockError> {
         let pool = &self.pool;
         let bs = pool.block_size();
-        if p.within == 0 && p.len == bs {
-            return pool.write_data(new, 0, part);
-        }
         // The bytes around the piece: the shared block's, the origin's, or zeros.
         type Source<'a> = Box<dyn Fn(u64, &mut [u8]) -> Result<(), BlockError> + 'a>;
-        let read_around: Source<'_> = match (old, &self.origin) {
-            (Some(old), _) => {
-                Box::new(move |at, buf| pool.read_data(old, at, &mut BufsMut::one(buf)))
-            }
-            (None, Some(origin)) => Box::new(move |at, buf| {
+        let read_around: Option<Source<'_>> = match (old, &self.origin) {
+            (Some(old), _) => Some(Box::new(move |at, buf| {
+                pool.read_data(old, at, &mut BufsMut::one(buf))
+            })),
+            (None, Some(origin)) => Some(Box::new(move |at, buf| {
                 let from = p.vblock * bs + at;
                 read_origin(origin.as_ref(), from, &mut BufsMut::one(buf))
-            }),
-            (None, None) => {
-                pool.zero_around(new, p.within, p.len)?;
-                return self.write_into_new(new, p, part);
-            }
+            })),
+            (None, None) => None,
         };
-        let end = p.within + p.len;
-        let mut buf = vec![0u8; CHUNK.min(bs) as usize];
-        for (at, len) in [(0, p.within), (end, bs - end)] {
-            let mut done = 0;
-            while done < len {
-                let n = CHUNK.min(len - done) as usize;
-                let chunk = buf.get_mut(..n).unwrap_or_default();
-                read_around(at + done, chunk)?;
-                pool.write_data(new, at + done, &Bufs::one(chunk))?;
-                done += n as u64;
-            }
-        }
+        ready_new_block(pool, new, p.within, p.len, read_around.as_deref())?;
         self.write_into_new(new, p, part)
     }
 
