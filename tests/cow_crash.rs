@@ -6,8 +6,8 @@
 mod cow_support;
 
 use std::collections::HashMap;
-use std::io::IoSlice;
 use std::sync::Arc;
+use thinblk::engine::Bufs;
 
 use cow_support::{random_range, read_all, PowerCutDevice, Rng};
 use thinblk::engine::cow::{CowDevice, PersistentStore};
@@ -74,7 +74,7 @@ fn run_until_dead(rng: &mut Rng, dev: &CowDevice, store: &PowerCutDevice, model:
             let data = rng.bytes(len as usize);
             // Whether or not it completes, its sectors may now hold it.
             model.write(off, &data);
-            dev.write(off, &[IoSlice::new(&data)]).is_ok()
+            dev.write(off, &Bufs::one(&data)).is_ok()
         };
         if !ok || store.is_dead() {
             return;
@@ -87,7 +87,7 @@ fn power_cuts_never_expose_unwritten_store_chunks() {
     let mut rng = Rng(0x5eed);
     let origin = Arc::new(MemoryDevice::new(ORIGIN).unwrap());
     origin
-        .write(0, &[IoSlice::new(&rng.bytes(ORIGIN as usize))])
+        .write(0, &Bufs::one(&rng.bytes(ORIGIN as usize)))
         .unwrap();
     let pristine = read_all(origin.as_ref());
     let mut crossed = 0;
@@ -105,7 +105,7 @@ fn power_cuts_never_expose_unwritten_store_chunks() {
         for i in 0..240 {
             let data = rng.bytes(512);
             let at = i * 2 * CHUNK + 512 * rng.below(8);
-            dev.write(at, &[IoSlice::new(&data)]).unwrap();
+            dev.write(at, &Bufs::one(&data)).unwrap();
             model.write(at, &data);
         }
         dev.flush().unwrap();

@@ -4,8 +4,8 @@
 
 mod cow_support;
 
-use std::io::IoSlice;
 use std::sync::Arc;
+use thinblk::engine::Bufs;
 
 use cow_support::{random_range, read_all, PowerCutDevice, Rng};
 use thinblk::engine::cow::{CowDevice, CowEvent, MergeState, PersistentStore, TransientStore};
@@ -19,7 +19,7 @@ fn scribble(rng: &mut Rng, dev: &CowDevice, model: &mut [u8], n: usize) {
     for _ in 0..n {
         let (off, len) = random_range(rng, dev.size(), 32 << 10);
         let data = rng.bytes(len as usize);
-        dev.write(off, &[IoSlice::new(&data)]).unwrap();
+        dev.write(off, &Bufs::one(&data)).unwrap();
         model[off as usize..(off + len) as usize].copy_from_slice(&data);
     }
 }

@@ -3,8 +3,8 @@
 
 mod cow_support;
 
-use std::io::IoSlice;
 use std::sync::Arc;
+use thinblk::engine::{Bufs, BufsMut};
 
 use cow_support::{random_range, read_all, Rng};
 use thinblk::engine::cow::{CowDevice, CowError, CowEvent, PersistentStore, TransientStore};
@@ -14,8 +14,7 @@ use thinblk::engine::{BlockDevice, BlockError};
 /// An origin of odd size (the last chunk is partial) full of recognisable bytes.
 fn origin(rng: &mut Rng, size: u64) -> Arc<MemoryDevice> {
     let dev = MemoryDevice::new(size).unwrap();
-    dev.write(0, &[IoSlice::new(&rng.bytes(size as usize))])
-        .unwrap();
+    dev.write(0, &Bufs::one(&rng.bytes(size as usize))).unwrap();
     Arc::new(dev)
 }
 
@@ -41,7 +40,11 @@ fn random_op(rng: &mut Rng, dev: &CowDevice, model: &mut [u8]) {
         _ => {
             let data = rng.bytes(l);
             let (a, b) = data.split_at(l / 3);
-            dev.write(off, &[IoSlice::new(a), IoSlice::new(b)]).unwrap();
+            dev.write(
+                off,
+                &Bufs::from(&[std::io::IoSlice::new(a), std::io::IoSlice::new(b)][..]),
+            )
+            .unwrap();
             model[o..o + l].copy_from_slice(&data);
         }
     }
@@ -104,8 +107,7 @@ fn consecutive_first_writes_coalesce_into_one_run() {
     let origin = origin(&mut rng, 1 << 20);
     let store = Arc::new(MemoryDevice::new(2 << 20).unwrap());
     let dev = persistent(&origin, &store, 4096);
-    dev.write(0, &[IoSlice::new(&vec![7u8; 200 << 10])])
-        .unwrap();
+    dev.write(0, &Bufs::one(&vec![7u8; 200 << 10])).unwrap();
     let st = dev.status();
     assert_eq!((st.exceptions, st.runs), (50, 1));
 }
@@ -123,7 +125,7 @@ fn a_full_store_invalidates_the_snapshot_and_spares_the_origin() {
     dev.subscribe(Arc::new(move |e: &CowEvent| sink.lock().push(e.clone())));
     let mut failed_at = None;
     for i in 0..20u64 {
-        match dev.write(i * 8192, &[IoSlice::new(&[1u8; 512])]) {
+        match dev.write(i * 8192, &Bufs::one(&[1u8; 512])) {
             Ok(()) => {}
             Err(BlockError::Cow(e)) if matches!(*e, CowError::Invalid) => {
                 failed_at = Some(i);
@@ -136,9 +138,7 @@ fn a_full_store_invalidates_the_snapshot_and_spares_the_origin() {
     assert!((dev.status().fraction_full() - 1.0).abs() < 1e-9);
     assert!(!dev.status().valid);
     let mut buf = [0u8; 512];
-    assert!(dev
-        .read(0, &mut [std::io::IoSliceMut::new(&mut buf)])
-        .is_err());
+    assert!(dev.read(0, &mut BufsMut::one(&mut buf)).is_err());
     assert!(dev.flush().is_err());
     assert!(matches!(
         events.lock().as_slice(),
@@ -147,7 +147,7 @@ fn a_full_store_invalidates_the_snapshot_and_spares_the_origin() {
     assert_eq!(read_all(origin.as_ref()), pristine);
     let reopened = persistent(&origin, &store, 4096);
     assert!(!reopened.status().valid);
-    assert!(reopened.write(0, &[IoSlice::new(&[0u8; 512])]).is_err());
+    assert!(reopened.write(0, &Bufs::one(&[0u8; 512])).is_err());
 }
 
 #[test]
@@ -157,7 +157,7 @@ fn fraction_full_counts_used_chunks() {
     let store = Arc::new(MemoryDevice::new(100 * 4096).unwrap());
     let dev = persistent(&origin, &store, 4096);
     assert_eq!(dev.status().used_chunks, 2); // header and area 0
-    dev.write(0, &[IoSlice::new(&[1u8; 8192])]).unwrap();
+    dev.write(0, &Bufs::one(&[1u8; 8192])).unwrap();
     let st = dev.status();
     assert_eq!((st.used_chunks, st.total_chunks), (4, 100));
     assert!((st.fraction_full() - 0.04).abs() < 1e-9);
@@ -176,8 +176,7 @@ fn racing_first_writes_to_one_chunk_keep_both_writers_data() {
             let dev = dev.clone();
             std::thread::spawn(move || {
                 for s in (t..1024).step_by(2) {
-                    dev.write(s * 512, &[IoSlice::new(&[t as u8 + 1; 512])])
-                        .unwrap();
+                    dev.write(s * 512, &Bufs::one(&[t as u8 + 1; 512])).unwrap();
                 }
             })
         })

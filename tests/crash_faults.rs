@@ -8,10 +8,10 @@
 
 mod support;
 
-use std::io::{IoSlice, IoSliceMut};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+use thinblk::engine::{Bufs, BufsMut};
 
 use parking_lot::Mutex;
 use support::*;
@@ -86,12 +86,12 @@ impl Rig {
 }
 
 fn put(dev: &ThinDevice, block: u64, c: Content) -> Result<(), BlockError> {
-    dev.write(block * STAMP as u64, &[IoSlice::new(&content_bytes(c))])
+    dev.write(block * STAMP as u64, &Bufs::one(&content_bytes(c)))
 }
 
 fn get(dev: &ThinDevice, block: u64) -> Result<Content, BlockError> {
     let mut buf = vec![0u8; STAMP];
-    dev.read(block * STAMP as u64, &mut [IoSliceMut::new(&mut buf)])?;
+    dev.read(block * STAMP as u64, &mut BufsMut::one(&mut buf))?;
     Ok(parse(&buf))
 }
 
@@ -196,7 +196,7 @@ fn a_short_write_into_a_mapped_block_fails_and_leaves_other_blocks_alone() {
     rig.data.only_in(start, end);
     rig.data.fail_writes(Fault::Short);
     let two = [content_bytes(st(16, 2)), content_bytes(st(17, 2))].concat();
-    assert!(a.write(16 * STAMP as u64, &[IoSlice::new(&two)]).is_err());
+    assert!(a.write(16 * STAMP as u64, &Bufs::one(&two)).is_err());
     assert_eq!(thin.pool().mode(), PoolMode::ReadOnly);
     drop((a, thin));
     rig.data.clear();
@@ -220,7 +220,7 @@ fn data_read_fault_fails_only_that_read(fault: Fault) {
     rig.data.only_in(start, end);
     rig.data.fail_reads(fault);
     let mut buf = vec![0xAAu8; STAMP];
-    let r = a.read(32 * STAMP as u64, &mut [IoSliceMut::new(&mut buf)]);
+    let r = a.read(32 * STAMP as u64, &mut BufsMut::one(&mut buf));
     assert!(matches!(r, Err(BlockError::Io { .. })), "{r:?}");
     // The rest of the disk reads and writes on: a read error says nothing about the pool.
     assert_eq!(get(&a, 0).unwrap(), st(0, 1));
@@ -398,7 +398,7 @@ fn unreadable_metadata_fails_the_io_that_needs_it_and_damages_nothing() {
     }
     let a = thin.device("a").unwrap();
     let mut buf = vec![0xAAu8; STAMP];
-    assert!(a.read(0, &mut [IoSliceMut::new(&mut buf)]).is_err());
+    assert!(a.read(0, &mut BufsMut::one(&mut buf)).is_err());
     assert!(put(&a, 3, st(3, 2)).is_err());
     drop((a, thin));
     rig.store.clear_faults();

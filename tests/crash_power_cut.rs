@@ -16,9 +16,9 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::io::{IoSlice, IoSliceMut};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use thinblk::engine::{Bufs, BufsMut};
 
 use support::*;
 use thinblk::bufio::CrashStore;
@@ -197,7 +197,7 @@ impl Run {
         died(
             p,
             "write",
-            dev.write(first as u64 * STAMP as u64, &[IoSlice::new(&buf)]),
+            dev.write(first as u64 * STAMP as u64, &Bufs::one(&buf)),
         )
         .is_some()
     }
@@ -330,7 +330,7 @@ impl Run {
                 model.cells[i].since.push(c);
             }
             let off = first as u64 * STAMP as u64;
-            if died(p, "scratch write", dev.write(off, &[IoSlice::new(&buf)])).is_none() {
+            if died(p, "scratch write", dev.write(off, &Bufs::one(&buf))).is_none() {
                 return false;
             }
         }
@@ -387,7 +387,7 @@ impl Run {
                 dev = thin.device(name).unwrap();
             }
             let mut buf = vec![0u8; DISK as usize];
-            dev.read(0, &mut [IoSliceMut::new(&mut buf)]).unwrap();
+            dev.read(0, &mut BufsMut::one(&mut buf)).unwrap();
             for (i, cell) in model.cells.iter_mut().enumerate() {
                 let got = parse(&buf[i * STAMP..(i + 1) * STAMP]);
                 assert!(

@@ -9,7 +9,7 @@
 mod support;
 
 use std::alloc::Layout;
-use std::io::{IoSlice, IoSliceMut};
+use thinblk::engine::{Bufs, BufsMut};
 
 use support::*;
 use thinblk::engine::thin::{Pool, PoolGeometry, PoolOptions, ThinDevice, ThinPool};
@@ -23,8 +23,7 @@ const DISK_BLOCKS: u64 = 12;
 
 fn read_block(dev: &ThinDevice, vblock: u64) -> Vec<Content> {
     let mut buf = vec![0u8; BS as usize];
-    dev.read(vblock * BS, &mut [IoSliceMut::new(&mut buf)])
-        .unwrap();
+    dev.read(vblock * BS, &mut BufsMut::one(&mut buf)).unwrap();
     buf.chunks(STAMP).map(parse).collect()
 }
 
@@ -58,7 +57,7 @@ impl Drop for Aligned {
 /// whether it was mapped.
 fn write_as_queue_does(dev: &ThinDevice, offset: u64, data: &[u8]) -> bool {
     let Some(m) = dev.map(MapOp::Write, offset, data.len() as u64).unwrap() else {
-        dev.write(offset, &[IoSlice::new(data)]).unwrap();
+        dev.write(offset, &Bufs::one(data)).unwrap();
         return false;
     };
     let buf = Aligned::copy_of(data);
@@ -98,8 +97,7 @@ fn write_stamp(dev: &ThinDevice, tag: u64, stamp: u64, gen: u64, mapped: bool) -
     if mapped {
         write_as_queue_does(dev, stamp * STAMP as u64, &bytes)
     } else {
-        dev.write(stamp * STAMP as u64, &[IoSlice::new(&bytes)])
-            .unwrap();
+        dev.write(stamp * STAMP as u64, &Bufs::one(&bytes)).unwrap();
         false
     }
 }
@@ -151,7 +149,7 @@ fn deleted_disks_data_never_shows_through_new_or_unmapped_blocks() {
                 "whole new blocks are provisioned in map"
             );
         } else {
-            old.write(0, &[IoSlice::new(&full)]).unwrap();
+            old.write(0, &Bufs::one(&full)).unwrap();
         }
         old.flush().unwrap();
         drop(old);

@@ -1,9 +1,9 @@
 //! The thin pool when space runs out or the metadata device fails.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{IoSlice, IoSliceMut};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use thinblk::engine::{Bufs, BufsMut};
 
 use thinblk::bufio::{BlockStore, CrashStore, WriteFault};
 use thinblk::engine::thin::{Pool, PoolGeometry, PoolMode, PoolOptions, ThinPool};
@@ -40,7 +40,7 @@ fn pool_on(
 
 fn read_at(dev: &dyn BlockDevice, offset: u64) -> Vec<u8> {
     let mut out = vec![0u8; 512];
-    dev.read(offset, &mut [IoSliceMut::new(&mut out)]).unwrap();
+    dev.read(offset, &mut BufsMut::one(&mut out)).unwrap();
     out
 }
 
@@ -56,11 +56,11 @@ fn writes_wait_for_space_and_go_on_when_the_pool_grows() {
     );
     thin.create("a", 1 << 20).unwrap();
     let a = thin.device("a").unwrap();
-    a.write(0, &[IoSlice::new(&[1; 512])]).unwrap();
-    a.write(BS, &[IoSlice::new(&[2; 512])]).unwrap();
+    a.write(0, &Bufs::one(&[1; 512])).unwrap();
+    a.write(BS, &Bufs::one(&[2; 512])).unwrap();
     let writer = {
         let a = a.clone();
-        std::thread::spawn(move || a.write(2 * BS, &[IoSlice::new(&[3; 512])]))
+        std::thread::spawn(move || a.write(2 * BS, &Bufs::one(&[3; 512])))
     };
     std::thread::sleep(Duration::from_millis(300));
     assert!(!writer.is_finished(), "the write did not wait for space");
@@ -86,9 +86,9 @@ fn waiting_writes_fail_after_the_timeout_and_reads_keep_working() {
     );
     thin.create("a", 1 << 20).unwrap();
     let a = thin.device("a").unwrap();
-    a.write(0, &[IoSlice::new(&[1; 512])]).unwrap();
+    a.write(0, &Bufs::one(&[1; 512])).unwrap();
     let t0 = Instant::now();
-    let err = a.write(BS, &[IoSlice::new(&[2; 512])]).unwrap_err();
+    let err = a.write(BS, &Bufs::one(&[2; 512])).unwrap_err();
     assert!(matches!(err, BlockError::NoSpace));
     assert!(t0.elapsed() >= Duration::from_millis(300));
     assert_eq!(read_at(&*a, 0), vec![1; 512]);
@@ -101,10 +101,10 @@ fn error_if_no_space_fails_at_once() {
     let thin = pool_on(dir.path(), store, 1, options(Duration::from_secs(60), true));
     thin.create("a", 1 << 20).unwrap();
     let a = thin.device("a").unwrap();
-    a.write(0, &[IoSlice::new(&[1; 512])]).unwrap();
+    a.write(0, &Bufs::one(&[1; 512])).unwrap();
     let t0 = Instant::now();
     assert!(matches!(
-        a.write(BS, &[IoSlice::new(&[2; 512])]),
+        a.write(BS, &Bufs::one(&[2; 512])),
         Err(BlockError::NoSpace)
     ));
     assert!(t0.elapsed() < Duration::from_secs(5));
@@ -122,17 +122,17 @@ fn a_failing_metadata_device_turns_the_pool_read_only_and_loses_nothing_committe
     );
     thin.create("a", 1 << 20).unwrap();
     let a = thin.device("a").unwrap();
-    a.write(0, &[IoSlice::new(&[7; 512])]).unwrap();
+    a.write(0, &Bufs::one(&[7; 512])).unwrap();
     a.flush().unwrap();
     store.fail_after_writes(0, WriteFault::Error);
-    a.write(BS, &[IoSlice::new(&[8; 512])]).unwrap();
+    a.write(BS, &Bufs::one(&[8; 512])).unwrap();
     assert!(
         a.flush().is_err(),
         "a commit onto a failing device succeeded"
     );
     assert_eq!(thin.pool().mode(), PoolMode::ReadOnly);
     assert!(matches!(
-        a.write(2 * BS, &[IoSlice::new(&[9; 512])]),
+        a.write(2 * BS, &Bufs::one(&[9; 512])),
         Err(BlockError::ReadOnly)
     ));
     assert_eq!(read_at(&*a, 0), vec![7; 512]);
@@ -157,12 +157,12 @@ fn running_out_of_metadata_space_turns_the_pool_read_only() {
     );
     thin.create("a", 20000 * BS).unwrap();
     let a = thin.device("a").unwrap();
-    a.write(0, &[IoSlice::new(&[5; 512])]).unwrap();
+    a.write(0, &Bufs::one(&[5; 512])).unwrap();
     a.flush().unwrap();
     let mut failed = None;
     for blk in 1..20000u64 {
         // Every other block, so leaves fill with scattered keys.
-        if let Err(e) = a.write(blk * 2 * BS % (20000 * BS), &[IoSlice::new(&[6; 512])]) {
+        if let Err(e) = a.write(blk * 2 * BS % (20000 * BS), &Bufs::one(&[6; 512])) {
             failed = Some(e);
             break;
         }

@@ -5,9 +5,9 @@
 mod external;
 
 use std::collections::BTreeMap;
-use std::io::{IoSlice, IoSliceMut};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use thinblk::engine::{Bufs, BufsMut};
 
 use thinblk::engine::pdata::check::check_pool;
 use thinblk::engine::thin::{Pool, PoolGeometry, PoolOptions, ThinPool};
@@ -63,7 +63,7 @@ impl Rng {
 
 fn read_all(dev: &dyn BlockDevice) -> Vec<u8> {
     let mut out = vec![0u8; dev.size() as usize];
-    dev.read(0, &mut [IoSliceMut::new(&mut out)]).unwrap();
+    dev.read(0, &mut BufsMut::one(&mut out)).unwrap();
     out
 }
 
@@ -110,7 +110,12 @@ fn run_model(seed: u64, steps: usize) {
                 let cut = (data.len() / 3) & !511;
                 dev.write(
                     off,
-                    &[IoSlice::new(&data[..cut]), IoSlice::new(&data[cut..])],
+                    &Bufs::from(
+                        &[
+                            std::io::IoSlice::new(&data[..cut]),
+                            std::io::IoSlice::new(&data[cut..]),
+                        ][..],
+                    ),
                 )
                 .unwrap();
                 image[off as usize..off as usize + data.len()].copy_from_slice(&data);
@@ -119,7 +124,7 @@ fn run_model(seed: u64, steps: usize) {
                 let off = rng.below(DISK / 512) * 512;
                 let n = (1 + rng.below((DISK - off) / 512)).min(512) * 512;
                 let mut got = vec![0u8; n as usize];
-                dev.read(off, &mut [IoSliceMut::new(&mut got)]).unwrap();
+                dev.read(off, &mut BufsMut::one(&mut got)).unwrap();
                 assert_eq!(
                     got,
                     image[off as usize..(off + n) as usize],
@@ -209,7 +214,7 @@ fn a_new_disk_never_shows_a_deleted_disks_data() {
     let a = pool.device("a").unwrap();
     let secret = vec![0x5Au8; 4 << 20];
     // Fill every data block of the pool with A's data.
-    match a.write(0, &[IoSlice::new(&secret)]) {
+    match a.write(0, &Bufs::one(&secret)) {
         Ok(()) | Err(thinblk::engine::BlockError::NoSpace) => {}
         Err(e) => panic!("{e}"),
     }
@@ -220,8 +225,7 @@ fn a_new_disk_never_shows_a_deleted_disks_data() {
     let b = pool.device("b").unwrap();
     // Partial writes into every block B gets.
     for blk in 0..(4 << 20) / BS {
-        b.write(blk * BS + 4096, &[IoSlice::new(&[1u8; 512])])
-            .unwrap();
+        b.write(blk * BS + 4096, &Bufs::one(&[1u8; 512])).unwrap();
     }
     let all = read_all(&*b);
     assert!(!all.contains(&0x5A), "B reads A's old data");
@@ -234,16 +238,16 @@ fn out_of_space_fails_writes_when_asked_to_and_reads_keep_working() {
     pool.create("a", 1 << 20).unwrap();
     let a = pool.device("a").unwrap();
     for blk in 0..4 {
-        a.write(blk * BS, &[IoSlice::new(&[blk as u8 + 1; 512])])
+        a.write(blk * BS, &Bufs::one(&[blk as u8 + 1; 512]))
             .unwrap();
     }
-    let err = a.write(4 * BS, &[IoSlice::new(&[9u8; 512])]).unwrap_err();
+    let err = a.write(4 * BS, &Bufs::one(&[9u8; 512])).unwrap_err();
     assert!(matches!(err, thinblk::engine::BlockError::NoSpace), "{err}");
     let mut got = [0u8; 512];
-    a.read(3 * BS, &mut [IoSliceMut::new(&mut got)]).unwrap();
+    a.read(3 * BS, &mut BufsMut::one(&mut got)).unwrap();
     assert_eq!(got, [4u8; 512]);
     // Writes into mapped blocks still work.
-    a.write(0, &[IoSlice::new(&[7u8; 512])]).unwrap();
+    a.write(0, &Bufs::one(&[7u8; 512])).unwrap();
 }
 
 #[test]
@@ -254,7 +258,7 @@ fn snapshots_of_snapshots_keep_every_generation() {
     for gen in 0..20u8 {
         let cur = format!("g{gen}");
         let d = pool.device(&cur).unwrap();
-        d.write(u64::from(gen) * 4096, &[IoSlice::new(&[gen + 1; 4096])])
+        d.write(u64::from(gen) * 4096, &Bufs::one(&[gen + 1; 4096]))
             .unwrap();
         drop(d);
         pool.snapshot(&cur, &format!("g{}", gen + 1)).unwrap();
@@ -304,8 +308,8 @@ fn mappings_read_what_reads_read_and_hold_commits_back() {
     let pool = open(&f, 16 << 20);
     pool.create("a", 1 << 20).unwrap();
     let a = pool.device("a").unwrap();
-    a.write(BS + 4096, &[IoSlice::new(&[3u8; 8192])]).unwrap();
-    a.write(4 * BS, &[IoSlice::new(&vec![4u8; BS as usize])])
+    a.write(BS + 4096, &Bufs::one(&[3u8; 8192])).unwrap();
+    a.write(4 * BS, &Bufs::one(&vec![4u8; BS as usize]))
         .unwrap();
     for (off, len) in [(0, 3 * BS), (BS, 4096 * 3), (3 * BS + 512, 2 * BS)] {
         let m = a
@@ -313,7 +317,7 @@ fn mappings_read_what_reads_read_and_hold_commits_back() {
             .unwrap()
             .unwrap();
         let mut want = vec![0u8; len as usize];
-        a.read(off, &mut [IoSliceMut::new(&mut want)]).unwrap();
+        a.read(off, &mut BufsMut::one(&mut want)).unwrap();
         assert_eq!(read_mapping(&m), want, "mapped read at {off}+{len}");
     }
     use thinblk::engine::MapOp;
@@ -341,7 +345,7 @@ fn mappings_read_what_reads_read_and_hold_commits_back() {
     // A commit waits for the I/O that began before it, not for I/O that begins during it; it
     // holds first writes back.
     let held = a.map(MapOp::Read, 0, BS).unwrap().unwrap();
-    a.write(8 * BS, &[IoSlice::new(&[1u8; 512])]).unwrap();
+    a.write(8 * BS, &Bufs::one(&[1u8; 512])).unwrap();
     let flusher = {
         let a = a.clone();
         std::thread::spawn(move || a.flush())

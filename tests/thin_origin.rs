@@ -4,9 +4,9 @@
 
 mod cow_support;
 
-use std::io::{IoSlice, IoSliceMut};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use thinblk::engine::{Bufs, BufsMut};
 
 use cow_support::{random_range, read_all, Rng};
 use thinblk::engine::thin::{Pool, PoolGeometry, PoolOptions, ThinPool};
@@ -44,7 +44,7 @@ fn open(dir: &Path) -> Arc<ThinPool> {
 }
 
 fn write(dev: &dyn BlockDevice, model: &mut [u8], off: u64, data: &[u8]) {
-    dev.write(off, &[IoSlice::new(data)]).unwrap();
+    dev.write(off, &Bufs::one(data)).unwrap();
     model[off as usize..off as usize + data.len()].copy_from_slice(data);
 }
 
@@ -139,7 +139,7 @@ fn random_requests_match_a_model_across_restarts() {
                 }
                 1 => {
                     let mut buf = vec![0u8; len as usize];
-                    dev.read(off, &mut [IoSliceMut::new(&mut buf)]).unwrap();
+                    dev.read(off, &mut BufsMut::one(&mut buf)).unwrap();
                     assert_eq!(buf, model[off as usize..(off + len) as usize]);
                 }
                 _ => write(dev.as_ref(), &mut model, off, &rng.bytes(len as usize)),

@@ -1,7 +1,7 @@
 //! What the daemon watches on behalf of QMP clients: write thresholds of block nodes, failed
 //! requests of exports, and the thin pool's own events. Each becomes a QMP event.
 
-use std::io::{IoSlice, IoSliceMut};
+use crate::engine::{Bufs, BufsMut};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -110,11 +110,11 @@ impl BlockDevice for Watched {
     fn size(&self) -> u64 {
         self.inner.size()
     }
-    fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<(), BlockError> {
+    fn read(&self, offset: u64, bufs: &mut BufsMut<'_>) -> Result<(), BlockError> {
         self.inner.read(offset, bufs)
     }
-    fn write(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<(), BlockError> {
-        let len = bufs.iter().map(|b| b.len() as u64).sum();
+    fn write(&self, offset: u64, bufs: &Bufs<'_>) -> Result<(), BlockError> {
+        let len = bufs.len();
         self.check(offset, len);
         self.inner.write(offset, bufs)
     }

@@ -1,7 +1,5 @@
 //! Alignment rules for O_DIRECT I/O.
 
-use std::io::{IoSlice, IoSliceMut};
-
 /// Memory and offset alignment that O_DIRECT needs on nearly every host device (the logical
 /// sector). A host whose device wants more makes the direct path fail with EINVAL, and the
 /// caller then falls back to buffered I/O, so this is a fast-path hint, not a correctness rule.
@@ -15,10 +13,7 @@ pub fn direct_aligned(offset: u64, mut bufs: impl Iterator<Item = (usize, usize)
         })
 }
 
-pub fn read_bufs_aligned(offset: u64, bufs: &[IoSliceMut<'_>]) -> bool {
-    direct_aligned(offset, bufs.iter().map(|b| (b.as_ptr() as usize, b.len())))
-}
-
-pub fn write_bufs_aligned(offset: u64, bufs: &[IoSlice<'_>]) -> bool {
-    direct_aligned(offset, bufs.iter().map(|b| (b.as_ptr() as usize, b.len())))
+/// Whether I/O at `offset` into raw pieces may use an O_DIRECT descriptor.
+pub fn pieces_aligned(offset: u64, pieces: &[super::iov::Piece]) -> bool {
+    direct_aligned(offset, pieces.iter().map(|p| (p.ptr as usize, p.len)))
 }

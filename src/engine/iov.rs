@@ -3,6 +3,7 @@
 
 use std::any::Any;
 use std::io::{IoSlice, IoSliceMut};
+use std::marker::PhantomData;
 use std::sync::Arc;
 
 use smallvec::SmallVec;
@@ -70,95 +71,225 @@ impl RawBufs {
     }
 }
 
-/// A caller's buffers as raw pieces, so sub-ranges can be handed out one at a time.
-pub struct IovCursor {
-    pieces: Vec<(*mut u8, usize)>,
-    index: usize,
-    within: usize,
+/// Buffers a device reads from (the data of a write): raw pieces, valid for `'a`.
+///
+/// Devices never turn them into `&[u8]`: the memory may be a guest's, which it can change at
+/// any time. They hand the pieces to the kernel (pwritev) or copy them out with
+/// [`Bufs::copy_to`].
+pub struct Bufs<'a> {
+    pieces: SmallVec<[Piece; 4]>,
+    len: u64,
+    _life: PhantomData<&'a [u8]>,
 }
 
-impl IovCursor {
-    pub fn from_mut(bufs: &mut [IoSliceMut<'_>]) -> Self {
-        IovCursor {
-            pieces: bufs.iter_mut().map(|b| (b.as_mut_ptr(), b.len())).collect(),
-            index: 0,
-            within: 0,
+/// Buffers a device writes into (the data of a read): raw pieces, valid for `'a`.
+pub struct BufsMut<'a> {
+    pieces: SmallVec<[Piece; 4]>,
+    len: u64,
+    _life: PhantomData<&'a mut [u8]>,
+}
+
+fn total(pieces: &[Piece]) -> u64 {
+    pieces.iter().map(|p| p.len as u64).sum()
+}
+
+/// The pieces covering `[at, at + len)` of `pieces` (fewer bytes if they end first).
+fn cut(pieces: &[Piece], mut at: u64, mut len: u64) -> SmallVec<[Piece; 4]> {
+    let mut out = SmallVec::new();
+    for p in pieces {
+        if len == 0 {
+            break;
+        }
+        let plen = p.len as u64;
+        if at >= plen {
+            at -= plen;
+            continue;
+        }
+        let n = (plen - at).min(len);
+        out.push(Piece {
+            ptr: p.ptr.wrapping_add(at as usize),
+            len: n as usize,
+        });
+        len -= n;
+        at = 0;
+    }
+    out
+}
+
+impl<'a> Bufs<'a> {
+    /// One buffer of the caller's own.
+    pub fn one(b: &'a [u8]) -> Self {
+        let pieces: SmallVec<[Piece; 4]> = smallvec::smallvec![Piece {
+            ptr: b.as_ptr().cast_mut(),
+            len: b.len(),
+        }];
+        Bufs {
+            len: b.len() as u64,
+            pieces,
+            _life: PhantomData,
         }
     }
 
-    pub fn from_ref(bufs: &[IoSlice<'_>]) -> Self {
-        IovCursor {
-            pieces: bufs
-                .iter()
-                .map(|b| (b.as_ptr().cast_mut(), b.len()))
-                .collect(),
-            index: 0,
-            within: 0,
+    /// Buffers made of raw pieces.
+    ///
+    /// # Safety
+    /// Every piece must be valid for reads for `'a`.
+    pub unsafe fn from_raw(pieces: &[Piece]) -> Self {
+        Bufs {
+            len: total(pieces),
+            pieces: pieces.iter().copied().collect(),
+            _life: PhantomData,
         }
     }
 
-    /// The next `len` bytes as (pointer, length) pieces.
-    fn take(&mut self, mut len: usize) -> Vec<(*mut u8, usize)> {
-        let mut out = Vec::new();
-        while len > 0 {
-            let Some(&(base, size)) = self.pieces.get(self.index) else {
+    /// Total bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Laid out as `struct iovec`.
+    pub fn pieces(&self) -> &[Piece] {
+        &self.pieces
+    }
+
+    /// The bytes `[at, at + len)` of these buffers.
+    pub fn range(&self, at: u64, len: u64) -> Bufs<'_> {
+        let pieces = cut(&self.pieces, at, len);
+        Bufs {
+            len: total(&pieces),
+            pieces,
+            _life: PhantomData,
+        }
+    }
+
+    /// Copies the buffers, in order, to the start of `dst` (as much as fits).
+    pub fn copy_to(&self, dst: &mut [u8]) {
+        let mut at = 0usize;
+        for p in &self.pieces {
+            let n = p.len.min(dst.len() - at);
+            if n == 0 {
                 break;
-            };
-            let n = (size - self.within).min(len);
-            if n > 0 {
-                out.push((base.wrapping_add(self.within), n));
             }
-            len -= n;
-            self.within += n;
-            if self.within == size {
-                self.index += 1;
-                self.within = 0;
-            }
+            // SAFETY: the piece is valid for reads for 'a (constructors' contract) and `dst`
+            // has `n` bytes left at `at`; `dst` is the caller's own memory, so they do not
+            // overlap.
+            unsafe { std::ptr::copy_nonoverlapping(p.ptr, dst[at..].as_mut_ptr(), n) };
+            at += n;
         }
-        out
-    }
-
-    /// The next `len` bytes for reading into.
-    ///
-    /// # Safety
-    /// The cursor must come from `from_mut` on buffers that are still borrowed by the caller
-    /// and not otherwise used while the returned slices live; ranges taken never overlap.
-    pub unsafe fn take_mut<'a>(&mut self, len: usize) -> Vec<IoSliceMut<'a>> {
-        self.take(len)
-            .into_iter()
-            // SAFETY: per this function's contract the piece is live, writable and unaliased.
-            .map(|(p, n)| IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(p, n) }))
-            .collect()
-    }
-
-    /// The next `len` bytes for writing from.
-    ///
-    /// # Safety
-    /// The buffers the cursor was made from must still be borrowed by the caller.
-    pub unsafe fn take_ref<'a>(&mut self, len: usize) -> Vec<IoSlice<'a>> {
-        self.take(len)
-            .into_iter()
-            // SAFETY: per this function's contract the piece is live and readable.
-            .map(|(p, n)| IoSlice::new(unsafe { std::slice::from_raw_parts(p, n) }))
-            .collect()
     }
 }
 
-/// Copies scattered buffers into one contiguous slice at `at`.
-pub fn gather_into(dst: &mut [u8], at: usize, src: &[IoSlice<'_>]) {
-    let mut pos = at;
-    for s in src {
-        if let Some(d) = dst.get_mut(pos..pos + s.len()) {
-            d.copy_from_slice(s);
+impl<'a> From<&'a [IoSlice<'a>]> for Bufs<'a> {
+    fn from(bufs: &'a [IoSlice<'a>]) -> Self {
+        let pieces: SmallVec<[Piece; 4]> = bufs
+            .iter()
+            .map(|b| Piece {
+                ptr: b.as_ptr().cast_mut(),
+                len: b.len(),
+            })
+            .collect();
+        Bufs {
+            len: total(&pieces),
+            pieces,
+            _life: PhantomData,
         }
-        pos += s.len();
     }
 }
 
-/// Fills scattered buffers with zeros.
-pub fn zero(bufs: &mut [IoSliceMut<'_>]) {
-    for b in bufs {
-        b.fill(0);
+impl<'a> BufsMut<'a> {
+    /// One buffer of the caller's own.
+    pub fn one(b: &'a mut [u8]) -> Self {
+        let pieces: SmallVec<[Piece; 4]> = smallvec::smallvec![Piece {
+            ptr: b.as_mut_ptr(),
+            len: b.len(),
+        }];
+        BufsMut {
+            len: b.len() as u64,
+            pieces,
+            _life: PhantomData,
+        }
+    }
+
+    /// Buffers made of raw pieces.
+    ///
+    /// # Safety
+    /// Every piece must be valid for writes for `'a`, and not reached through any Rust
+    /// reference meanwhile.
+    pub unsafe fn from_raw(pieces: &[Piece]) -> Self {
+        BufsMut {
+            len: total(pieces),
+            pieces: pieces.iter().copied().collect(),
+            _life: PhantomData,
+        }
+    }
+
+    /// Total bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Laid out as `struct iovec`.
+    pub fn pieces(&self) -> &[Piece] {
+        &self.pieces
+    }
+
+    /// The bytes `[at, at + len)` of these buffers, borrowed for writing.
+    pub fn range_mut(&mut self, at: u64, len: u64) -> BufsMut<'_> {
+        let pieces = cut(&self.pieces, at, len);
+        BufsMut {
+            len: total(&pieces),
+            pieces,
+            _life: PhantomData,
+        }
+    }
+
+    /// Fills the buffers with zeros.
+    pub fn zero(&mut self) {
+        for p in &self.pieces {
+            // SAFETY: the piece is valid for writes (constructors' contract).
+            unsafe { std::ptr::write_bytes(p.ptr, 0, p.len) };
+        }
+    }
+
+    /// Copies `src` into the buffers, in order (as much as fits).
+    pub fn copy_from(&mut self, src: &[u8]) {
+        let mut at = 0usize;
+        for p in &self.pieces {
+            let n = p.len.min(src.len() - at);
+            if n == 0 {
+                break;
+            }
+            // SAFETY: the piece is valid for writes (constructors' contract) and `src` has `n`
+            // bytes left at `at`; `src` is a shared reference, so nothing writes it and a
+            // piece (exclusively ours) cannot be it.
+            unsafe { std::ptr::copy_nonoverlapping(src[at..].as_ptr(), p.ptr, n) };
+            at += n;
+        }
+    }
+}
+
+impl<'a> From<&'a mut [IoSliceMut<'a>]> for BufsMut<'a> {
+    fn from(bufs: &'a mut [IoSliceMut<'a>]) -> Self {
+        let pieces: SmallVec<[Piece; 4]> = bufs
+            .iter_mut()
+            .map(|b| Piece {
+                ptr: b.as_mut_ptr(),
+                len: b.len(),
+            })
+            .collect();
+        BufsMut {
+            len: total(&pieces),
+            pieces,
+            _life: PhantomData,
+        }
     }
 }
 
@@ -170,18 +301,23 @@ mod tests {
     fn ranges_cut_across_buffer_boundaries() {
         let mut a = [0u8; 3];
         let mut b = [0u8; 5];
-        let mut bufs = [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)];
-        let mut cur = IovCursor::from_mut(&mut bufs);
-        // SAFETY: the buffers are borrowed for the whole test and the ranges are disjoint.
-        let (mut first, mut second) = unsafe { (cur.take_mut(4), cur.take_mut(4)) };
+        let mut raw = [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)];
+        let mut bufs = BufsMut::from(&mut raw[..]);
+        assert_eq!(bufs.len(), 8);
+        let first = bufs.range_mut(0, 4);
         assert_eq!(
-            first.iter().map(|s| s.len()).collect::<Vec<_>>(),
+            first.pieces().iter().map(|p| p.len).collect::<Vec<_>>(),
             vec![3, 1]
         );
-        assert_eq!(second.iter().map(|s| s.len()).collect::<Vec<_>>(), vec![4]);
-        first[1].fill(1);
-        second[0].fill(2);
-        drop((first, second));
+        drop(first);
+        bufs.range_mut(3, 1).copy_from(&[1]);
+        bufs.range_mut(4, 4).copy_from(&[2; 4]);
+        drop(bufs);
         assert_eq!(b, [1, 2, 2, 2, 2]);
+        let src = [IoSlice::new(&a), IoSlice::new(&b)];
+        let from = Bufs::from(&src[..]);
+        let mut out = [9u8; 6];
+        from.range(2, 6).copy_to(&mut out);
+        assert_eq!(out, [0, 1, 2, 2, 2, 2]);
     }
 }

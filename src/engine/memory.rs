@@ -1,10 +1,8 @@
 //! A disk held in memory: the reference model for tests and a device with no host I/O cost.
 
-use std::io::{IoSlice, IoSliceMut};
-
 use parking_lot::RwLock;
 
-use super::{check_range, iovec_len, BlockDevice, BlockError};
+use super::{check_range, BlockDevice, BlockError, Bufs, BufsMut};
 
 /// A zero-filled disk of fixed size kept in a `Vec<u8>`.
 pub struct MemoryDevice {
@@ -50,31 +48,23 @@ impl BlockDevice for MemoryDevice {
         self.bytes.read().len() as u64
     }
 
-    fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<(), BlockError> {
+    fn read(&self, offset: u64, bufs: &mut BufsMut<'_>) -> Result<(), BlockError> {
         let bytes = self.bytes.read();
-        let len = iovec_len(bufs).ok_or(BlockError::Unsupported("iovec length"))?;
-        let mut pos = span(offset, len, bytes.len() as u64)?.start;
-        for buf in bufs.iter_mut() {
-            let src = bytes
-                .get(pos..pos + buf.len())
-                .ok_or(BlockError::Unsupported("iovec length"))?;
-            buf.copy_from_slice(src);
-            pos += buf.len();
-        }
+        let range = span(offset, bufs.len(), bytes.len() as u64)?;
+        let src = bytes
+            .get(range)
+            .ok_or(BlockError::Unsupported("iovec length"))?;
+        bufs.copy_from(src);
         Ok(())
     }
 
-    fn write(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<(), BlockError> {
+    fn write(&self, offset: u64, bufs: &Bufs<'_>) -> Result<(), BlockError> {
         let mut bytes = self.bytes.write();
-        let len = iovec_len(bufs).ok_or(BlockError::Unsupported("iovec length"))?;
-        let mut pos = span(offset, len, bytes.len() as u64)?.start;
-        for buf in bufs {
-            let dst = bytes
-                .get_mut(pos..pos + buf.len())
-                .ok_or(BlockError::Unsupported("iovec length"))?;
-            dst.copy_from_slice(buf);
-            pos += buf.len();
-        }
+        let range = span(offset, bufs.len(), bytes.len() as u64)?;
+        let dst = bytes
+            .get_mut(range)
+            .ok_or(BlockError::Unsupported("iovec length"))?;
+        bufs.copy_to(dst);
         Ok(())
     }
 
@@ -101,10 +91,18 @@ mod tests {
     #[test]
     fn scattered_write_reads_back_gathered() {
         let dev = MemoryDevice::new(4096).unwrap();
-        dev.write(512, &[IoSlice::new(&[1; 100]), IoSlice::new(&[2; 412])])
-            .unwrap();
+        dev.write(
+            512,
+            &Bufs::from(
+                &[
+                    std::io::IoSlice::new(&[1; 100]),
+                    std::io::IoSlice::new(&[2; 412]),
+                ][..],
+            ),
+        )
+        .unwrap();
         let mut out = [0u8; 512];
-        dev.read(512, &mut [IoSliceMut::new(&mut out)]).unwrap();
+        dev.read(512, &mut BufsMut::one(&mut out)).unwrap();
         assert_eq!(&out[..100], &[1; 100][..]);
         assert_eq!(&out[100..], &[2; 412][..]);
     }
@@ -113,9 +111,7 @@ mod tests {
     fn io_past_the_end_is_refused() {
         let dev = MemoryDevice::new(4096).unwrap();
         let mut out = [0u8; 512];
-        let err = dev
-            .read(4096, &mut [IoSliceMut::new(&mut out)])
-            .unwrap_err();
+        let err = dev.read(4096, &mut BufsMut::one(&mut out)).unwrap_err();
         assert!(matches!(err, BlockError::OutOfRange { .. }));
         assert!(dev.write_zeroes(u64::MAX - 10, 512, false).is_err());
     }

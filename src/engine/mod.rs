@@ -16,11 +16,11 @@ pub mod pdata;
 pub mod raw;
 pub mod thin;
 
-use std::io::{IoSlice, IoSliceMut};
 use std::sync::Arc;
 
 pub use error::BlockError;
 pub use io::{Extent, FlushFd, Hold, IoQueue, MapOp, Mapping, QueueOptions};
+pub use iov::{Bufs, BufsMut};
 
 /// Turns an `Arc` of a device into a trait object, so that a default method can hand the
 /// device itself to the queue it opens. Implemented for every sized device.
@@ -43,10 +43,10 @@ pub trait BlockDevice: AsDynDevice + Send + Sync {
     fn size(&self) -> u64;
 
     /// Fills `bufs`, in order, from the bytes starting at `offset`.
-    fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<(), BlockError>;
+    fn read(&self, offset: u64, bufs: &mut BufsMut<'_>) -> Result<(), BlockError>;
 
     /// Writes `bufs`, in order, at `offset`. Durable only after [`BlockDevice::flush`].
-    fn write(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<(), BlockError>;
+    fn write(&self, offset: u64, bufs: &Bufs<'_>) -> Result<(), BlockError>;
 
     /// Makes every completed write durable.
     fn flush(&self) -> Result<(), BlockError>;

@@ -1,9 +1,7 @@
 //! A disk with no storage: reads return zeros, writes vanish. It measures what the vhost layer
 //! and the client cost with no host I/O at all (the counterpart of QEMU's `null-co`).
 
-use std::io::{IoSlice, IoSliceMut};
-
-use super::{check_range, iovec_len, BlockDevice, BlockError};
+use super::{check_range, BlockDevice, BlockError, Bufs, BufsMut};
 
 /// A disk of fixed size that stores nothing but still refuses out-of-range I/O.
 pub struct NullDevice {
@@ -30,18 +28,14 @@ impl BlockDevice for NullDevice {
         self.size
     }
 
-    fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<(), BlockError> {
-        let len = iovec_len(bufs).ok_or(BlockError::Unsupported("iovec length"))?;
-        check_range(offset, len, self.size)?;
-        for buf in bufs.iter_mut() {
-            buf.fill(0);
-        }
+    fn read(&self, offset: u64, bufs: &mut BufsMut<'_>) -> Result<(), BlockError> {
+        check_range(offset, bufs.len(), self.size)?;
+        bufs.zero();
         Ok(())
     }
 
-    fn write(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<(), BlockError> {
-        let len = iovec_len(bufs).ok_or(BlockError::Unsupported("iovec length"))?;
-        check_range(offset, len, self.size)
+    fn write(&self, offset: u64, bufs: &Bufs<'_>) -> Result<(), BlockError> {
+        check_range(offset, bufs.len(), self.size)
     }
 
     fn flush(&self) -> Result<(), BlockError> {
@@ -67,7 +61,12 @@ mod tests {
         let (mut a, mut b) = ([7u8; 512], [9u8; 1024]);
         dev.read(
             4096,
-            &mut [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)],
+            &mut BufsMut::from(
+                &mut [
+                    std::io::IoSliceMut::new(&mut a),
+                    std::io::IoSliceMut::new(&mut b),
+                ][..],
+            ),
         )
         .unwrap();
         assert!(a.iter().chain(b.iter()).all(|&x| x == 0));
@@ -76,10 +75,10 @@ mod tests {
     #[test]
     fn writes_are_accepted_and_forgotten() {
         let dev = NullDevice::new(1 << 20);
-        dev.write(0, &[IoSlice::new(&[1; 4096])]).unwrap();
+        dev.write(0, &Bufs::one(&[1; 4096])).unwrap();
         dev.flush().unwrap();
         let mut out = [5u8; 4096];
-        dev.read(0, &mut [IoSliceMut::new(&mut out)]).unwrap();
+        dev.read(0, &mut BufsMut::one(&mut out)).unwrap();
         assert_eq!(out, [0; 4096]);
     }
 
@@ -93,8 +92,8 @@ mod tests {
         let dev = NullDevice::new(8192);
         let mut out = [0u8; 512];
         let past = |r: Result<(), BlockError>| matches!(r, Err(BlockError::OutOfRange { .. }));
-        assert!(past(dev.read(8192, &mut [IoSliceMut::new(&mut out)])));
-        assert!(past(dev.write(7680, &[IoSlice::new(&[0; 1024])])));
+        assert!(past(dev.read(8192, &mut BufsMut::one(&mut out))));
+        assert!(past(dev.write(7680, &Bufs::one(&[0; 1024]))));
         assert!(past(dev.discard(u64::MAX - 10, 512)));
         assert!(past(dev.write_zeroes(8192, 512, true)));
         assert!(dev.write_zeroes(7680, 512, false).is_ok());

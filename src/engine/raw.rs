@@ -6,16 +6,21 @@
 //! direct I/O writes back and invalidates cached pages of the range it touches.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use super::aligned::{read_bufs_aligned, write_bufs_aligned};
+use smallvec::SmallVec;
+
+use super::aligned::pieces_aligned;
 use super::io::{FlushFd, FlushState};
-use super::{check_range, iovec_len, BlockDevice, BlockError, DataDevice, Extent, MapOp, Mapping};
+use super::iov::Piece;
+use super::{
+    check_range, BlockDevice, BlockError, Bufs, BufsMut, DataDevice, Extent, MapOp, Mapping,
+};
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 const BLKDISCARD: libc::c_ulong = 0x1277;
@@ -138,7 +143,7 @@ impl RawDevice {
         while done < len {
             let n = (len - done).min(CHUNK);
             let buf = zeros.get(..n as usize).unwrap_or(&zeros);
-            pwrite_all(&self.buffered, &mut [IoSlice::new(buf)], offset + done)
+            pwrite_all(&self.buffered, Bufs::one(buf).pieces(), offset + done)
                 .map_err(|e| BlockError::io(offset + done, e))?;
             done += n;
         }
@@ -187,33 +192,38 @@ fn off_t(offset: u64) -> io::Result<libc::off_t> {
 }
 
 /// preadv until every buffer is full; a read past the end of the file is an error.
-fn pread_all(file: &File, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {
-    read_fully(bufs, offset, |bufs, offset| {
-        let count = bufs.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
-        // SAFETY: IoSliceMut is ABI-compatible with iovec and each points to writable memory
-        // that outlives the call; count never exceeds the slice length.
-        let n = unsafe {
-            libc::preadv(
-                file.as_raw_fd(),
-                bufs.as_ptr() as *const libc::iovec,
-                count,
-                off_t(offset)?,
-            )
-        };
-        usize::try_from(n).map_err(|_| io::Error::last_os_error())
-    })
+fn pread_all(file: &File, pieces: &[Piece], offset: u64) -> io::Result<()> {
+    transfer_fully(
+        pieces,
+        offset,
+        io::ErrorKind::UnexpectedEof,
+        |left, offset| {
+            let count = left.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
+            // SAFETY: `Piece` is laid out as iovec and each is valid for writes for this call (the
+            // buffer lists' contract); count never exceeds the list.
+            let n = unsafe {
+                libc::preadv(
+                    file.as_raw_fd(),
+                    left.as_ptr().cast::<libc::iovec>(),
+                    count,
+                    off_t(offset)?,
+                )
+            };
+            usize::try_from(n).map_err(|_| io::Error::last_os_error())
+        },
+    )
 }
 
 /// pwritev until every buffer is written.
-fn pwrite_all(file: &File, bufs: &mut [IoSlice<'_>], offset: u64) -> io::Result<()> {
-    write_fully(bufs, offset, |bufs, offset| {
-        let count = bufs.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
-        // SAFETY: IoSlice is ABI-compatible with iovec and each points to readable memory that
-        // outlives the call; count never exceeds the slice length.
+fn pwrite_all(file: &File, pieces: &[Piece], offset: u64) -> io::Result<()> {
+    transfer_fully(pieces, offset, io::ErrorKind::WriteZero, |left, offset| {
+        let count = left.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
+        // SAFETY: `Piece` is laid out as iovec and each is valid for reads for this call;
+        // count never exceeds the list.
         let n = unsafe {
             libc::pwritev(
                 file.as_raw_fd(),
-                bufs.as_ptr() as *const libc::iovec,
+                left.as_ptr().cast::<libc::iovec>(),
                 count,
                 off_t(offset)?,
             )
@@ -222,41 +232,35 @@ fn pwrite_all(file: &File, bufs: &mut [IoSlice<'_>], offset: u64) -> io::Result<
     })
 }
 
-/// Calls `read` (one preadv) until every buffer is full: a short transfer goes on from where
-/// it stopped, EINTR is retried, and a transfer of nothing (end of file) is an error.
-fn read_fully(
-    mut bufs: &mut [IoSliceMut<'_>],
+/// Calls `op` (one preadv or pwritev, at most `IOV_MAX` pieces) until every piece is done: a
+/// short transfer goes on from where it stopped, EINTR is retried, and a transfer of nothing
+/// (end of file, full device) is an error of kind `eof`.
+fn transfer_fully(
+    pieces: &[Piece],
     mut offset: u64,
-    mut read: impl FnMut(&mut [IoSliceMut<'_>], u64) -> io::Result<usize>,
+    eof: io::ErrorKind,
+    mut op: impl FnMut(&[Piece], u64) -> io::Result<usize>,
 ) -> io::Result<()> {
-    while !bufs.is_empty() {
-        match read(bufs, offset) {
+    let mut left: SmallVec<[Piece; 4]> = pieces.iter().copied().filter(|p| p.len > 0).collect();
+    let mut first = 0usize;
+    while let Some(rest) = left.get(first..).filter(|r| !r.is_empty()) {
+        match op(rest, offset) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => {
+            Ok(0) => return Err(eof.into()),
+            Ok(mut n) => {
                 offset += n as u64;
-                IoSliceMut::advance_slices(&mut bufs, n);
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Calls `write` (one pwritev) until every buffer is written, as [`read_fully`] reads.
-fn write_fully(
-    mut bufs: &mut [IoSlice<'_>],
-    mut offset: u64,
-    mut write: impl FnMut(&[IoSlice<'_>], u64) -> io::Result<usize>,
-) -> io::Result<()> {
-    while !bufs.is_empty() {
-        match write(bufs, offset) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => {
-                offset += n as u64;
-                IoSlice::advance_slices(&mut bufs, n);
+                while n > 0 {
+                    let Some(p) = left.get_mut(first) else { break };
+                    if n >= p.len {
+                        n -= p.len;
+                        first += 1;
+                    } else {
+                        p.ptr = p.ptr.wrapping_add(n);
+                        p.len -= n;
+                        n = 0;
+                    }
+                }
             }
         }
     }
@@ -292,51 +296,40 @@ impl BlockDevice for RawDevice {
         })
     }
 
-    fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<(), BlockError> {
-        let len = iovec_len(bufs).ok_or(BlockError::Unsupported("iovec length"))?;
-        check_range(offset, len, self.size())?;
+    fn read(&self, offset: u64, bufs: &mut BufsMut<'_>) -> Result<(), BlockError> {
+        check_range(offset, bufs.len(), self.size())?;
+        let pieces = bufs.pieces();
+        // A failed direct attempt retries the whole list: `pread_all` works on a copy.
         if let Some(direct) = self
             .direct
             .as_ref()
-            .filter(|_| read_bufs_aligned(offset, bufs))
+            .filter(|_| pieces_aligned(offset, pieces))
         {
-            // Work on copies of the iovecs: a failed direct attempt must retry them whole.
-            let mut attempt: Vec<IoSliceMut<'_>> = bufs
-                .iter_mut()
-                .map(|b| {
-                    // SAFETY: the copy aliases the caller's buffer only for this call, and the
-                    // original is not touched while the copy is alive.
-                    IoSliceMut::new(unsafe {
-                        std::slice::from_raw_parts_mut(b.as_mut_ptr(), b.len())
-                    })
-                })
-                .collect();
-            match pread_all(direct, &mut attempt, offset) {
+            match pread_all(direct, pieces, offset) {
                 Ok(()) => return Ok(()),
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
                 Err(e) => return Err(BlockError::io(offset, e)),
             }
         }
-        pread_all(&self.buffered, bufs, offset).map_err(|e| BlockError::io(offset, e))
+        pread_all(&self.buffered, pieces, offset).map_err(|e| BlockError::io(offset, e))
     }
 
-    fn write(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<(), BlockError> {
+    fn write(&self, offset: u64, bufs: &Bufs<'_>) -> Result<(), BlockError> {
         self.writable()?;
-        let len = iovec_len(bufs).ok_or(BlockError::Unsupported("iovec length"))?;
-        check_range(offset, len, self.size())?;
-        let mut attempt: Vec<IoSlice<'_>> = bufs.to_vec();
+        check_range(offset, bufs.len(), self.size())?;
+        let pieces = bufs.pieces();
         if let Some(direct) = self
             .direct
             .as_ref()
-            .filter(|_| write_bufs_aligned(offset, bufs))
+            .filter(|_| pieces_aligned(offset, pieces))
         {
-            match pwrite_all(direct, &mut attempt, offset) {
+            match pwrite_all(direct, pieces, offset) {
                 Ok(()) => return Ok(()),
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => attempt = bufs.to_vec(),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
                 Err(e) => return Err(BlockError::io(offset, e)),
             }
         }
-        pwrite_all(&self.buffered, &mut attempt, offset).map_err(|e| BlockError::io(offset, e))
+        pwrite_all(&self.buffered, pieces, offset).map_err(|e| BlockError::io(offset, e))
     }
 
     fn flush(&self) -> Result<(), BlockError> {
@@ -443,6 +436,7 @@ impl DataDevice for RawDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{IoSlice, IoSliceMut};
     use std::os::unix::fs::MetadataExt;
 
     fn device(size: u64) -> (tempfile::TempDir, RawDevice) {
@@ -460,10 +454,13 @@ mod tests {
         let mut backing = vec![0u8; 1024 + 1];
         backing[1..1001].copy_from_slice(&data);
         let tail = [7u8; 24];
-        dev.write(512, &[IoSlice::new(&backing[1..1001]), IoSlice::new(&tail)])
-            .unwrap();
+        dev.write(
+            512,
+            &Bufs::from(&[IoSlice::new(&backing[1..1001]), IoSlice::new(&tail)][..]),
+        )
+        .unwrap();
         let mut out = vec![0u8; 1024];
-        dev.read(512, &mut [IoSliceMut::new(&mut out)]).unwrap();
+        dev.read(512, &mut BufsMut::one(&mut out)).unwrap();
         assert_eq!(&out[..1000], &data[..]);
         assert_eq!(&out[1000..], &[7u8; 24][..]);
     }
@@ -471,11 +468,11 @@ mod tests {
     #[test]
     fn write_zeroes_and_discard_read_back_zeros() {
         let (_dir, dev) = device(1 << 20);
-        dev.write(0, &[IoSlice::new(&vec![0xAB; 65536])]).unwrap();
+        dev.write(0, &Bufs::one(&vec![0xAB; 65536])).unwrap();
         dev.write_zeroes(4096, 8192, false).unwrap();
         dev.discard(32768, 4096).unwrap();
         let mut out = vec![0u8; 65536];
-        dev.read(0, &mut [IoSliceMut::new(&mut out)]).unwrap();
+        dev.read(0, &mut BufsMut::one(&mut out)).unwrap();
         assert!(out[..4096].iter().all(|&b| b == 0xAB));
         assert!(out[4096..12288].iter().all(|&b| b == 0));
         assert!(out[32768..36864].iter().all(|&b| b == 0));
@@ -491,8 +488,7 @@ mod tests {
             dev.reads_as_zeros(0, 16 * MIB),
             "a new sparse file is one hole"
         );
-        dev.write(4 * MIB, &[IoSlice::new(&vec![0xAB; 4096])])
-            .unwrap();
+        dev.write(4 * MIB, &Bufs::one(&vec![0xAB; 4096])).unwrap();
         assert!(!dev.reads_as_zeros(4 * MIB, MIB), "written");
         assert!(!dev.reads_as_zeros(3 * MIB, 2 * MIB), "holds written data");
         assert!(dev.reads_as_zeros(0, 3 * MIB), "before the data");
@@ -519,7 +515,7 @@ mod tests {
         );
         assert!(!dev.reads_as_zeros(4 * MIB, MIB), "the data is still there");
         let mut out = vec![0u8; 8192];
-        dev.read(4 * MIB - 4096, &mut [IoSliceMut::new(&mut out)])
+        dev.read(4 * MIB - 4096, &mut BufsMut::one(&mut out))
             .unwrap();
         assert!(out[..4096].iter().all(|&b| b == 0) && out[4096..].iter().all(|&b| b == 0xAB));
         assert!(dev.preallocate(15 * MIB, 2 * MIB).is_err(), "past the end");
@@ -536,7 +532,7 @@ mod tests {
         };
         let dev = RawDevice::open(&path, opts).unwrap();
         assert!(matches!(
-            dev.write(0, &[IoSlice::new(&[0; 512])]),
+            dev.write(0, &Bufs::one(&[0; 512])),
             Err(BlockError::ReadOnly)
         ));
     }
@@ -549,21 +545,27 @@ mod tests {
     }
 
     impl Stingy {
-        fn read(&mut self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<usize> {
+        fn read(&mut self, pieces: &[Piece], offset: u64) -> io::Result<usize> {
             if !self.interrupted {
                 self.interrupted = true;
                 return Err(io::ErrorKind::Interrupted.into());
             }
             let start = (offset as usize).min(self.bytes.len());
-            let n = self.max.min(bufs[0].len()).min(self.bytes.len() - start);
-            bufs[0][..n].copy_from_slice(&self.bytes[start..start + n]);
+            let n = self.max.min(pieces[0].len).min(self.bytes.len() - start);
+            // SAFETY: the piece is a test buffer valid for `pieces[0].len` >= n bytes.
+            unsafe {
+                std::ptr::copy_nonoverlapping(self.bytes[start..].as_ptr(), pieces[0].ptr, n)
+            };
             Ok(n)
         }
 
-        fn write(&mut self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<usize> {
+        fn write(&mut self, pieces: &[Piece], offset: u64) -> io::Result<usize> {
             let start = offset as usize;
-            let n = self.max.min(bufs[0].len());
-            self.bytes[start..start + n].copy_from_slice(&bufs[0][..n]);
+            let n = self.max.min(pieces[0].len);
+            // SAFETY: as in `read`.
+            unsafe {
+                std::ptr::copy_nonoverlapping(pieces[0].ptr, self.bytes[start..].as_mut_ptr(), n)
+            };
             Ok(n)
         }
     }
@@ -577,13 +579,18 @@ mod tests {
         };
         let a: Vec<u8> = (0..700u32).map(|i| i as u8).collect();
         let b: Vec<u8> = (0..300u32).map(|i| (i * 7) as u8).collect();
-        let mut bufs = [IoSlice::new(&a), IoSlice::new(&b)];
-        write_fully(&mut bufs, 512, |bufs, off| file.write(bufs, off)).unwrap();
+        let src = [IoSlice::new(&a), IoSlice::new(&b)];
+        let bufs = Bufs::from(&src[..]);
+        let eof = io::ErrorKind::WriteZero;
+        transfer_fully(bufs.pieces(), 512, eof, |p, off| file.write(p, off)).unwrap();
         assert_eq!(&file.bytes[512..1212], &a[..]);
         assert_eq!(&file.bytes[1212..1512], &b[..]);
         let (mut x, mut y) = (vec![0u8; 650], vec![0u8; 350]);
-        let mut bufs = [IoSliceMut::new(&mut x), IoSliceMut::new(&mut y)];
-        read_fully(&mut bufs, 512, |bufs, off| file.read(bufs, off)).unwrap();
+        let mut dst = [IoSliceMut::new(&mut x), IoSliceMut::new(&mut y)];
+        let bufs = BufsMut::from(&mut dst[..]);
+        let eof = io::ErrorKind::UnexpectedEof;
+        transfer_fully(bufs.pieces(), 512, eof, |p, off| file.read(p, off)).unwrap();
+        drop(bufs);
         assert_eq!(&x[..], &a[..650]);
         assert_eq!(&y[..50], &a[650..]);
         assert_eq!(&y[50..], &b[..]);
@@ -597,19 +604,25 @@ mod tests {
             interrupted: true,
         };
         let mut out = vec![0u8; 512];
-        let err = read_fully(&mut [IoSliceMut::new(&mut out)], 768, |bufs, off| {
-            file.read(bufs, off)
-        })
+        let bufs = BufsMut::one(&mut out);
+        let err = transfer_fully(
+            bufs.pieces(),
+            768,
+            io::ErrorKind::UnexpectedEof,
+            |p, off| file.read(p, off),
+        )
         .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
-        let err = write_fully(&mut [IoSlice::new(&out)], 0, |_, _| Ok(0)).unwrap_err();
+        let src = Bufs::one(&[0; 512]);
+        let err =
+            transfer_fully(src.pieces(), 0, io::ErrorKind::WriteZero, |_, _| Ok(0)).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::WriteZero);
     }
 
     #[test]
     fn a_data_file_truncated_under_the_device_fails_reads_past_its_end() {
         let (dir, dev) = device(1 << 20);
-        dev.write(0, &[IoSlice::new(&vec![5u8; 65536])]).unwrap();
+        dev.write(0, &Bufs::one(&vec![5u8; 65536])).unwrap();
         std::fs::OpenOptions::new()
             .write(true)
             .open(dir.path().join("disk"))
@@ -618,7 +631,7 @@ mod tests {
             .unwrap();
         let mut out = vec![0u8; 8192];
         assert!(matches!(
-            dev.read(0, &mut [IoSliceMut::new(&mut out)]),
+            dev.read(0, &mut BufsMut::one(&mut out)),
             Err(BlockError::Io { .. })
         ));
     }
@@ -628,7 +641,7 @@ mod tests {
         let (_dir, dev) = device(4096);
         let mut out = [0u8; 512];
         assert!(matches!(
-            dev.read(4096, &mut [IoSliceMut::new(&mut out)]),
+            dev.read(4096, &mut BufsMut::one(&mut out)),
             Err(BlockError::OutOfRange { .. })
         ));
     }

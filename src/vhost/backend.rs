@@ -102,6 +102,11 @@ impl QueueState {
             vring,
         } = self;
         let Some(vring) = vring.as_ref() else {
+            // No requests without a vring (every pass sets it, and it is forgotten only once
+            // the queue is drained); this only clears a stale wakeup.
+            if io.in_flight() == 0 {
+                io.reap(&mut |_| {});
+            }
             return false;
         };
         let mut used = false;
@@ -123,6 +128,17 @@ impl QueueState {
         });
         used
     }
+}
+
+/// Why a worker looks at its device queue's completions.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reap {
+    /// Its eventfd woke the worker.
+    Event,
+    /// A polling worker looks, without a system call when nothing is there.
+    Poll,
+    /// The frontend takes the queue back: wait for everything first.
+    Drain,
 }
 
 fn queue_error(e: virtio_queue::Error) -> io::Error {
@@ -345,10 +361,9 @@ impl BlkBackend {
         (!std::ptr::eq(&*now, pass.as_ref())).then(|| now.into_inner())
     }
 
-    /// Completes what the device has finished, and notifies the guest. With `wait`, first
-    /// waits until everything the queue accepted has finished. Returns whether any chain was
-    /// used.
-    fn reap(&self, queue: usize, wait: bool) -> io::Result<bool> {
+    /// Completes what the device has finished, and notifies the guest. Returns whether any
+    /// chain was used.
+    fn reap(&self, queue: usize, how: Reap) -> io::Result<bool> {
         let Some(slot) = self.queues.get(queue) else {
             return Ok(false);
         };
@@ -356,10 +371,16 @@ impl BlkBackend {
         let Some(qs) = guard.as_mut() else {
             return Ok(false);
         };
-        if wait {
-            qs.io.drain();
-        } else if qs.io.in_flight() == 0 || !qs.io.has_completions() {
-            return Ok(false);
+        match how {
+            Reap::Drain => qs.io.drain(),
+            // Reaping reads the eventfd, which must happen even when an earlier pass already
+            // took what it announced: it stays readable otherwise, and the worker spins.
+            Reap::Event => {}
+            Reap::Poll => {
+                if qs.io.in_flight() == 0 || !qs.io.has_completions() {
+                    return Ok(false);
+                }
+            }
         }
         let used = qs.complete(&self.target(), &|m| self.note_rejection(m));
         if let Some(vring) = qs.vring.as_ref().filter(|_| used) {
@@ -444,7 +465,7 @@ impl VhostUserBackend for BlkBackend {
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         // The frontend takes the ring back: everything accepted must complete first.
-        self.reap(queue_index as usize, true)?;
+        self.reap(queue_index as usize, Reap::Drain)?;
         // The next start may come with another vring (a new connection).
         if let Some(q) = self.queues.get(queue_index as usize) {
             if let Some(qs) = q.lock().as_mut() {
@@ -468,7 +489,7 @@ impl VhostUserBackend for BlkBackend {
         // are indexed from 0 within the thread: the queue's number is the thread's.
         let queue = thread_id;
         if device_event == self.completion_event() {
-            self.reap(queue, false)?;
+            self.reap(queue, Reap::Event)?;
             // A polling worker looks for the requests its completions will bring.
             return match vrings.first() {
                 Some(vring) if !self.poll.is_zero() => self.serve(queue, vring),
@@ -503,7 +524,7 @@ impl BlkBackend {
                 vring.disable_notification().map_err(queue_error)?;
                 let taken = self.process_queue(queue, vring, &mem)?;
                 if !self.poll.is_zero() {
-                    let reaped = self.reap(queue, false)?;
+                    let reaped = self.reap(queue, Reap::Poll)?;
                     if taken > 0 || reaped {
                         last_found = std::time::Instant::now();
                         more_promised = false;

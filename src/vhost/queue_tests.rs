@@ -1,7 +1,7 @@
 //! Whole-queue tests: chains built in guest memory with virtio-queue's mock split queue, run
 //! through the backend's event handler exactly as a worker thread runs them.
 
-use std::io::{IoSlice, IoSliceMut};
+use crate::engine::{Bufs, BufsMut};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -27,10 +27,10 @@ impl BlockDevice for CountingDevice {
     fn size(&self) -> u64 {
         self.inner.size()
     }
-    fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<(), BlockError> {
+    fn read(&self, offset: u64, bufs: &mut BufsMut<'_>) -> Result<(), BlockError> {
         self.inner.read(offset, bufs)
     }
-    fn write(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<(), BlockError> {
+    fn write(&self, offset: u64, bufs: &Bufs<'_>) -> Result<(), BlockError> {
         self.inner.write(offset, bufs)
     }
     fn flush(&self) -> Result<(), BlockError> {
@@ -239,9 +239,7 @@ impl Harness {
 
     fn disk(&self, offset: u64, len: usize) -> Vec<u8> {
         let mut v = vec![0; len];
-        self.dev
-            .read(offset, &mut [IoSliceMut::new(&mut v)])
-            .unwrap();
+        self.dev.read(offset, &mut BufsMut::one(&mut v)).unwrap();
         v
     }
 }

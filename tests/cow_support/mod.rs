@@ -1,10 +1,10 @@
 //! Shared pieces of the COW tests: a power-cut device, a byte model, a small random source.
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::io::{IoSlice, IoSliceMut};
+use thinblk::engine::{Bufs, BufsMut};
 
 use parking_lot::Mutex;
-use thinblk::engine::{check_range, iovec_len, BlockDevice, BlockError};
+use thinblk::engine::{check_range, BlockDevice, BlockError};
 
 /// A device in memory that keeps only flushed data across a power cut. Writes since the last
 /// flush survive a cut whole, not at all, or (torn) sector by sector at random. With
@@ -98,24 +98,21 @@ impl BlockDevice for PowerCutDevice {
         self.st.lock().current.len() as u64
     }
 
-    fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<(), BlockError> {
+    fn read(&self, offset: u64, bufs: &mut BufsMut<'_>) -> Result<(), BlockError> {
         let st = self.st.lock();
         if st.ops_left == Some(0) {
             return Err(dead());
         }
-        let len = iovec_len(bufs).unwrap();
+        let len = bufs.len();
         check_range(offset, len, st.current.len() as u64)?;
-        let mut at = offset as usize;
-        for b in bufs.iter_mut() {
-            let n = b.len();
-            b.copy_from_slice(&st.current[at..at + n]);
-            at += n;
-        }
+        let at = offset as usize;
+        bufs.copy_from(&st.current[at..at + len as usize]);
         Ok(())
     }
 
-    fn write(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<(), BlockError> {
-        let bytes: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+    fn write(&self, offset: u64, bufs: &Bufs<'_>) -> Result<(), BlockError> {
+        let mut bytes = vec![0u8; bufs.len() as usize];
+        bufs.copy_to(&mut bytes);
         self.put(offset, bytes)
     }
 
@@ -162,7 +159,7 @@ impl Rng {
 
 pub fn read_all(dev: &dyn BlockDevice) -> Vec<u8> {
     let mut out = vec![0u8; dev.size() as usize];
-    dev.read(0, &mut [IoSliceMut::new(&mut out)]).unwrap();
+    dev.read(0, &mut BufsMut::one(&mut out)).unwrap();
     out
 }
 

@@ -4,18 +4,19 @@
 //! offline checkers run over a metadata image.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io;
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
+use thinblk::engine::{Bufs, BufsMut};
 
 #[path = "../external/mod.rs"]
 pub mod external;
 
 use parking_lot::Mutex;
 use thinblk::bufio::{BlockStore, CrashStore};
-use thinblk::engine::{check_range, iovec_len, BlockDevice, BlockError, DataDevice};
+use thinblk::engine::{check_range, BlockDevice, BlockError, DataDevice};
 
 /// Size of one stamped block: the unit the tests write and verify.
 pub const STAMP: usize = 4096;
@@ -307,25 +308,22 @@ impl BlockDevice for PowerCutDevice {
         self.size
     }
 
-    fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<(), BlockError> {
-        let len = iovec_len(bufs).ok_or(BlockError::Unsupported("iovec length"))?;
+    fn read(&self, offset: u64, bufs: &mut BufsMut<'_>) -> Result<(), BlockError> {
+        let len = bufs.len();
         check_range(offset, len, self.size)?;
         if let Some(p) = &self.power {
             p.alive()
                 .map_err(|e| BlockError::Io { offset, source: e })?;
         }
         let img = self.image.lock();
-        let mut at = offset as usize;
-        for b in bufs.iter_mut() {
-            let n = b.len();
-            b.copy_from_slice(&img.latest[at..at + n]);
-            at += n;
-        }
+        let at = offset as usize;
+        bufs.copy_from(&img.latest[at..at + len as usize]);
         Ok(())
     }
 
-    fn write(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<(), BlockError> {
-        let bytes: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+    fn write(&self, offset: u64, bufs: &Bufs<'_>) -> Result<(), BlockError> {
+        let mut bytes = vec![0u8; bufs.len() as usize];
+        bufs.copy_to(&mut bytes);
         self.put(offset, bytes)
     }
 
@@ -443,36 +441,32 @@ impl BlockDevice for FaultyDevice {
         self.inner.size()
     }
 
-    fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<(), BlockError> {
-        let len = iovec_len(bufs).unwrap_or(0);
+    fn read(&self, offset: u64, bufs: &mut BufsMut<'_>) -> Result<(), BlockError> {
+        let len = bufs.len();
         match self.hits(offset, len, self.read_fault()) {
             None => self.inner.read(offset, bufs),
             Some(Fault::Eio) => Err(eio("injected read EIO")),
             Some(Fault::Short) => {
                 // The first half arrives, the rest never does.
                 let mut half = vec![0u8; (len / 2) as usize];
-                self.inner.read(offset, &mut [IoSliceMut::new(&mut half)])?;
-                let mut src = &half[..];
-                for b in bufs.iter_mut() {
-                    let n = b.len().min(src.len());
-                    b[..n].copy_from_slice(&src[..n]);
-                    src = &src[n..];
-                }
+                self.inner.read(offset, &mut BufsMut::one(&mut half))?;
+                bufs.copy_from(&half);
                 Err(short_error(offset + len / 2, io::ErrorKind::UnexpectedEof))
             }
         }
     }
 
-    fn write(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<(), BlockError> {
-        let len = iovec_len(bufs).unwrap_or(0);
+    fn write(&self, offset: u64, bufs: &Bufs<'_>) -> Result<(), BlockError> {
+        let len = bufs.len();
         match self.hits(offset, len, self.write_fault()) {
             None => self.inner.write(offset, bufs),
             Some(Fault::Eio) => Err(eio("injected write EIO")),
             Some(Fault::Short) => {
-                let bytes: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+                let mut bytes = vec![0u8; len as usize];
+                bufs.copy_to(&mut bytes);
                 let half = &bytes[..bytes.len() / 2 / 512 * 512];
                 if !half.is_empty() {
-                    self.inner.write(offset, &[IoSlice::new(half)])?;
+                    self.inner.write(offset, &Bufs::one(half))?;
                 }
                 Err(short_error(
                     offset + half.len() as u64,

@@ -6,7 +6,7 @@
 //! on FLUSH (and every [`COMMIT_EVERY`] copies), after the data they point to. When the store
 //! fills, the snapshot is invalidated: every later request fails, the origin is untouched.
 
-use std::io::{IoSlice, IoSliceMut};
+use crate::engine::{Bufs, BufsMut};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -16,8 +16,7 @@ use parking_lot::{Mutex, RwLock};
 use super::runs::ExceptionTable;
 use super::store::ExceptionStore;
 use super::CowError;
-use crate::engine::iov::{gather_into, IovCursor};
-use crate::engine::{check_range, iovec_len, BlockDevice, BlockError};
+use crate::engine::{check_range, BlockDevice, BlockError};
 
 /// Copies recorded in memory before they are committed without waiting for a FLUSH.
 pub const COMMIT_EVERY: usize = 256;
@@ -196,13 +195,13 @@ impl CowDevice {
         let n = self.size.saturating_sub(start).min(self.chunk) as usize;
         let (head, tail) = buf.split_at_mut(n.min(buf.len()));
         if !head.is_empty() {
-            self.origin.read(start, &mut [IoSliceMut::new(head)])?;
+            self.origin.read(start, &mut BufsMut::one(head))?;
         }
         tail.fill(0);
         Ok(())
     }
 
-    fn write_piece(&self, p: Piece, part: &[IoSlice<'_>]) -> Result<(), BlockError> {
+    fn write_piece(&self, p: Piece, part: &Bufs<'_>) -> Result<(), BlockError> {
         if let Some(new) = self.lookup(p.chunk) {
             return self.data.write(new * self.chunk + p.within, part);
         }
@@ -234,8 +233,10 @@ impl CowDevice {
         } else {
             let mut buf = vec![0u8; self.chunk as usize];
             self.read_origin_chunk(p.chunk, &mut buf)?;
-            gather_into(&mut buf, p.within as usize, part);
-            self.data.write(base, &[IoSlice::new(&buf)])?;
+            if let Some(at) = buf.get_mut(p.within as usize..) {
+                part.copy_to(at);
+            }
+            self.data.write(base, &Bufs::one(&buf))?;
         }
         let due = {
             let mut t = self.tables.write();
@@ -260,7 +261,7 @@ impl CowDevice {
             return t.write_zeroes(p.chunk * self.chunk + p.within, p.len, may_unmap);
         }
         let zeros = vec![0u8; p.len as usize];
-        self.write_piece(p, &[IoSlice::new(&zeros)])
+        self.write_piece(p, &Bufs::one(&zeros))
     }
 }
 
@@ -269,16 +270,15 @@ impl BlockDevice for CowDevice {
         self.size
     }
 
-    fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<(), BlockError> {
-        let len = iovec_len(bufs).ok_or(BlockError::Unsupported("iovec length"))?;
+    fn read(&self, offset: u64, bufs: &mut BufsMut<'_>) -> Result<(), BlockError> {
+        let len = bufs.len();
         check_range(offset, len, self.size)?;
         let _gate = self.io_gate.read();
         let base = self.target()?.unwrap_or_else(|| self.origin.clone());
-        let mut cursor = IovCursor::from_mut(bufs);
+        let mut done = 0;
         for p in pieces(offset, len, self.chunk) {
-            // SAFETY: the cursor was made from `bufs`, borrowed mutably for this whole call,
-            // and each piece of it is taken once.
-            let mut part = unsafe { cursor.take_mut(p.len as usize) };
+            let mut part = bufs.range_mut(done, p.len);
+            done += p.len;
             match self.lookup(p.chunk) {
                 Some(new) => self.data.read(new * self.chunk + p.within, &mut part)?,
                 None => base.read(p.chunk * self.chunk + p.within, &mut part)?,
@@ -287,16 +287,15 @@ impl BlockDevice for CowDevice {
         Ok(())
     }
 
-    fn write(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<(), BlockError> {
-        let len = iovec_len(bufs).ok_or(BlockError::Unsupported("iovec length"))?;
+    fn write(&self, offset: u64, bufs: &Bufs<'_>) -> Result<(), BlockError> {
+        let len = bufs.len();
         check_range(offset, len, self.size)?;
         let _gate = self.io_gate.read();
         self.target()?;
-        let mut cursor = IovCursor::from_ref(bufs);
+        let mut done = 0;
         for p in pieces(offset, len, self.chunk) {
-            // SAFETY: the cursor was made from `bufs`, borrowed for this whole call.
-            let part = unsafe { cursor.take_ref(p.len as usize) };
-            self.write_piece(p, &part)?;
+            self.write_piece(p, &bufs.range(done, p.len))?;
+            done += p.len;
         }
         Ok(())
     }

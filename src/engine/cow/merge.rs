@@ -8,7 +8,7 @@
 //! read and written in the store, every other chunk in the origin directly, so no new
 //! exceptions appear and the merge ends.
 
-use std::io::{IoSlice, IoSliceMut};
+use crate::engine::{Bufs, BufsMut};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -76,9 +76,8 @@ impl CowDevice {
                 let Some(part) = buf.get_mut(..n).filter(|p| !p.is_empty()) else {
                     continue; // past the origin's end: nothing to fold
                 };
-                self.data
-                    .read(new * self.chunk, &mut [IoSliceMut::new(part)])?;
-                target.write(at, &[IoSlice::new(part)])?;
+                self.data.read(new * self.chunk, &mut BufsMut::one(part))?;
+                target.write(at, &Bufs::one(part))?;
             }
             target.flush()?;
             {

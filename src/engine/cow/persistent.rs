@@ -10,7 +10,7 @@
 //! last area is cleared (and flushed) before anything is appended, so pairs of a torn,
 //! uncommitted write cannot come back to life behind a later append.
 
-use std::io::{IoSlice, IoSliceMut};
+use crate::engine::{Bufs, BufsMut};
 use std::sync::Arc;
 
 use super::format::{check_chunk_size, decode_entry, encode_entry, Header, Layout, ENTRY};
@@ -200,13 +200,13 @@ impl PersistentStore {
 
     fn read_area(&mut self, area: u64) -> Result<(), CowError> {
         let at = self.offset(self.layout.area_location(area));
-        self.dev.read(at, &mut [IoSliceMut::new(&mut self.area)])?;
+        self.dev.read(at, &mut BufsMut::one(&mut self.area))?;
         Ok(())
     }
 
     fn write_area(&self) -> Result<(), CowError> {
         let at = self.offset(self.layout.area_location(self.current_area));
-        self.dev.write(at, &[IoSlice::new(&self.area)])?;
+        self.dev.write(at, &Bufs::one(&self.area))?;
         Ok(())
     }
 
@@ -214,7 +214,7 @@ impl PersistentStore {
         let loc = self.layout.area_location(area);
         if loc < self.total {
             let zeros = chunk_buf(self.layout.chunk_size);
-            self.dev.write(self.offset(loc), &[IoSlice::new(&zeros)])?;
+            self.dev.write(self.offset(loc), &Bufs::one(&zeros))?;
         }
         Ok(())
     }
@@ -226,7 +226,7 @@ impl PersistentStore {
             chunk_size: self.layout.chunk_size,
         };
         sector[..Header::LEN].copy_from_slice(&h.encode());
-        self.dev.write(0, &[IoSlice::new(&sector)])?;
+        self.dev.write(0, &Bufs::one(&sector))?;
         Ok(())
     }
 }
@@ -239,7 +239,7 @@ fn read_header(dev: &dyn BlockDevice) -> Result<Option<Header>, CowError> {
             chunk: 0,
         });
     }
-    dev.read(0, &mut [IoSliceMut::new(&mut sector)])?;
+    dev.read(0, &mut BufsMut::one(&mut sector))?;
     let mut h = [0u8; Header::LEN];
     h.copy_from_slice(&sector[..Header::LEN]);
     Header::decode(&h)
@@ -421,7 +421,7 @@ mod tests {
         let _ = PersistentStore::create(dev.clone(), 4096).unwrap();
         let mut area = vec![0u8; 4096];
         encode_entry(&mut area, 0, 5, 1);
-        dev.write(4096, &[IoSlice::new(&area)]).unwrap();
+        dev.write(4096, &Bufs::one(&area)).unwrap();
         assert!(matches!(
             PersistentStore::open(dev, None),
             Err(CowError::Corrupt { index: 0, .. })
@@ -436,9 +436,9 @@ mod tests {
         s.commit(&pairs).unwrap();
         // A torn commit whose later sector reached the disk, its earlier one not.
         let mut area = vec![0u8; 4096];
-        dev.read(4096, &mut [IoSliceMut::new(&mut area)]).unwrap();
+        dev.read(4096, &mut BufsMut::one(&mut area)).unwrap();
         encode_entry(&mut area, 40, 999, 100);
-        dev.write(4096, &[IoSlice::new(&area)]).unwrap();
+        dev.write(4096, &Bufs::one(&area)).unwrap();
         let mut s = PersistentStore::open(dev.clone(), None).unwrap().store;
         let more: Vec<_> = (3..40u64).map(|o| (o, s.prepare().unwrap())).collect();
         s.commit(&more).unwrap();
@@ -453,7 +453,7 @@ mod tests {
         let _ = PersistentStore::create(dev.clone(), 4096).unwrap();
         let mut area = vec![0u8; 4096];
         encode_entry(&mut area, 0, u64::MAX, 2);
-        dev.write(4096, &[IoSlice::new(&area)]).unwrap();
+        dev.write(4096, &Bufs::one(&area)).unwrap();
         assert!(matches!(
             PersistentStore::open(dev, None),
             Err(CowError::Corrupt { index: 0, .. })
@@ -474,8 +474,8 @@ mod tests {
                 encode_entry(&mut areas[a * 4096..(a + 1) * 4096], idx, old % 1000, new);
             }
             areas[garbage_at] ^= 0x5a;
-            dev.write(4096, &[IoSlice::new(&areas[..4096])]).unwrap();
-            dev.write(258 * 4096, &[IoSlice::new(&areas[4096..])]).unwrap();
+            dev.write(4096, &Bufs::one(&areas[..4096])).unwrap();
+            dev.write(258 * 4096, &Bufs::one(&areas[4096..])).unwrap();
             if let Ok(o) = PersistentStore::open(dev, None) {
                 let mut s = o.store;
                 let _ = s.newest(1000);

@@ -1,34 +1,20 @@
 //! Running a request through a device's synchronous methods.
 
-use std::io::{IoSlice, IoSliceMut};
-
-use smallvec::SmallVec;
-
 use super::{IoOp, IoRequest};
-use crate::engine::{BlockDevice, BlockError};
+use crate::engine::{BlockDevice, BlockError, Bufs, BufsMut};
 
 /// Runs `req` to its end, flushing afterwards when it must be durable.
 pub(super) fn run(dev: &dyn BlockDevice, req: &IoRequest) -> Result<(), BlockError> {
     match &req.op {
         IoOp::Read => {
-            let mut bufs: SmallVec<[IoSliceMut<'_>; 4]> = req
-                .bufs
-                .pieces()
-                .iter()
-                // SAFETY: per `RawBufs::new`'s contract the piece is valid and nothing else in
-                // this process uses it until the request completes, which is after this call.
-                .map(|p| IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(p.ptr, p.len) }))
-                .collect();
+            // SAFETY: per `RawBufs::new`'s contract the pieces are valid, and reached through
+            // no reference in this process, until the request completes, after this call.
+            let mut bufs = unsafe { BufsMut::from_raw(req.bufs.pieces()) };
             dev.read(req.offset, &mut bufs)?;
         }
         IoOp::Write => {
-            let bufs: SmallVec<[IoSlice<'_>; 4]> = req
-                .bufs
-                .pieces()
-                .iter()
-                // SAFETY: as for reads.
-                .map(|p| IoSlice::new(unsafe { std::slice::from_raw_parts(p.ptr, p.len) }))
-                .collect();
+            // SAFETY: as for reads.
+            let bufs = unsafe { Bufs::from_raw(req.bufs.pieces()) };
             dev.write(req.offset, &bufs)?;
         }
         IoOp::Flush => dev.flush()?,

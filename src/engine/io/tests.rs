@@ -1,6 +1,6 @@
 //! The seam's bounds and error handling, on small devices made for each case.
 
-use std::io::{IoSlice, IoSliceMut};
+use crate::engine::{Bufs, BufsMut};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -41,10 +41,10 @@ impl BlockDevice for Gate {
     fn size(&self) -> u64 {
         1 << 20
     }
-    fn read(&self, _: u64, _: &mut [IoSliceMut<'_>]) -> Result<(), BlockError> {
+    fn read(&self, _: u64, _: &mut BufsMut<'_>) -> Result<(), BlockError> {
         Ok(())
     }
-    fn write(&self, _: u64, _: &[IoSlice<'_>]) -> Result<(), BlockError> {
+    fn write(&self, _: u64, _: &Bufs<'_>) -> Result<(), BlockError> {
         Ok(())
     }
     fn flush(&self) -> Result<(), BlockError> {
@@ -109,11 +109,11 @@ impl BlockDevice for Scattered {
     fn size(&self) -> u64 {
         self.raw.size()
     }
-    fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<(), BlockError> {
+    fn read(&self, offset: u64, bufs: &mut BufsMut<'_>) -> Result<(), BlockError> {
         self.sync_reads.fetch_add(1, Ordering::SeqCst);
         self.raw.read(offset, bufs)
     }
-    fn write(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<(), BlockError> {
+    fn write(&self, offset: u64, bufs: &Bufs<'_>) -> Result<(), BlockError> {
         self.raw.write(offset, bufs)
     }
     fn flush(&self) -> Result<(), BlockError> {
@@ -207,7 +207,7 @@ fn a_request_of_more_extents_than_the_ring_takes_is_served_synchronously() {
     let data: Vec<u8> = (0..(MAX_EXTENTS + 1) * 512)
         .map(|i| (i / 512) as u8)
         .collect();
-    dev.write(0, &[IoSlice::new(&data)]).unwrap();
+    dev.write(0, &Bufs::one(&data)).unwrap();
     assert_eq!(read_through_queue(&dev, data.len(), 1), data);
     assert_eq!(dev.sync_reads.load(Ordering::SeqCst), 1);
     // At the cap the ring takes it.
@@ -222,7 +222,7 @@ fn a_request_of_more_buffers_than_iov_max_is_served_in_pieces() {
     // One extent of 2 MiB, but 2048 buffers of 1 KiB: more than one readv takes.
     let len = 2 << 20;
     let data: Vec<u8> = (0..len).map(|i| (i / 1024) as u8).collect();
-    dev.write(0, &[IoSlice::new(&data)]).unwrap();
+    dev.write(0, &Bufs::one(&data)).unwrap();
     assert_eq!(read_through_queue(&dev, len, 2048), data);
     assert_eq!(
         dev.sync_reads.load(Ordering::SeqCst),
@@ -246,10 +246,10 @@ impl BlockDevice for FailingFsync {
     fn size(&self) -> u64 {
         1 << 20
     }
-    fn read(&self, _: u64, _: &mut [IoSliceMut<'_>]) -> Result<(), BlockError> {
+    fn read(&self, _: u64, _: &mut BufsMut<'_>) -> Result<(), BlockError> {
         Ok(())
     }
-    fn write(&self, _: u64, _: &[IoSlice<'_>]) -> Result<(), BlockError> {
+    fn write(&self, _: u64, _: &Bufs<'_>) -> Result<(), BlockError> {
         Ok(())
     }
     fn flush(&self) -> Result<(), BlockError> {

@@ -1,6 +1,6 @@
 //! A thin device: a virtual disk whose blocks are provisioned from the pool on first write.
 
-use std::io::{IoSlice, IoSliceMut};
+use crate::engine::{Bufs, BufsMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -9,12 +9,8 @@ use log::warn;
 
 use super::metadata::Lookup;
 use super::pool::{Pool, PoolMode};
-use super::provision::{FirstWrites, NewBlock};
-use crate::engine::iov::{gather_into, zero, IovCursor};
-use crate::engine::{check_range, iovec_len, BlockDevice, BlockError, Extent, MapOp, Mapping};
-
-/// Largest buffer used to copy or zero inside one data block.
-const CHUNK: u64 = 1 << 20;
+use super::provision::{ready_new_block, FirstWrites, NewBlock, CHUNK};
+use crate::engine::{check_range, BlockDevice, BlockError, Extent, MapOp, Mapping};
 
 pub struct ThinDevice {
     pool: Arc<Pool>,
@@ -56,27 +52,18 @@ fn pieces(offset: u64, len: u64, block: u64) -> impl Iterator<Item = Piece> {
 fn read_origin(
     origin: &dyn BlockDevice,
     offset: u64,
-    bufs: &mut [IoSliceMut<'_>],
+    bufs: &mut BufsMut<'_>,
 ) -> Result<(), BlockError> {
-    let len = iovec_len(bufs).ok_or(BlockError::Unsupported("iovec length"))?;
+    let len = bufs.len();
     let avail = origin.size().saturating_sub(offset).min(len);
     if avail == len {
         return origin.read(offset, bufs);
     }
-    zero(bufs);
+    bufs.zero();
     if avail == 0 {
         return Ok(());
     }
-    let mut head = vec![0u8; avail as usize];
-    origin.read(offset, &mut [IoSliceMut::new(&mut head)])?;
-    let mut src = head.as_slice();
-    for b in bufs.iter_mut() {
-        let n = b.len().min(src.len());
-        let (now, rest) = src.split_at(n);
-        b.get_mut(..n).unwrap_or_default().copy_from_slice(now);
-        src = rest;
-    }
-    Ok(())
+    origin.read(offset, &mut bufs.range_mut(0, avail))
 }
 
 /// Appends `ext`, merging it into the last extent when they are contiguous.
@@ -149,7 +136,7 @@ impl ThinDevice {
 
     /// Writes `part` at `within` of virtual block `vblock`, provisioning or unsharing the
     /// block first when it needs it.
-    fn write_piece(&self, p: Piece, part: &[IoSlice<'_>]) -> Result<(), BlockError> {
+    fn write_piece(&self, p: Piece, part: &Bufs<'_>) -> Result<(), BlockError> {
         let pool = &self.pool;
         let started = Instant::now();
         loop {
@@ -202,52 +189,35 @@ impl ThinDevice {
         new: u64,
         old: Option<u64>,
         p: Piece,
-        part: &[IoSlice<'_>],
+        part: &Bufs<'_>,
     ) -> Result<(), BlockError> {
         let pool = &self.pool;
         let bs = pool.block_size();
-        if p.within == 0 && p.len == bs {
-            return pool.write_data(new, 0, part);
-        }
         // The bytes around the piece: the shared block's, the origin's, or zeros.
         type Source<'a> = Box<dyn Fn(u64, &mut [u8]) -> Result<(), BlockError> + 'a>;
-        let read_around: Source<'_> = match (old, &self.origin) {
-            (Some(old), _) => {
-                Box::new(move |at, buf| pool.read_data(old, at, &mut [IoSliceMut::new(buf)]))
-            }
-            (None, Some(origin)) => Box::new(move |at, buf| {
+        let read_around: Option<Source<'_>> = match (old, &self.origin) {
+            (Some(old), _) => Some(Box::new(move |at, buf| {
+                pool.read_data(old, at, &mut BufsMut::one(buf))
+            })),
+            (None, Some(origin)) => Some(Box::new(move |at, buf| {
                 let from = p.vblock * bs + at;
-                read_origin(origin.as_ref(), from, &mut [IoSliceMut::new(buf)])
-            }),
-            (None, None) => {
-                pool.zero_around(new, p.within, p.len)?;
-                return self.write_into_new(new, p, part);
-            }
+                read_origin(origin.as_ref(), from, &mut BufsMut::one(buf))
+            })),
+            (None, None) => None,
         };
-        let end = p.within + p.len;
-        let mut buf = vec![0u8; CHUNK.min(bs) as usize];
-        for (at, len) in [(0, p.within), (end, bs - end)] {
-            let mut done = 0;
-            while done < len {
-                let n = CHUNK.min(len - done) as usize;
-                let chunk = buf.get_mut(..n).unwrap_or_default();
-                read_around(at + done, chunk)?;
-                pool.write_data(new, at + done, &[IoSlice::new(chunk)])?;
-                done += n as u64;
-            }
-        }
+        ready_new_block(pool, new, p.within, p.len, read_around.as_deref())?;
         self.write_into_new(new, p, part)
     }
 
     /// Writes `part` where `p` says in data block `new`.
-    fn write_into_new(&self, new: u64, p: Piece, part: &[IoSlice<'_>]) -> Result<(), BlockError> {
+    fn write_into_new(&self, new: u64, p: Piece, part: &Bufs<'_>) -> Result<(), BlockError> {
         let pool = &self.pool;
         // Small pieces go in one write together with nothing else; gathering first keeps
         // O_DIRECT alignment for callers whose buffers are fragmented.
         if p.len <= CHUNK {
             let mut buf = vec![0u8; p.len as usize];
-            gather_into(&mut buf, 0, part);
-            pool.write_data(new, p.within, &[IoSlice::new(&buf)])
+            part.copy_to(&mut buf);
+            pool.write_data(new, p.within, &Bufs::one(&buf))
         } else {
             pool.write_data(new, p.within, part)
         }
@@ -313,7 +283,7 @@ impl ThinDevice {
                     within: p.within + done,
                     len: n,
                 };
-                self.write_piece(sub, &[IoSlice::new(buf)])?;
+                self.write_piece(sub, &Bufs::one(buf))?;
                 done += n;
             }
         }
@@ -440,15 +410,14 @@ impl BlockDevice for ThinDevice {
         }))
     }
 
-    fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<(), BlockError> {
-        let len = iovec_len(bufs).ok_or(BlockError::Unsupported("iovec length"))?;
+    fn read(&self, offset: u64, bufs: &mut BufsMut<'_>) -> Result<(), BlockError> {
+        let len = bufs.len();
         check_range(offset, len, self.size())?;
-        let mut cursor = IovCursor::from_mut(bufs);
         let _gate = self.pool.io_gate();
+        let mut done = 0;
         for p in pieces(offset, len, self.pool.block_size()) {
-            // SAFETY: the cursor was made from `bufs`, borrowed mutably for this whole call,
-            // and each piece of it is taken once.
-            let mut part = unsafe { cursor.take_mut(p.len as usize) };
+            let mut part = bufs.range_mut(done, p.len);
+            done += p.len;
             match self.find(p.vblock)? {
                 Some(l) => self.pool.read_data(l.block, p.within, &mut part)?,
                 None => match &self.origin {
@@ -456,22 +425,21 @@ impl BlockDevice for ThinDevice {
                         let at = p.vblock * self.pool.block_size() + p.within;
                         read_origin(origin.as_ref(), at, &mut part)?
                     }
-                    None => zero(&mut part),
+                    None => part.zero(),
                 },
             }
         }
         Ok(())
     }
 
-    fn write(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<(), BlockError> {
+    fn write(&self, offset: u64, bufs: &Bufs<'_>) -> Result<(), BlockError> {
         self.writable()?;
-        let len = iovec_len(bufs).ok_or(BlockError::Unsupported("iovec length"))?;
+        let len = bufs.len();
         check_range(offset, len, self.size())?;
-        let mut cursor = IovCursor::from_ref(bufs);
+        let mut done = 0;
         for p in pieces(offset, len, self.pool.block_size()) {
-            // SAFETY: the cursor was made from `bufs`, borrowed for this whole call.
-            let part = unsafe { cursor.take_ref(p.len as usize) };
-            self.write_piece(p, &part)?;
+            self.write_piece(p, &bufs.range(done, p.len))?;
+            done += p.len;
         }
         Ok(())
     }

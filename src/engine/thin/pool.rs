@@ -14,7 +14,7 @@
 //! - the prison cell of a virtual block, while it is being provisioned;
 //! - `meta`: shared for lookups, exclusive for changes, never held across data I/O.
 
-use std::io::{IoSlice, IoSliceMut};
+use crate::engine::{Bufs, BufsMut};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -660,7 +660,7 @@ impl Pool {
         &self,
         block: u64,
         within: u64,
-        bufs: &mut [IoSliceMut<'_>],
+        bufs: &mut BufsMut<'_>,
     ) -> Result<(), BlockError> {
         self.data.read(block * self.block_size + within, bufs)
     }
@@ -719,7 +719,7 @@ impl Pool {
         &self,
         block: u64,
         within: u64,
-        bufs: &[IoSlice<'_>],
+        bufs: &Bufs<'_>,
     ) -> Result<(), BlockError> {
         let result = self.data.write(block * self.block_size + within, bufs);
         if let Err(e) = &result {

@@ -12,7 +12,47 @@ use log::warn;
 use super::gate::Ticket;
 use super::pool::Pool;
 use super::prison::CellKey;
-use crate::engine::{BlockError, Extent, Hold, MapOp};
+use crate::engine::{BlockError, Bufs, Extent, Hold, MapOp};
+
+/// Largest buffer used to copy or zero inside one data block.
+pub(super) const CHUNK: u64 = 1 << 20;
+
+/// Reads `buf.len()` bytes at a byte offset within the block a first write replaces (the
+/// shared block's bytes, or the external origin's).
+pub(super) type Around<'a> = &'a dyn Fn(u64, &mut [u8]) -> Result<(), BlockError>;
+
+/// Readies newly allocated data block `new` for a first write of `[within, within + len)`:
+/// the rest of the block holds what `around` reads, or zeros without it. Both ways of
+/// provisioning (the synchronous path in device.rs, and first writes in the ring below) go
+/// through here, so a new block never shows what it held before.
+pub(super) fn ready_new_block(
+    pool: &Pool,
+    new: u64,
+    within: u64,
+    len: u64,
+    around: Option<Around<'_>>,
+) -> Result<(), BlockError> {
+    let Some(read_around) = around else {
+        return pool.zero_around(new, within, len);
+    };
+    let bs = pool.block_size();
+    let end = within + len;
+    if within == 0 && end >= bs {
+        return Ok(());
+    }
+    let mut buf = vec![0u8; CHUNK.min(bs) as usize];
+    for (at, n) in [(0, within), (end, bs.saturating_sub(end))] {
+        let mut done = 0;
+        while done < n {
+            let step = CHUNK.min(n - done) as usize;
+            let chunk = buf.get_mut(..step).unwrap_or_default();
+            read_around(at + done, chunk)?;
+            pool.write_data(new, at + done, &Bufs::one(chunk))?;
+            done += step as u64;
+        }
+    }
+    Ok(())
+}
 
 /// A piece of a write that needs a new data block.
 #[derive(Clone, Copy, Debug)]
@@ -88,7 +128,7 @@ impl FirstWrites {
         let Some(ext) = one_extent(&self.pool, MapOp::Write, base + p.within, p.len)? else {
             return Ok(None);
         };
-        self.pool.zero_around(new, p.within, p.len)?;
+        ready_new_block(&self.pool, new, p.within, p.len, None)?;
         Ok(Some(ext))
     }
 
