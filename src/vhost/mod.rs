@@ -8,8 +8,10 @@ pub mod connection;
 pub mod execute;
 pub mod export;
 pub mod frontend_checks;
+pub mod guest_memory_guard;
 pub mod memory_table;
 pub mod request;
+pub mod sigbus;
 pub mod uring;
 
 pub use backend::{BlkBackend, DeviceSettings, MAX_QUEUES, MAX_QUEUE_SIZE};
