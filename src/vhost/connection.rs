@@ -107,9 +107,14 @@ impl Connection {
             backend,
             memory,
         } = self;
+        let mut caught = 0;
         let ended = loop {
-            if sigbus::table().poisoned(memory.0) {
-                break Ended::MemoryTruncated;
+            let now = sigbus::caught();
+            if now != caught {
+                caught = now;
+                if sigbus::table().poisoned(memory.0) {
+                    break Ended::MemoryTruncated;
+                }
             }
             match readable(&requests, POISON_CHECK) {
                 Ok(false) => continue,

@@ -111,3 +111,51 @@ impl GuestMemoryGuard {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+    use super::*;
+
+    fn table_of(ranges: &[(u64, usize)]) -> GuestMemoryMmap {
+        let ranges: Vec<_> = ranges.iter().map(|&(g, l)| (GuestAddress(g), l)).collect();
+        GuestMemoryMmap::from_ranges(&ranges).unwrap()
+    }
+
+    fn host(mem: &GuestMemoryMmap, guest: u64) -> usize {
+        mem.get_host_address(GuestAddress(guest)).unwrap() as usize
+    }
+
+    #[test]
+    fn ranges_stay_registered_while_a_table_holding_them_lives() {
+        let atomic = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let owner = sigbus::new_owner();
+        let mut guard = GuestMemoryGuard::new(atomic.clone(), owner).unwrap();
+        atomic
+            .lock()
+            .unwrap()
+            .replace(table_of(&[(0, 0x10000), (0x10_0000, 0x2000)]));
+        guard.installed(guard.reserve(2).unwrap());
+        let first = atomic.memory().into_inner();
+        let (a, b) = (host(&first, 0), host(&first, 0x10_0000));
+        assert!(sigbus::table().holds(owner, a) && sigbus::table().holds(owner, b + 0x1fff));
+
+        // A new table while a request in flight still holds the first one: both stay.
+        atomic.lock().unwrap().replace(table_of(&[(0, 0x4000)]));
+        guard.installed(guard.reserve(1).unwrap());
+        let c = host(&atomic.memory(), 0);
+        assert!(sigbus::table().holds(owner, a) && sigbus::table().holds(owner, c));
+
+        // The request finishes: the next memory message lets go of the first table's ranges.
+        drop(first);
+        atomic.lock().unwrap().replace(table_of(&[(0, 0x4000)]));
+        guard.installed(guard.reserve(1).unwrap());
+        let d = host(&atomic.memory(), 0);
+        assert!(sigbus::table().holds(owner, d));
+        let registered: Vec<_> = guard.registered.iter().map(|&(s, _, _)| s).collect();
+        assert_eq!(registered, vec![d], "only the live table's range is left");
+        sigbus::table().release_owner(owner);
+        assert!(!sigbus::table().holds(owner, d));
+    }
+}

@@ -24,9 +24,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 /// Registered ranges at most, over all connections. Each region of a frontend's memory table
-/// takes one (QEMU sends up to 8, or up to the slot count with ADD_MEM_REG); a region that
-/// finds the table full is refused rather than mapped untracked.
-pub const SLOTS: usize = 2048;
+/// takes one (QEMU sends up to 8, or up to the 509 slots of GET_MAX_MEM_SLOTS with
+/// ADD_MEM_REG), so 32 frontends could use every slot at once; a region that finds the table
+/// full is refused rather than mapped untracked. 16384 slots of 32 bytes: 512 KiB of zeroed
+/// static memory, scanned only on memory messages, on a SIGBUS and when one was caught.
+pub const SLOTS: usize = 16384;
 
 /// `owner` of a free slot.
 const FREE: u64 = 0;
@@ -67,6 +69,9 @@ impl<const N: usize> Default for Table<N> {
 
 static TABLE: Table<SLOTS> = Table::new();
 static NEXT_OWNER: AtomicU64 = AtomicU64::new(1);
+/// SIGBUS faults caught so far: a connection scans the table for its mark only when this
+/// changed since it last looked.
+static CAUGHT: AtomicU64 = AtomicU64::new(0);
 static PAGE_SIZE: AtomicUsize = AtomicUsize::new(4096);
 /// The SIGBUS disposition before ours, put back for a fault that is not in guest memory.
 static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
@@ -145,7 +150,14 @@ impl<const N: usize> Table<N> {
         }
     }
 
-    /// Whether a SIGBUS hit one of `owner`'s ranges.
+    /// Whether `owner` has a range registered that holds `addr`.
+    pub fn holds(&self, owner: u64, addr: usize) -> bool {
+        self.matches(addr)
+            .any(|(slot, _, _)| slot.owner.load(Ordering::Acquire) == owner)
+    }
+
+    /// Whether a SIGBUS hit one of `owner`'s ranges. Scans the table: callers that poll check
+    /// [`caught`] first.
     pub fn poisoned(&self, owner: u64) -> bool {
         self.slots
             .iter()
@@ -158,7 +170,12 @@ impl<const N: usize> Table<N> {
     /// first match is taken: the page is replaced all the same, and the poison mark may reach
     /// the older owner, which costs that frontend its session, never the daemon.
     fn lookup(&self, addr: usize) -> Option<(&Slot, usize, usize)> {
-        self.slots.iter().find_map(|slot| {
+        self.matches(addr).next()
+    }
+
+    /// Every registered range holding `addr`.
+    fn matches(&self, addr: usize) -> impl Iterator<Item = (&Slot, usize, usize)> {
+        self.slots.iter().filter_map(move |slot| {
             let owner = slot.owner.load(Ordering::Acquire);
             if owner == FREE || owner == BUSY {
                 return None;
@@ -193,6 +210,11 @@ impl<const N: usize> Drop for Reserved<'_, N> {
                 .store(FREE, Ordering::Release);
         }
     }
+}
+
+/// How many SIGBUS faults in guest memory were caught so far; see [`Table::poisoned`].
+pub fn caught() -> u64 {
+    CAUGHT.load(Ordering::Acquire)
 }
 
 /// The daemon's table, which the SIGBUS handler reads.
@@ -241,9 +263,14 @@ extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     // SAFETY: with SA_SIGINFO the kernel passes a valid siginfo_t; si_addr is valid for SIGBUS.
     let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
     if code == libc::BUS_ADRERR {
-        if let Some((slot, start, len)) = TABLE.lookup(addr) {
+        if let Some((_, start, len)) = TABLE.lookup(addr) {
             if replace_with_zeros(addr, start, len) {
-                slot.poisoned.store(true, Ordering::Release);
+                // A stale entry may hold the address too (see `Table::lookup`): mark them all,
+                // so that the connection the memory belongs to now is among them.
+                for (slot, _, _) in TABLE.matches(addr) {
+                    slot.poisoned.store(true, Ordering::Release);
+                }
+                CAUGHT.fetch_add(1, Ordering::Release);
                 return;
             }
         }
@@ -318,6 +345,20 @@ mod tests {
     }
 
     #[test]
+    fn a_stale_entry_and_a_new_one_for_the_same_addresses_both_match() {
+        let t = Table::<8>::new();
+        t.register(1, 0x1000_0000, 0x4000).unwrap();
+        t.register(2, 0x1000_2000, 0x1000).unwrap();
+        assert_eq!(t.matches(0x1000_2800).count(), 2);
+        for (slot, _, _) in t.matches(0x1000_2800) {
+            slot.poisoned.store(true, Ordering::Release);
+        }
+        assert!(t.poisoned(1) && t.poisoned(2));
+        t.release_owner(1);
+        assert!(!t.poisoned(1) && t.poisoned(2));
+    }
+
+    #[test]
     fn a_full_table_refuses_and_frees_on_release() {
         let t = Table::<4>::new();
         for i in 0..4 {
@@ -365,6 +406,7 @@ mod tests {
         let base = p as usize;
         let owner = new_owner();
         table().register(owner, base, len).unwrap();
+        let before = caught();
         f.set_len(0).unwrap();
         let last = (base + len - 1) as *mut u8;
         // SAFETY: the page is mapped; the handler replaces it when the access faults.
@@ -374,6 +416,7 @@ mod tests {
             assert_eq!(std::ptr::read_volatile(last), 7);
         }
         assert!(table().poisoned(owner));
+        assert!(caught() > before, "the serve loops are told to look");
         table().release_owner(owner);
         assert!(!table().poisoned(owner));
         // SAFETY: our mapping, no longer used.
