@@ -259,7 +259,16 @@ pub fn install() -> std::io::Result<()> {
 
 /// The handler. Async-signal-safe: it reads atomics, calls mmap and sigaction, and nothing
 /// else (no allocation, no locks, no logging).
-extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // The interrupted code may be between a system call and its read of errno: keep it.
+    // SAFETY: __errno_location returns this thread's errno, valid for the thread's lifetime.
+    let errno = unsafe { *libc::__errno_location() };
+    handle(sig, info, ctx);
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = errno };
+}
+
+fn handle(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
     // SAFETY: with SA_SIGINFO the kernel passes a valid siginfo_t; si_addr is valid for SIGBUS.
     let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
     if code == libc::BUS_ADRERR {
