@@ -157,6 +157,61 @@ fn a_mapped_sealable_memfd_can_no_longer_shrink() {
     w.check("sealed memfd");
 }
 
+/// The frontend maps `file` as its guest memory, puts a write on queue 0, truncates the file to
+/// `keep` bytes and kicks: the daemon's accesses past the new end fault (SIGBUS). Only that
+/// frontend's connection may end.
+fn truncated_under_the_daemon(w: &mut Watched, file: std::fs::File, keep: u64, case: &str) {
+    let g = Guest::with_file(file);
+    let mut wire = negotiated(w);
+    let (k, c) = (eventfd(), eventfd());
+    g.set_up_queue(&mut wire, k.as_raw_fd(), c.as_raw_fd());
+    let mut data = common::pattern(3, 0, 4096);
+    g.submit(0, guest::T_OUT, 8, &mut data);
+    g.file.set_len(keep).unwrap();
+    kick(k.as_raw_fd());
+    assert!(
+        wire.hung_up(),
+        "{case}: the connection of the frontend that truncated its memory stays open"
+    );
+    // The test's own mapping of the file is not touched again: it would fault here too.
+    drop(wire);
+    drop(g);
+    w.check(case);
+}
+
+#[test]
+fn a_frontend_truncating_an_unsealable_memfd_loses_only_its_own_disk() {
+    // libblkio's memfds cannot be sealed, so such memory is mapped; truncating it afterwards
+    // killed the whole daemon with SIGBUS.
+    let mut w = Watched::start();
+    truncated_under_the_daemon(
+        &mut w,
+        memfd(SIZE, false),
+        Guest::BUFFERS,
+        "unsealable memfd truncated under the request's buffers",
+    );
+    truncated_under_the_daemon(
+        &mut w,
+        memfd(SIZE, false),
+        0,
+        "unsealable memfd truncated under the rings",
+    );
+}
+
+#[test]
+fn a_frontend_truncating_a_memory_file_loses_only_its_own_disk() {
+    // As QEMU's memory-backend-file: a plain file, which nothing can seal.
+    let mut w = Watched::start();
+    for dir in [std::env::temp_dir(), "/dev/shm".into()] {
+        if !dir.is_dir() {
+            continue;
+        }
+        let file = tempfile::tempfile_in(&dir).unwrap();
+        let case = format!("file in {} truncated after mapping", dir.display());
+        truncated_under_the_daemon(&mut w, file, Guest::BUFFERS, &case);
+    }
+}
+
 #[test]
 fn memory_tables_that_cannot_be_trusted_are_refused() {
     let mut w = Watched::start();

@@ -4,10 +4,17 @@
 //! its epoll and exit eventfds). [`Connection::serve`] consumes it, so when the frontend goes
 //! away all of it is closed and every worker is joined before the export accepts the next
 //! frontend.
+//!
+//! If the frontend truncates a guest memory file the daemon mapped, the SIGBUS handler
+//! (`sigbus.rs`) puts zero pages where the file's pages were and marks the connection; the
+//! serve loop sees the mark within [`POISON_CHECK`] and ends the session, so the frontend loses
+//! its disk and nothing else happens to the daemon.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use log::warn;
 use vhost::vhost_user::{BackendReqHandler, Error as VhostUserError};
@@ -17,7 +24,13 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::backend::BlkBackend;
 use super::frontend_checks::Checked;
+use super::guest_memory_guard::GuestMemoryGuard;
 use super::memory_table::UnsealedMemory;
+use super::sigbus;
+
+/// How long a truncated memory file can go unnoticed by the serve loop while the frontend
+/// sends no message.
+pub const POISON_CHECK: Duration = Duration::from_millis(100);
 
 type Requests = BackendReqHandler<Mutex<Checked<VhostUserHandler<Arc<BlkBackend>>>>>;
 
@@ -25,6 +38,17 @@ type Requests = BackendReqHandler<Mutex<Checked<VhostUserHandler<Arc<BlkBackend>
 pub struct Connection {
     requests: Requests,
     backend: Arc<BlkBackend>,
+    memory: MemoryOwner,
+}
+
+/// The connection's id in the SIGBUS table; its entries are freed when this is dropped, which
+/// [`Connection::serve`] does only after nothing can touch the connection's memory any more.
+struct MemoryOwner(u64);
+
+impl Drop for MemoryOwner {
+    fn drop(&mut self) {
+        sigbus::table().release_owner(self.0);
+    }
 }
 
 /// How a connection ended.
@@ -34,6 +58,9 @@ pub enum Ended {
     HungUp,
     /// A request was malformed or refused; the connection was closed after any error reply.
     Refused(VhostUserError),
+    /// The frontend's guest memory file shrank under a mapping the daemon touched (SIGBUS);
+    /// the connection was closed.
+    MemoryTruncated,
 }
 
 impl Connection {
@@ -45,6 +72,8 @@ impl Connection {
         unsealed: UnsealedMemory,
     ) -> io::Result<Connection> {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let memory = MemoryOwner(sigbus::new_owner());
+        let guard = GuestMemoryGuard::new(mem.clone(), memory.0)?;
         let handler = VhostUserHandler::new(backend.clone(), mem)
             .map_err(|e| io::Error::other(format!("cannot create the vhost-user handler: {e}")))?;
         for (queue, worker) in handler.get_epoll_handlers().iter().enumerate() {
@@ -55,10 +84,12 @@ impl Connection {
         }
         let max_queue_size = u32::try_from(backend.max_queue_size()).unwrap_or(u32::MAX);
         let checked = Checked::new(handler, max_queue_size, unsealed)
-            .map_err(|e| io::Error::other(format!("cannot set up request checks: {e}")))?;
+            .map_err(|e| io::Error::other(format!("cannot set up request checks: {e}")))?
+            .guard_memory(guard);
         Ok(Connection {
             requests: BackendReqHandler::from_stream(stream, Arc::new(Mutex::new(checked))),
             backend: backend.clone(),
+            memory,
         })
     }
 
@@ -70,9 +101,27 @@ impl Connection {
 
     /// Handles requests until the frontend hangs up or sends one that is refused, then
     /// releases everything the connection holds.
-    pub fn serve(mut self) -> Ended {
+    pub fn serve(self) -> Ended {
+        let Connection {
+            mut requests,
+            backend,
+            memory,
+        } = self;
+        let mut caught = 0;
         let ended = loop {
-            match self.requests.handle_request() {
+            let now = sigbus::caught();
+            if now != caught {
+                caught = now;
+                if sigbus::table().poisoned(memory.0) {
+                    break Ended::MemoryTruncated;
+                }
+            }
+            match readable(&requests, POISON_CHECK) {
+                Ok(false) => continue,
+                Ok(true) => {}
+                Err(e) => break Ended::Refused(VhostUserError::SocketBroken(e)),
+            }
+            match requests.handle_request() {
                 Ok(()) => {}
                 Err(
                     VhostUserError::Disconnected
@@ -82,10 +131,9 @@ impl Connection {
                 Err(e) => break Ended::Refused(e),
             }
         };
-        let backend = self.backend.clone();
         // The socket, the handler (which stops and joins its workers, closing the vrings' fds)
         // and the memory table the handler holds.
-        drop(self);
+        drop(requests);
         // Requests the workers handed to a queue's io_uring and did not see complete still
         // hold their vring (with its kick and call fds) and the memory they point into: finish
         // them now, as a GET_VRING_BASE would have.
@@ -98,8 +146,31 @@ impl Connection {
         // let go of the mappings and the region fds behind them.
         let _ = backend.update_memory(GuestMemoryAtomic::new(GuestMemoryMmap::new()));
         backend.frontend_gone();
+        // Only now is none of the connection's guest memory mapped.
+        drop(memory);
         ended
     }
+}
+
+/// Waits up to `timeout` for the frontend's socket to have something to read (or to hang up).
+fn readable(socket: &impl AsRawFd, timeout: Duration) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd: socket.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: poll reads and writes one pollfd we own; the socket stays open meanwhile.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted {
+            Ok(false)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(n > 0)
 }
 
 /// Serves one frontend on `stream` from its first message to its hang-up, with every check a

@@ -182,6 +182,10 @@ fn serve(
         match ended {
             Ended::HungUp => info!("{name}: frontend disconnected"),
             Ended::Refused(e) => warn!("{name}: connection closed: {e}"),
+            Ended::MemoryTruncated => warn!(
+                "{name}: connection closed: the frontend truncated its guest memory file \
+                 under the daemon's mapping (SIGBUS caught; the pages read as zeros)"
+            ),
         }
     }
 }

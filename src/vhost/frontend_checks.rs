@@ -6,7 +6,9 @@
 //! What is checked, and why:
 //! - SET_MEM_TABLE: at most [`MAX_TABLE_REGIONS`] regions; ADD_MEM_REG: no more regions than
 //!   GET_MAX_MEM_SLOTS said; every region against its fd and against the others
-//!   ([`memory_table`]).
+//!   ([`memory_table`]). With a [`GuestMemoryGuard`], slots of the SIGBUS table are reserved
+//!   for the regions before they are mapped (a full table refuses the message) and the mapped
+//!   ranges registered after (`sigbus.rs`).
 //! - SET_VRING_NUM: a power of two from 1 to the export's queue size (the split ring's index
 //!   arithmetic assumes a power of two; virtio 1.2 §2.7).
 //! - SET_VRING_KICK/CALL/ERR: eventfds only. A pipe as call fd fills up when nobody reads it
@@ -38,6 +40,7 @@ use vhost::vhost_user::{
 };
 use vhost::VhostUserMemoryRegionBase;
 
+use super::guest_memory_guard::{GuestMemoryGuard, Reservation};
 use super::memory_table::{self, Proposed, Region, UnsealedMemory, MAX_TABLE_REGIONS};
 
 /// A request handler `H` behind the checks of this module.
@@ -50,6 +53,7 @@ pub struct Checked<H> {
     /// Protocol features the frontend may ack (REPLY_ACK is added by the vhost crate).
     offered_protocol: u64,
     unsealed: UnsealedMemory,
+    guard: Option<GuestMemoryGuard>,
 }
 
 fn refused(what: String) -> VhostUserError {
@@ -96,7 +100,31 @@ impl<H: VhostUserBackendReqHandlerMut> Checked<H> {
             max_queue_size,
             offered_protocol,
             unsealed,
+            guard: None,
         })
+    }
+
+    /// Registers every region mapped from now on with `guard` (see `guest_memory_guard.rs`).
+    pub fn guard_memory(mut self, guard: GuestMemoryGuard) -> Self {
+        self.guard = Some(guard);
+        self
+    }
+
+    fn reserve(&self, request: &str, regions: usize) -> Result<Reservation> {
+        match &self.guard {
+            Some(g) => g
+                .reserve(regions)
+                .map_err(|e| refused(format!("{request}: {e}"))),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// After the inner handler saw a memory message (accepted or not: the table it installed,
+    /// if any, is what counts).
+    fn installed(&mut self, reserved: Reservation) {
+        if let Some(g) = &mut self.guard {
+            g.installed(reserved);
+        }
     }
 
     fn check_ring_fd(&self, request: &str, index: u8, file: &Option<File>) -> Result<()> {
@@ -181,7 +209,10 @@ impl<H: VhostUserBackendReqHandlerMut> VhostUserBackendReqHandlerMut for Checked
             let region = self.check_region(p, f.as_fd(), &table)?;
             table.push(region);
         }
-        let reply = self.inner.set_mem_table(ctx, files, postcopy_listening)?;
+        let reserved = self.reserve("SET_MEM_TABLE", ctx.len())?;
+        let reply = self.inner.set_mem_table(ctx, files, postcopy_listening);
+        self.installed(reserved);
+        let reply = reply?;
         self.regions = table;
         Ok(reply)
     }
@@ -310,14 +341,19 @@ impl<H: VhostUserBackendReqHandlerMut> VhostUserBackendReqHandlerMut for Checked
             offset: region.mmap_offset,
         };
         let checked = self.check_region(p, fd.as_fd(), &self.regions)?;
-        let reply = self.inner.add_mem_region(region, fd, postcopy_listening)?;
+        let reserved = self.reserve("ADD_MEM_REG", 1)?;
+        let reply = self.inner.add_mem_region(region, fd, postcopy_listening);
+        self.installed(reserved);
+        let reply = reply?;
         self.regions.push(checked);
         Ok(reply)
     }
 
     fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> Result<()> {
         let (guest, size) = (region.guest_phys_addr, region.memory_size);
-        self.inner.remove_mem_region(region)?;
+        let removed = self.inner.remove_mem_region(region);
+        self.installed(Vec::new());
+        removed?;
         self.regions
             .retain(|r| !(r.guest == guest && r.size == size));
         Ok(())

@@ -9,8 +9,10 @@ pub mod connection;
 pub mod execute;
 pub mod export;
 pub mod frontend_checks;
+pub mod guest_memory_guard;
 pub mod memory_table;
 pub mod request;
+pub mod sigbus;
 
 pub use backend::{BlkBackend, DeviceSettings, MAX_QUEUES, MAX_QUEUE_SIZE};
 pub use execute::{ExecuteError, Failure, FailureSink};

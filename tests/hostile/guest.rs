@@ -69,8 +69,14 @@ pub struct Guest {
 }
 
 impl Guest {
+    /// In a sealable memfd, as QEMU's memory-backend-memfd.
     pub fn new() -> Guest {
-        let file = memfd(SIZE, true);
+        Guest::with_file(memfd(SIZE, true))
+    }
+
+    /// In `file`, which is made `SIZE` bytes long.
+    pub fn with_file(file: File) -> Guest {
+        file.set_len(SIZE).unwrap();
         // SAFETY: a fresh shared mapping of the whole memfd; unmapped in Drop.
         let base = unsafe {
             libc::mmap(
@@ -88,6 +94,10 @@ impl Guest {
             base: base as *mut u8,
         }
     }
+
+    /// Where the request header, data and status of [`Guest::submit`] begin: truncating the
+    /// file here keeps the rings and loses the request's buffers.
+    pub const BUFFERS: u64 = HEADER;
 
     pub fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
