@@ -2,11 +2,9 @@
 //! with an error that names the limit.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{IoSlice, IoSliceMut};
-
 use thinblk::engine::limits::{SizeError, MAX_DEVICE_BYTES};
 use thinblk::engine::thin::{Pool, PoolGeometry, PoolOptions, ThinPool, VolumeError};
-use thinblk::engine::BlockDevice;
+use thinblk::engine::{BlockDevice, Bufs, BufsMut};
 
 fn thin_pool(dir: &std::path::Path) -> std::sync::Arc<ThinPool> {
     let geometry = PoolGeometry {
@@ -33,13 +31,13 @@ fn a_thin_device_of_the_largest_size_reads_back_its_last_sector() {
     assert_eq!(dev.size(), MAX_DEVICE_BYTES);
     let last = MAX_DEVICE_BYTES - 512;
     let data: Vec<u8> = (0..512u32).map(|i| (i % 251) as u8).collect();
-    dev.write(last, &[IoSlice::new(&data)]).unwrap();
+    dev.write(last, &Bufs::one(&data)).unwrap();
     dev.flush().unwrap();
     let mut back = vec![0u8; 512];
-    dev.read(last, &mut [IoSliceMut::new(&mut back)]).unwrap();
+    dev.read(last, &mut BufsMut::one(&mut back)).unwrap();
     assert_eq!(back, data);
     // Past the end is refused, not wrapped.
-    assert!(dev.write(MAX_DEVICE_BYTES, &[IoSlice::new(&data)]).is_err());
+    assert!(dev.write(MAX_DEVICE_BYTES, &Bufs::one(&data)).is_err());
 }
 
 #[test]

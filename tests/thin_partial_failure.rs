@@ -5,14 +5,13 @@
 //! read-only (a metadata error).
 #![allow(clippy::unwrap_used)]
 
-use std::io::{IoSlice, IoSliceMut};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use thinblk::bufio::{CrashStore, WriteFault};
 use thinblk::engine::thin::{Pool, PoolGeometry, PoolMode, PoolOptions, ThinPool, VolumeError};
-use thinblk::engine::BlockDevice;
+use thinblk::engine::{BlockDevice, Bufs, BufsMut};
 
 const BS: u64 = 64 << 10;
 const DISK: u64 = 1 << 20;
@@ -20,12 +19,12 @@ const META_BLOCKS: u64 = 1024;
 
 /// The only places that know how a device is read and written.
 fn write_at(dev: &dyn BlockDevice, offset: u64, byte: u8) {
-    dev.write(offset, &[IoSlice::new(&[byte; 4096])]).unwrap();
+    dev.write(offset, &Bufs::one(&[byte; 4096])).unwrap();
 }
 
 fn read_at(dev: &dyn BlockDevice, offset: u64) -> Vec<u8> {
     let mut out = vec![0u8; 4096];
-    dev.read(offset, &mut [IoSliceMut::new(&mut out)]).unwrap();
+    dev.read(offset, &mut BufsMut::one(&mut out)).unwrap();
     out
 }
 
