@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 use support::*;
 use thinblk::bufio::{BlockStore, CrashStore, WriteFault};
 use thinblk::engine::thin::{
-    Pool, PoolEvent, PoolGeometry, PoolMode, PoolOptions, ThinDevice, ThinPool,
+    Pool, PoolEvent, PoolGeometry, PoolMode, PoolOptions, ThinDevice, Volumes,
 };
 use thinblk::engine::{BlockDevice, BlockError};
 
@@ -46,11 +46,11 @@ impl Rig {
         }
     }
 
-    fn open(&self) -> Arc<ThinPool> {
+    fn open(&self) -> Arc<Volumes> {
         self.try_open().unwrap()
     }
 
-    fn try_open(&self) -> Result<Arc<ThinPool>, thinblk::engine::thin::PoolOpenError> {
+    fn try_open(&self) -> Result<Arc<Volumes>, thinblk::engine::thin::PoolOpenError> {
         let geometry = PoolGeometry {
             block_size: BS,
             metadata_size: META_BLOCKS * 4096,
@@ -64,7 +64,7 @@ impl Rig {
         let pool = Pool::open_with(self.flaky.clone(), self.data.clone(), &geometry, options)?;
         let events = self.events.clone();
         pool.subscribe(Arc::new(move |e: &PoolEvent| events.lock().push(e.clone())));
-        Ok(ThinPool::open(pool, &self.dir.path().join("devices.json")).unwrap())
+        Ok(Volumes::open(pool, &self.dir.path().join("devices.json")).unwrap())
     }
 
     fn mode_changes(&self) -> Vec<PoolMode> {
@@ -100,7 +100,7 @@ fn st(block: u64, gen: u64) -> Content {
 }
 
 /// Stamped blocks 0, 16, 32, ... (one per data block) written and committed.
-fn committed_disk(thin: &ThinPool, blocks: u64) -> Arc<ThinDevice> {
+fn committed_disk(thin: &Volumes, blocks: u64) -> Arc<ThinDevice> {
     thin.create("a", DISK).unwrap();
     let a = thin.device("a").unwrap();
     for i in 0..blocks {
@@ -132,7 +132,7 @@ fn data_range(a: &ThinDevice, block: u64) -> (u64, u64) {
     (l.block * BS, (l.block + 1) * BS)
 }
 
-fn reopen_writable(rig: &Rig) -> Arc<ThinPool> {
+fn reopen_writable(rig: &Rig) -> Arc<Volumes> {
     let thin = rig.open();
     assert_eq!(thin.pool().mode(), PoolMode::Write, "the pool came back");
     assert_checks_pass(&rig.image(), "after the fault cleared");

@@ -22,7 +22,7 @@ use thinblk::engine::{Bufs, BufsMut};
 
 use support::*;
 use thinblk::bufio::CrashStore;
-use thinblk::engine::thin::{Pool, PoolGeometry, PoolMode, PoolOptions, ThinDevice, ThinPool};
+use thinblk::engine::thin::{Pool, PoolGeometry, PoolMode, PoolOptions, ThinDevice, Volumes};
 use thinblk::engine::BlockDevice;
 
 const BS: u64 = 64 << 10;
@@ -78,7 +78,7 @@ struct Machine {
 }
 
 impl Machine {
-    fn open(&self) -> Arc<ThinPool> {
+    fn open(&self) -> Arc<Volumes> {
         let store = Arc::new(PoweredStore {
             inner: self.store.clone(),
             power: self.power.clone(),
@@ -95,7 +95,7 @@ impl Machine {
             ..PoolOptions::default()
         };
         let pool = Pool::open_with(store, self.data.clone(), &geometry, options).unwrap();
-        ThinPool::open(pool, &self.dir.path().join("devices.json")).unwrap()
+        Volumes::open(pool, &self.dir.path().join("devices.json")).unwrap()
     }
 }
 
@@ -121,7 +121,7 @@ fn died<T, E: std::fmt::Debug>(power: &Power, what: &str, r: Result<T, E>) -> Op
     }
 }
 
-fn handle(thin: &ThinPool, name: &str) -> Arc<ThinDevice> {
+fn handle(thin: &Volumes, name: &str) -> Arc<ThinDevice> {
     thin.device(name).unwrap()
 }
 
@@ -138,7 +138,7 @@ impl Run {
         }
     }
 
-    fn next_id(thin: &ThinPool) -> u64 {
+    fn next_id(thin: &Volumes) -> u64 {
         thin.pool()
             .meta()
             .device_ids()
@@ -161,7 +161,7 @@ impl Run {
     }
 
     /// Runs one random operation; false once the power is off.
-    fn step(&mut self, m: &Machine, thin: &ThinPool) -> bool {
+    fn step(&mut self, m: &Machine, thin: &Volumes) -> bool {
         self.ops += 1;
         let p = &*m.power;
         let roll = self.rng.below(100);
@@ -175,7 +175,7 @@ impl Run {
         }
     }
 
-    fn write(&mut self, p: &Power, thin: &ThinPool) -> bool {
+    fn write(&mut self, p: &Power, thin: &Volumes) -> bool {
         let Some(id) = self.pick(|_| true) else {
             return true;
         };
@@ -202,7 +202,7 @@ impl Run {
         .is_some()
     }
 
-    fn flush(&mut self, p: &Power, thin: &ThinPool) -> bool {
+    fn flush(&mut self, p: &Power, thin: &Volumes) -> bool {
         let Some(id) = self.pick(|_| true) else {
             return true;
         };
@@ -222,7 +222,7 @@ impl Run {
         }
     }
 
-    fn discard(&mut self, p: &Power, thin: &ThinPool) -> bool {
+    fn discard(&mut self, p: &Power, thin: &Volumes) -> bool {
         let Some(id) = self.pick(|_| true) else {
             return true;
         };
@@ -236,7 +236,7 @@ impl Run {
         died(p, "discard", dev.discard(first * BS, n * BS)).is_some()
     }
 
-    fn zero(&mut self, p: &Power, thin: &ThinPool) -> bool {
+    fn zero(&mut self, p: &Power, thin: &Volumes) -> bool {
         let Some(id) = self.pick(|_| true) else {
             return true;
         };
@@ -250,7 +250,7 @@ impl Run {
         died(p, "write-zeroes", dev.write_zeroes(off, len, unmap)).is_some()
     }
 
-    fn snapshot(&mut self, p: &Power, thin: &ThinPool) -> bool {
+    fn snapshot(&mut self, p: &Power, thin: &Volumes) -> bool {
         let snaps = self
             .devices
             .values()
@@ -284,7 +284,7 @@ impl Run {
         ok
     }
 
-    fn delete(&mut self, p: &Power, thin: &ThinPool, id: u64) -> bool {
+    fn delete(&mut self, p: &Power, thin: &Volumes, id: u64) -> bool {
         let name = self.devices[&id].name.clone();
         if died(p, "delete", thin.delete(&name, true)).is_none() {
             self.devices.get_mut(&id).unwrap().maybe_deleted = true;
@@ -296,7 +296,7 @@ impl Run {
 
     /// A scratch disk is created, filled with its own stamps, flushed and deleted, so the
     /// blocks it used go back to the pool for the other devices to reuse.
-    fn scratch(&mut self, p: &Power, thin: &ThinPool) -> bool {
+    fn scratch(&mut self, p: &Power, thin: &Volumes) -> bool {
         if let Some(id) = self.pick(|m| m.role == Role::Scratch) {
             return self.delete(p, thin, id);
         }
@@ -345,7 +345,7 @@ impl Run {
     }
 
     /// After a reopen: every device is where the model says and reads back what it allows.
-    fn verify(&mut self, thin: &ThinPool, cycle: u64) {
+    fn verify(&mut self, thin: &Volumes, cycle: u64) {
         let listed: BTreeMap<u64, String> = thin
             .list()
             .unwrap()

@@ -3,10 +3,10 @@
 #![allow(clippy::unwrap_used)]
 
 use thinblk::engine::limits::{SizeError, MAX_DEVICE_BYTES};
-use thinblk::engine::thin::{Pool, PoolGeometry, PoolOptions, ThinPool, VolumeError};
+use thinblk::engine::thin::{Pool, PoolGeometry, PoolOptions, VolumeError, Volumes};
 use thinblk::engine::{BlockDevice, Bufs, BufsMut};
 
-fn thin_pool(dir: &std::path::Path) -> std::sync::Arc<ThinPool> {
+fn thin_pool(dir: &std::path::Path) -> std::sync::Arc<Volumes> {
     let geometry = PoolGeometry {
         block_size: 64 << 10,
         metadata_size: 8 << 20,
@@ -19,7 +19,7 @@ fn thin_pool(dir: &std::path::Path) -> std::sync::Arc<ThinPool> {
         PoolOptions::default(),
     )
     .unwrap();
-    ThinPool::open(pool, &dir.join("devices.json")).unwrap()
+    Volumes::open(pool, &dir.join("devices.json")).unwrap()
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::alloc::Layout;
 use thinblk::engine::{Bufs, BufsMut};
 
 use support::*;
-use thinblk::engine::thin::{Pool, PoolGeometry, PoolOptions, ThinDevice, ThinPool};
+use thinblk::engine::thin::{Pool, PoolGeometry, PoolOptions, ThinDevice, Volumes};
 use thinblk::engine::{BlockDevice, Extent, MapOp};
 
 const BS: u64 = 64 << 10;
@@ -122,7 +122,7 @@ fn deleted_disks_data_never_shows_through_new_or_unmapped_blocks() {
         },
     )
     .unwrap();
-    let thin = ThinPool::open(pool, &dir.path().join("devices.json")).unwrap();
+    let thin = Volumes::open(pool, &dir.path().join("devices.json")).unwrap();
     let size = DISK_BLOCKS * BS;
     let mut checked = 0u64;
     let mut first_writes_mapped = 0u64;

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use thinblk::engine::{Bufs, BufsMut};
 
 use thinblk::bufio::{BlockStore, CrashStore, WriteFault};
-use thinblk::engine::thin::{Pool, PoolGeometry, PoolMode, PoolOptions, ThinPool};
+use thinblk::engine::thin::{Pool, PoolGeometry, PoolMode, PoolOptions, Volumes};
 use thinblk::engine::{BlockDevice, BlockError};
 
 const BS: u64 = 64 << 10;
@@ -33,9 +33,9 @@ fn pool_on(
     store: Arc<dyn BlockStore>,
     data_blocks: u64,
     opts: PoolOptions,
-) -> Arc<ThinPool> {
+) -> Arc<Volumes> {
     let pool = Pool::open_on(store, &dir.join("data"), &geometry(data_blocks), opts).unwrap();
-    ThinPool::open(pool, &dir.join("devices.json")).unwrap()
+    Volumes::open(pool, &dir.join("devices.json")).unwrap()
 }
 
 fn read_at(dev: &dyn BlockDevice, offset: u64) -> Vec<u8> {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use thinblk::engine::{Bufs, BufsMut};
 
 use thinblk::engine::pdata::check::check_pool;
-use thinblk::engine::thin::{Pool, PoolGeometry, PoolOptions, ThinPool};
+use thinblk::engine::thin::{Pool, PoolGeometry, PoolOptions, Volumes};
 use thinblk::engine::BlockDevice;
 
 const BS: u64 = 64 << 10;
@@ -33,7 +33,7 @@ fn files() -> Files {
     }
 }
 
-fn open(f: &Files, data_size: u64) -> Arc<ThinPool> {
+fn open(f: &Files, data_size: u64) -> Arc<Volumes> {
     let geometry = PoolGeometry {
         block_size: BS,
         metadata_size: 4 << 20,
@@ -45,7 +45,7 @@ fn open(f: &Files, data_size: u64) -> Arc<ThinPool> {
         ..PoolOptions::default()
     };
     let pool = Pool::open(&f.meta, &f.data, &geometry, options).unwrap();
-    ThinPool::open(pool, &f.catalog).unwrap()
+    Volumes::open(pool, &f.catalog).unwrap()
 }
 
 struct Rng(u64);
@@ -180,7 +180,7 @@ fn run_model(seed: u64, steps: usize) {
     assert_clean(&f.meta);
 }
 
-fn dev_flush_and_reopen(f: &Files, pool: &mut Arc<ThinPool>) {
+fn dev_flush_and_reopen(f: &Files, pool: &mut Arc<Volumes>) {
     let fresh;
     {
         let old = std::mem::replace(pool, open_placeholder());
@@ -195,7 +195,7 @@ thread_local! {
 }
 
 /// A throwaway pool to stand in while the real one is closed and reopened.
-fn open_placeholder() -> Arc<ThinPool> {
+fn open_placeholder() -> Arc<Volumes> {
     PLACEHOLDER.with(|f| open(f, 1 << 20))
 }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use thinblk::engine::{Bufs, BufsMut};
 
 use cow_support::{random_range, read_all, Rng};
-use thinblk::engine::thin::{Pool, PoolGeometry, PoolOptions, ThinPool};
+use thinblk::engine::thin::{Pool, PoolGeometry, PoolOptions, Volumes};
 use thinblk::engine::BlockDevice;
 
 const BS: u64 = 64 << 10;
@@ -28,7 +28,7 @@ fn files(rng: &mut Rng) -> Files {
     Files { dir, origin }
 }
 
-fn open(dir: &Path) -> Arc<ThinPool> {
+fn open(dir: &Path) -> Arc<Volumes> {
     let geometry = PoolGeometry {
         block_size: BS,
         metadata_size: 4 << 20,
@@ -40,7 +40,7 @@ fn open(dir: &Path) -> Arc<ThinPool> {
         ..PoolOptions::default()
     };
     let pool = Pool::open(&dir.join("metadata"), &dir.join("data"), &geometry, options).unwrap();
-    ThinPool::open(pool, &dir.join("devices.json")).unwrap()
+    Volumes::open(pool, &dir.join("devices.json")).unwrap()
 }
 
 fn write(dev: &dyn BlockDevice, model: &mut [u8], off: u64, data: &[u8]) {

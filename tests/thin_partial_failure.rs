@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use thinblk::bufio::{CrashStore, WriteFault};
-use thinblk::engine::thin::{Pool, PoolGeometry, PoolMode, PoolOptions, ThinPool, VolumeError};
+use thinblk::engine::thin::{Pool, PoolGeometry, PoolMode, PoolOptions, VolumeError, Volumes};
 use thinblk::engine::{BlockDevice, Bufs, BufsMut};
 
 const BS: u64 = 64 << 10;
@@ -30,7 +30,7 @@ fn read_at(dev: &dyn BlockDevice, offset: u64) -> Vec<u8> {
 
 /// A pool whose only commits are the ones a test asks for (no timer), with a metadata cache
 /// of `cache_blocks` blocks.
-fn open(dir: &Path, store: &Arc<CrashStore>, cache_blocks: usize) -> Arc<ThinPool> {
+fn open(dir: &Path, store: &Arc<CrashStore>, cache_blocks: usize) -> Arc<Volumes> {
     let geometry = PoolGeometry {
         block_size: BS,
         metadata_size: META_BLOCKS * 4096,
@@ -43,16 +43,12 @@ fn open(dir: &Path, store: &Arc<CrashStore>, cache_blocks: usize) -> Arc<ThinPoo
         ..PoolOptions::default()
     };
     let pool = Pool::open_on(store.clone(), &dir.join("data"), &geometry, options).unwrap();
-    ThinPool::open(pool, &dir.join("devices.json")).unwrap()
+    Volumes::open(pool, &dir.join("devices.json")).unwrap()
 }
 
 /// Devices "a", "b", "c"; "a" with block 0 committed, then blocks 1-3 written and completed but not
 /// committed (no FLUSH).
-fn pool_with_uncommitted_writes(
-    dir: &Path,
-    store: &Arc<CrashStore>,
-    cache: usize,
-) -> Arc<ThinPool> {
+fn pool_with_uncommitted_writes(dir: &Path, store: &Arc<CrashStore>, cache: usize) -> Arc<Volumes> {
     let thin = open(dir, store, cache);
     thin.create("a", DISK).unwrap();
     thin.create("b", DISK).unwrap();
@@ -78,7 +74,7 @@ fn holds(dev: &dyn BlockDevice, offset: u64, byte: u8) -> Result<(), String> {
 
 /// Makes the mapping tree's root (as it is now, uncommitted changes included) unreadable from
 /// the store and drops it from the cache, so that the next lookup fails.
-fn fail_mapping_root_reads(thin: &ThinPool, store: &CrashStore) {
+fn fail_mapping_root_reads(thin: &Volumes, store: &CrashStore) {
     let meta = thin.pool().meta();
     let (mapping_root, _) = meta.roots();
     let cache = meta.block_manager().cache();
@@ -87,7 +83,7 @@ fn fail_mapping_root_reads(thin: &ThinPool, store: &CrashStore) {
     store.fail_read(mapping_root);
 }
 
-fn assert_writes_readable(thin: &ThinPool, when: &str) {
+fn assert_writes_readable(thin: &Volumes, when: &str) {
     let a = thin.device("a").unwrap();
     if let Err(e) = holds(&*a, 0, 1) {
         panic!("{when}: committed write lost: {e}");
@@ -211,7 +207,7 @@ fn break_catalog(dir: &Path) -> std::path::PathBuf {
     tmp
 }
 
-fn names(thin: &ThinPool) -> Vec<(String, u64)> {
+fn names(thin: &Volumes) -> Vec<(String, u64)> {
     let list = thin.list().unwrap();
     list.into_iter().map(|d| (d.name, d.size)).collect()
 }

@@ -10,7 +10,7 @@ use crate::control::ControlServer;
 use crate::engine::cow::{open_cow, CowError, CowOptions};
 use crate::engine::null::NullDevice;
 use crate::engine::raw::{RawDevice, RawOptions};
-use crate::engine::thin::{Pool, PoolGeometry, PoolOpenError, PoolOptions, ThinPool, VolumeError};
+use crate::engine::thin::{Pool, PoolGeometry, PoolOpenError, PoolOptions, VolumeError, Volumes};
 use crate::engine::BlockDevice;
 use crate::export_spec::{Backing, ExportSpec};
 use crate::sockets::SocketError;
@@ -142,7 +142,7 @@ fn private_dir(dir: &Path) -> Result<(), ServeError> {
     Ok(())
 }
 
-fn open_pool(loc: &PoolLocation) -> Result<Arc<ThinPool>, ServeError> {
+fn open_pool(loc: &PoolLocation) -> Result<Arc<Volumes>, ServeError> {
     private_dir(&loc.dir)?;
     let pool = Pool::open(&loc.metadata, &loc.data, &loc.geometry, loc.options.clone()).map_err(
         |source| ServeError::Pool {
@@ -161,12 +161,12 @@ fn open_pool(loc: &PoolLocation) -> Result<Arc<ThinPool>, ServeError> {
         m.metadata_dev_size()
     );
     drop(m);
-    Ok(ThinPool::open(pool, &loc.catalog)?)
+    Ok(Volumes::open(pool, &loc.catalog)?)
 }
 
 fn open_device(
     spec: &ExportSpec,
-    thin: Option<&Arc<ThinPool>>,
+    thin: Option<&Arc<Volumes>>,
     state: &Arc<State>,
 ) -> Result<Arc<dyn BlockDevice>, ServeError> {
     match &spec.backing {

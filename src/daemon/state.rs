@@ -13,7 +13,7 @@ use super::events::EventBus;
 use super::export_settings::{ExportSettings, SettingsError};
 use super::watch::{forward_pool_events, io_error_sink, Watched, WriteThreshold};
 use crate::engine::cow::{CowEvent, CowFiles};
-use crate::engine::thin::{ThinPool, VolumeError};
+use crate::engine::thin::{VolumeError, Volumes};
 use crate::engine::BlockDevice;
 use crate::sockets::SocketError;
 use crate::vhost::Export;
@@ -70,7 +70,7 @@ pub enum StateError {
 #[derive(Default)]
 pub struct State {
     /// The thin pool, whose devices are block nodes by name.
-    thin: Option<Arc<ThinPool>>,
+    thin: Option<Arc<Volumes>>,
     nodes: Mutex<BTreeMap<String, Node>>,
     /// COW nodes (also in `nodes`), for status and merge.
     cows: Mutex<BTreeMap<String, Arc<CowFiles>>>,
@@ -91,7 +91,7 @@ pub struct State {
 }
 
 impl State {
-    pub fn new(thin: Option<Arc<ThinPool>>) -> Arc<State> {
+    pub fn new(thin: Option<Arc<Volumes>>) -> Arc<State> {
         let state = Arc::new_cyclic(|me| State {
             thin,
             me: me.clone(),
@@ -112,7 +112,7 @@ impl State {
             .clone()
     }
 
-    pub fn thin(&self) -> Option<&Arc<ThinPool>> {
+    pub fn thin(&self) -> Option<&Arc<Volumes>> {
         self.thin.as_ref()
     }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use super::*;
 use crate::engine::thin::{Pool, PoolGeometry, PoolOptions};
 
-fn thin_pool(dir: &Path) -> Arc<ThinPool> {
+fn thin_pool(dir: &Path) -> Arc<Volumes> {
     let geometry = PoolGeometry {
         block_size: 64 << 10,
         metadata_size: 8 << 20,
@@ -20,7 +20,7 @@ fn thin_pool(dir: &Path) -> Arc<ThinPool> {
         PoolOptions::default(),
     )
     .unwrap();
-    ThinPool::open(pool, &dir.join("devices.json")).unwrap()
+    Volumes::open(pool, &dir.join("devices.json")).unwrap()
 }
 
 fn export_of(node: &str, dir: &Path) -> ExportConfig {

@@ -13,7 +13,7 @@ use serde_json::json;
 
 use super::state::State;
 use crate::engine::io::{Completion, IoOp, IoQueue, IoRequest, QueueOptions};
-use crate::engine::thin::{PoolEvent, ThinPool};
+use crate::engine::thin::{PoolEvent, Volumes};
 use crate::engine::{BlockDevice, BlockError};
 use crate::vhost::request::Op;
 use crate::vhost::{Failure, FailureSink};
@@ -236,7 +236,7 @@ pub fn io_error_sink(state: Weak<State>, export: &str, node: &str) -> FailureSin
 }
 
 /// Turns the pool's events into QMP events for as long as the state lives.
-pub fn forward_pool_events(thin: &ThinPool, state: Weak<State>) {
+pub fn forward_pool_events(thin: &Volumes, state: Weak<State>) {
     let block_size = thin.pool().block_size();
     let low_water = Arc::downgrade(thin.pool());
     thin.pool().subscribe(Arc::new(move |e: &PoolEvent| {

@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use super::protocol::QmpError;
 use crate::daemon::state::{State, StateError};
-use crate::engine::thin::{ThinError, ThinPool, VolumeError};
+use crate::engine::thin::{ThinError, VolumeError, Volumes};
 
 type Handler = fn(&State, Value) -> Result<Value, QmpError>;
 
@@ -89,7 +89,7 @@ fn args<T: DeserializeOwned>(v: Value) -> Result<T, QmpError> {
 }
 
 /// The daemon's thin pool, or the error every pool command gives without one.
-fn thin(state: &State) -> Result<&ThinPool, QmpError> {
+fn thin(state: &State) -> Result<&Volumes, QmpError> {
     state
         .thin()
         .map(|t| t.as_ref())

@@ -1,9 +1,9 @@
 //! Holding a metadata snapshot for userspace readers (backup, delta), as dm-thin's
 //! `reserve_metadata_snap` / `release_metadata_snap` pool messages do.
 
-use super::thin_pool::{ThinPool, VolumeError};
+use super::volumes::{VolumeError, Volumes};
 
-impl ThinPool {
+impl Volumes {
     /// Commits and holds a read-only copy of the metadata; returns its superblock's location.
     /// I/O is quiesced meanwhile, so the commit covers only data already on the data device.
     /// Like a snapshot, a reservation that fails part way is taken back alone.

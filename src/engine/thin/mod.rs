@@ -11,11 +11,11 @@ mod prison;
 mod provision;
 pub mod query;
 pub mod quiesce;
-pub mod thin_pool;
+pub mod volumes;
 
 pub use device::ThinDevice;
 pub use error::{Result, ThinError};
 pub use metadata::{Lookup, MappedRange, PoolMetadata};
 pub use pool::{Pool, PoolEvent, PoolGeometry, PoolMode, PoolOpenError, PoolOptions};
 pub use query::{DeltaKind, DeltaRun};
-pub use thin_pool::{DiskInfo, SnapshotTiming, ThinPool, VolumeError};
+pub use volumes::{DiskInfo, SnapshotTiming, VolumeError, Volumes};

@@ -3,7 +3,7 @@
 
 use std::cmp::Ordering;
 
-use super::thin_pool::{ThinPool, VolumeError};
+use super::volumes::{VolumeError, Volumes};
 use crate::engine::pdata::values::BlockTime;
 
 /// How a run of blocks differs between a base device and a target device.
@@ -88,7 +88,7 @@ pub fn diff_mappings(left: &[(u64, BlockTime)], right: &[(u64, BlockTime)]) -> V
     runs
 }
 
-impl ThinPool {
+impl Volumes {
     /// Blocks mapped by `name` that no other device (or held metadata snapshot) references:
     /// what deleting it would free.
     pub fn exclusive_blocks(&self, name: &str) -> Result<u64, VolumeError> {

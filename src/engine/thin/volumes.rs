@@ -88,7 +88,9 @@ pub struct SnapshotTiming {
     pub commit: Duration,
 }
 
-pub struct ThinPool {
+/// A pool's thin devices by name (the catalog beside the metadata), over the [`Pool`] that
+/// holds their mappings and data: what `thinblk serve` and QMP manage disks through.
+pub struct Volumes {
     pool: Arc<Pool>,
     catalog_path: PathBuf,
     catalog: Mutex<Catalog>,
@@ -110,9 +112,9 @@ pub fn valid_name(name: &str) -> bool {
         && !name.starts_with('.')
 }
 
-impl ThinPool {
+impl Volumes {
     /// Opens the named view of `pool`, reconciling the catalog with the metadata.
-    pub fn open(pool: Arc<Pool>, catalog_path: &Path) -> Result<Arc<ThinPool>, VolumeError> {
+    pub fn open(pool: Arc<Pool>, catalog_path: &Path) -> Result<Arc<Volumes>, VolumeError> {
         let mut catalog = Catalog::load(catalog_path)?;
         let ids = pool.meta().device_ids();
         let before = catalog.clone();
@@ -150,7 +152,7 @@ impl ThinPool {
             catalog.save(catalog_path)?;
         }
         info!("thin pool: {} devices", catalog.devices.len());
-        Ok(Arc::new(ThinPool {
+        Ok(Arc::new(Volumes {
             pool,
             catalog_path: catalog_path.to_path_buf(),
             catalog: Mutex::new(catalog),
@@ -260,7 +262,7 @@ impl ThinPool {
         self.snapshot_many_timed(pairs).map(|t| t.ids)
     }
 
-    /// [`ThinPool::snapshot_many`], telling how long I/O was held.
+    /// [`Volumes::snapshot_many`], telling how long I/O was held.
     pub fn snapshot_many_timed(
         &self,
         pairs: &[(&str, &str)],
@@ -490,7 +492,7 @@ impl ThinPool {
     }
 }
 
-impl Drop for ThinPool {
+impl Drop for Volumes {
     /// Closing stops the pool's commit timer, so that the pool (and its lock on the metadata)
     /// goes with this, not whenever the timer next lets go of it.
     fn drop(&mut self) {
