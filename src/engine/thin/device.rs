@@ -10,7 +10,7 @@ use log::warn;
 use super::metadata::Lookup;
 use super::pool::{Pool, PoolMode};
 use super::provision::{ready_new_block, FirstWrites, NewBlock, CHUNK};
-use crate::engine::{check_range, BlockDevice, BlockError, Extent, MapOp, Mapping};
+use crate::engine::{check_range, BlockDevice, BlockError, Extent, Hold, MapOp, Mapping};
 
 pub struct ThinDevice {
     pool: Arc<Pool>,
@@ -155,13 +155,15 @@ impl ThinDevice {
             if let Some(l) = found.filter(|l| !l.shared) {
                 return pool.write_data(l.block, p.within, part);
             }
-            let new = match pool.alloc_data_block() {
+            // The same allocation and mapping as first writes in the ring: the block is
+            // mapped once its data is written, and given back if anything fails first.
+            let mut first = FirstWrites::new(pool.clone(), self.dev, io, provision);
+            let new = match first.allocate(p.vblock) {
                 Ok(b) => b,
                 Err(BlockError::NoSpace) => {
                     // Wait without holding anything a commit or a resize needs.
                     drop(cell);
-                    drop(io);
-                    drop(provision);
+                    drop(first);
                     if pool.wait_for_space(started) {
                         continue;
                     }
@@ -169,16 +171,8 @@ impl ThinDevice {
                 }
                 Err(e) => return Err(e),
             };
-            let filled = self.fill_new_block(new, found.map(|l| l.block), p, part);
-            if let Err(e) = filled {
-                if let Err(e2) = pool.change(|m| m.dec_data_range(new, new + 1)) {
-                    warn!("cannot release data block {new} after a failed write: {e2}");
-                }
-                return Err(e);
-            }
-            pool.change(|m| m.insert_block(self.dev, p.vblock, new))
-                .map_err(BlockError::from)?;
-            return Ok(());
+            self.fill_new_block(new, found.map(|l| l.block), p, part)?;
+            return Box::new(first).finish(true);
         }
     }
 

@@ -116,13 +116,12 @@ impl FirstWrites {
         if now.map(|l| l.block) != p.old {
             return Ok(None);
         }
-        let new = match self.pool.alloc_data_block() {
+        let new = match self.allocate(p.vblock) {
             Ok(b) => b,
             // Waiting for space is the synchronous path's job.
             Err(BlockError::NoSpace) => return Ok(None),
             Err(e) => return Err(e),
         };
-        self.blocks.push((p.vblock, new));
         let bs = self.pool.block_size();
         let base = new * bs;
         let Some(ext) = one_extent(&self.pool, MapOp::Write, base + p.within, p.len)? else {
@@ -130,6 +129,16 @@ impl FirstWrites {
         };
         ready_new_block(&self.pool, new, p.within, p.len, None)?;
         Ok(Some(ext))
+    }
+
+    /// Allocates a data block for virtual block `vblock`: mapped by [`Hold::finish`] once
+    /// its data is written, given back if this is dropped first. Both ways of provisioning
+    /// (this file's first writes in the ring, and the synchronous path in device.rs) allocate
+    /// and map through here, under the provision gate and the block's cell they hold.
+    pub fn allocate(&mut self, vblock: u64) -> Result<u64, BlockError> {
+        let new = self.pool.alloc_data_block()?;
+        self.blocks.push((vblock, new));
+        Ok(new)
     }
 
     /// Gives back the blocks that were never mapped.
