@@ -84,16 +84,18 @@ pub fn section(s: &Settings, file: &Path, baseline: &Path, out: &mut String) {
         ),
         Job::new(Op::Write, Pattern::Sequential, 128 << 10, 8),
     ];
-    let fresh = std::cell::Cell::new(0u32);
+    // Each first-write measurement gets a pool of its own, removed after it: a 4 KiB first
+    // write takes a whole 64 KiB block, so a few seconds of them fill gigabytes.
+    let fresh_pool = s.dir.join("fresh-pool");
     for job in &first {
         let thin = |bin: &Path, who: &str| -> Cell {
-            let pool = pool.as_ref().map_err(Clone::clone)?;
-            let n = fresh.get();
-            fresh.set(n + 1);
-            s.measure(&format!("thin fresh {who}"), job, FRESH_SIZE, |sock| {
-                let spec = format!("name=fresh{n},size={FRESH_SIZE}");
-                Server::thin_of(bin, pool, &spec, &[], sock, &s.dir)
-            })
+            let _ = std::fs::remove_dir_all(&fresh_pool);
+            let cell = s.measure(&format!("thin fresh {who}"), job, FRESH_SIZE, |sock| {
+                let spec = format!("name=fresh,size={FRESH_SIZE}");
+                Server::thin_of(bin, &fresh_pool, &spec, &[], sock, &s.dir)
+            });
+            let _ = std::fs::remove_dir_all(&fresh_pool);
+            cell
         };
         row(
             s,
