@@ -174,6 +174,9 @@ impl IoQueue for WatchedQueue {
     fn drain(&mut self) {
         self.inner.drain()
     }
+    fn completes_at_submit(&self) -> bool {
+        self.inner.completes_at_submit()
+    }
 }
 
 /// At most this many BLOCK_IO_ERROR events per export per second; the rest are counted.

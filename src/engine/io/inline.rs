@@ -69,4 +69,8 @@ impl IoQueue for InlineQueue {
     }
 
     fn drain(&mut self) {}
+
+    fn completes_at_submit(&self) -> bool {
+        true
+    }
 }

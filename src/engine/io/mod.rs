@@ -142,6 +142,12 @@ pub trait IoQueue: Send {
     /// Waits until every accepted request has finished (their completions are then waiting
     /// for [`IoQueue::reap`]). For a frontend taking its queue back, and for shutdown.
     fn drain(&mut self);
+
+    /// Whether every request is finished by the time `submit` returns (the device never
+    /// waits): the frontend then hands each back at once instead of at the end of its pass.
+    fn completes_at_submit(&self) -> bool {
+        false
+    }
 }
 
 /// Runs `req` through the device's synchronous methods on this thread (for tools, fuzzing
