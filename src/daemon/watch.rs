@@ -162,6 +162,9 @@ impl IoQueue for WatchedQueue {
     fn notifier(&self) -> RawFd {
         self.inner.notifier()
     }
+    fn acknowledge(&mut self) {
+        self.inner.acknowledge()
+    }
     fn has_completions(&mut self) -> bool {
         self.inner.has_completions()
     }

@@ -18,7 +18,8 @@ use vmm_sys_util::event::{
 
 use super::chain::{frame, DescTable};
 use super::config::{self, BlkConfig, SECTOR_SIZE, WRITEBACK_OFFSET};
-use super::execute::{finish, prepare, ExecuteError, FailureSink, Pending, Prepared, Target};
+use super::execute::{finish, prepare, ExecuteError, FailureSink, Prepared, Target};
+use super::request::Op;
 use super::request::Request;
 use crate::engine::io::{Completion, IoQueue, QueueOptions};
 use crate::engine::BlockDevice;
@@ -47,6 +48,9 @@ pub struct BlkBackend {
     dev: Arc<dyn BlockDevice>,
     settings: DeviceSettings,
     mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
+    /// Bumped after every change of `mem`: a worker compares it for each request instead of
+    /// loading the memory table (a lock and a reference count) to see whether it changed.
+    mem_generation: AtomicU64,
     event_idx: AtomicBool,
     acked_features: AtomicU64,
     /// The guest-visible write cache bit (config space `writeback`).
@@ -65,8 +69,22 @@ pub struct BlkBackend {
     poll: std::time::Duration,
 }
 
+/// What the worker keeps of a request while the device works on it.
+struct Pending {
+    head: u16,
+    op: Op,
+    sector: u64,
+    status: vm_memory::GuestAddress,
+    /// The memory table the request was framed with (see `QueueState::tables`).
+    table: u64,
+    /// Bytes the request puts in device-writable buffers when it succeeds.
+    written: u32,
+}
+
 /// One virtqueue's requests in the device's queue.
 struct QueueState {
+    // Declared first so it is dropped first: dropping a queue waits for what it has in
+    // flight, whose buffers lie in the memory `tables` keeps mapped.
     io: Box<dyn IoQueue>,
     /// Requests in the device's queue, by the tag they were given (their slot here: a head
     /// index the guest chose may be in flight twice).
@@ -74,9 +92,55 @@ struct QueueState {
     free: Vec<usize>,
     /// The vring the requests came from, for completions reaped outside a pass.
     vring: Option<VringRwLock>,
+    /// The memory tables requests in flight were framed with, and how many use each: they
+    /// stay mapped until the last of those requests completes (requests carry raw pointers
+    /// and no reference counts of their own). The last entry is the newest table.
+    tables: smallvec::SmallVec<[MemoryInUse; 2]>,
+    next_table: u64,
+    /// Completions were reaped since the notifier was last reset: it may be readable for
+    /// them, and must be reset before the worker sleeps (or epoll wakes it at once).
+    unacked: bool,
+}
+
+struct MemoryInUse {
+    id: u64,
+    mem: Arc<GuestMemoryMmap>,
+    requests: usize,
 }
 
 impl QueueState {
+    fn new(io: Box<dyn IoQueue>) -> Self {
+        QueueState {
+            io,
+            pending: Vec::new(),
+            free: Vec::new(),
+            vring: None,
+            tables: smallvec::SmallVec::new(),
+            next_table: 0,
+            unacked: false,
+        }
+    }
+
+    /// Counts one more request framed with `mem`; returns the table's id for its `Pending`.
+    fn use_table(&mut self, mem: &Arc<GuestMemoryMmap>) -> u64 {
+        match self.tables.last_mut() {
+            Some(t) if Arc::ptr_eq(&t.mem, mem) => {
+                t.requests += 1;
+                t.id
+            }
+            _ => {
+                let id = self.next_table;
+                self.next_table += 1;
+                self.tables.push(MemoryInUse {
+                    id,
+                    mem: mem.clone(),
+                    requests: 1,
+                });
+                id
+            }
+        }
+    }
+
     fn insert(&mut self, p: Pending) -> u64 {
         match self.free.pop() {
             Some(i) => {
@@ -100,7 +164,11 @@ impl QueueState {
             pending,
             free,
             vring,
+            tables,
+            unacked,
+            ..
         } = self;
+        *unacked = true;
         let Some(vring) = vring.as_ref() else {
             // No requests without a vring (every pass sets it, and it is forgotten only once
             // the queue is drained); this only clears a stale wakeup.
@@ -120,13 +188,28 @@ impl QueueState {
             };
             free.push(index);
             let result = c.result.map(|()| p.written).map_err(ExecuteError::from);
-            let len = finish(&p.mem, p.op, p.sector, p.status, result, target);
+            let len = match tables.iter().find(|t| t.id == p.table) {
+                Some(t) => finish(&t.mem, p.op, p.sector, p.status, result, target),
+                None => 0,
+            };
+            release_table(tables, p.table);
             match vring.add_used(p.head, len) {
                 Ok(()) => used = true,
                 Err(e) => note(&format!("cannot return chain {}: {e}", p.head)),
             }
         });
         used
+    }
+}
+
+/// One request framed with table `id` is done; older tables no request uses are unmapped.
+fn release_table(tables: &mut smallvec::SmallVec<[MemoryInUse; 2]>, id: u64) {
+    let newest = tables.last().map(|t| t.id);
+    if let Some(t) = tables.iter_mut().find(|t| t.id == id) {
+        t.requests = t.requests.saturating_sub(1);
+        if t.requests == 0 && Some(id) != newest {
+            tables.retain(|t| t.requests > 0 || Some(t.id) == newest);
+        }
     }
 }
 
@@ -139,6 +222,9 @@ enum Reap {
     Poll,
     /// The frontend takes the queue back: wait for everything first.
     Drain,
+    /// The worker is about to sleep: reset the notifier if completions were reaped without
+    /// it, and reap what came meanwhile.
+    Settle,
 }
 
 fn queue_error(e: virtio_queue::Error) -> io::Error {
@@ -153,12 +239,7 @@ impl BlkBackend {
         };
         let queues = (0..settings.num_queues)
             .map(|q| match dev.clone().open_queue(&opts) {
-                Ok(io) => Mutex::new(Some(QueueState {
-                    io,
-                    pending: Vec::new(),
-                    free: Vec::new(),
-                    vring: None,
-                })),
+                Ok(io) => Mutex::new(Some(QueueState::new(io))),
                 Err(e) => {
                     warn!("queue {q}: cannot open the device's I/O queue ({e}); its requests fail");
                     Mutex::new(None)
@@ -174,6 +255,7 @@ impl BlkBackend {
             dev,
             settings,
             mem: RwLock::new(None),
+            mem_generation: AtomicU64::new(0),
             event_idx: AtomicBool::new(false),
             acked_features: AtomicU64::new(0),
             writeback: AtomicBool::new(true),
@@ -276,6 +358,7 @@ impl BlkBackend {
         queue: usize,
         vring: &VringRwLock,
         ring_mem: &Arc<GuestMemoryMmap>,
+        generation: u64,
     ) -> io::Result<usize> {
         let target = self.target();
         let mut guard = self.queues.get(queue).map(|q| q.lock());
@@ -310,18 +393,24 @@ impl BlkBackend {
             let head = chain.head_index();
             // The memory table as of now, not of when this pass began: the frontend may have
             // added the region this request's buffers are in just before publishing it.
-            let newer = self.newer_memory(ring_mem);
+            let newer = (self.mem_generation.load(Ordering::Acquire) != generation)
+                .then(|| self.newer_memory(ring_mem))
+                .flatten();
             let mem = newer.as_ref().unwrap_or(ring_mem);
             let len = match self.frame(mem, table, head) {
                 Err(len) => len,
-                Ok(req) => match (prepare(mem, &req, &target), state.as_mut()) {
+                // SAFETY: a submitted request's memory table is counted in its queue's
+                // `tables` until it completes, and the queue is drained or dropped before
+                // them (`QueueState`'s field order).
+                Ok(req) => match (unsafe { prepare(mem, &req, &target) }, state.as_mut()) {
                     (Prepared::Submit(mut io, written), Some(qs)) => {
+                        let table = qs.use_table(mem);
                         io.tag = qs.insert(Pending {
                             head,
                             op: req.op,
                             sector: req.sector,
                             status: req.status,
-                            mem: mem.clone(),
+                            table,
                             written,
                         });
                         qs.io.submit(io);
@@ -385,17 +474,30 @@ impl BlkBackend {
             return Ok(false);
         };
         match how {
-            Reap::Drain => qs.io.drain(),
-            // Reaping reads the eventfd, which must happen even when an earlier pass already
-            // took what it announced: it stays readable otherwise, and the worker spins.
-            Reap::Event => {}
+            Reap::Drain => {
+                qs.io.drain();
+                qs.io.acknowledge();
+            }
+            // The eventfd must be reset even when an earlier pass already took what it
+            // announced: it stays readable otherwise, and the worker spins.
+            Reap::Event => qs.io.acknowledge(),
             Reap::Poll => {
                 if qs.io.in_flight() == 0 || !qs.io.has_completions() {
                     return Ok(false);
                 }
             }
+            Reap::Settle => {
+                if !qs.unacked {
+                    return Ok(false);
+                }
+                qs.io.acknowledge();
+            }
         }
         let used = qs.complete(&self.target(), &|m| self.note_rejection(m));
+        // Reaped right after a reset: what is left to announce wakes the worker.
+        if matches!(how, Reap::Event | Reap::Drain | Reap::Settle) {
+            qs.unacked = false;
+        }
         if let Some(vring) = qs.vring.as_ref().filter(|_| used) {
             if vring.needs_notification().map_err(queue_error)? {
                 vring.signal_used_queue()?;
@@ -465,6 +567,7 @@ impl VhostUserBackend for BlkBackend {
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
         *self.mem.write() = Some(mem);
+        self.mem_generation.fetch_add(1, Ordering::Release);
         Ok(())
     }
 
@@ -483,6 +586,10 @@ impl VhostUserBackend for BlkBackend {
         if let Some(q) = self.queues.get(queue_index as usize) {
             if let Some(qs) = q.lock().as_mut() {
                 qs.vring = None;
+                // Nothing is in flight: the memory of the old connection can go.
+                if qs.io.in_flight() == 0 {
+                    qs.tables.clear();
+                }
             }
         }
         Ok(())
@@ -519,6 +626,8 @@ impl VhostUserBackend for BlkBackend {
 impl BlkBackend {
     /// Takes what the queue has, and with EVENT_IDX what arrives until it is quiet again.
     fn serve(&self, queue: usize, vring: &VringRwLock) -> io::Result<()> {
+        // Read before the table: a worker that sees this generation sees at least its table.
+        let generation = self.mem_generation.load(Ordering::Acquire);
         let Some(atomic) = self.mem.read().clone() else {
             return Ok(());
         };
@@ -535,7 +644,7 @@ impl BlkBackend {
             let mut last_found = std::time::Instant::now();
             loop {
                 vring.disable_notification().map_err(queue_error)?;
-                let taken = self.process_queue(queue, vring, &mem)?;
+                let taken = self.process_queue(queue, vring, &mem, generation)?;
                 if !self.poll.is_zero() {
                     let reaped = self.reap(queue, Reap::Poll)?;
                     if taken > 0 || reaped {
@@ -559,8 +668,11 @@ impl BlkBackend {
             }
         } else {
             // A pass stops after a queue's worth of chains: go on until one takes less.
-            while self.process_queue(queue, vring, &mem)? >= self.pass_limit() {}
+            while self.process_queue(queue, vring, &mem, generation)? >= self.pass_limit() {}
         }
+        // Completions reaped while polling left the notifier set: reset it, or the worker's
+        // epoll wakes it again at once for nothing.
+        self.reap(queue, Reap::Settle)?;
         Ok(())
     }
 }
@@ -602,6 +714,43 @@ mod tests {
         assert_eq!(word(8), 0, "payload size");
         b.frontend_gone();
         assert!(!b.notify_config_change().unwrap());
+    }
+
+    #[test]
+    fn a_memory_table_stays_until_its_last_request_completes() {
+        let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(1 << 20).unwrap());
+        let opts = QueueOptions {
+            entries: 8,
+            submit_batch: 4,
+        };
+        let mut qs = QueueState::new(crate::engine::io::InlineQueue::open(dev, &opts).unwrap());
+        let old = Arc::new(GuestMemoryMmap::new());
+        let new = Arc::new(GuestMemoryMmap::new());
+        let a = qs.use_table(&old);
+        let b = qs.use_table(&old);
+        assert_eq!(a, b, "requests of one table share its entry");
+        let c = qs.use_table(&new);
+        assert_ne!(a, c);
+        assert_eq!(
+            Arc::strong_count(&old),
+            2,
+            "kept while its requests are in flight"
+        );
+        release_table(&mut qs.tables, a);
+        assert_eq!(Arc::strong_count(&old), 2);
+        release_table(&mut qs.tables, b);
+        assert_eq!(
+            Arc::strong_count(&old),
+            1,
+            "unmapped after its last request"
+        );
+        release_table(&mut qs.tables, c);
+        assert_eq!(
+            Arc::strong_count(&new),
+            2,
+            "the newest table stays for the next requests"
+        );
+        assert_eq!(qs.use_table(&new), c);
     }
 
     #[test]

@@ -2,7 +2,6 @@
 //! status byte. Nothing here does host I/O.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 use log::{debug, warn};
 use smallvec::SmallVec;
@@ -12,7 +11,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, Volati
 use super::config::{MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS, SECTOR_SIZE};
 use super::request::{gather, Op, Request, Segment};
 use crate::engine::io::{ByteRange, IoOp, IoRequest};
-use crate::engine::iov::{KeepAlive, RawBufs};
+use crate::engine::iov::RawBufs;
 use crate::engine::{BlockDevice, BlockError};
 
 /// Longest serial GET_ID returns (`VIRTIO_BLK_ID_BYTES`).
@@ -83,18 +82,6 @@ pub struct Target<'a> {
     pub on_failure: Option<&'a (dyn Fn(&Failure) + Send + Sync)>,
 }
 
-/// What the worker keeps of a request while the device works on it.
-pub struct Pending {
-    pub head: u16,
-    pub op: Op,
-    pub sector: u64,
-    pub status: GuestAddress,
-    /// The memory the status byte is written to.
-    pub mem: Arc<GuestMemoryMmap>,
-    /// Bytes the request puts in device-writable buffers when it succeeds.
-    pub written: u32,
-}
-
 /// What becomes of a framed request.
 pub enum Prepared {
     /// Finished without the device (GET_ID, or refused): used bytes or why it failed.
@@ -137,7 +124,12 @@ pub fn host_slices(mem: &GuestMemoryMmap, segs: &[Segment]) -> Option<HostSlices
 }
 
 /// Checks a framed request and turns it into a request of the device's queue.
-pub fn prepare(mem: &Arc<GuestMemoryMmap>, req: &Request, t: &Target<'_>) -> Prepared {
+///
+/// # Safety
+/// The request's buffers point into `mem`'s regions and carry nothing that keeps them mapped:
+/// the caller must keep `mem` (its mappings) alive until the request has completed, or until
+/// the queue it was submitted to is drained or dropped.
+pub unsafe fn prepare(mem: &GuestMemoryMmap, req: &Request, t: &Target<'_>) -> Prepared {
     match prepare_io(mem, req, t) {
         Ok(Some((io, written))) => Prepared::Submit(io, written),
         Ok(None) => Prepared::Done(get_id(mem, req, t)),
@@ -146,7 +138,7 @@ pub fn prepare(mem: &Arc<GuestMemoryMmap>, req: &Request, t: &Target<'_>) -> Pre
 }
 
 fn prepare_io(
-    mem: &Arc<GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
     req: &Request,
     t: &Target<'_>,
 ) -> Result<Option<(IoRequest, u32)>, ExecuteError> {
@@ -173,12 +165,12 @@ fn prepare_io(
     };
     let (offset, len) = io_range(req, t.dev).ok_or(ExecuteError::BadRange)?;
     let slices = host_slices(mem, &req.data).ok_or(ExecuteError::NotInMemory)?;
-    let keepalive: KeepAlive = mem.clone();
-    // SAFETY: each piece lies in a guest memory region that `mem` keeps mapped for as long as
-    // the request holds it; the guest gave these buffers to the device until the chain is
-    // returned, which is after the request completes, and nothing in this process makes a
-    // Rust reference over them.
-    let bufs = unsafe { RawBufs::new(slices, Some(keepalive)) };
+    // SAFETY: each piece lies in a guest memory region of `mem`, which the caller keeps
+    // mapped until the request completes (`prepare`'s contract): no keepalive per request,
+    // which would be two atomic operations on a count both queues' workers share. The guest
+    // gave these buffers to the device until the chain is returned, which is after the request
+    // completes, and nothing in this process makes a Rust reference over them.
+    let bufs = unsafe { RawBufs::new(slices, None) };
     let written = if op == IoOp::Read {
         u32::try_from(len).map_err(|_| ExecuteError::BadRange)?
     } else {
@@ -198,14 +190,14 @@ fn prepare_io(
 /// stores its status byte; returns the used length. For fuzzing and tests: a queue worker
 /// submits to the device's queue instead.
 pub fn complete(mem: &GuestMemoryMmap, req: &Request, t: &Target<'_>) -> u32 {
-    let mem = Arc::new(mem.clone());
-    let result = match prepare(&mem, req, t) {
+    // SAFETY: the request runs to its end on this thread while `mem` is borrowed.
+    let result = match unsafe { prepare(mem, req, t) } {
         Prepared::Done(result) => result,
         Prepared::Submit(io, written) => crate::engine::io::run_now(t.dev, &io)
             .map(|()| written)
             .map_err(ExecuteError::from),
     };
-    finish(&mem, req.op, req.sector, req.status, result, t)
+    finish(mem, req.op, req.sector, req.status, result, t)
 }
 
 /// Stores a finished request's status byte and tells of a failure. Returns the used length

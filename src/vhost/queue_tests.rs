@@ -729,3 +729,32 @@ fn wrapping_addresses_and_overflowing_segments_are_refused_and_change_nothing() 
         "a refused request changed the disk"
     );
 }
+
+#[test]
+fn a_polling_worker_leaves_no_completion_announced_when_it_goes_to_sleep() {
+    // Polling reaps without reading the completion eventfd (a system call per reap); the
+    // worker must reset it before it sleeps, or its epoll wakes it at once, again and again.
+    let mut h = Harness::polling(false, std::time::Duration::from_millis(20));
+    with_event_idx(&h);
+    for i in 0..8u64 {
+        let hdr = HDR + i * 0x1000;
+        let data = hdr + 0x100;
+        let status = hdr + 0x800;
+        h.header(hdr, VIRTIO_BLK_T_OUT, i);
+        h.push(&[(hdr, 16, false), (data, 512, false), (status, 1, true)]);
+    }
+    h.backend
+        .handle_event(0, EventSet::IN, std::slice::from_ref(&h.vring), 0)
+        .unwrap();
+    assert_eq!(h.used_idx(), 8, "the polling worker completed every write");
+    let fd = h.backend.completion_fd(0).unwrap();
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no timeout.
+    let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
+    assert_eq!(ready, 0, "the completion eventfd is left readable");
+    h.backend.stop_vring(0).unwrap();
+}

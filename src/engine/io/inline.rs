@@ -48,6 +48,9 @@ impl IoQueue for InlineQueue {
 
     fn submit_pending(&mut self) {}
 
+    /// Nothing to reset: the eventfd is never written.
+    fn acknowledge(&mut self) {}
+
     fn notifier(&self) -> RawFd {
         self.eventfd.as_raw_fd()
     }

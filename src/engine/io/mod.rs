@@ -130,10 +130,16 @@ pub trait IoQueue: Send {
     /// An eventfd that becomes readable when completions are waiting, for the worker's epoll.
     fn notifier(&self) -> RawFd;
 
+    /// Resets the notifier. [`IoQueue::reap`] leaves it alone, so a polling worker reaps
+    /// without a system call; a worker calls this when its epoll reported the notifier, and
+    /// before it goes back to sleep after reaping without it (then reaps once more: what
+    /// came before the reset no longer wakes it). A queue that wraps another must pass it on.
+    fn acknowledge(&mut self);
+
     /// Whether completions are waiting, as cheaply as the queue can tell (for polling).
     fn has_completions(&mut self) -> bool;
 
-    /// Hands every finished request to `out`; returns how many.
+    /// Hands every finished request to `out`; returns how many. Does not touch the notifier.
     fn reap(&mut self, out: &mut dyn FnMut(Completion)) -> usize;
 
     /// Requests accepted and not yet handed back by [`IoQueue::reap`].

@@ -23,6 +23,7 @@ fn reap_n(q: &mut dyn IoQueue, n: usize) -> Vec<Completion> {
             out.len()
         );
         q.submit_pending();
+        q.acknowledge();
         q.reap(&mut |c| out.push(c));
         std::thread::sleep(Duration::from_millis(1));
     }

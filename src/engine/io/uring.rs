@@ -501,8 +501,12 @@ impl IoQueue for UringQueue {
             || self.sync.has_done()
     }
 
-    fn reap(&mut self, out: &mut dyn FnMut(Completion)) -> usize {
+    fn acknowledge(&mut self) {
+        // Nonblocking: nothing to read (EAGAIN) just means nothing signalled.
         let _ = self.notify.read();
+    }
+
+    fn reap(&mut self, out: &mut dyn FnMut(Completion)) -> usize {
         self.collect();
         let n = self.ready.len();
         self.accepted -= n;
