@@ -19,6 +19,7 @@ use state::{ExportConfig, Node, State, StateError};
 
 pub mod events;
 pub mod export_settings;
+mod fd_limit;
 pub mod state;
 pub mod watch;
 
@@ -264,6 +265,7 @@ pub fn qemu_options(socket: &Path, queues: u16) -> String {
 
 /// Starts every export and the control socket; they run until SIGINT or SIGTERM.
 pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
+    fd_limit::raise_to_hard();
     let signals = crate::signals::block_termination().map_err(ServeError::Signals)?;
     let thin = config.pool.as_ref().map(open_pool).transpose()?;
     let state = State::new(thin.clone());
