@@ -1,6 +1,8 @@
 //! The daemon raises its soft descriptor limit to the hard one at start (issue 23: 500
 //! exports need more than the usual 1024).
 
+#![allow(clippy::unwrap_used)]
+
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
