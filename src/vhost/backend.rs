@@ -8,9 +8,9 @@ use log::{debug, warn};
 use parking_lot::{Mutex, RwLock};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -18,6 +18,7 @@ use vmm_sys_util::event::{
 
 use super::chain::{frame, DescTable};
 use super::config::{self, BlkConfig, SECTOR_SIZE, WRITEBACK_OFFSET};
+use super::dirty_log::{self, GuestLog, GuestMemoryMmap, LogSwitch, VringRwLock};
 use super::execute::{finish, prepare, ExecuteError, FailureSink, Pending, Prepared, Target};
 use super::request::Request;
 use crate::engine::io::{Completion, IoQueue, QueueOptions};
@@ -60,6 +61,8 @@ pub struct BlkBackend {
     on_failure: Option<FailureSink>,
     /// The channel to the current frontend, if it set one up (BACKEND_REQ).
     to_frontend: Mutex<Option<Backend>>,
+    /// Whether the current frontend has dirty logging on (live migration).
+    dirty_log: LogSwitch,
     /// How long a worker keeps looking at its queue and ring after the last thing it found
     /// there, before it sleeps until a kick or a completion wakes it.
     poll: std::time::Duration,
@@ -119,6 +122,8 @@ impl QueueState {
                 return;
             };
             free.push(index);
+            // The device filled these through raw iovecs, unseen by vm-memory's log.
+            dirty_log::mark_device_writes(&p.mem, &p.writes);
             let result = c.result.map(|()| p.written).map_err(ExecuteError::from);
             let len = finish(&p.mem, p.op, p.sector, p.status, result, target);
             match vring.add_used(p.head, len) {
@@ -170,6 +175,7 @@ impl BlkBackend {
             rejections: AtomicU64::new(0),
             on_failure: None,
             to_frontend: Mutex::new(None),
+            dirty_log: LogSwitch::default(),
             poll: settings.poll,
             dev,
             settings,
@@ -200,6 +206,7 @@ impl BlkBackend {
     /// Forgets the channel to a frontend that went away.
     pub fn frontend_gone(&self) {
         *self.to_frontend.lock() = None;
+        self.dirty_log.off();
     }
 
     /// Whether completed writes may sit in a volatile cache until FLUSH.
@@ -323,6 +330,7 @@ impl BlkBackend {
                             status: req.status,
                             mem: mem.clone(),
                             written,
+                            writes: dirty_log::device_writes(req.op, req.data),
                         });
                         qs.io.submit(io);
                         // A device that finishes at once (null, memory) goes back to the
@@ -406,7 +414,7 @@ impl BlkBackend {
 }
 
 impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
+    type Bitmap = GuestLog;
     type Vring = VringRwLock;
 
     fn num_queues(&self) -> usize {
@@ -423,6 +431,8 @@ impl VhostUserBackend for BlkBackend {
 
     fn acked_features(&self, features: u64) {
         self.acked_features.store(features, Ordering::Release);
+        let mem = self.mem.read().as_ref().map(|m| m.memory().into_inner());
+        self.dirty_log.set_features(features, mem.as_deref());
         // A driver (re)negotiating starts from the default: write cache on.
         self.writeback.store(true, Ordering::Release);
     }
@@ -464,6 +474,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        self.dirty_log.memory_changed(&mem.memory());
         *self.mem.write() = Some(mem);
         Ok(())
     }

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use log::{debug, warn};
 use smallvec::SmallVec;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileMemory};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileMemory};
 
 use super::config::{MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS, SECTOR_SIZE};
+use super::dirty_log::GuestMemoryMmap;
 use super::request::{gather, Op, Request, Segment};
 use crate::engine::io::{ByteRange, IoOp, IoRequest};
 use crate::engine::iov::{KeepAlive, RawBufs};
@@ -93,6 +94,8 @@ pub struct Pending {
     pub mem: Arc<GuestMemoryMmap>,
     /// Bytes the request puts in device-writable buffers when it succeeds.
     pub written: u32,
+    /// The buffers the device fills behind vm-memory's back, for the dirty log.
+    pub writes: super::request::Segments,
 }
 
 /// What becomes of a framed request.

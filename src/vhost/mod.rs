@@ -6,6 +6,7 @@ pub mod backend;
 pub mod chain;
 pub mod config;
 pub mod connection;
+pub mod dirty_log;
 pub mod execute;
 pub mod export;
 pub mod frontend_checks;
