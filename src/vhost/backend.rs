@@ -20,6 +20,7 @@ use super::chain::{frame, DescTable};
 use super::config::{self, BlkConfig, SECTOR_SIZE, WRITEBACK_OFFSET};
 use super::dirty_log::{self, GuestLog, GuestMemoryMmap, LogSwitch, VringRwLock};
 use super::execute::{finish, prepare, ExecuteError, FailureSink, Pending, Prepared, Target};
+use super::handover::Member;
 use super::request::Request;
 use crate::engine::io::{Completion, IoQueue, QueueOptions};
 use crate::engine::BlockDevice;
@@ -63,6 +64,8 @@ pub struct BlkBackend {
     to_frontend: Mutex<Option<Backend>>,
     /// Whether the current frontend has dirty logging on (live migration).
     dirty_log: LogSwitch,
+    /// This export's turn to run its device, among the device's exports (migration).
+    handover: Member,
     /// How long a worker keeps looking at its queue and ring after the last thing it found
     /// there, before it sleeps until a kick or a completion wakes it.
     poll: std::time::Duration,
@@ -176,6 +179,7 @@ impl BlkBackend {
             on_failure: None,
             to_frontend: Mutex::new(None),
             dirty_log: LogSwitch::default(),
+            handover: Member::default(),
             poll: settings.poll,
             dev,
             settings,
@@ -184,6 +188,16 @@ impl BlkBackend {
             acked_features: AtomicU64::new(0),
             writeback: AtomicBool::new(true),
         }
+    }
+
+    /// Runs requests only in its turn among the exports of `handover`'s device.
+    pub fn with_handover(mut self, handover: Member) -> Self {
+        self.handover = handover;
+        self
+    }
+
+    pub fn handover(&self) -> &Member {
+        &self.handover
     }
 
     /// Tells `sink` of every request that fails (after it is logged).
@@ -207,6 +221,7 @@ impl BlkBackend {
     pub fn frontend_gone(&self) {
         *self.to_frontend.lock() = None;
         self.dirty_log.off();
+        self.handover.reopen();
     }
 
     /// Whether completed writes may sit in a volatile cache until FLUSH.
@@ -496,6 +511,7 @@ impl VhostUserBackend for BlkBackend {
                 qs.vring = None;
             }
         }
+        self.handover.leave(queue_index as usize);
         Ok(())
     }
 
@@ -530,6 +546,10 @@ impl VhostUserBackend for BlkBackend {
 impl BlkBackend {
     /// Takes what the queue has, and with EVENT_IDX what arrives until it is quiet again.
     fn serve(&self, queue: usize, vring: &VringRwLock) -> io::Result<()> {
+        let started = || vring.get_ref().get_queue().ready();
+        if !self.handover.enter(queue, &started) {
+            return Ok(());
+        }
         let Some(atomic) = self.mem.read().clone() else {
             return Ok(());
         };

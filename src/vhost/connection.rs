@@ -132,6 +132,8 @@ impl Connection {
                 Err(e) => break Ended::Refused(e),
             }
         };
+        // A worker waiting for its device's turn (handover.rs) would keep the join below waiting.
+        backend.handover().close();
         // The socket, the handler (which stops and joins its workers, closing the vrings' fds)
         // and the memory table the handler holds.
         drop(requests);

@@ -11,6 +11,7 @@ pub mod execute;
 pub mod export;
 pub mod frontend_checks;
 pub mod guest_memory_guard;
+pub mod handover;
 pub mod memory_table;
 pub mod request;
 pub mod sigbus;
