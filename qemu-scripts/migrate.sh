@@ -145,7 +145,7 @@ stop_server_and_check() {
 
 THINBLK_DOWNTIME=
 run_case() {
-    local case=$1 disks=1 ms
+    local case=$1 disks=1 ms snapper=
     [ "$case" = two ] && disks=2
     log "case $case: start"
     start_thinblk "$disks"
@@ -163,6 +163,7 @@ run_case() {
             '{"device": "d", "name": "d-snap1"}' >/dev/null
         ( sleep 1; python3 "$HERE/qmp.py" "$SCRATCH/ctl.sock" blockdev-snapshot-internal-sync \
             '{"device": "d", "name": "d-snap2"}' >"$SCRATCH/snap2.out" 2>&1 ) &
+        snapper=$!
     fi
     ms=$(migrate A B)
     [ -n "$THINBLK_DOWNTIME" ] || THINBLK_DOWNTIME=$ms
@@ -184,7 +185,7 @@ sys.exit(0 if "d-a" not in active else 1)' "$SCRATCH/exports.json" \
         finish B
     fi
     if [ "$case" = snap ]; then
-        wait
+        wait "$snapper"
         grep -q '"ids"' "$SCRATCH/snap2.out" || die "live snapshot during migration: $(cat "$SCRATCH/snap2.out")"
     fi
     stop_server_and_check
