@@ -17,7 +17,8 @@
 #   -i          interactive: serial on this terminal, no timeout, no log
 #               (use TEST=shell to get a guest shell; Ctrl-A x quits)
 # Environment: QEMU (binary), QEMU_MEM (1G), QEMU_SMP (2), QEMU_ACCEL (tcg;
-# e.g. kvm where it works), QEMU_APPEND (extra kernel arguments).
+# e.g. kvm where it works), QEMU_APPEND (extra kernel arguments), QEMU_EXTRA
+# (extra QEMU options, space-separated).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -82,6 +83,9 @@ for extra in "${EXTRA_DISKS[@]}"; do
     args+=(-chardev "socket,id=c$n,path=$extra" -device "vhost-user-blk-pci,chardev=c$n,num-queues=$QUEUES")
 done
 [ -z "$PIDFILE" ] || args+=(-pidfile "$PIDFILE")
+# More QEMU options, split on spaces (migrate.sh: -qmp, -incoming).
+# shellcheck disable=SC2206
+[ -z "${QEMU_EXTRA:-}" ] || args+=($QEMU_EXTRA)
 
 if [ "$INTERACTIVE" -eq 1 ]; then
     exec "$QEMU" "${args[@]}" -serial mon:stdio

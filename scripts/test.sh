@@ -29,3 +29,7 @@ THINBLK="$PWD/target/release/thinblk" SERVER=cow bash qemu-scripts/e2e.sh
 # takes first writes and the host snapshots; must finish, and thinblk exit on SIGTERM (on a
 # deadlock the case kills QEMU and thinblk and fails).
 THINBLK="$PWD/target/release/thinblk" SERVER=thin E2E_TESTS=cacheflip bash qemu-scripts/e2e.sh
+# Issue 14: live migration of a guest on a thin disk under fio verification (A -> B, A -> B -> A,
+# during live snapshots, two disks), the pool checked after; then the same guest on
+# qemu-storage-daemon, for the downtime beside thinblk's (about 6 min here).
+THINBLK="$PWD/target/release/thinblk" MIG_SECS=30 timeout 1500 bash qemu-scripts/migrate.sh

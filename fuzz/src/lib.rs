@@ -26,7 +26,8 @@ use thinblk::engine::pdata::space_map::{DiskSpaceMap, SpaceMap};
 use thinblk::engine::pdata::superblock::{Superblock, BLOCK_SIZE};
 use thinblk::engine::pdata::tm::TransactionManager;
 use thinblk::engine::pdata::values::{BlockTime, DeviceDetails};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use thinblk::vhost::dirty_log::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 /// A target's body: takes libFuzzer's input, panics on a bug.
 pub type Target = fn(&[u8]);

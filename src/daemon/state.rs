@@ -16,6 +16,7 @@ use crate::engine::cow::{CowEvent, CowFiles};
 use crate::engine::thin::{VolumeError, Volumes};
 use crate::engine::BlockDevice;
 use crate::sockets::SocketError;
+use crate::vhost::handover::Handover;
 use crate::vhost::Export;
 
 /// A named disk that exports can serve.
@@ -86,6 +87,9 @@ pub struct State {
     events: EventBus,
     /// Write thresholds by node name; every export of a node writes through its threshold.
     thresholds: Mutex<HashMap<String, Arc<WriteThreshold>>>,
+    /// Which export of a node runs it, by node name: a node may be exported several times (the
+    /// destination of a migration), one export running at a time (`vhost/handover.rs`).
+    handovers: Mutex<HashMap<String, Arc<Handover>>>,
     /// This state, for the callbacks (exports, the pool) that report back to it.
     me: Weak<State>,
 }
@@ -232,7 +236,8 @@ impl State {
             self.me.clone(),
         ));
         let sink = io_error_sink(self.me.clone(), &config.id, &config.node);
-        let export = Export::start_with(dev, settings, &config.socket, Some(sink))?;
+        let turn = self.handover(&config.node).member(&config.id);
+        let export = Export::start_member(dev, settings, &config.socket, Some(sink), turn)?;
         info!(
             "export {} of node {} at {}",
             config.id,
@@ -307,6 +312,23 @@ impl State {
             .filter(|e| e.config.node == node)
             .map(|e| e.config.id.clone())
             .collect()
+    }
+
+    /// The handover of node `name` among its exports.
+    fn handover(&self, name: &str) -> Arc<Handover> {
+        self.handovers
+            .lock()
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Whether export `id` runs its node now (its frontend has started rings).
+    pub fn export_active(&self, id: &str) -> bool {
+        self.exports
+            .lock()
+            .get(id)
+            .is_some_and(|e| e.export.active())
     }
 
     pub fn export_socket(&self, id: &str) -> Option<PathBuf> {

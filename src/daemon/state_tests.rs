@@ -106,3 +106,28 @@ fn a_thin_delete_without_force_is_refused_while_an_export_add_holds_the_device()
     assert_eq!(state.exports_of("d"), vec!["d-export".to_string()]);
     state.stop_all();
 }
+
+#[test]
+fn a_node_can_be_exported_twice_under_two_ids_for_a_migration() {
+    let dir = tempfile::tempdir().unwrap();
+    let thin = thin_pool(dir.path());
+    thin.create("d", 1 << 20).unwrap();
+    let state = State::new(Some(thin));
+    let source = export_of("d", dir.path());
+    let mut destination = source.clone();
+    destination.id = "d-destination".into();
+    destination.socket = dir.path().join("d-destination.sock");
+    state.add_export(source.clone()).unwrap();
+    state.add_export(destination.clone()).unwrap();
+    assert_eq!(state.exports_of("d").len(), 2);
+    // Neither runs before a frontend starts its rings; both share one handover.
+    assert!(!state.export_active(&source.id) && !state.export_active(&destination.id));
+    assert!(Arc::ptr_eq(&state.handover("d"), &state.handover("d")));
+    let mut again = destination.clone();
+    again.socket = dir.path().join("other.sock");
+    assert!(matches!(
+        state.add_export(again),
+        Err(StateError::ExportExists(_))
+    ));
+    state.stop_all();
+}

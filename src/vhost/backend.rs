@@ -8,9 +8,9 @@ use log::{debug, warn};
 use parking_lot::{Mutex, RwLock};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -18,7 +18,9 @@ use vmm_sys_util::event::{
 
 use super::chain::{frame, DescTable};
 use super::config::{self, BlkConfig, SECTOR_SIZE, WRITEBACK_OFFSET};
+use super::dirty_log::{self, GuestLog, GuestMemoryMmap, LogSwitch, VringRwLock};
 use super::execute::{finish, prepare, ExecuteError, FailureSink, Prepared, Target};
+use super::handover::Member;
 use super::request::Op;
 use super::request::Request;
 use crate::engine::io::{Completion, IoQueue, QueueOptions};
@@ -64,6 +66,10 @@ pub struct BlkBackend {
     on_failure: Option<FailureSink>,
     /// The channel to the current frontend, if it set one up (BACKEND_REQ).
     to_frontend: Mutex<Option<Backend>>,
+    /// Whether the current frontend has dirty logging on (live migration).
+    dirty_log: LogSwitch,
+    /// This export's turn to run its device, among the device's exports (migration).
+    handover: Member,
     /// How long a worker keeps looking at its queue and ring after the last thing it found
     /// there, before it sleeps until a kick or a completion wakes it.
     poll: std::time::Duration,
@@ -79,6 +85,8 @@ struct Pending {
     table: u64,
     /// Bytes the request puts in device-writable buffers when it succeeds.
     written: u32,
+    /// The buffers the device fills behind vm-memory's back, for the dirty log.
+    writes: super::request::Segments,
 }
 
 /// One virtqueue's requests in the device's queue.
@@ -189,7 +197,11 @@ impl QueueState {
             free.push(index);
             let result = c.result.map(|()| p.written).map_err(ExecuteError::from);
             let len = match tables.iter().find(|t| t.id == p.table) {
-                Some(t) => finish(&t.mem, p.op, p.sector, p.status, result, target),
+                Some(t) => {
+                    // The device filled these through raw iovecs, unseen by vm-memory's log.
+                    dirty_log::mark_device_writes(&t.mem, &p.writes);
+                    finish(&t.mem, p.op, p.sector, p.status, result, target)
+                }
                 None => 0,
             };
             release_table(tables, p.table);
@@ -251,6 +263,8 @@ impl BlkBackend {
             rejections: AtomicU64::new(0),
             on_failure: None,
             to_frontend: Mutex::new(None),
+            dirty_log: LogSwitch::default(),
+            handover: Member::default(),
             poll: settings.poll,
             dev,
             settings,
@@ -260,6 +274,16 @@ impl BlkBackend {
             acked_features: AtomicU64::new(0),
             writeback: AtomicBool::new(true),
         }
+    }
+
+    /// Runs requests only in its turn among the exports of `handover`'s device.
+    pub fn with_handover(mut self, handover: Member) -> Self {
+        self.handover = handover;
+        self
+    }
+
+    pub fn handover(&self) -> &Member {
+        &self.handover
     }
 
     /// Tells `sink` of every request that fails (after it is logged).
@@ -282,6 +306,8 @@ impl BlkBackend {
     /// Forgets the channel to a frontend that went away.
     pub fn frontend_gone(&self) {
         *self.to_frontend.lock() = None;
+        self.dirty_log.off();
+        self.handover.reopen();
     }
 
     /// Whether completed writes may sit in a volatile cache until FLUSH.
@@ -412,6 +438,7 @@ impl BlkBackend {
                             status: req.status,
                             table,
                             written,
+                            writes: dirty_log::device_writes(req.op, req.data),
                         });
                         qs.io.submit(io);
                         // A device that finishes at once (null, memory) goes back to the
@@ -508,7 +535,7 @@ impl BlkBackend {
 }
 
 impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
+    type Bitmap = GuestLog;
     type Vring = VringRwLock;
 
     fn num_queues(&self) -> usize {
@@ -525,6 +552,8 @@ impl VhostUserBackend for BlkBackend {
 
     fn acked_features(&self, features: u64) {
         self.acked_features.store(features, Ordering::Release);
+        let mem = self.mem.read().as_ref().map(|m| m.memory().into_inner());
+        self.dirty_log.set_features(features, mem.as_deref());
         // A driver (re)negotiating starts from the default: write cache on.
         self.writeback.store(true, Ordering::Release);
     }
@@ -566,6 +595,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        self.dirty_log.memory_changed(&mem.memory());
         *self.mem.write() = Some(mem);
         self.mem_generation.fetch_add(1, Ordering::Release);
         Ok(())
@@ -592,6 +622,7 @@ impl VhostUserBackend for BlkBackend {
                 }
             }
         }
+        self.handover.leave(queue_index as usize);
         Ok(())
     }
 
@@ -626,6 +657,10 @@ impl VhostUserBackend for BlkBackend {
 impl BlkBackend {
     /// Takes what the queue has, and with EVENT_IDX what arrives until it is quiet again.
     fn serve(&self, queue: usize, vring: &VringRwLock) -> io::Result<()> {
+        let started = || vring.get_ref().get_queue().ready();
+        if !self.handover.enter(queue, &started) {
+            return Ok(());
+        }
         // Read before the table: a worker that sees this generation sees at least its table.
         let generation = self.mem_generation.load(Ordering::Acquire);
         let Some(atomic) = self.mem.read().clone() else {

@@ -13,7 +13,9 @@
 use smallvec::SmallVec;
 use virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::dirty_log::GuestMemoryMmap;
 
 use super::config::RequestLimits;
 use super::request::{parse, Desc, Rejection, Request};

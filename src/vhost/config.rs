@@ -116,7 +116,8 @@ pub fn device_features(read_only: bool) -> u64 {
         | bit(VIRTIO_BLK_F_MQ)
         | bit(VIRTIO_BLK_F_DISCARD)
         | bit(VIRTIO_BLK_F_WRITE_ZEROES)
-        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        | VhostUserVirtioFeatures::LOG_ALL.bits();
     if read_only {
         f |= bit(VIRTIO_BLK_F_RO);
     }
@@ -126,12 +127,14 @@ pub fn device_features(read_only: bool) -> u64 {
 /// vhost-user protocol features: what QEMU, cloud-hypervisor and libblkio need. BACKEND_REQ
 /// gives the backend a channel to the frontend, on which a capacity change is announced
 /// (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG; the frontend acks it when REPLY_ACK is on).
+/// LOG_SHMFD (with VHOST_F_LOG_ALL) lets QEMU migrate the guest (`dirty_log.rs`).
 pub fn protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::BACKEND_REQ
+        | VhostUserProtocolFeatures::LOG_SHMFD
 }
 
 /// Whether the driver acked `VIRTIO_BLK_F_FLUSH`: without it the device must write through.

@@ -19,10 +19,11 @@ use std::time::Duration;
 use log::warn;
 use vhost::vhost_user::{BackendReqHandler, Error as VhostUserError};
 use vhost_user_backend::{VhostUserBackend, VhostUserHandler};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
 
 use super::backend::BlkBackend;
+use super::dirty_log::GuestMemoryMmap;
 use super::frontend_checks::Checked;
 use super::guest_memory_guard::GuestMemoryGuard;
 use super::memory_table::UnsealedMemory;
@@ -131,6 +132,8 @@ impl Connection {
                 Err(e) => break Ended::Refused(e),
             }
         };
+        // A worker waiting for its device's turn (handover.rs) would keep the join below waiting.
+        backend.handover().close();
         // The socket, the handler (which stops and joins its workers, closing the vrings' fds)
         // and the memory table the handler holds.
         drop(requests);

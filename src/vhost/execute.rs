@@ -6,9 +6,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use log::{debug, warn};
 use smallvec::SmallVec;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileMemory};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileMemory};
 
 use super::config::{MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS, SECTOR_SIZE};
+use super::dirty_log::GuestMemoryMmap;
 use super::request::{gather, Op, Request, Segment};
 use crate::engine::io::{ByteRange, IoOp, IoRequest};
 use crate::engine::iov::RawBufs;

@@ -18,6 +18,7 @@ use parking_lot::Mutex;
 use super::backend::{BlkBackend, DeviceSettings};
 use super::connection::{Connection, Ended};
 use super::execute::FailureSink;
+use super::handover::Member;
 use super::memory_table::UnsealedMemory;
 use crate::engine::BlockDevice;
 use crate::sockets::{bind_private, SocketError};
@@ -52,10 +53,22 @@ impl Export {
         socket: &Path,
         on_failure: Option<FailureSink>,
     ) -> Result<Export, SocketError> {
+        Self::start_member(dev, settings, socket, on_failure, Member::default())
+    }
+
+    /// [`Export::start_with`] as one of several exports of a device, of which one at a time
+    /// runs (`handover.rs`).
+    pub fn start_member(
+        dev: Arc<dyn BlockDevice>,
+        settings: DeviceSettings,
+        socket: &Path,
+        on_failure: Option<FailureSink>,
+        handover: Member,
+    ) -> Result<Export, SocketError> {
         let listener = bind_private(socket)?;
         let wake = listener.try_clone().ok();
         let stopping = Arc::new(AtomicBool::new(false));
-        let mut backend = BlkBackend::new(dev, settings);
+        let mut backend = BlkBackend::new(dev, settings).with_handover(handover);
         if let Some(sink) = on_failure {
             backend = backend.with_failure_sink(sink);
         }
@@ -105,6 +118,11 @@ impl Export {
 
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// Whether this export runs its device now (a frontend started its rings).
+    pub fn active(&self) -> bool {
+        self.backend.handover().active()
     }
 
     /// Blocks until the export stops (it does not stop on its own).

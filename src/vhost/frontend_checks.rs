@@ -22,8 +22,12 @@
 //!   A worker that meets a full call eventfd stops (its queue is dead until the frontend
 //!   reconnects); nothing else is affected.
 //! - SET_PROTOCOL_FEATURES: only features the device offered; the vhost crate gates requests
-//!   such as SET_LOG_BASE or SET_INFLIGHT_FD on what the frontend *acked*. Those requests are
-//!   refused here regardless, because this device offers none of them.
+//!   such as SET_LOG_BASE or SET_INFLIGHT_FD on what the frontend *acked*.
+//! - SET_LOG_BASE: the log fd within its file and sealed against shrinking, regions on log
+//!   pages ([`LogBase::check`]); the handler refuses a log too small for the memory. The log is
+//!   given again to regions mapped later. SET_VRING_ADDR with `VHOST_VRING_F_LOG`: the used
+//!   ring's log address must be the used ring's guest address, which is where its writes are
+//!   logged (`dirty_log.rs`).
 
 use std::fs::File;
 use std::io;
@@ -40,6 +44,7 @@ use vhost::vhost_user::{
 };
 use vhost::VhostUserMemoryRegionBase;
 
+use super::dirty_log::LogBase;
 use super::guest_memory_guard::{GuestMemoryGuard, Reservation};
 use super::memory_table::{self, Proposed, Region, UnsealedMemory, MAX_TABLE_REGIONS};
 
@@ -54,6 +59,8 @@ pub struct Checked<H> {
     offered_protocol: u64,
     unsealed: UnsealedMemory,
     guard: Option<GuestMemoryGuard>,
+    /// The dirty log, if the frontend gave one.
+    log: LogBase,
 }
 
 fn refused(what: String) -> VhostUserError {
@@ -101,6 +108,7 @@ impl<H: VhostUserBackendReqHandlerMut> Checked<H> {
             offered_protocol,
             unsealed,
             guard: None,
+            log: LogBase::default(),
         })
     }
 
@@ -147,6 +155,18 @@ impl<H: VhostUserBackendReqHandlerMut> Checked<H> {
             })?;
         }
         Ok(())
+    }
+
+    /// After a memory message: the regions just mapped log into the frontend's log, if it
+    /// gave one.
+    fn log_again(&mut self, request: &str) -> Result<()> {
+        let Some(again) = self.log.again() else {
+            return Ok(());
+        };
+        let (log, file) = again.map_err(|e| refused(format!("{request}: {e}")))?;
+        LogBase::check(&log, &file, self.regions.iter().map(|r| r.guest))
+            .map_err(|e| refused(format!("{request} while logging: {e}")))?;
+        self.inner.set_log_base(&log, file)
     }
 
     fn check_region(&self, p: Proposed, fd: BorrowedFd<'_>, others: &[Region]) -> Result<Region> {
@@ -214,6 +234,7 @@ impl<H: VhostUserBackendReqHandlerMut> VhostUserBackendReqHandlerMut for Checked
         self.installed(reserved);
         let reply = reply?;
         self.regions = table;
+        self.log_again("SET_MEM_TABLE")?;
         Ok(reply)
     }
 
@@ -236,6 +257,19 @@ impl<H: VhostUserBackendReqHandlerMut> VhostUserBackendReqHandlerMut for Checked
         available: u64,
         log: u64,
     ) -> Result<()> {
+        if flags.contains(VhostUserVringAddrFlags::VHOST_VRING_F_LOG) {
+            let used_guest = self
+                .regions
+                .iter()
+                .find(|r| used >= r.user && used - r.user < r.size)
+                .map(|r| r.guest + (used - r.user));
+            if used_guest != Some(log) {
+                return Err(refused(format!(
+                    "SET_VRING_ADDR for queue {index}: used ring log address {log:#x} is not \
+                     the used ring's guest address"
+                )));
+            }
+        }
         self.inner
             .set_vring_addr(index, flags, descriptor, used, available, log)
     }
@@ -346,6 +380,7 @@ impl<H: VhostUserBackendReqHandlerMut> VhostUserBackendReqHandlerMut for Checked
         self.installed(reserved);
         let reply = reply?;
         self.regions.push(checked);
+        self.log_again("ADD_MEM_REG")?;
         Ok(reply)
     }
 
@@ -376,7 +411,14 @@ impl<H: VhostUserBackendReqHandlerMut> VhostUserBackendReqHandlerMut for Checked
         Err(not_offered("GET_SHMEM_CONFIG"))
     }
 
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> Result<()> {
-        Err(not_offered("SET_LOG_BASE"))
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> Result<()> {
+        LogBase::check(log, &file, self.regions.iter().map(|r| r.guest))
+            .map_err(|e| refused(format!("SET_LOG_BASE: {e}")))?;
+        let kept = file
+            .try_clone()
+            .map_err(|e| refused(format!("SET_LOG_BASE: cannot keep the log fd: {e}")))?;
+        self.inner.set_log_base(log, file)?;
+        self.log.keep(log, kept);
+        Ok(())
     }
 }

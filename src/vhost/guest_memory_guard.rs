@@ -17,9 +17,9 @@ use std::io;
 use std::sync::{Arc, Weak};
 
 use log::warn;
-use vm_memory::{
-    GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::dirty_log::GuestMemoryMmap;
 
 use super::sigbus::{self, Reserved, TableFull, SLOTS};
 

@@ -5,12 +5,14 @@ use crate::engine::{Bufs, BufsMut};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryAtomic};
+
+use super::dirty_log::{GuestMemoryMmap, VringRwLock};
 use vmm_sys_util::epoll::EventSet;
 
 use super::backend::{BlkBackend, DeviceSettings};

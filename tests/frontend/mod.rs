@@ -16,7 +16,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserVringAddrFlags,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -134,11 +135,16 @@ pub struct Vm {
 impl Vm {
     /// Connects and sets the device up in cloud-hypervisor's order, with `queues` queues.
     pub fn connect(socket: &Path, queues: usize) -> Vm {
+        Self::connect_with(socket, queues, VhostUserProtocolFeatures::empty())
+    }
+
+    /// [`Vm::connect`], asking for `extra` protocol features too.
+    pub fn connect_with(socket: &Path, queues: usize, extra: VhostUserProtocolFeatures) -> Vm {
         let mut fe = Frontend::connect(socket, 1).expect("connect to the export");
         fe.set_owner().unwrap();
         let device_features = fe.get_features().unwrap();
         let offered = fe.get_protocol_features().unwrap();
-        let protocol_features = offered & wanted_protocol_features();
+        let protocol_features = offered & (wanted_protocol_features() | extra);
         fe.set_protocol_features(protocol_features).unwrap();
         if protocol_features.contains(VhostUserProtocolFeatures::REPLY_ACK) {
             // As cloud-hypervisor does: every later request is acknowledged, so a backend
@@ -146,8 +152,9 @@ impl Vm {
             fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         }
         let queue_num = fe.get_queue_num().unwrap();
-        // A Linux guest acks everything a virtio-blk device offers here.
-        let acked_features = device_features;
+        // A Linux guest acks everything a virtio-blk device offers here; the VMM turns dirty
+        // logging on only while it migrates.
+        let acked_features = device_features & !VhostUserVirtioFeatures::LOG_ALL.bits();
         fe.set_features(acked_features).unwrap();
 
         let mem = shared_guest_memory();
@@ -175,6 +182,31 @@ impl Vm {
 
     fn host_addr(&self, gpa: GuestAddress) -> u64 {
         self.mem.get_host_address(gpa).unwrap() as u64
+    }
+
+    /// The guest address of queue `q`'s used ring.
+    pub fn used_ring(&self, q: usize) -> u64 {
+        self.queues[q].used.0
+    }
+
+    /// Sends queue `q`'s addresses again, with the used ring logged (`VHOST_VRING_F_LOG`,
+    /// at `log_addr`) or not, as QEMU does when migration starts and ends.
+    pub fn set_ring_log(&mut self, q: usize, log_addr: Option<u64>) -> vhost::Result<()> {
+        let vq = &self.queues[q];
+        let config = VringConfigData {
+            queue_max_size: QUEUE_SIZE,
+            queue_size: QUEUE_SIZE,
+            flags: if log_addr.is_some() {
+                VhostUserVringAddrFlags::VHOST_VRING_F_LOG.bits()
+            } else {
+                0
+            },
+            desc_table_addr: self.host_addr(vq.desc),
+            used_ring_addr: self.host_addr(vq.used),
+            avail_ring_addr: self.host_addr(vq.avail),
+            log_addr,
+        };
+        self.fe.set_vring_addr(q, &config)
     }
 
     fn setup_queue(&mut self, index: usize) {

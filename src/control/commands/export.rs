@@ -25,6 +25,9 @@ pub(super) fn query_block_exports(state: &State, v: Value) -> Result<Value, QmpE
                     "addr": {"type": "unix", "path": e.socket},
                     "writable": e.writable,
                     "num-queues": e.settings.num_queues,
+                    // thinblk: whether this export runs its node now (of several exports of
+                    // one node, as in a migration, at most one does).
+                    "active": state.export_active(&e.id),
                 })
             })
             .collect(),

@@ -1,0 +1,332 @@
+//! Dirty logging for live migration, driven by the `vhost` crate's frontend (the code
+//! cloud-hypervisor uses): SET_LOG_BASE with a sealed memfd as QEMU sends it, VHOST_F_LOG_ALL
+//! acked and the used rings logged, then requests; the log must hold exactly the pages thinblk
+//! wrote into guest memory (read data, GET_ID, status bytes, the used ring), and nothing while
+//! logging is off. A hostile log (short, unsealed, not a file, too small for the memory) is
+//! refused without harm to the daemon.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+mod frontend;
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::FileExt;
+
+use common::{pattern, raw_export, scratch, Daemon, Scratch};
+use frontend::{r, w, Desc, Vm, GUEST_BASE, GUEST_SIZE};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_S_OK, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
+
+const DISK: u64 = 16 << 20;
+const PAGE: u64 = 4096;
+const LOG_ALL: u64 = VhostUserVirtioFeatures::LOG_ALL.bits();
+/// Log bytes that cover all of the test guest's memory: one bit per page up to its end.
+const LOG_BYTES: u64 = (GUEST_BASE + GUEST_SIZE) / PAGE / 8;
+
+/// The daemon must stop before the scratch directory goes (see tests/vhost_frontend.rs).
+struct Served {
+    _daemon: Daemon,
+    s: Scratch,
+}
+
+fn serve() -> Served {
+    let s = scratch(DISK);
+    std::fs::write(&s.image, pattern(7, 0, DISK as usize)).unwrap();
+    let daemon = Daemon::start(&raw_export(&s, ",id=migrating"), &[&s.socket]);
+    Served { s, _daemon: daemon }
+}
+
+impl Served {
+    fn connect(&self) -> Vm {
+        Vm::connect_with(&self.s.socket, 1, VhostUserProtocolFeatures::LOG_SHMFD)
+    }
+}
+
+/// A memfd of `len` bytes, sealed against shrinking and growing as QEMU seals its log.
+fn log_memfd(len: u64, seal: bool) -> File {
+    let flags = libc::MFD_CLOEXEC | if seal { libc::MFD_ALLOW_SEALING } else { 0 };
+    // SAFETY: memfd_create reads a NUL-terminated name and returns a new descriptor or -1.
+    let fd = unsafe { libc::memfd_create(c"test-vhost-log".as_ptr(), flags) };
+    assert!(fd >= 0);
+    // SAFETY: a fresh descriptor nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(len).unwrap();
+    if seal {
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: F_ADD_SEALS on a descriptor we own.
+        assert_eq!(unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) }, 0);
+    }
+    file
+}
+
+fn set_log(vm: &Vm, file: &File, size: u64, offset: u64) -> vhost::Result<()> {
+    vm.fe.set_log_base(
+        0,
+        Some(VhostUserDirtyLogRegion {
+            mmap_size: size,
+            mmap_offset: offset,
+            mmap_handle: file.as_raw_fd(),
+        }),
+    )
+}
+
+/// Starts logging as QEMU does at migration start: the log, LOG_ALL, the used ring logged.
+fn start_logging(vm: &mut Vm) -> File {
+    let log = log_memfd(LOG_BYTES, true);
+    set_log(vm, &log, LOG_BYTES, 0).unwrap();
+    vm.fe.set_features(vm.acked_features | LOG_ALL).unwrap();
+    let used = vm.used_ring(0);
+    vm.set_ring_log(0, Some(used)).unwrap();
+    log
+}
+
+/// The guest pages whose bits are set in `log`; clears them (as QEMU's sync does).
+fn take_dirty(log: &File) -> BTreeSet<u64> {
+    let mut bytes = vec![0u8; LOG_BYTES as usize];
+    log.read_exact_at(&mut bytes, 0).unwrap();
+    log.write_all_at(&vec![0u8; LOG_BYTES as usize], 0).unwrap();
+    let mut pages = BTreeSet::new();
+    for (i, b) in bytes.iter().enumerate() {
+        for bit in 0..8 {
+            if b & (1 << bit) != 0 {
+                pages.insert(i as u64 * 8 + bit);
+            }
+        }
+    }
+    pages
+}
+
+fn pages_of(gpa: u64, len: u64) -> impl Iterator<Item = u64> {
+    gpa / PAGE..(gpa + len).div_ceil(PAGE)
+}
+
+/// One request: header, `data`, status; returns the status byte and the pages the device
+/// may write (the writable buffers and the status byte).
+fn request(vm: &mut Vm, kind: u32, sector: u64, data: &[Desc]) -> (u8, BTreeSet<u64>) {
+    let h = vm.alloc(16);
+    let mut hdr = [0u8; 16];
+    hdr[..4].copy_from_slice(&kind.to_le_bytes());
+    hdr[8..].copy_from_slice(&sector.to_le_bytes());
+    vm.put(h, &hdr);
+    let st = vm.alloc(1);
+    let chain: Vec<Desc> = [r(h, 16)]
+        .into_iter()
+        .chain(data.iter().copied())
+        .chain([w(st, 1)])
+        .collect();
+    let (_, used) = vm.run(0, &[&chain]);
+    assert_eq!(used.len(), 1);
+    let mut written: BTreeSet<u64> = pages_of(st, 1).collect();
+    for d in data.iter().filter(|d| d.writable) {
+        written.extend(pages_of(d.addr, u64::from(d.len)));
+    }
+    (vm.get(st, 1)[0], written)
+}
+
+fn used_ring_pages(vm: &Vm) -> BTreeSet<u64> {
+    // Flags, index, 256 elements, avail_event: everything the device may write there.
+    pages_of(vm.used_ring(0), 4 + 8 * 256 + 2).collect()
+}
+
+#[test]
+fn reads_mark_exactly_the_pages_thinblk_wrote() {
+    let d = serve();
+    let mut vm = d.connect();
+    let log = start_logging(&mut vm);
+    assert!(take_dirty(&log).is_empty(), "nothing written yet");
+
+    // A read into two buffers, one of them crossing a page boundary.
+    let a = vm.alloc(3 * PAGE);
+    let b = vm.alloc(PAGE);
+    let data = [w(a + PAGE / 2, 2 * PAGE as u32), w(b, 512)];
+    let (status, mut expected) = request(&mut vm, VIRTIO_BLK_T_IN, 8, &data);
+    assert_eq!(status, VIRTIO_BLK_S_OK as u8);
+    assert_eq!(
+        vm.get(a + PAGE / 2, 2 * PAGE as usize),
+        pattern(7, 8 * 512, 2 * PAGE as usize),
+        "the read landed"
+    );
+    expected.extend(used_ring_pages(&vm));
+    assert_eq!(
+        take_dirty(&log),
+        expected,
+        "pages of the read, its status, the used ring"
+    );
+
+    // GET_ID writes through vm-memory, a write only its status.
+    let id = vm.alloc(20);
+    let (status, mut expected) = request(&mut vm, VIRTIO_BLK_T_GET_ID, 0, &[w(id, 20)]);
+    assert_eq!(status, VIRTIO_BLK_S_OK as u8);
+    let src = vm.alloc(PAGE);
+    let (status, more) = request(&mut vm, VIRTIO_BLK_T_OUT, 0, &[r(src, PAGE as u32)]);
+    assert_eq!(status, VIRTIO_BLK_S_OK as u8);
+    assert!(!more.contains(&(src / PAGE)));
+    expected.extend(more);
+    expected.extend(used_ring_pages(&vm));
+    assert_eq!(
+        take_dirty(&log),
+        expected,
+        "GET_ID's buffer and both status bytes"
+    );
+}
+
+#[test]
+fn nothing_is_marked_while_logging_is_off() {
+    let d = serve();
+    let mut vm = d.connect();
+    // The log is mapped but LOG_ALL not acked: as before migration starts.
+    let log = log_memfd(LOG_BYTES, true);
+    set_log(&vm, &log, LOG_BYTES, 0).unwrap();
+    let buf = vm.alloc(PAGE);
+    let (status, _) = request(&mut vm, VIRTIO_BLK_T_IN, 0, &[w(buf, PAGE as u32)]);
+    assert_eq!(status, VIRTIO_BLK_S_OK as u8);
+    assert!(take_dirty(&log).is_empty(), "LOG_ALL not acked");
+
+    // On, then off again (a cancelled migration): nothing after the off is marked.
+    vm.fe.set_features(vm.acked_features | LOG_ALL).unwrap();
+    let (_, written) = request(&mut vm, VIRTIO_BLK_T_IN, 0, &[w(buf, PAGE as u32)]);
+    assert!(take_dirty(&log).is_superset(&written));
+    vm.fe.set_features(vm.acked_features).unwrap();
+    // What the worker wrote just after the last request (EVENT_IDX's avail_event) was logged
+    // before the off, if at all.
+    take_dirty(&log);
+    let (status, _) = request(&mut vm, VIRTIO_BLK_T_IN, 0, &[w(buf, PAGE as u32)]);
+    assert_eq!(status, VIRTIO_BLK_S_OK as u8);
+    assert!(take_dirty(&log).is_empty(), "LOG_ALL dropped");
+}
+
+/// After a refused log message the session is gone; the daemon serves the next one.
+fn still_serves(d: &Served) {
+    let mut vm = d.connect();
+    let buf = vm.alloc(512);
+    let (status, _) = request(&mut vm, VIRTIO_BLK_T_IN, 1, &[w(buf, 512)]);
+    assert_eq!(status, VIRTIO_BLK_S_OK as u8);
+    assert_eq!(vm.get(buf, 512), pattern(7, 512, 512));
+}
+
+#[test]
+fn hostile_logs_are_refused_and_the_daemon_lives_on() {
+    let d = serve();
+    let sealed = |len| log_memfd(len, true);
+    let cases: Vec<(&str, File, u64, u64)> = vec![
+        ("file shorter than the log", sealed(PAGE), LOG_BYTES, 0),
+        (
+            "offset past the file",
+            sealed(LOG_BYTES),
+            LOG_BYTES,
+            1 << 40,
+        ),
+        (
+            "offset + size wraps",
+            sealed(LOG_BYTES),
+            LOG_BYTES,
+            u64::MAX - PAGE + 1,
+        ),
+        ("log too small for the memory", sealed(PAGE), PAGE, 0),
+        ("log of zero bytes", sealed(LOG_BYTES), 0, 0),
+        (
+            "memfd that can shrink",
+            log_memfd(LOG_BYTES, false),
+            LOG_BYTES,
+            0,
+        ),
+        (
+            "directory",
+            File::open(d.s.dir.path()).unwrap(),
+            LOG_BYTES,
+            0,
+        ),
+    ];
+    for (what, file, size, offset) in cases {
+        let vm = d.connect();
+        assert!(
+            set_log(&vm, &file, size, offset).is_err(),
+            "{what}: SET_LOG_BASE accepted"
+        );
+        drop(vm);
+        still_serves(&d);
+    }
+}
+
+#[test]
+fn a_used_ring_log_address_elsewhere_is_refused() {
+    let d = serve();
+    let mut vm = d.connect();
+    let log = log_memfd(LOG_BYTES, true);
+    set_log(&vm, &log, LOG_BYTES, 0).unwrap();
+    let wrong = vm.used_ring(0) + PAGE;
+    assert!(vm.set_ring_log(0, Some(wrong)).is_err());
+    drop(vm);
+    still_serves(&d);
+}
+
+/// 4 KiB random reads or writes at queue depth 32 for `secs` seconds through the vhost crate's
+/// frontend; returns requests per second.
+fn qd32_rate(vm: &mut Vm, kind: u32, secs: f64) -> f64 {
+    const DEPTH: usize = 32;
+    let slots: Vec<(u64, u64, u64)> = (0..DEPTH)
+        .map(|_| (vm.alloc(16), vm.alloc(PAGE), vm.alloc(1)))
+        .collect();
+    let mut rng = 0x2545F4914F6CDD1Du64;
+    let started = std::time::Instant::now();
+    let mut done = 0u64;
+    while started.elapsed().as_secs_f64() < secs {
+        for &(h, buf, st) in &slots {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let sector = (rng % (DISK / PAGE)) * 8;
+            let mut hdr = [0u8; 16];
+            hdr[..4].copy_from_slice(&kind.to_le_bytes());
+            hdr[8..].copy_from_slice(&sector.to_le_bytes());
+            vm.put(h, &hdr);
+            let data = if kind == VIRTIO_BLK_T_IN {
+                w(buf, PAGE as u32)
+            } else {
+                r(buf, PAGE as u32)
+            };
+            vm.add(0, &[r(h, 16), data, w(st, 1)]);
+        }
+        vm.kick(0);
+        vm.wait_used(0, DEPTH as u16);
+        done += DEPTH as u64;
+    }
+    done as f64 / started.elapsed().as_secs_f64()
+}
+
+/// The cost of dirty logging, measured (issue 14 asks for at least 0.9x): 4 KiB random reads
+/// and writes at QD32 on a null export with logging off, then on. A measurement, not a check:
+/// `cargo test --release --test dirty_log -- --ignored --nocapture` (DIRTY_LOG_SECS, default 5).
+#[test]
+#[ignore = "a measurement; run by hand with --ignored --nocapture"]
+fn logging_on_against_off_at_qd32() {
+    let secs: f64 = std::env::var("DIRTY_LOG_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5.0);
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("null.sock");
+    let args = vec![
+        "--export".to_string(),
+        format!("null={DISK},socket={},queues=1,poll-us=0", socket.display()),
+    ];
+    let _daemon = Daemon::start(&args, &[&socket]);
+    for (name, kind) in [
+        ("randread", VIRTIO_BLK_T_IN),
+        ("randwrite", VIRTIO_BLK_T_OUT),
+    ] {
+        let mut vm = Vm::connect_with(&socket, 1, VhostUserProtocolFeatures::LOG_SHMFD);
+        let off = qd32_rate(&mut vm, kind, secs);
+        let _log = start_logging(&mut vm);
+        let on = qd32_rate(&mut vm, kind, secs);
+        println!(
+            "DIRTY-LOG {name} 4k qd32: off {off:.0}/s, on {on:.0}/s, on/off {:.3}",
+            on / off
+        );
+    }
+}
