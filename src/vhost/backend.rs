@@ -19,6 +19,7 @@ use vmm_sys_util::event::{
 use super::chain::{frame, DescTable};
 use super::config::{self, BlkConfig, SECTOR_SIZE, WRITEBACK_OFFSET};
 use super::execute::{finish, prepare, ExecuteError, FailureSink, Pending, Prepared, Target};
+use super::inflight::{self, QueueInflight, Tracker};
 use super::request::Request;
 use crate::engine::io::{Completion, IoQueue, QueueOptions};
 use crate::engine::BlockDevice;
@@ -63,6 +64,8 @@ pub struct BlkBackend {
     /// How long a worker keeps looking at its queue and ring after the last thing it found
     /// there, before it sleeps until a kick or a completion wakes it.
     poll: std::time::Duration,
+    /// Chains taken and not yet returned, in the frontend's inflight region (inflight.rs).
+    inflight: Arc<Tracker>,
 }
 
 /// One virtqueue's requests in the device's queue.
@@ -94,7 +97,12 @@ impl QueueState {
 
     /// Completes what the device has finished: status bytes and used ring entries. Returns
     /// whether any chain was used (the caller notifies the guest once).
-    fn complete(&mut self, target: &Target<'_>, note: &dyn Fn(&str)) -> bool {
+    fn complete(
+        &mut self,
+        target: &Target<'_>,
+        note: &dyn Fn(&str),
+        mut inflight: Option<&mut QueueInflight>,
+    ) -> bool {
         let QueueState {
             io,
             pending,
@@ -121,7 +129,7 @@ impl QueueState {
             free.push(index);
             let result = c.result.map(|()| p.written).map_err(ExecuteError::from);
             let len = finish(&p.mem, p.op, p.sector, p.status, result, target);
-            match vring.add_used(p.head, len) {
+            match inflight::add_used(inflight.as_deref_mut(), vring, p.head, len) {
                 Ok(()) => used = true,
                 Err(e) => note(&format!("cannot return chain {}: {e}", p.head)),
             }
@@ -171,6 +179,7 @@ impl BlkBackend {
             on_failure: None,
             to_frontend: Mutex::new(None),
             poll: settings.poll,
+            inflight: Arc::new(Tracker::new(settings.num_queues)),
             dev,
             settings,
             mem: RwLock::new(None),
@@ -200,6 +209,11 @@ impl BlkBackend {
     /// Forgets the channel to a frontend that went away.
     pub fn frontend_gone(&self) {
         *self.to_frontend.lock() = None;
+    }
+
+    /// The inflight tracking the connection attaches the frontend's region to.
+    pub fn inflight(&self) -> &Arc<Tracker> {
+        &self.inflight
     }
 
     /// Whether completed writes may sit in a volatile cache until FLUSH.
@@ -288,16 +302,14 @@ impl BlkBackend {
                 qs.vring = Some(vring.clone());
             }
         }
+        let mut inflight = self.inflight.queue(queue);
         let mut used = false;
         let mut taken = 0usize;
         // Read when the first chain comes, not on every (mostly empty) polling pass.
         let mut table = None;
         while taken < self.pass_limit() {
-            let chain = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(ring_mem.as_ref());
-            let Some(chain) = chain else { break };
+            let next = inflight::next_head(inflight.as_deref_mut(), vring, ring_mem.as_ref());
+            let Some(head) = next else { break };
             let table = *table.get_or_insert_with(|| {
                 let state = vring.get_ref();
                 let q = state.get_queue();
@@ -307,7 +319,6 @@ impl BlkBackend {
                 }
             });
             taken += 1;
-            let head = chain.head_index();
             // The memory table as of now, not of when this pass began: the frontend may have
             // added the region this request's buffers are in just before publishing it.
             let newer = self.newer_memory(ring_mem);
@@ -329,7 +340,8 @@ impl BlkBackend {
                         // guest now, not at the end of the pass: the guest's side can reuse
                         // the chain while this pass goes on.
                         if qs.io.completes_at_submit() {
-                            used |= qs.complete(&target, &|m| self.note_rejection(m));
+                            let note = |m: &str| self.note_rejection(m);
+                            used |= qs.complete(&target, &note, inflight.as_deref_mut());
                         }
                         continue;
                     }
@@ -343,7 +355,7 @@ impl BlkBackend {
                 },
             };
             // A head the guest made up cannot be returned; the queue must live on regardless.
-            match vring.add_used(head, len) {
+            match inflight::add_used(inflight.as_deref_mut(), vring, head, len) {
                 Ok(()) => used = true,
                 Err(e) => self.note_rejection(&format!("cannot return chain {head}: {e}")),
             }
@@ -351,7 +363,8 @@ impl BlkBackend {
         if let Some(qs) = state.as_mut() {
             qs.io.submit_pending();
             if qs.io.has_completions() {
-                used |= qs.complete(&target, &|m| self.note_rejection(m));
+                let note = |m: &str| self.note_rejection(m);
+                used |= qs.complete(&target, &note, inflight.as_deref_mut());
             }
         }
         if used && vring.needs_notification().map_err(queue_error)? {
@@ -395,7 +408,9 @@ impl BlkBackend {
                 }
             }
         }
-        let used = qs.complete(&self.target(), &|m| self.note_rejection(m));
+        let mut inflight = self.inflight.queue(queue);
+        let note = |m: &str| self.note_rejection(m);
+        let used = qs.complete(&self.target(), &note, inflight.as_deref_mut());
         if let Some(vring) = qs.vring.as_ref().filter(|_| used) {
             if vring.needs_notification().map_err(queue_error)? {
                 vring.signal_used_queue()?;
@@ -479,6 +494,7 @@ impl VhostUserBackend for BlkBackend {
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         // The frontend takes the ring back: everything accepted must complete first.
         self.reap(queue_index as usize, Reap::Drain)?;
+        self.inflight.stopped(queue_index as usize);
         // The next start may come with another vring (a new connection).
         if let Some(q) = self.queues.get(queue_index as usize) {
             if let Some(qs) = q.lock().as_mut() {

@@ -10,6 +10,7 @@ pub mod execute;
 pub mod export;
 pub mod frontend_checks;
 pub mod guest_memory_guard;
+pub mod inflight;
 pub mod memory_table;
 pub mod request;
 pub mod sigbus;
