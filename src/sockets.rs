@@ -7,6 +7,8 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 
+pub mod inherited;
+
 /// Why a socket could not be created.
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
@@ -24,6 +26,10 @@ pub enum SocketError {
 
 /// Binds `path`, replacing a stale socket left by a process that died.
 pub fn bind_private(path: &Path) -> Result<UnixListener, SocketError> {
+    // Handed over by the process this one upgraded from: already bound, private, listening.
+    if let Some(listener) = inherited::take(path) {
+        return Ok(listener);
+    }
     let name = path.display().to_string();
     let io_err = |source| SocketError::Io {
         path: name.clone(),

@@ -43,7 +43,7 @@ fn serve() -> Served {
 
 impl Served {
     fn connect(&self) -> Vm {
-        Vm::connect_with(&self.s.socket, 1, VhostUserProtocolFeatures::LOG_SHMFD)
+        Vm::connect_with(&self.s.socket, 1, VhostUserProtocolFeatures::LOG_SHMFD, &mut |_| {})
     }
 }
 
@@ -320,7 +320,7 @@ fn logging_on_against_off_at_qd32() {
         ("randread", VIRTIO_BLK_T_IN),
         ("randwrite", VIRTIO_BLK_T_OUT),
     ] {
-        let mut vm = Vm::connect_with(&socket, 1, VhostUserProtocolFeatures::LOG_SHMFD);
+        let mut vm = Vm::connect_with(&socket, 1, VhostUserProtocolFeatures::LOG_SHMFD, &mut |_| {});
         let off = qd32_rate(&mut vm, kind, secs);
         let _log = start_logging(&mut vm);
         let on = qd32_rate(&mut vm, kind, secs);

@@ -465,7 +465,7 @@ fn a_call_eventfd_held_at_its_maximum_cannot_hang_the_export() {
 #[test]
 fn protocol_features_the_device_did_not_offer_are_refused() {
     let mut w = Watched::start();
-    for extra in [P_INFLIGHT_SHMFD, 1 << 63] {
+    for extra in [P_HOST_NOTIFIER, 1 << 63] {
         let mut wire = Wire::connect(&w.socket());
         let f = wire.get(GET_FEATURES, &[]).u64();
         wire.send(SET_FEATURES, 0, &u64_payload(f), &[]).unwrap();

@@ -21,11 +21,14 @@ use crate::sockets::{bind_private, SocketError};
 /// The listening control socket; each client gets a thread.
 pub struct ControlServer {
     path: PathBuf,
+    /// A duplicate of the listening socket, to hand over at a graceful upgrade.
+    listener: Option<UnixListener>,
 }
 
 impl ControlServer {
     pub fn start(path: &Path, state: Arc<State>) -> Result<ControlServer, SocketError> {
         let listener = bind_private(path)?;
+        let handed = listener.try_clone().ok();
         std::thread::Builder::new()
             .name("control".into())
             .spawn(move || accept_loop(listener, state))
@@ -36,7 +39,15 @@ impl ControlServer {
         info!("control socket at {}", path.display());
         Ok(ControlServer {
             path: path.to_path_buf(),
+            listener: handed,
         })
+    }
+}
+
+impl ControlServer {
+    /// The socket's path and listening socket (for a graceful upgrade).
+    pub fn listening(&self) -> Option<(&Path, &UnixListener)> {
+        Some((&self.path, self.listener.as_ref()?))
     }
 }
 

@@ -21,6 +21,7 @@ pub mod events;
 pub mod export_settings;
 mod fd_limit;
 pub mod state;
+pub mod upgrade;
 pub mod watch;
 
 /// Size of the disk `thinblk serve` creates when run with no options.
@@ -266,6 +267,8 @@ pub fn qemu_options(socket: &Path, queues: u16) -> String {
 /// Starts every export and the control socket; they run until SIGINT or SIGTERM.
 pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
     fd_limit::raise_to_hard();
+    // Before anything opens a file: sockets handed over by an upgrade keep their fd numbers.
+    upgrade::at_start();
     let signals = crate::signals::block_termination().map_err(ServeError::Signals)?;
     let thin = config.pool.as_ref().map(open_pool).transpose()?;
     let state = State::new(thin.clone());
@@ -324,7 +327,16 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
         }
         None => None,
     };
-    let sig = signals.wait().map_err(ServeError::Signals)?;
+    crate::sockets::inherited::close_unclaimed();
+    let sig = loop {
+        let sig = signals.wait().map_err(ServeError::Signals)?;
+        if sig != libc::SIGUSR2 {
+            break sig;
+        }
+        // Returns only when the new binary was refused; then nothing stopped.
+        let refused = upgrade::upgrade(&state, thin.as_ref(), _control.as_ref());
+        log::error!("upgrade refused: {refused}");
+    };
     info!("signal {sig}: stopping");
     state.stop_all();
     if let Some(thin) = thin {

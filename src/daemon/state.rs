@@ -335,6 +335,15 @@ impl State {
         self.exports.lock().get(id).map(|e| e.config.socket.clone())
     }
 
+    /// Stops every export for a graceful upgrade (`upgrade.rs`): sessions end once their
+    /// requests completed, sockets stay listening. Returns each socket's path and listener.
+    pub fn hand_over_exports(&self) -> Vec<(PathBuf, std::os::unix::net::UnixListener)> {
+        let all = std::mem::take(&mut *self.exports.lock());
+        all.into_values()
+            .filter_map(|e| Some((e.config.socket, e.export.hand_over()?)))
+            .collect()
+    }
+
     /// Stops every export (at shutdown).
     pub fn stop_all(&self) {
         let all = std::mem::take(&mut *self.exports.lock());

@@ -21,6 +21,7 @@ use super::config::{self, BlkConfig, SECTOR_SIZE, WRITEBACK_OFFSET};
 use super::dirty_log::{self, GuestLog, GuestMemoryMmap, LogSwitch, VringRwLock};
 use super::execute::{finish, prepare, ExecuteError, FailureSink, Prepared, Target};
 use super::handover::Member;
+use super::inflight::{self, QueueInflight, Tracker};
 use super::request::Op;
 use super::request::Request;
 use crate::engine::io::{Completion, IoQueue, QueueOptions};
@@ -73,6 +74,8 @@ pub struct BlkBackend {
     /// How long a worker keeps looking at its queue and ring after the last thing it found
     /// there, before it sleeps until a kick or a completion wakes it.
     poll: std::time::Duration,
+    /// Chains taken and not yet returned, in the frontend's inflight region (inflight.rs).
+    inflight: Arc<Tracker>,
 }
 
 /// What the worker keeps of a request while the device works on it.
@@ -166,7 +169,12 @@ impl QueueState {
 
     /// Completes what the device has finished: status bytes and used ring entries. Returns
     /// whether any chain was used (the caller notifies the guest once).
-    fn complete(&mut self, target: &Target<'_>, note: &dyn Fn(&str)) -> bool {
+    fn complete(
+        &mut self,
+        target: &Target<'_>,
+        note: &dyn Fn(&str),
+        mut inflight: Option<&mut QueueInflight>,
+    ) -> bool {
         let QueueState {
             io,
             pending,
@@ -205,7 +213,7 @@ impl QueueState {
                 None => 0,
             };
             release_table(tables, p.table);
-            match vring.add_used(p.head, len) {
+            match inflight::add_used(inflight.as_deref_mut(), vring, p.head, len) {
                 Ok(()) => used = true,
                 Err(e) => note(&format!("cannot return chain {}: {e}", p.head)),
             }
@@ -266,6 +274,7 @@ impl BlkBackend {
             dirty_log: LogSwitch::default(),
             handover: Member::default(),
             poll: settings.poll,
+            inflight: Arc::new(Tracker::new(settings.num_queues)),
             dev,
             settings,
             mem: RwLock::new(None),
@@ -308,6 +317,11 @@ impl BlkBackend {
         *self.to_frontend.lock() = None;
         self.dirty_log.off();
         self.handover.reopen();
+    }
+
+    /// The inflight tracking the connection attaches the frontend's region to.
+    pub fn inflight(&self) -> &Arc<Tracker> {
+        &self.inflight
     }
 
     /// Whether completed writes may sit in a volatile cache until FLUSH.
@@ -397,16 +411,14 @@ impl BlkBackend {
                 qs.vring = Some(vring.clone());
             }
         }
+        let mut inflight = self.inflight.queue(queue);
         let mut used = false;
         let mut taken = 0usize;
         // Read when the first chain comes, not on every (mostly empty) polling pass.
         let mut table = None;
         while taken < self.pass_limit() {
-            let chain = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(ring_mem.as_ref());
-            let Some(chain) = chain else { break };
+            let next = inflight::next_head(inflight.as_deref_mut(), vring, ring_mem.as_ref());
+            let Some(head) = next else { break };
             let table = *table.get_or_insert_with(|| {
                 let state = vring.get_ref();
                 let q = state.get_queue();
@@ -416,7 +428,6 @@ impl BlkBackend {
                 }
             });
             taken += 1;
-            let head = chain.head_index();
             // The memory table as of now, not of when this pass began: the frontend may have
             // added the region this request's buffers are in just before publishing it.
             let newer = (self.mem_generation.load(Ordering::Acquire) != generation)
@@ -445,7 +456,8 @@ impl BlkBackend {
                         // guest now, not at the end of the pass: the guest's side can reuse
                         // the chain while this pass goes on.
                         if qs.io.completes_at_submit() {
-                            used |= qs.complete(&target, &|m| self.note_rejection(m));
+                            let note = |m: &str| self.note_rejection(m);
+                            used |= qs.complete(&target, &note, inflight.as_deref_mut());
                         }
                         continue;
                     }
@@ -459,7 +471,7 @@ impl BlkBackend {
                 },
             };
             // A head the guest made up cannot be returned; the queue must live on regardless.
-            match vring.add_used(head, len) {
+            match inflight::add_used(inflight.as_deref_mut(), vring, head, len) {
                 Ok(()) => used = true,
                 Err(e) => self.note_rejection(&format!("cannot return chain {head}: {e}")),
             }
@@ -467,7 +479,8 @@ impl BlkBackend {
         if let Some(qs) = state.as_mut() {
             qs.io.submit_pending();
             if qs.io.has_completions() {
-                used |= qs.complete(&target, &|m| self.note_rejection(m));
+                let note = |m: &str| self.note_rejection(m);
+                used |= qs.complete(&target, &note, inflight.as_deref_mut());
             }
         }
         if used && vring.needs_notification().map_err(queue_error)? {
@@ -520,7 +533,9 @@ impl BlkBackend {
                 qs.io.acknowledge();
             }
         }
-        let used = qs.complete(&self.target(), &|m| self.note_rejection(m));
+        let mut inflight = self.inflight.queue(queue);
+        let note = |m: &str| self.note_rejection(m);
+        let used = qs.complete(&self.target(), &note, inflight.as_deref_mut());
         // Reaped right after a reset: what is left to announce wakes the worker.
         if matches!(how, Reap::Event | Reap::Drain | Reap::Settle) {
             qs.unacked = false;
@@ -612,6 +627,7 @@ impl VhostUserBackend for BlkBackend {
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         // The frontend takes the ring back: everything accepted must complete first.
         self.reap(queue_index as usize, Reap::Drain)?;
+        self.inflight.stopped(queue_index as usize);
         // The next start may come with another vring (a new connection).
         if let Some(q) = self.queues.get(queue_index as usize) {
             if let Some(qs) = q.lock().as_mut() {

@@ -135,6 +135,8 @@ pub fn protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::BACKEND_REQ
         | VhostUserProtocolFeatures::LOG_SHMFD
+        // Requests in flight survive a backend restart (inflight.rs).
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
 }
 
 /// Whether the driver acked `VIRTIO_BLK_F_FLUSH`: without it the device must write through.

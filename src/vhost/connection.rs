@@ -86,7 +86,8 @@ impl Connection {
         let max_queue_size = u32::try_from(backend.max_queue_size()).unwrap_or(u32::MAX);
         let checked = Checked::new(handler, max_queue_size, unsealed)
             .map_err(|e| io::Error::other(format!("cannot set up request checks: {e}")))?
-            .guard_memory(guard);
+            .guard_memory(guard)
+            .track_inflight(backend.inflight().clone(), settings_queues(backend));
         Ok(Connection {
             requests: BackendReqHandler::from_stream(stream, Arc::new(Mutex::new(checked))),
             backend: backend.clone(),
@@ -145,6 +146,9 @@ impl Connection {
                 warn!("queue {queue}: requests in flight at the hang-up failed: {e}");
             }
         }
+        // Every chain taken is returned now: the frontend keeps the inflight region (all
+        // clear) for the next backend, and this one lets go of it.
+        backend.inflight().detach();
         // The backend keeps the last memory table for its workers; the workers are gone, so
         // let go of the mappings and the region fds behind them.
         let _ = backend.update_memory(GuestMemoryAtomic::new(GuestMemoryMmap::new()));
@@ -153,6 +157,10 @@ impl Connection {
         drop(memory);
         ended
     }
+}
+
+fn settings_queues(backend: &BlkBackend) -> u16 {
+    u16::try_from(backend.num_queues()).unwrap_or(u16::MAX)
 }
 
 /// Waits up to `timeout` for the frontend's socket to have something to read (or to hang up).

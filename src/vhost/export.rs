@@ -34,6 +34,8 @@ pub struct Export {
     connection: Arc<Mutex<Option<UnixStream>>>,
     thread: Option<JoinHandle<()>>,
     backend: Arc<BlkBackend>,
+    /// The listening socket went to another process (`hand_over`): leave it and its path be.
+    handed_over: bool,
 }
 
 impl Export {
@@ -92,6 +94,7 @@ impl Export {
             connection,
             thread: Some(thread),
             backend,
+            handed_over: false,
         })
     }
 
@@ -125,6 +128,25 @@ impl Export {
         self.backend.handover().active()
     }
 
+    /// Stops serving without closing the listening socket, for a process that takes it over
+    /// (a graceful upgrade): the frontend's session ends as after a crash, once every request
+    /// it had in flight completed; no new one starts here. Returns the listening socket (a
+    /// frontend connecting meanwhile waits in its backlog for the next process).
+    pub fn hand_over(mut self) -> Option<UnixListener> {
+        self.stopping.store(true, Ordering::SeqCst);
+        if let Some(conn) = self.connection.lock().as_ref() {
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        }
+        // Wakes a blocked accept; the connection is dropped at once (the next process may
+        // accept it too and sees it hang up).
+        let _ = UnixStream::connect(&self.socket);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.handed_over = true;
+        self.wake.take()
+    }
+
     /// Blocks until the export stops (it does not stop on its own).
     pub fn wait(mut self) {
         if let Some(t) = self.thread.take() {
@@ -135,6 +157,9 @@ impl Export {
 
 impl Drop for Export {
     fn drop(&mut self) {
+        if self.handed_over {
+            return;
+        }
         self.stopping.store(true, Ordering::SeqCst);
         // A connected frontend would keep the serving thread in its session for as long as it
         // likes: end the session (the frontend sees the socket close, as after a crash).

@@ -22,12 +22,19 @@
 //!   A worker that meets a full call eventfd stops (its queue is dead until the frontend
 //!   reconnects); nothing else is affected.
 //! - SET_PROTOCOL_FEATURES: only features the device offered; the vhost crate gates requests
-//!   such as SET_LOG_BASE or SET_INFLIGHT_FD on what the frontend *acked*.
+//!   such as SET_LOG_BASE or SET_INFLIGHT_FD on what the frontend *acked*. Requests for
+//!   features this device does not offer are refused here regardless.
 //! - SET_LOG_BASE: the log fd within its file and sealed against shrinking, regions on log
 //!   pages ([`LogBase::check`]); the handler refuses a log too small for the memory. The log is
 //!   given again to regions mapped later. SET_VRING_ADDR with `VHOST_VRING_F_LOG`: the used
 //!   ring's log address must be the used ring's guest address, which is where its writes are
 //!   logged (`dirty_log.rs`).
+//! - GET_INFLIGHT_FD / SET_INFLIGHT_FD (INFLIGHT_SHMFD): at most the device's queues, a
+//!   power-of-two queue size within the export's; a region handed back must be a regular
+//!   file sealed against shrinking that holds the queues' bytes (`inflight.rs`). Once a
+//!   region is attached, every SET_VRING_KICK is followed by a kick of our own, so a ring
+//!   restarting after a backend restart resubmits what was in flight without waiting for the
+//!   guest (which waits for those very requests).
 
 use std::fs::File;
 use std::io;
@@ -46,6 +53,7 @@ use vhost::VhostUserMemoryRegionBase;
 
 use super::dirty_log::LogBase;
 use super::guest_memory_guard::{GuestMemoryGuard, Reservation};
+use super::inflight::{InflightRegion, Tracker};
 use super::memory_table::{self, Proposed, Region, UnsealedMemory, MAX_TABLE_REGIONS};
 
 /// A request handler `H` behind the checks of this module.
@@ -61,6 +69,8 @@ pub struct Checked<H> {
     guard: Option<GuestMemoryGuard>,
     /// The dirty log, if the frontend gave one.
     log: LogBase,
+    /// Where an inflight region goes, and the device's queue count.
+    inflight: Option<(std::sync::Arc<Tracker>, u16)>,
 }
 
 fn refused(what: String) -> VhostUserError {
@@ -109,6 +119,7 @@ impl<H: VhostUserBackendReqHandlerMut> Checked<H> {
             unsealed,
             guard: None,
             log: LogBase::default(),
+            inflight: None,
         })
     }
 
@@ -116,6 +127,19 @@ impl<H: VhostUserBackendReqHandlerMut> Checked<H> {
     pub fn guard_memory(mut self, guard: GuestMemoryGuard) -> Self {
         self.guard = Some(guard);
         self
+    }
+
+    /// Offers INFLIGHT_SHMFD's messages for a device of `num_queues` queues: the region a
+    /// frontend asks for or hands back is attached to `tracker`.
+    pub fn track_inflight(mut self, tracker: std::sync::Arc<Tracker>, num_queues: u16) -> Self {
+        self.inflight = Some((tracker, num_queues));
+        self
+    }
+
+    fn inflight_limits(&self, request: &'static str) -> Result<(&Tracker, u16, u16)> {
+        let (tracker, queues) = self.inflight.as_ref().ok_or_else(|| not_offered(request))?;
+        let size = u16::try_from(self.max_queue_size).unwrap_or(u16::MAX);
+        Ok((tracker, *queues, size))
     }
 
     fn reserve(&self, request: &str, regions: usize) -> Result<Reservation> {
@@ -284,7 +308,18 @@ impl<H: VhostUserBackendReqHandlerMut> VhostUserBackendReqHandlerMut for Checked
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> Result<()> {
         self.check_notifier("SET_VRING_KICK", index, &fd)?;
-        self.inner.set_vring_kick(index, fd)
+        let tracked = self.inflight.as_ref().is_some_and(|(t, _)| t.is_active());
+        let wake = fd
+            .as_ref()
+            .filter(|_| tracked)
+            .and_then(|f| f.try_clone().ok());
+        self.inner.set_vring_kick(index, fd)?;
+        if let Some(mut kick) = wake {
+            // The worker recovers the ring on its first pass; a full counter (EAGAIN) is a
+            // kick already pending.
+            let _ = std::io::Write::write(&mut kick, &1u64.to_ne_bytes());
+        }
+        Ok(())
     }
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> Result<()> {
@@ -344,12 +379,27 @@ impl<H: VhostUserBackendReqHandlerMut> VhostUserBackendReqHandlerMut for Checked
         Err(not_offered("GET_SHARED_OBJECT"))
     }
 
-    fn get_inflight_fd(&mut self, _: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
-        Err(not_offered("GET_INFLIGHT_FD"))
+    fn get_inflight_fd(&mut self, msg: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        let (tracker, max_queues, max_size) = self.inflight_limits("GET_INFLIGHT_FD")?;
+        let (num_queues, queue_size) = (msg.num_queues, msg.queue_size);
+        let (region, file) = InflightRegion::create(num_queues, queue_size, max_queues, max_size)
+            .map_err(|e| refused(format!("GET_INFLIGHT_FD: {e}")))?;
+        let size = u64::try_from(region.len()).unwrap_or(u64::MAX);
+        tracker.attach(std::sync::Arc::new(region));
+        Ok((
+            VhostUserInflight::new(size, 0, num_queues, queue_size),
+            file,
+        ))
     }
 
-    fn set_inflight_fd(&mut self, _: &VhostUserInflight, _file: File) -> Result<()> {
-        Err(not_offered("SET_INFLIGHT_FD"))
+    fn set_inflight_fd(&mut self, msg: &VhostUserInflight, file: File) -> Result<()> {
+        let (tracker, max_queues, max_size) = self.inflight_limits("SET_INFLIGHT_FD")?;
+        let geometry = (msg.num_queues, msg.queue_size);
+        let (size, offset) = (msg.mmap_size, msg.mmap_offset);
+        let region = InflightRegion::open(&file, size, offset, geometry, (max_queues, max_size))
+            .map_err(|e| refused(format!("SET_INFLIGHT_FD: {e}")))?;
+        tracker.attach(std::sync::Arc::new(region));
+        Ok(())
     }
 
     fn get_max_mem_slots(&mut self) -> Result<u64> {

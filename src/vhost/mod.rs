@@ -12,6 +12,7 @@ pub mod export;
 pub mod frontend_checks;
 pub mod guest_memory_guard;
 pub mod handover;
+pub mod inflight;
 pub mod memory_table;
 pub mod request;
 pub mod sigbus;

@@ -135,28 +135,24 @@ pub struct Vm {
 impl Vm {
     /// Connects and sets the device up in cloud-hypervisor's order, with `queues` queues.
     pub fn connect(socket: &Path, queues: usize) -> Vm {
-        Self::connect_with(socket, queues, VhostUserProtocolFeatures::empty())
+        Self::connect_with(
+            socket,
+            queues,
+            VhostUserProtocolFeatures::empty(),
+            &mut |_| {},
+        )
     }
 
-    /// [`Vm::connect`], asking for `extra` protocol features too.
-    pub fn connect_with(socket: &Path, queues: usize, extra: VhostUserProtocolFeatures) -> Vm {
-        let mut fe = Frontend::connect(socket, 1).expect("connect to the export");
-        fe.set_owner().unwrap();
-        let device_features = fe.get_features().unwrap();
-        let offered = fe.get_protocol_features().unwrap();
-        let protocol_features = offered & (wanted_protocol_features() | extra);
-        fe.set_protocol_features(protocol_features).unwrap();
-        if protocol_features.contains(VhostUserProtocolFeatures::REPLY_ACK) {
-            // As cloud-hypervisor does: every later request is acknowledged, so a backend
-            // refusing one fails the call instead of going unnoticed.
-            fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        }
-        let queue_num = fe.get_queue_num().unwrap();
-        // A Linux guest acks everything a virtio-blk device offers here; the VMM turns dirty
-        // logging on only while it migrates.
-        let acked_features = device_features & !VhostUserVirtioFeatures::LOG_ALL.bits();
-        fe.set_features(acked_features).unwrap();
-
+    /// [`Vm::connect`], asking also for the protocol features `extra`; `before_rings` sends
+    /// what QEMU sends after SET_FEATURES and before the memory table (the inflight region).
+    pub fn connect_with(
+        socket: &Path,
+        queues: usize,
+        extra: VhostUserProtocolFeatures,
+        before_rings: &mut dyn FnMut(&mut Frontend),
+    ) -> Vm {
+        let (mut fe, negotiated, acked_features) = negotiate(socket, extra);
+        before_rings(&mut fe);
         let mem = shared_guest_memory();
         let region = mem.iter().next().unwrap();
         let info = VhostUserMemoryRegionInfo::from_guest_region(region).unwrap();
@@ -166,11 +162,7 @@ impl Vm {
             fe,
             mem,
             queues: Vec::new(),
-            negotiated: Negotiated {
-                device_features,
-                protocol_features: offered,
-                queue_num,
-            },
+            negotiated,
             acked_features,
             next_buf: GUEST_BASE + DATA_START,
         };
@@ -178,6 +170,29 @@ impl Vm {
             vm.setup_queue(q);
         }
         vm
+    }
+
+    /// The backend restarted: connects to `socket` again as QEMU does with `reconnect=`, with
+    /// the same guest memory, rings and eventfds, each ring's base at its used index (what
+    /// QEMU sends after losing a backend).
+    pub fn reconnect(
+        &mut self,
+        socket: &Path,
+        extra: VhostUserProtocolFeatures,
+        before_rings: &mut dyn FnMut(&mut Frontend),
+    ) {
+        let (mut fe, negotiated, acked_features) = negotiate(socket, extra);
+        before_rings(&mut fe);
+        let region = self.mem.iter().next().unwrap();
+        let info = VhostUserMemoryRegionInfo::from_guest_region(region).unwrap();
+        fe.set_mem_table(&[info]).unwrap();
+        self.fe = fe;
+        self.negotiated = negotiated;
+        self.acked_features = acked_features;
+        for q in 0..self.queues.len() {
+            let base = self.used_idx(q);
+            self.start_ring(q, base);
+        }
     }
 
     fn host_addr(&self, gpa: GuestAddress) -> u64 {
@@ -215,16 +230,6 @@ impl Vm {
             let mock = MockSplitQueue::create(&self.mem, start, QUEUE_SIZE);
             (mock.desc_table_addr(), mock.avail_addr(), mock.used_addr())
         };
-        let config = VringConfigData {
-            queue_max_size: QUEUE_SIZE,
-            queue_size: QUEUE_SIZE,
-            flags: 0,
-            // vhost-user rings are given in the frontend's virtual addresses.
-            desc_table_addr: self.host_addr(desc),
-            used_ring_addr: self.host_addr(used),
-            avail_ring_addr: self.host_addr(avail),
-            log_addr: None,
-        };
         let vq = Vq {
             desc,
             avail,
@@ -235,13 +240,29 @@ impl Vm {
             avail_idx: 0,
             used_seen: 0,
         };
+        self.queues.push(vq);
+        self.start_ring(index, 0);
+    }
+
+    /// Sends queue `index`'s ring to the backend, starting at avail index `base`.
+    fn start_ring(&mut self, index: usize, base: u16) {
+        let vq = &self.queues[index];
+        let config = VringConfigData {
+            queue_max_size: QUEUE_SIZE,
+            queue_size: QUEUE_SIZE,
+            flags: 0,
+            // vhost-user rings are given in the frontend's virtual addresses.
+            desc_table_addr: self.host_addr(vq.desc),
+            used_ring_addr: self.host_addr(vq.used),
+            avail_ring_addr: self.host_addr(vq.avail),
+            log_addr: None,
+        };
         self.fe.set_vring_num(index, QUEUE_SIZE).unwrap();
         self.fe.set_vring_addr(index, &config).unwrap();
-        self.fe.set_vring_base(index, 0).unwrap();
+        self.fe.set_vring_base(index, base).unwrap();
         self.fe.set_vring_call(index, &vq.call).unwrap();
         self.fe.set_vring_kick(index, &vq.kick).unwrap();
         self.fe.set_vring_enable(index, true).unwrap();
-        self.queues.push(vq);
     }
 
     /// Reads `len` bytes of config space at `offset`.
@@ -437,6 +458,33 @@ impl Vm {
     pub fn event_idx(&self) -> bool {
         self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0
     }
+}
+
+/// Connects and negotiates features as cloud-hypervisor does, with the protocol features
+/// `extra` too if offered.
+fn negotiate(socket: &Path, extra: VhostUserProtocolFeatures) -> (Frontend, Negotiated, u64) {
+    let mut fe = Frontend::connect(socket, 1).expect("connect to the export");
+    fe.set_owner().unwrap();
+    let device_features = fe.get_features().unwrap();
+    let offered = fe.get_protocol_features().unwrap();
+    let protocol_features = offered & (wanted_protocol_features() | extra);
+    fe.set_protocol_features(protocol_features).unwrap();
+    if protocol_features.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+        // As cloud-hypervisor does: every later request is acknowledged, so a backend
+        // refusing one fails the call instead of going unnoticed.
+        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    }
+    let queue_num = fe.get_queue_num().unwrap();
+    // A Linux guest acks everything a virtio-blk device offers here; the VMM turns dirty
+    // logging on only while it migrates.
+    let acked_features = device_features & !VhostUserVirtioFeatures::LOG_ALL.bits();
+    fe.set_features(acked_features).unwrap();
+    let negotiated = Negotiated {
+        device_features,
+        protocol_features: offered,
+        queue_num,
+    };
+    (fe, negotiated, acked_features)
 }
 
 /// Whether `fd` became readable within `timeout`.

@@ -48,6 +48,8 @@ pub const P_REPLY_ACK: u64 = 1 << 3;
 pub const P_BACKEND_REQ: u64 = 1 << 5;
 pub const P_CONFIG: u64 = 1 << 9;
 pub const P_INFLIGHT_SHMFD: u64 = 1 << 12;
+/// Not offered by thinblk (host notifiers need a device with doorbells in a BAR).
+pub const P_HOST_NOTIFIER: u64 = 1 << 11;
 pub const P_CONFIGURE_MEM_SLOTS: u64 = 1 << 15;
 /// Bit 8 of a SET_VRING_KICK/CALL/ERR payload: no fd comes with it.
 pub const NO_FD: u64 = 0x100;

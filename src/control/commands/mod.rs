@@ -9,6 +9,7 @@ mod pool;
 mod snapshot;
 mod thin;
 mod threshold;
+mod upgrade;
 
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -52,6 +53,7 @@ pub const COMMANDS: &[(&str, Handler)] = &[
     ("query-cow", cow::query_cow),
     ("cow-merge", cow::cow_merge),
     ("cow-delete", cow::cow_delete),
+    ("x-thinblk-upgrade", upgrade::x_thinblk_upgrade),
 ];
 
 pub fn find(name: &str) -> Option<Handler> {
