@@ -5,6 +5,7 @@ mod basic;
 mod cow;
 mod decode;
 mod export;
+mod nbd;
 mod pool;
 mod snapshot;
 mod thin;
@@ -52,6 +53,10 @@ pub const COMMANDS: &[(&str, Handler)] = &[
     ("query-cow", cow::query_cow),
     ("cow-merge", cow::cow_merge),
     ("cow-delete", cow::cow_delete),
+    ("nbd-server-start", nbd::nbd_server_start),
+    ("nbd-server-add", nbd::nbd_server_add),
+    ("nbd-server-remove", nbd::nbd_server_remove),
+    ("nbd-server-stop", nbd::nbd_server_stop),
 ];
 
 pub fn find(name: &str) -> Option<Handler> {
