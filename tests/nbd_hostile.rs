@@ -370,6 +370,17 @@ fn removing_an_export_hangs_up_on_its_clients_only_when_asked() {
     let sock = s.dir.path().join("nbd.sock");
     let mut qmp = Qmp::connect(&s.dir.path().join("control.sock"));
     qmp.ok("nbd-server-add", json!({"device": "vm", "name": "other"}));
+    let listed = qmp.ok("query-block-exports", json!({}));
+    let nbd: Vec<&serde_json::Value> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "nbd")
+        .collect();
+    assert_eq!(nbd.len(), 3, "vm (from --nbd), rw and other: {listed}");
+    assert!(nbd
+        .iter()
+        .any(|e| e["id"] == "other" && e["node-name"] == "vm" && e["writable"] == false));
     let mut c = Client::connect(&sock);
     c.go("other");
     let r = qmp.exec("nbd-server-remove", json!({"name": "other"}));

@@ -325,7 +325,23 @@ fn spawn_connection(sock: Socket, shared: &Arc<Shared>) {
 
 fn serve_connection(mut sock: Socket, shared: &Shared, id: u64) {
     let _ = sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
-    let session = match negotiate(&mut sock, &shared.exports) {
+    // Under the lock `remove` hangs up under, and before the client hears yes: either
+    // `remove` sees this client, or this client sees the export gone.
+    let mut admit = |export: &Arc<NbdExport>| {
+        let mut conns = shared.conns.lock();
+        let current = shared.exports.get(&export.name);
+        if !current.is_some_and(|e| Arc::ptr_eq(&e, export)) {
+            return false;
+        }
+        match conns.map.get_mut(&id) {
+            Some(e) => {
+                e.export = Some(export.name.clone());
+                true
+            }
+            None => false,
+        }
+    };
+    let session = match negotiate(&mut sock, &shared.exports, &mut admit) {
         Ok(s) => s,
         Err(HandshakeEnd::Aborted) => return,
         Err(e) => {
@@ -334,18 +350,6 @@ fn serve_connection(mut sock: Socket, shared: &Shared, id: u64) {
         }
     };
     let _ = sock.set_read_timeout(None);
-    {
-        // Under the lock `remove` hangs up under: either it sees this client, or this
-        // client sees the export gone.
-        let mut conns = shared.conns.lock();
-        let current = shared.exports.get(&session.export.name);
-        if !current.is_some_and(|e| Arc::ptr_eq(&e, &session.export)) {
-            return;
-        }
-        if let Some(e) = conns.map.get_mut(&id) {
-            e.export = Some(session.export.name.clone());
-        }
-    }
     let name = session.export.name.clone();
     match Connection::new(sock, session) {
         Ok(conn) => {

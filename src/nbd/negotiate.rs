@@ -34,9 +34,15 @@ pub enum HandshakeEnd {
 /// Most queries in one meta context option.
 const MAX_QUERIES: u32 = 128;
 
+/// Called with the export a client is about to enter transmission with, before the server
+/// says yes: the connection registers itself there, so that once a client has its answer,
+/// removing the export sees it. `false`: the export is going away; the client is refused.
+pub type Admit<'a> = &'a mut dyn FnMut(&Arc<NbdExport>) -> bool;
+
 struct Haggle<'a, T: Transport> {
     io: &'a mut T,
     exports: &'a Exports,
+    admit: Admit<'a>,
     structured: bool,
     /// The export the last SET_META_CONTEXT was for, and what it selected.
     selected: Option<(String, Vec<Context>)>,
@@ -94,6 +100,10 @@ impl<T: Transport> Haggle<'_, T> {
             self.error(opt, REP_ERR_UNKNOWN, "no such export")?;
             return Ok(None);
         };
+        if opt == OPT_GO && !(self.admit)(&export) {
+            self.error(opt, REP_ERR_UNKNOWN, "the export is being removed")?;
+            return Ok(None);
+        }
         let mut info = Vec::new();
         put_u16(&mut info, INFO_EXPORT);
         put_u64(&mut info, export.size());
@@ -205,6 +215,9 @@ impl<T: Transport> Haggle<'_, T> {
             .exports
             .get(name)
             .ok_or_else(|| HandshakeEnd::NoExport(name.to_string()))?;
+        if !(self.admit)(&export) {
+            return Err(HandshakeEnd::NoExport(name.to_string()));
+        }
         let mut m = Vec::with_capacity(134);
         put_u64(&mut m, export.size());
         put_u16(&mut m, export.transmission_flags(self.structured));
@@ -216,8 +229,13 @@ impl<T: Transport> Haggle<'_, T> {
     }
 }
 
-/// Runs the handshake on `io`; returns the session the client goes on with.
-pub fn negotiate<T: Transport>(io: &mut T, exports: &Exports) -> Result<Session, HandshakeEnd> {
+/// Runs the handshake on `io`; returns the session the client goes on with, which `admit`
+/// accepted.
+pub fn negotiate<T: Transport>(
+    io: &mut T,
+    exports: &Exports,
+    admit: Admit<'_>,
+) -> Result<Session, HandshakeEnd> {
     let mut hello = Vec::with_capacity(18);
     put_u64(&mut hello, NBD_MAGIC);
     put_u64(&mut hello, IHAVEOPT);
@@ -226,6 +244,7 @@ pub fn negotiate<T: Transport>(io: &mut T, exports: &Exports) -> Result<Session,
     let mut h = Haggle {
         io,
         exports,
+        admit,
         structured: false,
         selected: None,
     };

@@ -134,3 +134,24 @@ pub(super) fn nbd_server_stop(state: &State, v: Value) -> Result<Value, QmpError
     state.nbd().stop()?;
     Ok(json!({}))
 }
+
+/// The NBD exports as `query-block-exports` lists them (type "nbd", id = export name).
+pub(super) fn nbd_exports(state: &State) -> Vec<Value> {
+    let Some((addr, exports)) = state.nbd().list() else {
+        return Vec::new();
+    };
+    exports
+        .into_iter()
+        .map(|e| {
+            json!({
+                "type": "nbd",
+                "id": e.name,
+                "node-name": e.node,
+                "shutting-down": false,
+                "addr": addr,
+                "writable": e.writable,
+                "bitmap": e.bitmap,
+            })
+        })
+        .collect()
+}
