@@ -7,6 +7,7 @@
 
 pub mod bufio;
 pub mod engine;
+pub mod nbd;
 pub mod vhost;
 
 pub mod control;

@@ -139,6 +139,12 @@ struct ServeArgs {
     /// The QMP control socket (mode 0600) [default: DIR/control.sock when a pool is open]
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+
+    /// Also serve NBD at ADDR: a unix socket path (mode 0600), or host:port for TCP (no TLS:
+    /// a trusted network only). Each export's disk is exported read-only under its id; QMP
+    /// nbd-server-add adds more. Off by default.
+    #[arg(long, value_name = "ADDR")]
+    nbd: Option<String>,
 }
 
 impl ServeArgs {
@@ -194,6 +200,7 @@ impl ServeArgs {
             exports,
             pool,
             control,
+            nbd: self.nbd.as_deref().map(thinblk::nbd::NbdAddr::parse),
         })
     }
 }

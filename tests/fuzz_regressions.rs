@@ -60,6 +60,11 @@ fn virtio_queue_inputs_return_even_on_broken_rings() {
 }
 
 #[test]
+fn nbd_handshakes_and_requests_are_judged_without_panics() {
+    replay_all("nbd");
+}
+
+#[test]
 fn qmp_streams_are_answered_without_panics() {
     replay_all("qmp");
 }

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use thinblk::engine::pdata::check::check_pool;
 use thinblk::engine::pdata::superblock::BLOCK_SIZE;
+use thinblk::nbd::proto::*;
 use thinblk_fuzz::vhost_user::{encode, FdKind, Op};
 use thinblk_fuzz::{block_manager, pool_image};
 use virtio_bindings::virtio_blk::*;
@@ -383,4 +384,84 @@ fn main() {
     qmp();
     pdata(&image);
     vhost_user();
+    nbd();
+}
+
+fn nbd_option(out: &mut Vec<u8>, opt: u32, data: &[u8]) {
+    out.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    out.extend_from_slice(&opt.to_be_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(data);
+}
+
+fn nbd_string(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u32).to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn nbd_request(out: &mut Vec<u8>, kind: u16, flags: u16, offset: u64, len: u32) {
+    let h = RequestHeader {
+        magic: REQUEST_MAGIC,
+        flags,
+        kind,
+        cookie: out.len() as u64,
+        offset,
+        len,
+    };
+    out.extend_from_slice(&h.encode());
+}
+
+/// NBD sessions: structured replies with both meta contexts and every command; the old
+/// EXPORT_NAME way into a read-only export; listing and aborting.
+fn nbd() {
+    let flags = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes();
+    let mut s = flags.to_vec();
+    nbd_option(&mut s, OPT_STRUCTURED_REPLY, &[]);
+    let mut meta = Vec::new();
+    nbd_string(&mut meta, "");
+    meta.extend_from_slice(&2u32.to_be_bytes());
+    nbd_string(&mut meta, "base:allocation");
+    nbd_string(&mut meta, "qemu:dirty-bitmap:base");
+    nbd_option(&mut s, OPT_LIST_META_CONTEXT, &meta);
+    nbd_option(&mut s, OPT_SET_META_CONTEXT, &meta);
+    let mut go = Vec::new();
+    nbd_string(&mut go, "");
+    go.extend_from_slice(&1u16.to_be_bytes());
+    go.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+    nbd_option(&mut s, OPT_GO, &go);
+    nbd_request(&mut s, CMD_READ, CMD_FLAG_DF, 0, 4096);
+    nbd_request(&mut s, CMD_WRITE, CMD_FLAG_FUA, 65536, 512);
+    s.extend_from_slice(&[0xab; 512]);
+    nbd_request(&mut s, CMD_BLOCK_STATUS, 0, 512, 1 << 20);
+    nbd_request(&mut s, CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 0, 1 << 20);
+    nbd_request(&mut s, CMD_TRIM, 0, 0, 65536);
+    nbd_request(&mut s, CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, 65536);
+    nbd_request(&mut s, CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, 0, 65536);
+    nbd_request(&mut s, CMD_CACHE, 0, 0, 65536);
+    nbd_request(&mut s, CMD_FLUSH, 0, 0, 0);
+    nbd_request(&mut s, CMD_WRITE, 0, 1 << 20, 1024);
+    s.extend_from_slice(&[0xcd; 1024]);
+    nbd_request(&mut s, CMD_DISC, 0, 0, 0);
+    write("nbd", "structured-go", &s);
+
+    let mut s = flags.to_vec();
+    nbd_option(&mut s, OPT_EXPORT_NAME, b"ro");
+    nbd_request(&mut s, CMD_READ, 0, 0, 512);
+    nbd_request(&mut s, CMD_WRITE, 0, 0, 512);
+    s.extend_from_slice(&[1; 512]);
+    nbd_request(&mut s, 200, 0xffff, u64::MAX - 511, u32::MAX);
+    write("nbd", "export-name-ro", &s);
+
+    let mut s = flags.to_vec();
+    nbd_option(&mut s, OPT_LIST, &[]);
+    let mut info = Vec::new();
+    nbd_string(&mut info, "ro");
+    info.extend_from_slice(&2u16.to_be_bytes());
+    info.extend_from_slice(&INFO_NAME.to_be_bytes());
+    info.extend_from_slice(&INFO_DESCRIPTION.to_be_bytes());
+    nbd_option(&mut s, OPT_INFO, &info);
+    nbd_option(&mut s, OPT_STARTTLS, &[]);
+    nbd_option(&mut s, 4242, b"unknown");
+    nbd_option(&mut s, OPT_ABORT, &[]);
+    write("nbd", "list-info-abort", &s);
 }

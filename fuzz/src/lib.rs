@@ -8,6 +8,7 @@
 //! every input under `fuzz/regressions/<target>/` through [`run`], so a crash found here stays
 //! fixed without libFuzzer. Hence modules refer to each other through `super::`, not `crate::`.
 
+pub mod nbd;
 pub mod pdata_blocks;
 pub mod pdata_image;
 pub mod qmp;
@@ -33,7 +34,7 @@ use vm_memory::{Bytes, GuestAddress};
 pub type Target = fn(&[u8]);
 
 /// Every target, by the name of its directory under `corpus/` and `regressions/`.
-pub const TARGETS: [(&str, Target); 7] = [
+pub const TARGETS: [(&str, Target); 8] = [
     ("virtio_request", virtio_request::run),
     ("virtio_queue", virtio_queue::run),
     ("qmp", qmp::run),
@@ -41,6 +42,7 @@ pub const TARGETS: [(&str, Target); 7] = [
     ("pdata_image", pdata_image::run),
     ("xml_restore", xml_restore::run),
     ("vhost_user", vhost_user::run),
+    ("nbd", nbd::run),
 ];
 
 /// Runs target `name` on `data`; false if there is no such target.

@@ -20,6 +20,7 @@ use state::{ExportConfig, Node, State, StateError};
 pub mod events;
 pub mod export_settings;
 mod fd_limit;
+pub mod nbd;
 pub mod state;
 pub mod upgrade;
 pub mod watch;
@@ -75,6 +76,8 @@ pub enum ServeError {
         #[source]
         source: SocketError,
     },
+    #[error("NBD server")]
+    Nbd(#[source] nbd::NbdStateError),
     #[error("waiting for SIGINT and SIGTERM")]
     Signals(#[source] std::io::Error),
 }
@@ -116,6 +119,9 @@ pub struct ServeConfig {
     pub exports: Vec<ExportSpec>,
     pub pool: Option<PoolLocation>,
     pub control: Option<PathBuf>,
+    /// An NBD server to start; every export's node is also exported on it, read-only,
+    /// under the export's id (more with QMP `nbd-server-add`).
+    pub nbd: Option<crate::nbd::NbdAddr>,
 }
 
 /// The export a bare `thinblk serve` runs: the thin disk `disk0`, created on the first run.
@@ -314,6 +320,9 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
             queues
         );
     }
+    if let Some(addr) = &config.nbd {
+        start_nbd(&state, addr, &config.exports)?;
+    }
     let _control = match &config.control {
         Some(path) => {
             let server = ControlServer::start(path, state.clone()).map_err(|source| {
@@ -342,6 +351,35 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
     if let Some(thin) = thin {
         thin.pool().close();
     }
+    Ok(())
+}
+
+/// Starts the NBD server of `--nbd` with a read-only export of each export's node.
+fn start_nbd(
+    state: &Arc<State>,
+    addr: &crate::nbd::NbdAddr,
+    exports: &[ExportSpec],
+) -> Result<(), ServeError> {
+    state.nbd().start(addr.clone()).map_err(ServeError::Nbd)?;
+    for spec in exports {
+        let device = match &spec.backing {
+            Backing::Thin { name, .. } => name.clone(),
+            _ => spec.id.clone(),
+        };
+        let cfg = nbd::NbdExportConfig {
+            device,
+            name: Some(spec.id.clone()),
+            ..Default::default()
+        };
+        state.nbd().add(state, cfg).map_err(ServeError::Nbd)?;
+    }
+    let shown = match addr {
+        crate::nbd::NbdAddr::Unix(p) => {
+            format!("nbd+unix:///EXPORT?socket={}", absolute(p).display())
+        }
+        crate::nbd::NbdAddr::Tcp(a) => format!("nbd://{a}/EXPORT"),
+    };
+    println!("NBD at {addr} (read-only exports: {shown})");
     Ok(())
 }
 

@@ -92,6 +92,8 @@ pub struct State {
     handovers: Mutex<HashMap<String, Arc<Handover>>>,
     /// This state, for the callbacks (exports, the pool) that report back to it.
     me: Weak<State>,
+    /// The NBD server and its exports (src/daemon/nbd.rs).
+    nbd: super::nbd::NbdState,
 }
 
 impl State {
@@ -105,6 +107,17 @@ impl State {
             forward_pool_events(thin, state.me.clone());
         }
         state
+    }
+
+    /// The NBD server and its exports.
+    pub fn nbd(&self) -> &super::nbd::NbdState {
+        &self.nbd
+    }
+
+    /// Held while a node is looked up for an export and the export starts (see
+    /// `node_changes`).
+    pub(super) fn lock_node_changes(&self) -> parking_lot::MutexGuard<'_, ()> {
+        self.node_changes.lock()
     }
 
     /// The write threshold of node `name` (created disarmed).
@@ -259,14 +272,20 @@ impl State {
         if !thin.exists(name) {
             return Err(VolumeError::NoSuchDisk(name.into()).into());
         }
-        let exports = self.exports_of(name);
+        let mut exports = self.exports_of(name);
+        let nbd_exports = self.nbd.exports_of(name);
+        exports.extend(nbd_exports.iter().cloned());
         if let (Some(export), false) = (exports.first(), force) {
             return Err(StateError::Exported {
                 node: name.into(),
                 export: export.clone(),
             });
         }
-        for id in &exports {
+        for id in &nbd_exports {
+            // Disconnects its clients; their requests in flight finish first.
+            let _ = self.nbd.remove(id, true);
+        }
+        for id in exports.iter().filter(|e| !nbd_exports.contains(e)) {
             self.remove_export(id)?;
         }
         thin.delete(name, force)?;
@@ -346,6 +365,7 @@ impl State {
 
     /// Stops every export (at shutdown).
     pub fn stop_all(&self) {
+        let _ = self.nbd.stop();
         let all = std::mem::take(&mut *self.exports.lock());
         drop(all);
     }

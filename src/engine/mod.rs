@@ -5,6 +5,7 @@
 //! because a bounds error must never become an out-of-range host I/O.
 
 mod aligned;
+pub mod allocation;
 pub mod cow;
 mod error;
 pub mod io;
@@ -18,6 +19,7 @@ pub mod thin;
 
 use std::sync::Arc;
 
+pub use allocation::{Allocation, AllocationRun};
 pub use error::BlockError;
 pub use io::{Extent, FlushFd, Hold, IoQueue, MapOp, Mapping, QueueOptions};
 pub use iov::{Bufs, BufsMut};
@@ -75,6 +77,17 @@ pub trait BlockDevice: AsDynDevice + Send + Sync {
     /// and where a failure of it is recorded (so that every later flush fails too).
     fn flush_fd(&self) -> Option<FlushFd> {
         None
+    }
+
+    /// How `[offset, offset + len)` is allocated: consecutive runs from `offset`, covering at
+    /// least one byte and at most `len` (an answer may stop short; ask again from its end).
+    /// The range must lie within the device. By default everything is data.
+    fn allocation(&self, offset: u64, len: u64) -> Result<Vec<AllocationRun>, BlockError> {
+        check_range(offset, len, self.size())?;
+        Ok(vec![AllocationRun {
+            len,
+            state: Allocation::Data,
+        }])
     }
 }
 

@@ -272,6 +272,15 @@ impl BlockDevice for RawDevice {
         self.size.load(Ordering::Acquire)
     }
 
+    /// A file's holes, from SEEK_DATA/SEEK_HOLE (raw_allocation.rs).
+    fn allocation(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<crate::engine::AllocationRun>, BlockError> {
+        self.allocation_runs(offset, len)
+    }
+
     fn map(&self, op: MapOp, offset: u64, len: u64) -> Result<Option<Mapping>, BlockError> {
         if op == MapOp::Write {
             self.writable()?;
@@ -646,3 +655,6 @@ mod tests {
         ));
     }
 }
+
+#[path = "raw_allocation.rs"]
+mod allocation;

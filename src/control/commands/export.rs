@@ -12,26 +12,26 @@ use crate::daemon::state::{socket_path_is_valid, ExportConfig, State};
 
 pub(super) fn query_block_exports(state: &State, v: Value) -> Result<Value, QmpError> {
     let NoArgs {} = args(v)?;
-    Ok(Value::Array(
-        state
-            .exports()
-            .into_iter()
-            .map(|e| {
-                json!({
-                    "type": "vhost-user-blk",
-                    "id": e.id,
-                    "node-name": e.node,
-                    "shutting-down": false,
-                    "addr": {"type": "unix", "path": e.socket},
-                    "writable": e.writable,
-                    "num-queues": e.settings.num_queues,
-                    // thinblk: whether this export runs its node now (of several exports of
-                    // one node, as in a migration, at most one does).
-                    "active": state.export_active(&e.id),
-                })
+    let mut all: Vec<Value> = state
+        .exports()
+        .into_iter()
+        .map(|e| {
+            json!({
+                "type": "vhost-user-blk",
+                "id": e.id,
+                "node-name": e.node,
+                "shutting-down": false,
+                "addr": {"type": "unix", "path": e.socket},
+                "writable": e.writable,
+                "num-queues": e.settings.num_queues,
+                // thinblk: whether this export runs its node now (of several exports of
+                // one node, as in a migration, at most one does).
+                "active": state.export_active(&e.id),
             })
-            .collect(),
-    ))
+        })
+        .collect();
+    all.extend(super::nbd::nbd_exports(state));
+    Ok(Value::Array(all))
 }
 
 #[derive(Deserialize)]

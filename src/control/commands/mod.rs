@@ -5,6 +5,7 @@ mod basic;
 mod cow;
 mod decode;
 mod export;
+mod nbd;
 mod pool;
 mod snapshot;
 mod thin;
@@ -54,6 +55,10 @@ pub const COMMANDS: &[(&str, Handler)] = &[
     ("cow-merge", cow::cow_merge),
     ("cow-delete", cow::cow_delete),
     ("x-thinblk-upgrade", upgrade::x_thinblk_upgrade),
+    ("nbd-server-start", nbd::nbd_server_start),
+    ("nbd-server-add", nbd::nbd_server_add),
+    ("nbd-server-remove", nbd::nbd_server_remove),
+    ("nbd-server-stop", nbd::nbd_server_stop),
 ];
 
 pub fn find(name: &str) -> Option<Handler> {

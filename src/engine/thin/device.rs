@@ -309,6 +309,15 @@ impl BlockDevice for ThinDevice {
         self.size.load(Ordering::Acquire)
     }
 
+    /// Mapped blocks are data, unmapped ones holes (see allocation.rs).
+    fn allocation(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<crate::engine::AllocationRun>, BlockError> {
+        self.allocation_runs(offset, len)
+    }
+
     /// Reads of any blocks, and writes into mapped blocks nobody shares, map straight to the
     /// data device. So do first writes that need no copy (whole blocks, or parts of blocks
     /// that read as zeros): they get new blocks here, mapped once their I/O is done (see
@@ -466,6 +475,9 @@ impl BlockDevice for ThinDevice {
         Ok(())
     }
 }
+
+#[path = "allocation.rs"]
+mod allocation;
 
 #[cfg(test)]
 mod tests {

@@ -4,6 +4,7 @@
 use std::cmp::Ordering;
 
 use super::volumes::{VolumeError, Volumes};
+use crate::engine::allocation::MAX_QUERY_BYTES;
 use crate::engine::pdata::values::BlockTime;
 
 /// How a run of blocks differs between a base device and a target device.
@@ -112,6 +113,46 @@ impl Volumes {
         let r = meta.mappings(right, 0, u64::MAX)?;
         drop(meta);
         Ok(diff_mappings(&l, &r))
+    }
+
+    /// Which bytes of `[offset, offset + len)` of `target` differ from `base` (whole blocks
+    /// at a time): consecutive `(length, changed)` runs from `offset`, at most
+    /// [`MAX_QUERY_BYTES`] of them. What an incremental backup reads (NBD's dirty bitmap
+    /// context). The range must lie within `target`.
+    pub fn changed_runs(
+        &self,
+        base: &str,
+        target: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<(u64, bool)>, VolumeError> {
+        let (left, right) = (self.id_of(base)?, self.id_of(target)?);
+        let len = len.min(MAX_QUERY_BYTES);
+        let end = offset.saturating_add(len);
+        let block = self.pool().block_size();
+        let (first, last) = (offset / block, end.div_ceil(block));
+        let meta = self.pool().meta();
+        let l = meta.mappings(left, first, last)?;
+        let r = meta.mappings(right, first, last)?;
+        drop(meta);
+        let mut runs: Vec<(u64, bool)> = Vec::new();
+        let push = |runs: &mut Vec<(u64, bool)>, n: u64, changed: bool| match runs.last_mut() {
+            _ if n == 0 => {}
+            Some(last) if last.1 == changed => last.0 += n,
+            _ => runs.push((n, changed)),
+        };
+        let mut pos = offset;
+        for run in diff_mappings(&l, &r) {
+            let start = run.begin.saturating_mul(block).clamp(pos, end);
+            let stop = (run.begin.saturating_add(run.len))
+                .saturating_mul(block)
+                .clamp(start, end);
+            push(&mut runs, start - pos, false);
+            push(&mut runs, stop - start, true);
+            pos = stop;
+        }
+        push(&mut runs, end - pos, false);
+        Ok(runs)
     }
 }
 
