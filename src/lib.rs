@@ -13,5 +13,6 @@ pub mod control;
 pub mod daemon;
 pub mod export_spec;
 mod signals;
+pub mod socket_access;
 pub mod sockets;
 pub mod tools;

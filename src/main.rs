@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use thinblk::daemon::{self, PoolLocation, ServeConfig};
 use thinblk::engine::thin::{PoolGeometry, PoolOptions};
 use thinblk::export_spec::{parse_size, ExportSpec};
+use thinblk::socket_access::{self, SocketAccess};
 use thinblk::tools;
 
 /// thinblk: thin-provisioned block storage for virtual machines, served over vhost-user-blk.
@@ -61,6 +62,18 @@ fn size_arg(s: &str) -> Result<u64, String> {
     parse_size("size", s).map_err(|e| e.to_string())
 }
 
+fn mode_arg(s: &str) -> Result<u32, String> {
+    socket_access::parse_mode(s).map_err(|e| e.to_string())
+}
+
+fn user_arg(s: &str) -> Result<u32, String> {
+    socket_access::parse_user(s).map_err(|e| e.to_string())
+}
+
+fn group_arg(s: &str) -> Result<u32, String> {
+    socket_access::parse_group(s).map_err(|e| e.to_string())
+}
+
 #[derive(clap::Args, Debug, Default)]
 struct ServeArgs {
     /// An export, as comma-separated key=value pairs (repeat the flag for several).
@@ -84,6 +97,9 @@ struct ServeArgs {
     /// socket=PATH: the vhost-user socket to create, mode 0600 (required for raw=, null=, cow=;
     /// thin exports default to DIR/NAME.sock); a stale socket is replaced, a socket some
     /// server still listens on is an error.
+    /// socket-mode=MODE, socket-owner=USER, socket-group=GROUP: the socket's octal mode,
+    /// owner and group (names or numbers), set before the socket appears at its path
+    /// (default: --socket-mode, --socket-owner, --socket-group).
     /// id=NAME: the export name, also the disk serial the guest reads (default: the device
     /// name, or the socket's file name).
     /// queues=N: virtqueues, one worker thread each, 1 to 16 (default 2).
@@ -139,6 +155,29 @@ struct ServeArgs {
     /// The QMP control socket (mode 0600) [default: DIR/control.sock when a pool is open]
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+
+    /// Octal mode of export sockets that give no socket-mode= (e.g. 0660 with
+    /// --socket-group to let a VMM's group connect) [default: 0600]
+    #[arg(long, value_name = "MODE", value_parser = mode_arg)]
+    socket_mode: Option<u32>,
+
+    /// Owner (name or number) of export sockets that give no socket-owner=.
+    #[arg(long, value_name = "USER", value_parser = user_arg)]
+    socket_owner: Option<u32>,
+
+    /// Group (name or number) of export sockets that give no socket-group= (libvirt's QEMU:
+    /// the group of its user, e.g. libvirt-qemu or kvm).
+    #[arg(long, value_name = "GROUP", value_parser = group_arg)]
+    socket_group: Option<u32>,
+
+    /// Octal mode of the QMP control socket; whoever can connect can create, delete and
+    /// export every disk [default: 0600]
+    #[arg(long, value_name = "MODE", value_parser = mode_arg)]
+    control_mode: Option<u32>,
+
+    /// Group (name or number) of the QMP control socket.
+    #[arg(long, value_name = "GROUP", value_parser = group_arg)]
+    control_group: Option<u32>,
 }
 
 impl ServeArgs {
@@ -194,6 +233,16 @@ impl ServeArgs {
             exports,
             pool,
             control,
+            socket_defaults: SocketAccess {
+                mode: self.socket_mode,
+                owner: self.socket_owner,
+                group: self.socket_group,
+            },
+            control_access: SocketAccess {
+                mode: self.control_mode,
+                owner: None,
+                group: self.control_group,
+            },
         })
     }
 }

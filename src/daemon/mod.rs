@@ -13,6 +13,7 @@ use crate::engine::raw::{RawDevice, RawOptions};
 use crate::engine::thin::{Pool, PoolGeometry, PoolOpenError, PoolOptions, VolumeError, Volumes};
 use crate::engine::BlockDevice;
 use crate::export_spec::{Backing, ExportSpec};
+use crate::socket_access::SocketAccess;
 use crate::sockets::SocketError;
 use export_settings::ExportSettings;
 use state::{ExportConfig, Node, State, StateError};
@@ -114,6 +115,10 @@ pub struct ServeConfig {
     pub exports: Vec<ExportSpec>,
     pub pool: Option<PoolLocation>,
     pub control: Option<PathBuf>,
+    /// Owner, group and mode of export sockets that ask for none.
+    pub socket_defaults: SocketAccess,
+    /// Owner, group and mode of the control socket.
+    pub control_access: SocketAccess,
 }
 
 /// The export a bare `thinblk serve` runs: the thin disk `disk0`, created on the first run.
@@ -130,6 +135,7 @@ pub fn default_export() -> ExportSpec {
         read_only: false,
         direct: true,
         settings: ExportSettings::default(),
+        access: SocketAccess::default(),
     }
 }
 
@@ -142,8 +148,19 @@ fn private_dir(dir: &Path) -> Result<(), ServeError> {
     Ok(())
 }
 
+/// Creates the pool directory (private) if `path` is to be made in it and it is missing.
+/// Only then: with every path given elsewhere, `serve` creates no directory at all.
+fn dir_for(loc: &PoolLocation, path: &Path) -> Result<(), ServeError> {
+    if path.parent() == Some(loc.dir.as_path()) {
+        private_dir(&loc.dir)?;
+    }
+    Ok(())
+}
+
 fn open_pool(loc: &PoolLocation) -> Result<Arc<Volumes>, ServeError> {
-    private_dir(&loc.dir)?;
+    for file in [&loc.metadata, &loc.data, &loc.catalog] {
+        dir_for(loc, file)?;
+    }
     let pool = Pool::open(&loc.metadata, &loc.data, &loc.geometry, loc.options.clone()).map_err(
         |source| ServeError::Pool {
             path: loc.metadata.clone(),
@@ -267,11 +284,16 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
     let signals = crate::signals::block_termination().map_err(ServeError::Signals)?;
     let thin = config.pool.as_ref().map(open_pool).transpose()?;
     let state = State::new(thin.clone());
+    state.set_socket_defaults(config.socket_defaults);
     for spec in &config.exports {
         let dev = open_device(spec, thin.as_ref(), &state)?;
         let socket = match (&spec.socket, &config.pool) {
             (Some(s), _) => s.clone(),
-            (None, Some(loc)) => loc.dir.join(format!("{}.sock", spec.id)),
+            (None, Some(loc)) => {
+                let socket = loc.dir.join(format!("{}.sock", spec.id));
+                dir_for(loc, &socket)?;
+                socket
+            }
             (None, None) => return Err(ServeError::NoSocket(spec.id.clone())),
         };
         if !matches!(spec.backing, Backing::Thin { .. } | Backing::Cow(_)) {
@@ -294,6 +316,7 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
                 socket: socket.clone(),
                 writable: !spec.read_only,
                 settings: spec.settings,
+                access: spec.access,
             })
             .map_err(|source| ServeError::Export {
                 id: spec.id.clone(),
@@ -311,12 +334,14 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
     }
     let _control = match &config.control {
         Some(path) => {
-            let server = ControlServer::start(path, state.clone()).map_err(|source| {
-                ServeError::Control {
+            if let Some(loc) = &config.pool {
+                dir_for(loc, path)?;
+            }
+            let server = ControlServer::start_with(path, state.clone(), &config.control_access)
+                .map_err(|source| ServeError::Control {
                     path: path.clone(),
                     source,
-                }
-            })?;
+                })?;
             println!("control (QMP) at {}", absolute(path).display());
             Some(server)
         }

@@ -15,7 +15,8 @@ use super::watch::{forward_pool_events, io_error_sink, Watched, WriteThreshold};
 use crate::engine::cow::{CowEvent, CowFiles};
 use crate::engine::thin::{VolumeError, Volumes};
 use crate::engine::BlockDevice;
-use crate::sockets::SocketError;
+use crate::socket_access::SocketAccess;
+use crate::sockets::{bind_with, SocketError};
 use crate::vhost::Export;
 
 /// A named disk that exports can serve.
@@ -34,6 +35,8 @@ pub struct ExportConfig {
     pub socket: PathBuf,
     pub writable: bool,
     pub settings: ExportSettings,
+    /// The socket's owner, group and mode as asked; unset fields take the daemon's defaults.
+    pub access: SocketAccess,
 }
 
 struct RunningExport {
@@ -84,6 +87,8 @@ pub struct State {
     after_lookup: Mutex<Option<Box<dyn Fn() + Send>>>,
     /// Where events go; QMP clients take them from there.
     events: EventBus,
+    /// The owner, group and mode of export sockets that ask for none (`--socket-*`).
+    socket_defaults: Mutex<SocketAccess>,
     /// Write thresholds by node name; every export of a node writes through its threshold.
     thresholds: Mutex<HashMap<String, Arc<WriteThreshold>>>,
     /// This state, for the callbacks (exports, the pool) that report back to it.
@@ -110,6 +115,11 @@ impl State {
             .entry(name.to_string())
             .or_default()
             .clone()
+    }
+
+    /// Sets the owner, group and mode of export sockets that ask for none.
+    pub fn set_socket_defaults(&self, access: SocketAccess) {
+        *self.socket_defaults.lock() = access;
     }
 
     pub fn thin(&self) -> Option<&Arc<Volumes>> {
@@ -232,7 +242,9 @@ impl State {
             self.me.clone(),
         ));
         let sink = io_error_sink(self.me.clone(), &config.id, &config.node);
-        let export = Export::start_with(dev, settings, &config.socket, Some(sink))?;
+        let access = config.access.or(*self.socket_defaults.lock());
+        let listener = bind_with(&config.socket, &access)?;
+        let export = Export::start_on(dev, settings, &config.socket, listener, Some(sink))?;
         info!(
             "export {} of node {} at {}",
             config.id,

@@ -52,7 +52,18 @@ impl Export {
         socket: &Path,
         on_failure: Option<FailureSink>,
     ) -> Result<Export, SocketError> {
-        let listener = bind_private(socket)?;
+        Self::start_on(dev, settings, socket, bind_private(socket)?, on_failure)
+    }
+
+    /// [`Export::start_with`] on a socket the caller bound at `socket` (with the owner,
+    /// group and mode it chose).
+    pub fn start_on(
+        dev: Arc<dyn BlockDevice>,
+        settings: DeviceSettings,
+        socket: &Path,
+        listener: UnixListener,
+        on_failure: Option<FailureSink>,
+    ) -> Result<Export, SocketError> {
         let wake = listener.try_clone().ok();
         let stopping = Arc::new(AtomicBool::new(false));
         let mut backend = BlkBackend::new(dev, settings);
