@@ -20,6 +20,7 @@ use state::{ExportConfig, Node, State, StateError};
 
 pub mod events;
 pub mod export_settings;
+pub mod notify;
 pub mod state;
 pub mod watch;
 
@@ -347,8 +348,11 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
         }
         None => None,
     };
+    // Every socket listens (bound and listening before its export or server started).
+    notify::ready(state.exports().len());
     let sig = signals.wait().map_err(ServeError::Signals)?;
     info!("signal {sig}: stopping");
+    notify::stopping();
     state.stop_all();
     if let Some(thin) = thin {
         thin.pool().close();
