@@ -213,6 +213,7 @@ impl ServeArgs {
             let mut loc = PoolLocation::in_dir(&dir, geometry, options);
             if let Some(m) = &self.metadata {
                 loc.catalog = m.with_extension("devices.json");
+                loc.saved = m.with_extension("exports.json");
                 loc.metadata = m.clone();
             }
             if let Some(d) = &self.data {

@@ -21,6 +21,8 @@ use state::{ExportConfig, Node, State, StateError};
 pub mod events;
 pub mod export_settings;
 pub mod notify;
+mod restore;
+pub mod saved;
 pub mod state;
 pub mod watch;
 
@@ -75,6 +77,8 @@ pub enum ServeError {
         #[source]
         source: SocketError,
     },
+    #[error(transparent)]
+    Saved(#[from] saved::SavedError),
     #[error("waiting for SIGINT and SIGTERM")]
     Signals(#[source] std::io::Error),
 }
@@ -93,6 +97,8 @@ pub struct PoolLocation {
     pub data: PathBuf,
     /// The device names, beside the metadata.
     pub catalog: PathBuf,
+    /// Exports and nodes made over QMP (`exports.json`), beside the catalog.
+    pub saved: PathBuf,
     pub geometry: PoolGeometry,
     pub options: PoolOptions,
 }
@@ -105,6 +111,7 @@ impl PoolLocation {
             metadata: dir.join("metadata"),
             data: dir.join("data"),
             catalog: dir.join("devices.json"),
+            saved: dir.join("exports.json"),
             geometry,
             options,
         }
@@ -332,6 +339,11 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
             socket.display(),
             queues
         );
+    }
+    if let Some(loc) = &config.pool {
+        let saved = saved::SavedState::open(&loc.saved)?;
+        restore::restore(&state, &saved);
+        state.set_saved(saved);
     }
     let _control = match &config.control {
         Some(path) => {

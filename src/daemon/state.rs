@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use super::events::EventBus;
 use super::export_settings::{ExportSettings, SettingsError};
+use super::saved::{SavedCow, SavedError, SavedState};
 use super::watch::{forward_pool_events, io_error_sink, Watched, WriteThreshold};
 use crate::engine::cow::{CowEvent, CowFiles};
 use crate::engine::thin::{VolumeError, Volumes};
@@ -67,6 +68,8 @@ pub enum StateError {
     Thin(#[from] VolumeError),
     #[error(transparent)]
     Settings(#[from] SettingsError),
+    #[error(transparent)]
+    Saved(#[from] SavedError),
 }
 
 /// The daemon's shared state.
@@ -89,6 +92,8 @@ pub struct State {
     events: EventBus,
     /// The owner, group and mode of export sockets that ask for none (`--socket-*`).
     socket_defaults: Mutex<SocketAccess>,
+    /// Where exports and nodes made over QMP are saved, when the daemon has a pool.
+    saved: std::sync::OnceLock<SavedState>,
     /// Write thresholds by node name; every export of a node writes through its threshold.
     thresholds: Mutex<HashMap<String, Arc<WriteThreshold>>>,
     /// This state, for the callbacks (exports, the pool) that report back to it.
@@ -120,6 +125,39 @@ impl State {
     /// Sets the owner, group and mode of export sockets that ask for none.
     pub fn set_socket_defaults(&self, access: SocketAccess) {
         *self.socket_defaults.lock() = access;
+    }
+
+    /// Saves exports and nodes made over QMP in `saved` from now on (set once, at start).
+    pub fn set_saved(&self, saved: SavedState) {
+        let _ = self.saved.set(saved);
+    }
+
+    pub fn saved(&self) -> Option<&SavedState> {
+        self.saved.get()
+    }
+
+    /// [`State::add_export`], then saved so that it starts again after a restart. If it
+    /// cannot be saved it is stopped again and the error returned: an export the caller
+    /// asked to persist never runs unsaved.
+    pub fn add_saved_export(&self, config: ExportConfig) -> Result<(), StateError> {
+        self.add_export(config.clone())?;
+        let Some(saved) = self.saved() else {
+            return Ok(());
+        };
+        if let Err(e) = saved.remember_export(&config) {
+            let undone = self.exports.lock().remove(&config.id);
+            drop(undone);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Saves a snapshot node made over QMP (it is opened again after a restart).
+    pub fn save_cow_node(&self, cow: SavedCow) -> Result<(), StateError> {
+        match self.saved() {
+            Some(saved) => Ok(saved.remember_cow(cow)?),
+            None => Ok(()),
+        }
     }
 
     pub fn thin(&self) -> Option<&Arc<Volumes>> {
@@ -189,6 +227,9 @@ impl State {
             .remove(name)
             .ok_or_else(|| StateError::NoNode(name.into()))?;
         self.nodes.lock().remove(name);
+        if let Some(Err(e)) = self.saved().map(|s| s.forget_cow(name)) {
+            log::warn!("snapshot node {name} removed but still saved: {e}");
+        }
         Ok(files)
     }
 
@@ -282,14 +323,26 @@ impl State {
         Ok(())
     }
 
-    /// Stops an export; its frontend sees the socket close.
+    /// Stops an export; its frontend sees the socket close. A saved export that did not
+    /// start (see `restore.rs`) is forgotten.
     pub fn remove_export(&self, id: &str) -> Result<(), StateError> {
         let removed = self.exports.lock().remove(id);
         let Some(export) = removed else {
+            let saved = self
+                .saved()
+                .filter(|s| s.exports().iter().any(|e| e.id == id));
+            if let Some(saved) = saved {
+                saved.forget_export(id)?;
+                info!("saved export {id} (not running) forgotten");
+                return Ok(());
+            }
             return Err(StateError::NoExport(id.into()));
         };
         drop(export);
         info!("export {id} stopped");
+        if let Some(Err(e)) = self.saved().map(|s| s.forget_export(id)) {
+            log::warn!("export {id} stopped but still saved: {e}");
+        }
         self.emit("BLOCK_EXPORT_DELETED", serde_json::json!({ "id": id }));
         Ok(())
     }

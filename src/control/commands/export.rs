@@ -66,6 +66,8 @@ struct ExportAdd {
     /// A group name or number, as a string.
     #[serde(rename = "socket-group")]
     socket_group: Option<String>,
+    /// Start it again after a restart (saved beside the pool); thinblk's own.
+    persistent: Option<bool>,
 }
 
 /// The socket's owner, group and mode as asked (unset ones take the daemon's defaults).
@@ -122,14 +124,19 @@ pub(super) fn block_export_add(state: &State, v: Value) -> Result<Value, QmpErro
             e.rule
         ))
     })?;
-    state.add_export(ExportConfig {
+    let config = ExportConfig {
         id: a.id,
         node: a.node_name,
         socket: path,
         writable: a.writable,
         settings,
         access,
-    })?;
+    };
+    if a.persistent.unwrap_or(true) {
+        state.add_saved_export(config)?;
+    } else {
+        state.add_export(config)?;
+    }
     Ok(json!({}))
 }
 
