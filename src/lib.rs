@@ -9,6 +9,7 @@ pub mod bufio;
 pub mod engine;
 pub mod vhost;
 
+pub mod config_file;
 pub mod control;
 pub mod daemon;
 pub mod export_spec;

@@ -3,7 +3,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use std::ffi::OsString;
+
+use clap::{CommandFactory, Parser, Subcommand};
+use thinblk::config_file;
 use thinblk::daemon::{self, PoolLocation, ServeConfig};
 use thinblk::engine::thin::{PoolGeometry, PoolOptions};
 use thinblk::export_spec::{parse_size, ExportSpec};
@@ -28,7 +31,8 @@ enum Command {
     /// With no options at all: a thin pool in ./thinblk-pool/ (sparse `metadata` and `data`
     /// files, created on the first run), its 16 GiB disk `disk0` (created on the first run)
     /// exported at ./thinblk-pool/disk0.sock, and the QMP socket ./thinblk-pool/control.sock.
-    /// Runs until SIGINT or SIGTERM.
+    /// Runs until SIGINT or SIGTERM; SIGHUP re-reads --config.
+    #[command(args_override_self = true, after_long_help = CONFIG_HELP)]
     Serve(ServeArgs),
     /// Check a pool's metadata (like thin_check, plus data ref counts and mapped_blocks).
     Check(tools::cli::CheckArgs),
@@ -74,8 +78,31 @@ fn group_arg(s: &str) -> Result<u32, String> {
     socket_access::parse_group(s).map_err(|e| e.to_string())
 }
 
+/// `serve --help`'s example of a configuration file.
+const CONFIG_HELP: &str = "\
+A configuration file (--config FILE, TOML) takes every flag above as a key without its dashes;
+an export is a string in --export's syntax or a table of its keys. Flags on the command line
+override the file (--export adds to the file's exports). Example:
+
+    dir = \"/var/lib/thinblk\"
+    data-size = \"1T\"
+    socket-group = \"libvirt-qemu\"   # libvirt's QEMU may connect
+    socket-mode = \"0660\"
+    export = [
+        \"name=vm1,size=32G,socket=/run/thinblk/vm1.sock\",
+        { name = \"vm2\", size = \"16G\", socket = \"/run/thinblk/vm2.sock\", queues = 4 },
+    ]
+
+SIGHUP re-reads the file: exports whose id is new are started, those no longer listed are
+stopped, those whose keys changed are restarted; exports made over QMP are left alone. Other
+keys take effect at the next start.";
+
 #[derive(clap::Args, Debug, Default)]
 struct ServeArgs {
+    /// Read flags from a TOML file (see below); the command line overrides it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
     /// An export, as comma-separated key=value pairs (repeat the flag for several).
     ///
     /// name=NAME: a thin device of the pool (created when size= is given and it is missing);
@@ -244,6 +271,7 @@ impl ServeArgs {
                 owner: None,
                 group: self.control_group,
             },
+            reload: None,
         })
     }
 }
@@ -253,7 +281,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         None => Ok(daemon::serve(ServeArgs::default_args().into_config()?)?),
-        Some(Command::Serve(args)) => Ok(daemon::serve(args.into_config()?)?),
+        Some(Command::Serve(args)) => run_serve(args),
         Some(Command::Check(a)) => Ok(tools::cli::run_check(&a)?),
         Some(Command::Dump(a)) => Ok(tools::cli::run_dump(&a)?),
         Some(Command::Restore(a)) => Ok(tools::cli::run_restore(&a)?),
@@ -269,6 +297,63 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+/// `thinblk serve`, with its --config file read first (and again at each SIGHUP).
+fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    let Some(file) = args.config.clone() else {
+        return Ok(daemon::serve(args.into_config()?)?);
+    };
+    // The command line after `serve`, parsed again after the file's flags at each reload.
+    let mut argv = std::env::args_os().skip_while(|a| a != "serve");
+    argv.next();
+    let cli: Vec<OsString> = argv.collect();
+    let first = read_config_table(&file)?;
+    let mut config = serve_args_with_file(&file, &cli)?.into_config()?;
+    config.reload = Some(Box::new(move || {
+        let table = read_config_table(&file).map_err(|e| e.to_string())?;
+        let changed: Vec<&String> = table
+            .iter()
+            .filter(|(k, v)| *k != "export" && first.get(*k) != Some(*v))
+            .map(|(k, _)| k)
+            .chain(
+                first
+                    .keys()
+                    .filter(|k| *k != "export" && !table.contains_key(*k)),
+            )
+            .collect();
+        if !changed.is_empty() {
+            log::warn!(
+                "{}: {changed:?} changed; only exports are reloaded, the rest takes effect at the next start",
+                file.display()
+            );
+        }
+        let args = serve_args_with_file(&file, &cli).map_err(|e| e.to_string())?;
+        Ok(args.into_config().map_err(|e| e.to_string())?.exports)
+    }));
+    Ok(daemon::serve(config)?)
+}
+
+fn read_config_table(file: &std::path::Path) -> anyhow::Result<toml::Table> {
+    let name = file.display().to_string();
+    let text = std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("reading {name}: {e}"))?;
+    Ok(config_file::parse(&name, &text)?)
+}
+
+/// The file's flags, then the command line's: the later wins, repeated flags add up.
+fn serve_args_with_file(file: &std::path::Path, cli: &[OsString]) -> anyhow::Result<ServeArgs> {
+    let cmd = Cli::command();
+    let serve = cmd
+        .find_subcommand("serve")
+        .ok_or_else(|| anyhow::anyhow!("no serve subcommand"))?;
+    let from_file = config_file::read_args(file, serve)?;
+    let mut argv: Vec<OsString> = vec!["thinblk".into(), "serve".into()];
+    argv.extend(from_file.into_iter().map(OsString::from));
+    argv.extend(cli.iter().cloned());
+    match Cli::try_parse_from(argv)?.command {
+        Some(Command::Serve(args)) => Ok(args),
+        _ => anyhow::bail!("the configuration did not parse as serve"),
     }
 }
 

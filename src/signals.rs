@@ -1,5 +1,6 @@
-//! Waiting for SIGINT/SIGTERM without async signal handlers: the signals are blocked in every
-//! thread (threads inherit the mask) and one thread collects them with sigwait.
+//! Waiting for SIGINT/SIGTERM (and SIGHUP, which re-reads the configuration) without async
+//! signal handlers: the signals are blocked in every thread (threads inherit the mask) and one
+//! thread collects them with sigwait.
 
 use std::io;
 
@@ -7,7 +8,7 @@ pub struct TerminationSignals {
     set: libc::sigset_t,
 }
 
-/// Blocks SIGINT and SIGTERM in this thread and every thread it starts afterwards.
+/// Blocks SIGINT, SIGTERM and SIGHUP in this thread and every thread it starts afterwards.
 pub fn block_termination() -> io::Result<TerminationSignals> {
     // SAFETY: sigset_t is plain data; sigemptyset initialises it before any other use.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -17,6 +18,7 @@ pub fn block_termination() -> io::Result<TerminationSignals> {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
     };
     if rc != 0 {

@@ -21,6 +21,7 @@ use state::{ExportConfig, Node, State, StateError};
 pub mod events;
 pub mod export_settings;
 pub mod notify;
+mod reload;
 mod restore;
 pub mod saved;
 pub mod state;
@@ -127,7 +128,12 @@ pub struct ServeConfig {
     pub socket_defaults: SocketAccess,
     /// Owner, group and mode of the control socket.
     pub control_access: SocketAccess,
+    /// Reads the configuration again (at SIGHUP) and returns the exports it now asks for.
+    pub reload: Option<Reload>,
 }
+
+/// See [`ServeConfig::reload`].
+pub type Reload = Box<dyn Fn() -> Result<Vec<ExportSpec>, String> + Send>;
 
 /// The export a bare `thinblk serve` runs: the thin disk `disk0`, created on the first run.
 pub fn default_export() -> ExportSpec {
@@ -287,6 +293,77 @@ pub fn qemu_options(socket: &Path, queues: u16) -> String {
     )
 }
 
+/// Opens the device of `spec` (creating a thin one if asked), makes it a node where it is
+/// not a thin device, and starts its export. If the export does not start, the node made
+/// for it is removed again, so that a later try (a SIGHUP reload) starts clean.
+pub(crate) fn start_export(
+    spec: &ExportSpec,
+    pool: Option<&PoolLocation>,
+    thin: Option<&Arc<Volumes>>,
+    state: &Arc<State>,
+) -> Result<(), ServeError> {
+    let socket = match (&spec.socket, pool) {
+        (Some(s), _) => s.clone(),
+        (None, Some(loc)) => {
+            let socket = loc.dir.join(format!("{}.sock", spec.id));
+            dir_for(loc, &socket)?;
+            socket
+        }
+        (None, None) => return Err(ServeError::NoSocket(spec.id.clone())),
+    };
+    let dev = open_device(spec, thin, state)?;
+    if !matches!(spec.backing, Backing::Thin { .. } | Backing::Cow(_)) {
+        state.add_node(
+            &spec.id,
+            Node {
+                dev,
+                read_only: spec.read_only,
+            },
+        )?;
+    }
+    let node = match &spec.backing {
+        Backing::Thin { name, .. } => name.clone(),
+        _ => spec.id.clone(),
+    };
+    let started = state.add_export(ExportConfig {
+        id: spec.id.clone(),
+        node,
+        socket: socket.clone(),
+        writable: !spec.read_only,
+        settings: spec.settings,
+        access: spec.access,
+    });
+    if let Err(source) = started {
+        remove_node_of(spec, state);
+        return Err(ServeError::Export {
+            id: spec.id.clone(),
+            source,
+        });
+    }
+    let socket = absolute(&socket);
+    println!("export {} at {}", spec.id, socket.display());
+    let queues = spec.settings.num_queues;
+    println!("  QEMU: {}", qemu_options(&socket, queues));
+    println!(
+        "  cloud-hypervisor: --memory size=1G,shared=on --disk vhost_user=on,socket={},num_queues={}",
+        socket.display(),
+        queues
+    );
+    Ok(())
+}
+
+/// Removes the node `start_export` made for `spec` (none for a thin device).
+pub(crate) fn remove_node_of(spec: &ExportSpec, state: &State) {
+    let removed = match spec.backing {
+        Backing::Thin { .. } => return,
+        Backing::Cow(_) => state.remove_cow_node(&spec.id).map(drop),
+        Backing::Raw(_) | Backing::Null(_) => state.remove_node(&spec.id),
+    };
+    if let Err(e) = removed {
+        log::warn!("node {}: {e}", spec.id);
+    }
+}
+
 /// Starts every export and the control socket; they run until SIGINT or SIGTERM.
 pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
     let signals = crate::signals::block_termination().map_err(ServeError::Signals)?;
@@ -294,51 +371,7 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
     let state = State::new(thin.clone());
     state.set_socket_defaults(config.socket_defaults);
     for spec in &config.exports {
-        let dev = open_device(spec, thin.as_ref(), &state)?;
-        let socket = match (&spec.socket, &config.pool) {
-            (Some(s), _) => s.clone(),
-            (None, Some(loc)) => {
-                let socket = loc.dir.join(format!("{}.sock", spec.id));
-                dir_for(loc, &socket)?;
-                socket
-            }
-            (None, None) => return Err(ServeError::NoSocket(spec.id.clone())),
-        };
-        if !matches!(spec.backing, Backing::Thin { .. } | Backing::Cow(_)) {
-            state.add_node(
-                &spec.id,
-                Node {
-                    dev,
-                    read_only: spec.read_only,
-                },
-            )?;
-        }
-        let node = match &spec.backing {
-            Backing::Thin { name, .. } => name.clone(),
-            _ => spec.id.clone(),
-        };
-        state
-            .add_export(ExportConfig {
-                id: spec.id.clone(),
-                node,
-                socket: socket.clone(),
-                writable: !spec.read_only,
-                settings: spec.settings,
-                access: spec.access,
-            })
-            .map_err(|source| ServeError::Export {
-                id: spec.id.clone(),
-                source,
-            })?;
-        let socket = absolute(&socket);
-        println!("export {} at {}", spec.id, socket.display());
-        let queues = spec.settings.num_queues;
-        println!("  QEMU: {}", qemu_options(&socket, queues));
-        println!(
-            "  cloud-hypervisor: --memory size=1G,shared=on --disk vhost_user=on,socket={},num_queues={}",
-            socket.display(),
-            queues
-        );
+        start_export(spec, config.pool.as_ref(), thin.as_ref(), &state)?;
     }
     if let Some(loc) = &config.pool {
         let saved = saved::SavedState::open(&loc.saved)?;
@@ -362,7 +395,30 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
     };
     // Every socket listens (bound and listening before its export or server started).
     notify::ready(state.exports().len());
-    let sig = signals.wait().map_err(ServeError::Signals)?;
+    let mut configured = config.exports.clone();
+    let sig = loop {
+        let sig = signals.wait().map_err(ServeError::Signals)?;
+        if sig != libc::SIGHUP {
+            break sig;
+        }
+        let Some(reread) = &config.reload else {
+            info!("SIGHUP: no --config file to re-read; ignored");
+            continue;
+        };
+        notify::reloading();
+        match reread() {
+            Ok(wanted) => {
+                let env = reload::Env {
+                    pool: config.pool.as_ref(),
+                    thin: thin.as_ref(),
+                    state: &state,
+                };
+                configured = reload::apply(&env, &configured, wanted);
+            }
+            Err(e) => log::error!("SIGHUP: configuration not reloaded: {e}"),
+        }
+        notify::ready(state.exports().len());
+    };
     info!("signal {sig}: stopping");
     notify::stopping();
     state.stop_all();

@@ -173,6 +173,18 @@ impl State {
         Ok(())
     }
 
+    /// Removes a plain node (raw, null) no export serves.
+    pub fn remove_node(&self, name: &str) -> Result<(), StateError> {
+        let _changes = self.node_changes.lock();
+        if let Some(e) = self.exports.lock().values().find(|e| e.config.node == name) {
+            return Err(StateError::NodeInUse(name.into(), e.config.id.clone()));
+        }
+        match self.nodes.lock().remove(name) {
+            Some(_) => Ok(()),
+            None => Err(StateError::NoNode(name.into())),
+        }
+    }
+
     /// Adds a COW device as a block node; its events become COW_INVALIDATED and
     /// COW_MERGE_COMPLETED events with the node name.
     pub fn add_cow_node(&self, name: &str, files: Arc<CowFiles>) -> Result<(), StateError> {
