@@ -13,6 +13,7 @@ pub mod config_file;
 pub mod control;
 pub mod daemon;
 pub mod export_spec;
+pub mod generate;
 mod signals;
 pub mod socket_access;
 pub mod sockets;

@@ -18,7 +18,7 @@ use thinblk::tools;
 /// Guests attach with QEMU's vhost-user-blk-pci or cloud-hypervisor's --disk vhost_user=on.
 /// Logging goes to stderr; set RUST_LOG (error, warn, info, debug, trace) to choose how much.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about)]
+#[command(name = "thinblk", version, about, long_about)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -50,6 +50,49 @@ enum Command {
     /// Fold a cow= snapshot's store into its origin (no daemon may serve it). The origin is
     /// written in place; an interrupted merge finishes when run again.
     Merge(MergeArgs),
+    /// Write man pages or shell completions.
+    #[command(subcommand)]
+    Generate(GenerateArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum GenerateArgs {
+    /// Man pages: thinblk.1 and thinblk-SUBCOMMAND.1 into DIR (e.g. /usr/local/share/man/man1).
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
+    /// The completion script for SHELL, into DIR (named as the shell expects) or to stdout.
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+        #[arg(value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+}
+
+fn run_generate(what: GenerateArgs) -> anyhow::Result<()> {
+    match what {
+        GenerateArgs::Man { dir } => {
+            for page in thinblk::generate::man_pages(Cli::command(), &dir)? {
+                println!("{}", page.display());
+            }
+        }
+        GenerateArgs::Completions { shell, dir: None } => {
+            thinblk::generate::completions(Cli::command(), shell, &mut std::io::stdout());
+        }
+        GenerateArgs::Completions {
+            shell,
+            dir: Some(dir),
+        } => {
+            std::fs::create_dir_all(&dir)?;
+            let path = dir.join(thinblk::generate::completion_file_name(shell, "thinblk"));
+            let mut f = std::fs::File::create(&path)?;
+            thinblk::generate::completions(Cli::command(), shell, &mut f);
+            println!("{}", path.display());
+        }
+    }
+    Ok(())
 }
 
 #[derive(clap::Args, Debug)]
@@ -288,6 +331,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Ls(a)) => Ok(tools::cli::run_ls(&a)?),
         Some(Command::Delta(a)) => Ok(tools::cli::run_delta(&a)?),
         Some(Command::Ctl(args)) => std::process::exit(thinblk::control::client::run(&args)?),
+        Some(Command::Generate(what)) => run_generate(what),
         Some(Command::Merge(a)) => {
             let report = thinblk::engine::cow::merge_offline(&a.origin, &a.store)?;
             println!(
