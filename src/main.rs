@@ -333,12 +333,8 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Ctl(args)) => std::process::exit(thinblk::control::client::run(&args)?),
         Some(Command::Generate(what)) => run_generate(what),
         Some(Command::Merge(a)) => {
-            let report = thinblk::engine::cow::merge_offline(&a.origin, &a.store)?;
-            println!(
-                "merged {} chunks into {}",
-                report.chunks,
-                a.origin.display()
-            );
+            let chunks = tools::cli::run_merge(&a.origin, &a.store)?;
+            println!("merged {chunks} chunks into {}", a.origin.display());
             Ok(())
         }
     }
