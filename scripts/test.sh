@@ -29,3 +29,7 @@ THINBLK="$PWD/target/release/thinblk" SERVER=cow bash qemu-scripts/e2e.sh
 # takes first writes and the host snapshots; must finish, and thinblk exit on SIGTERM (on a
 # deadlock the case kills QEMU and thinblk and fails).
 THINBLK="$PWD/target/release/thinblk" SERVER=thin E2E_TESTS=cacheflip bash qemu-scripts/e2e.sh
+# Issue 22: a libvirt domain (QEMU as libvirt-qemu, TCG) on thinblk sockets made with
+# --socket-group/--socket-mode: the guest reads and writes, a second disk is hot-plugged and
+# unplugged, `thinblk ctl block-resize` shows in the guest (about 30 s; bounded at 10 min).
+THINBLK="$PWD/target/release/thinblk" timeout 600 bash qemu-scripts/libvirt.sh
