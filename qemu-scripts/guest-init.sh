@@ -492,7 +492,50 @@ test_crashverify() {
     pass
 }
 
+# libvirt (qemu-scripts/libvirt.sh): the domain's disk vda reads and writes; then the host
+# hot-plugs vdb (it must appear and read and write) and unplugs it (it must go); then the host
+# grows vda with `thinblk ctl block-resize` (the new size must show). Each step prints a marker
+# the host waits for before it acts.
+wait_for() { # SECONDS CONDITION...: poll until the condition holds
+    limit=$(($1 * 10))
+    shift
+    i=0
+    until "$@"; do
+        i=$((i + 1))
+        [ "$i" -le "$limit" ] || return 1
+        sleep 0.1
+    done
+}
+rw_check() { # DEVICE: write a marker at its last sector and read it back past the cache
+    dev=$1
+    sectors=$(cat "/sys/block/${dev#/dev/}/size")
+    echo "thinblk $dev" | dd of="$dev" bs=512 seek=$((sectors - 1)) count=1 conv=sync,fsync \
+        2>/dev/null || return 1
+    got=$(dd if="$dev" bs=512 skip=$((sectors - 1)) count=1 iflag=direct 2>/dev/null | head -n1)
+    [ "$got" = "thinblk $dev" ]
+}
+vda_size_is_not() { [ "$(cat /sys/block/vda/size)" != "$1" ]; }
+test_libvirt() {
+    run fio --output=/tmp/fio.out --eta=never --name=rw --filename="$DISK" --rw=randwrite \
+        --bs=4k --size=8M --direct=1 --ioengine=libaio --iodepth=8 --verify=crc32c \
+        --verify_fatal=1 || { cat /tmp/fio.out; fail "fio with verification on vda failed"; }
+    rw_check "$DISK" || fail "vda: the last sector does not read back"
+    echo "LIBVIRT-VDA-OK"
+    wait_for 180 test -b /dev/vdb || fail "the hot-plugged vdb did not appear"
+    rw_check /dev/vdb || fail "vdb: the last sector does not read back"
+    echo "LIBVIRT-VDB-OK"
+    wait_for 180 test ! -e /dev/vdb || fail "vdb is still there after detach-device"
+    echo "LIBVIRT-VDB-GONE"
+    before=$(cat /sys/block/vda/size)
+    echo "LIBVIRT-WAITING-RESIZE $before"
+    wait_for 120 vda_size_is_not "$before" || fail "vda is still $before sectors after block-resize"
+    echo "LIBVIRT-RESIZED $before $(cat /sys/block/vda/size)"
+    rw_check "$DISK" || fail "vda: the new last sector does not read back"
+    pass
+}
+
 case "$TEST" in
+    libvirt) test_libvirt ;;
     fio) test_fio ;;
     fiobench) test_fiobench ;;
     migfio) test_migfio ;;

@@ -13,7 +13,11 @@ export DEBIAN_FRONTEND=noninteractive
 qemu_packages=(qemu-system-x86 qemu-system-common qemu-system-data qemu-utils
     qemu-block-extra seabios)
 # Everything else (Debian's own versions). libnbd-bin: nbdinfo/nbdcopy for the NBD tests.
-other_packages=(fio busybox-static cpio thin-provisioning-tools zstd e2fsprogs libnbd-bin)
+# libvirt for qemu-scripts/libvirt.sh; its -sysv package keeps apt from pulling in
+# systemd-container (there is no systemd here), bsdutils's `script` gives the progress test
+# a terminal.
+other_packages=(fio busybox-static cpio thin-provisioning-tools zstd e2fsprogs libnbd-bin
+    libvirt-daemon-system libvirt-clients libvirt-daemon-system-sysv bsdutils)
 
 is_backport() { # PACKAGE: installed, and its version is a bookworm backport
     local v

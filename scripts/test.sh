@@ -33,3 +33,7 @@ THINBLK="$PWD/target/release/thinblk" SERVER=thin E2E_TESTS=cacheflip bash qemu-
 # during live snapshots, two disks), the pool checked after; then the same guest on
 # qemu-storage-daemon, for the downtime beside thinblk's (about 6 min here).
 THINBLK="$PWD/target/release/thinblk" MIG_SECS=30 timeout 1500 bash qemu-scripts/migrate.sh
+# Issue 22: a libvirt domain (QEMU as libvirt-qemu, TCG) on thinblk sockets made with
+# --socket-group/--socket-mode: the guest reads and writes, a second disk is hot-plugged and
+# unplugged, `thinblk ctl block-resize` shows in the guest (about 30 s; bounded at 10 min).
+THINBLK="$PWD/target/release/thinblk" timeout 600 bash qemu-scripts/libvirt.sh

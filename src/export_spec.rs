@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use crate::daemon::export_settings::ExportSettings;
 use crate::engine::limits::{check_device_size, SizeError};
+use crate::socket_access::{parse_group, parse_mode, parse_user, SocketAccess};
 
 /// What backs an export.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,6 +50,8 @@ pub struct ExportSpec {
     pub direct: bool,
     /// Queues, polling, batching; validated as QMP's are.
     pub settings: ExportSettings,
+    /// `socket-mode=`, `socket-owner=`, `socket-group=`; unset ones take the daemon's.
+    pub access: SocketAccess,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -58,7 +61,7 @@ pub enum SpecError {
     #[error("key '{0}' given twice")]
     Duplicate(String),
     #[error(
-        "unknown key '{0}' (known: name, size, snapshot-of, origin, raw, null, cow, store, chunk-size, store-size, transient, socket, id, queues, queue-size, readonly, direct, poll-us, submit-batch)"
+        "unknown key '{0}' (known: name, size, snapshot-of, origin, raw, null, cow, store, chunk-size, store-size, transient, socket, socket-mode, socket-owner, socket-group, id, queues, queue-size, readonly, direct, poll-us, submit-batch)"
     )]
     UnknownKey(String),
     #[error("missing '{0}='")]
@@ -305,6 +308,7 @@ impl std::str::FromStr for ExportSpec {
             value: e.value.to_string(),
             why: e.rule,
         })?;
+        let access = parse_access(&mut take)?;
         let read_only = parsed_or(take("readonly"), false, |v| parse_bool("readonly", v))?;
         let direct = parsed_or(take("direct"), true, |v| parse_bool("direct", v))?;
         if let Some(k) = kv.into_keys().next() {
@@ -317,8 +321,30 @@ impl std::str::FromStr for ExportSpec {
             read_only,
             direct,
             settings,
+            access,
         })
     }
+}
+
+/// `socket-mode=`, `socket-owner=` and `socket-group=`.
+fn parse_access(take: &mut impl FnMut(&str) -> Option<String>) -> Result<SocketAccess, SpecError> {
+    let bad = |key: &'static str, value: &str, e: crate::socket_access::AccessError| {
+        SpecError::BadValue {
+            key,
+            value: value.into(),
+            why: e.to_string(),
+        }
+    };
+    let mode = take("socket-mode")
+        .map(|v| parse_mode(&v).map_err(|e| bad("socket-mode", &v, e)))
+        .transpose()?;
+    let owner = take("socket-owner")
+        .map(|v| parse_user(&v).map_err(|e| bad("socket-owner", &v, e)))
+        .transpose()?;
+    let group = take("socket-group")
+        .map(|v| parse_group(&v).map_err(|e| bad("socket-group", &v, e)))
+        .transpose()?;
+    Ok(SocketAccess { mode, owner, group })
 }
 
 #[cfg(test)]
@@ -371,6 +397,27 @@ mod tests {
         assert!(e("raw=a,socket=s,poll-us=-1").contains("not a number"));
         assert!(e("raw=a,socket=s,submit-batch=0").contains("1 to 1024"));
         assert!(e("raw=a,socket=s,submit-batch=1025").contains("1 to 1024"));
+    }
+
+    #[test]
+    fn socket_access_keys_take_octal_modes_and_names_or_numbers() {
+        let s: ExportSpec = "name=vm,socket-mode=0660,socket-group=root,socket-owner=0"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            s.access,
+            SocketAccess {
+                mode: Some(0o660),
+                owner: Some(0),
+                group: Some(0)
+            }
+        );
+        let s: ExportSpec = "name=vm".parse().unwrap();
+        assert_eq!(s.access, SocketAccess::default());
+        let e = |s: &str| s.parse::<ExportSpec>().unwrap_err().to_string();
+        assert!(e("name=vm,socket-mode=999").contains("octal"));
+        assert!(e("name=vm,socket-group=no-such-group-here").contains("no group"));
+        assert!(e("name=vm,socket-owner=no-such-user-here").contains("no user"));
     }
 
     #[test]

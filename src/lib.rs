@@ -10,9 +10,12 @@ pub mod engine;
 pub mod nbd;
 pub mod vhost;
 
+pub mod config_file;
 pub mod control;
 pub mod daemon;
 pub mod export_spec;
+pub mod generate;
 mod signals;
+pub mod socket_access;
 pub mod sockets;
 pub mod tools;

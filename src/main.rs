@@ -3,10 +3,14 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use std::ffi::OsString;
+
+use clap::{CommandFactory, Parser, Subcommand};
+use thinblk::config_file;
 use thinblk::daemon::{self, PoolLocation, ServeConfig};
 use thinblk::engine::thin::{PoolGeometry, PoolOptions};
 use thinblk::export_spec::{parse_size, ExportSpec};
+use thinblk::socket_access::{self, SocketAccess};
 use thinblk::tools;
 
 /// thinblk: thin-provisioned block storage for virtual machines, served over vhost-user-blk.
@@ -14,7 +18,7 @@ use thinblk::tools;
 /// Guests attach with QEMU's vhost-user-blk-pci or cloud-hypervisor's --disk vhost_user=on.
 /// Logging goes to stderr; set RUST_LOG (error, warn, info, debug, trace) to choose how much.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about)]
+#[command(name = "thinblk", version, about, long_about)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -27,7 +31,8 @@ enum Command {
     /// With no options at all: a thin pool in ./thinblk-pool/ (sparse `metadata` and `data`
     /// files, created on the first run), its 16 GiB disk `disk0` (created on the first run)
     /// exported at ./thinblk-pool/disk0.sock, and the QMP socket ./thinblk-pool/control.sock.
-    /// Runs until SIGINT or SIGTERM.
+    /// Runs until SIGINT or SIGTERM; SIGHUP re-reads --config.
+    #[command(args_override_self = true, after_long_help = CONFIG_HELP)]
     Serve(ServeArgs),
     /// Check a pool's metadata (like thin_check, plus data ref counts and mapped_blocks).
     Check(tools::cli::CheckArgs),
@@ -45,6 +50,49 @@ enum Command {
     /// Fold a cow= snapshot's store into its origin (no daemon may serve it). The origin is
     /// written in place; an interrupted merge finishes when run again.
     Merge(MergeArgs),
+    /// Write man pages or shell completions.
+    #[command(subcommand)]
+    Generate(GenerateArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum GenerateArgs {
+    /// Man pages: thinblk.1 and thinblk-SUBCOMMAND.1 into DIR (e.g. /usr/local/share/man/man1).
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
+    /// The completion script for SHELL, into DIR (named as the shell expects) or to stdout.
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+        #[arg(value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+}
+
+fn run_generate(what: GenerateArgs) -> anyhow::Result<()> {
+    match what {
+        GenerateArgs::Man { dir } => {
+            for page in thinblk::generate::man_pages(Cli::command(), &dir)? {
+                println!("{}", page.display());
+            }
+        }
+        GenerateArgs::Completions { shell, dir: None } => {
+            thinblk::generate::completions(Cli::command(), shell, &mut std::io::stdout());
+        }
+        GenerateArgs::Completions {
+            shell,
+            dir: Some(dir),
+        } => {
+            std::fs::create_dir_all(&dir)?;
+            let path = dir.join(thinblk::generate::completion_file_name(shell, "thinblk"));
+            let mut f = std::fs::File::create(&path)?;
+            thinblk::generate::completions(Cli::command(), shell, &mut f);
+            println!("{}", path.display());
+        }
+    }
+    Ok(())
 }
 
 #[derive(clap::Args, Debug)]
@@ -61,8 +109,43 @@ fn size_arg(s: &str) -> Result<u64, String> {
     parse_size("size", s).map_err(|e| e.to_string())
 }
 
+fn mode_arg(s: &str) -> Result<u32, String> {
+    socket_access::parse_mode(s).map_err(|e| e.to_string())
+}
+
+fn user_arg(s: &str) -> Result<u32, String> {
+    socket_access::parse_user(s).map_err(|e| e.to_string())
+}
+
+fn group_arg(s: &str) -> Result<u32, String> {
+    socket_access::parse_group(s).map_err(|e| e.to_string())
+}
+
+/// `serve --help`'s example of a configuration file.
+const CONFIG_HELP: &str = "\
+A configuration file (--config FILE, TOML) takes every flag above as a key without its dashes;
+an export is a string in --export's syntax or a table of its keys. Flags on the command line
+override the file (--export adds to the file's exports). Example:
+
+    dir = \"/var/lib/thinblk\"
+    data-size = \"1T\"
+    socket-group = \"libvirt-qemu\"   # libvirt's QEMU may connect
+    socket-mode = \"0660\"
+    export = [
+        \"name=vm1,size=32G,socket=/run/thinblk/vm1.sock\",
+        { name = \"vm2\", size = \"16G\", socket = \"/run/thinblk/vm2.sock\", queues = 4 },
+    ]
+
+SIGHUP re-reads the file: exports whose id is new are started, those no longer listed are
+stopped, those whose keys changed are restarted; exports made over QMP are left alone. Other
+keys take effect at the next start.";
+
 #[derive(clap::Args, Debug, Default)]
 struct ServeArgs {
+    /// Read flags from a TOML file (see below); the command line overrides it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
     /// An export, as comma-separated key=value pairs (repeat the flag for several).
     ///
     /// name=NAME: a thin device of the pool (created when size= is given and it is missing);
@@ -84,6 +167,9 @@ struct ServeArgs {
     /// socket=PATH: the vhost-user socket to create, mode 0600 (required for raw=, null=, cow=;
     /// thin exports default to DIR/NAME.sock); a stale socket is replaced, a socket some
     /// server still listens on is an error.
+    /// socket-mode=MODE, socket-owner=USER, socket-group=GROUP: the socket's octal mode,
+    /// owner and group (names or numbers), set before the socket appears at its path
+    /// (default: --socket-mode, --socket-owner, --socket-group).
     /// id=NAME: the export name, also the disk serial the guest reads (default: the device
     /// name, or the socket's file name).
     /// queues=N: virtqueues, one worker thread each, 1 to 16 (default 2).
@@ -145,6 +231,28 @@ struct ServeArgs {
     /// nbd-server-add adds more. Off by default.
     #[arg(long, value_name = "ADDR")]
     nbd: Option<String>,
+    /// Octal mode of export sockets that give no socket-mode= (e.g. 0660 with
+    /// --socket-group to let a VMM's group connect) [default: 0600]
+    #[arg(long, value_name = "MODE", value_parser = mode_arg)]
+    socket_mode: Option<u32>,
+
+    /// Owner (name or number) of export sockets that give no socket-owner=.
+    #[arg(long, value_name = "USER", value_parser = user_arg)]
+    socket_owner: Option<u32>,
+
+    /// Group (name or number) of export sockets that give no socket-group= (libvirt's QEMU:
+    /// the group of its user, e.g. libvirt-qemu or kvm).
+    #[arg(long, value_name = "GROUP", value_parser = group_arg)]
+    socket_group: Option<u32>,
+
+    /// Octal mode of the QMP control socket; whoever can connect can create, delete and
+    /// export every disk [default: 0600]
+    #[arg(long, value_name = "MODE", value_parser = mode_arg)]
+    control_mode: Option<u32>,
+
+    /// Group (name or number) of the QMP control socket.
+    #[arg(long, value_name = "GROUP", value_parser = group_arg)]
+    control_group: Option<u32>,
 }
 
 impl ServeArgs {
@@ -180,6 +288,7 @@ impl ServeArgs {
             let mut loc = PoolLocation::in_dir(&dir, geometry, options);
             if let Some(m) = &self.metadata {
                 loc.catalog = m.with_extension("devices.json");
+                loc.saved = m.with_extension("exports.json");
                 loc.metadata = m.clone();
             }
             if let Some(d) = &self.data {
@@ -201,6 +310,17 @@ impl ServeArgs {
             pool,
             control,
             nbd: self.nbd.as_deref().map(thinblk::nbd::NbdAddr::parse),
+            socket_defaults: SocketAccess {
+                mode: self.socket_mode,
+                owner: self.socket_owner,
+                group: self.socket_group,
+            },
+            control_access: SocketAccess {
+                mode: self.control_mode,
+                owner: None,
+                group: self.control_group,
+            },
+            reload: None,
         })
     }
 }
@@ -210,22 +330,76 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         None => Ok(daemon::serve(ServeArgs::default_args().into_config()?)?),
-        Some(Command::Serve(args)) => Ok(daemon::serve(args.into_config()?)?),
+        Some(Command::Serve(args)) => run_serve(args),
         Some(Command::Check(a)) => Ok(tools::cli::run_check(&a)?),
         Some(Command::Dump(a)) => Ok(tools::cli::run_dump(&a)?),
         Some(Command::Restore(a)) => Ok(tools::cli::run_restore(&a)?),
         Some(Command::Ls(a)) => Ok(tools::cli::run_ls(&a)?),
         Some(Command::Delta(a)) => Ok(tools::cli::run_delta(&a)?),
         Some(Command::Ctl(args)) => std::process::exit(thinblk::control::client::run(&args)?),
+        Some(Command::Generate(what)) => run_generate(what),
         Some(Command::Merge(a)) => {
-            let report = thinblk::engine::cow::merge_offline(&a.origin, &a.store)?;
-            println!(
-                "merged {} chunks into {}",
-                report.chunks,
-                a.origin.display()
-            );
+            let chunks = tools::cli::run_merge(&a.origin, &a.store)?;
+            println!("merged {chunks} chunks into {}", a.origin.display());
             Ok(())
         }
+    }
+}
+
+/// `thinblk serve`, with its --config file read first (and again at each SIGHUP).
+fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    let Some(file) = args.config.clone() else {
+        return Ok(daemon::serve(args.into_config()?)?);
+    };
+    // The command line after `serve`, parsed again after the file's flags at each reload.
+    let mut argv = std::env::args_os().skip_while(|a| a != "serve");
+    argv.next();
+    let cli: Vec<OsString> = argv.collect();
+    let first = read_config_table(&file)?;
+    let mut config = serve_args_with_file(&file, &cli)?.into_config()?;
+    config.reload = Some(Box::new(move || {
+        let table = read_config_table(&file).map_err(|e| e.to_string())?;
+        let changed: Vec<&String> = table
+            .iter()
+            .filter(|(k, v)| *k != "export" && first.get(*k) != Some(*v))
+            .map(|(k, _)| k)
+            .chain(
+                first
+                    .keys()
+                    .filter(|k| *k != "export" && !table.contains_key(*k)),
+            )
+            .collect();
+        if !changed.is_empty() {
+            log::warn!(
+                "{}: {changed:?} changed; only exports are reloaded, the rest takes effect at the next start",
+                file.display()
+            );
+        }
+        let args = serve_args_with_file(&file, &cli).map_err(|e| e.to_string())?;
+        Ok(args.into_config().map_err(|e| e.to_string())?.exports)
+    }));
+    Ok(daemon::serve(config)?)
+}
+
+fn read_config_table(file: &std::path::Path) -> anyhow::Result<toml::Table> {
+    let name = file.display().to_string();
+    let text = std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("reading {name}: {e}"))?;
+    Ok(config_file::parse(&name, &text)?)
+}
+
+/// The file's flags, then the command line's: the later wins, repeated flags add up.
+fn serve_args_with_file(file: &std::path::Path, cli: &[OsString]) -> anyhow::Result<ServeArgs> {
+    let cmd = Cli::command();
+    let serve = cmd
+        .find_subcommand("serve")
+        .ok_or_else(|| anyhow::anyhow!("no serve subcommand"))?;
+    let from_file = config_file::read_args(file, serve)?;
+    let mut argv: Vec<OsString> = vec!["thinblk".into(), "serve".into()];
+    argv.extend(from_file.into_iter().map(OsString::from));
+    argv.extend(cli.iter().cloned());
+    match Cli::try_parse_from(argv)?.command {
+        Some(Command::Serve(args)) => Ok(args),
+        _ => anyhow::bail!("the configuration did not parse as serve"),
     }
 }
 

@@ -1,6 +1,7 @@
-//! Waiting for SIGINT/SIGTERM (stop) and SIGUSR2 (graceful upgrade, `daemon/upgrade.rs`)
-//! without async signal handlers: the signals are blocked in every thread (threads inherit the
-//! mask) and one thread collects them with sigwait.
+//! Waiting for SIGINT/SIGTERM (stop), SIGHUP (re-read the configuration) and SIGUSR2
+//! (graceful upgrade, `daemon/upgrade.rs`) without async signal handlers: the signals are
+//! blocked in every thread (threads inherit the mask) and one thread collects them with
+//! sigwait.
 
 use std::io;
 
@@ -8,7 +9,8 @@ pub struct TerminationSignals {
     set: libc::sigset_t,
 }
 
-/// Blocks SIGINT, SIGTERM and SIGUSR2 in this thread and every thread it starts afterwards.
+/// Blocks SIGINT, SIGTERM, SIGHUP and SIGUSR2 in this thread and every thread it starts
+/// afterwards.
 pub fn block_termination() -> io::Result<TerminationSignals> {
     // SAFETY: sigset_t is plain data; sigemptyset initialises it before any other use.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -19,6 +21,7 @@ pub fn block_termination() -> io::Result<TerminationSignals> {
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGUSR2);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
     };
     if rc != 0 {

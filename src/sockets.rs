@@ -1,13 +1,15 @@
-//! Creating a listening unix socket safely: mode 0600, stale sockets replaced, live ones and
-//! non-socket files left alone.
+//! Creating a listening unix socket safely: mode 0600 (or the owner, group and mode asked,
+//! see `socket_access.rs`), stale sockets replaced, live ones and non-socket files left alone.
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 
 pub mod inherited;
+
+use crate::socket_access::{bind_no_wider_than, SocketAccess};
 
 /// Why a socket could not be created.
 #[derive(Debug, thiserror::Error)]
@@ -24,9 +26,15 @@ pub enum SocketError {
     },
 }
 
-/// Binds `path`, replacing a stale socket left by a process that died.
+/// Binds `path` mode 0600, replacing a stale socket left by a process that died.
 pub fn bind_private(path: &Path) -> Result<UnixListener, SocketError> {
-    // Handed over by the process this one upgraded from: already bound, private, listening.
+    bind_with(path, &SocketAccess::default())
+}
+
+/// [`bind_private`] with the owner, group and mode in `access`.
+pub fn bind_with(path: &Path, access: &SocketAccess) -> Result<UnixListener, SocketError> {
+    // Handed over by the process this one upgraded from: already bound, with the owner,
+    // group and mode it was given, and listening.
     if let Some(listener) = inherited::take(path) {
         return Ok(listener);
     }
@@ -46,14 +54,14 @@ pub fn bind_private(path: &Path) -> Result<UnixListener, SocketError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err(e)),
     }
-    // The socket grants full access to the disk: only the owner may connect. It is bound
-    // under a temporary name, made private, and only then linked at its real path, so the
-    // path never shows a socket with other permissions (nor one that is not ready).
+    // The socket grants full access to the disk: only those asked for may connect. It is
+    // bound under a temporary name, born no wider than its mode, given its owner, group and
+    // exact mode, and only then linked at its real path, so the path never shows a socket
+    // with other permissions (nor one that is not ready).
     let tmp = temporary_name(path);
     let _ = fs::remove_file(&tmp);
-    let listener = UnixListener::bind(&tmp).map_err(io_err)?;
-    let published = fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))
-        .and_then(|()| fs::hard_link(&tmp, path));
+    let listener = bind_no_wider_than(&tmp, access.mode()).map_err(io_err)?;
+    let published = access.apply(&tmp).and_then(|()| fs::hard_link(&tmp, path));
     let _ = fs::remove_file(&tmp);
     match published {
         Ok(()) => Ok(listener),
@@ -79,11 +87,32 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.sock");
         let first = bind_private(&path).unwrap();
-        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        let mode = std::os::unix::fs::MetadataExt::mode(&fs::metadata(&path).unwrap()) & 0o777;
         assert_eq!(mode, 0o600);
         assert!(matches!(bind_private(&path), Err(SocketError::Live(_))));
         drop(first);
         bind_private(&path).unwrap();
+    }
+
+    #[test]
+    fn a_socket_gets_the_group_and_mode_asked() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.sock");
+        // SAFETY: getegid takes nothing and cannot fail.
+        let gid = unsafe { libc::getegid() };
+        let access = SocketAccess {
+            mode: Some(0o660),
+            owner: None,
+            group: Some(gid),
+        };
+        let _l = bind_with(&path, &access).unwrap();
+        let meta = fs::metadata(&path).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o660);
+        assert_eq!(meta.gid(), gid);
+        // No temporary name is left beside it.
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1);
     }
 
     #[test]

@@ -16,7 +16,8 @@ use std::sync::Arc;
 use log::{info, warn};
 
 use crate::daemon::state::State;
-use crate::sockets::{bind_private, SocketError};
+use crate::socket_access::SocketAccess;
+use crate::sockets::{bind_with, SocketError};
 
 /// The listening control socket; each client gets a thread.
 pub struct ControlServer {
@@ -27,7 +28,16 @@ pub struct ControlServer {
 
 impl ControlServer {
     pub fn start(path: &Path, state: Arc<State>) -> Result<ControlServer, SocketError> {
-        let listener = bind_private(path)?;
+        Self::start_with(path, state, &SocketAccess::default())
+    }
+
+    /// [`ControlServer::start`] with the socket's owner, group and mode in `access`.
+    pub fn start_with(
+        path: &Path,
+        state: Arc<State>,
+        access: &SocketAccess,
+    ) -> Result<ControlServer, SocketError> {
+        let listener = bind_with(path, access)?;
         let handed = listener.try_clone().ok();
         std::thread::Builder::new()
             .name("control".into())

@@ -13,6 +13,7 @@ use crate::engine::raw::{RawDevice, RawOptions};
 use crate::engine::thin::{Pool, PoolGeometry, PoolOpenError, PoolOptions, VolumeError, Volumes};
 use crate::engine::BlockDevice;
 use crate::export_spec::{Backing, ExportSpec};
+use crate::socket_access::SocketAccess;
 use crate::sockets::SocketError;
 use export_settings::ExportSettings;
 use state::{ExportConfig, Node, State, StateError};
@@ -21,6 +22,10 @@ pub mod events;
 pub mod export_settings;
 mod fd_limit;
 pub mod nbd;
+pub mod notify;
+mod reload;
+mod restore;
+pub mod saved;
 pub mod state;
 pub mod upgrade;
 pub mod watch;
@@ -78,6 +83,8 @@ pub enum ServeError {
     },
     #[error("NBD server")]
     Nbd(#[source] nbd::NbdStateError),
+    #[error(transparent)]
+    Saved(#[from] saved::SavedError),
     #[error("waiting for SIGINT and SIGTERM")]
     Signals(#[source] std::io::Error),
 }
@@ -96,6 +103,8 @@ pub struct PoolLocation {
     pub data: PathBuf,
     /// The device names, beside the metadata.
     pub catalog: PathBuf,
+    /// Exports and nodes made over QMP (`exports.json`), beside the catalog.
+    pub saved: PathBuf,
     pub geometry: PoolGeometry,
     pub options: PoolOptions,
 }
@@ -108,6 +117,7 @@ impl PoolLocation {
             metadata: dir.join("metadata"),
             data: dir.join("data"),
             catalog: dir.join("devices.json"),
+            saved: dir.join("exports.json"),
             geometry,
             options,
         }
@@ -122,7 +132,16 @@ pub struct ServeConfig {
     /// An NBD server to start; every export's node is also exported on it, read-only,
     /// under the export's id (more with QMP `nbd-server-add`).
     pub nbd: Option<crate::nbd::NbdAddr>,
+    /// Owner, group and mode of export sockets that ask for none.
+    pub socket_defaults: SocketAccess,
+    /// Owner, group and mode of the control socket.
+    pub control_access: SocketAccess,
+    /// Reads the configuration again (at SIGHUP) and returns the exports it now asks for.
+    pub reload: Option<Reload>,
 }
+
+/// See [`ServeConfig::reload`].
+pub type Reload = Box<dyn Fn() -> Result<Vec<ExportSpec>, String> + Send>;
 
 /// The export a bare `thinblk serve` runs: the thin disk `disk0`, created on the first run.
 pub fn default_export() -> ExportSpec {
@@ -138,6 +157,7 @@ pub fn default_export() -> ExportSpec {
         read_only: false,
         direct: true,
         settings: ExportSettings::default(),
+        access: SocketAccess::default(),
     }
 }
 
@@ -150,8 +170,19 @@ fn private_dir(dir: &Path) -> Result<(), ServeError> {
     Ok(())
 }
 
+/// Creates the pool directory (private) if `path` is to be made in it and it is missing.
+/// Only then: with every path given elsewhere, `serve` creates no directory at all.
+fn dir_for(loc: &PoolLocation, path: &Path) -> Result<(), ServeError> {
+    if path.parent() == Some(loc.dir.as_path()) {
+        private_dir(&loc.dir)?;
+    }
+    Ok(())
+}
+
 fn open_pool(loc: &PoolLocation) -> Result<Arc<Volumes>, ServeError> {
-    private_dir(&loc.dir)?;
+    for file in [&loc.metadata, &loc.data, &loc.catalog] {
+        dir_for(loc, file)?;
+    }
     let pool = Pool::open(&loc.metadata, &loc.data, &loc.geometry, loc.options.clone()).map_err(
         |source| ServeError::Pool {
             path: loc.metadata.clone(),
@@ -270,6 +301,77 @@ pub fn qemu_options(socket: &Path, queues: u16) -> String {
     )
 }
 
+/// Opens the device of `spec` (creating a thin one if asked), makes it a node where it is
+/// not a thin device, and starts its export. If the export does not start, the node made
+/// for it is removed again, so that a later try (a SIGHUP reload) starts clean.
+pub(crate) fn start_export(
+    spec: &ExportSpec,
+    pool: Option<&PoolLocation>,
+    thin: Option<&Arc<Volumes>>,
+    state: &Arc<State>,
+) -> Result<(), ServeError> {
+    let socket = match (&spec.socket, pool) {
+        (Some(s), _) => s.clone(),
+        (None, Some(loc)) => {
+            let socket = loc.dir.join(format!("{}.sock", spec.id));
+            dir_for(loc, &socket)?;
+            socket
+        }
+        (None, None) => return Err(ServeError::NoSocket(spec.id.clone())),
+    };
+    let dev = open_device(spec, thin, state)?;
+    if !matches!(spec.backing, Backing::Thin { .. } | Backing::Cow(_)) {
+        state.add_node(
+            &spec.id,
+            Node {
+                dev,
+                read_only: spec.read_only,
+            },
+        )?;
+    }
+    let node = match &spec.backing {
+        Backing::Thin { name, .. } => name.clone(),
+        _ => spec.id.clone(),
+    };
+    let started = state.add_export(ExportConfig {
+        id: spec.id.clone(),
+        node,
+        socket: socket.clone(),
+        writable: !spec.read_only,
+        settings: spec.settings,
+        access: spec.access,
+    });
+    if let Err(source) = started {
+        remove_node_of(spec, state);
+        return Err(ServeError::Export {
+            id: spec.id.clone(),
+            source,
+        });
+    }
+    let socket = absolute(&socket);
+    println!("export {} at {}", spec.id, socket.display());
+    let queues = spec.settings.num_queues;
+    println!("  QEMU: {}", qemu_options(&socket, queues));
+    println!(
+        "  cloud-hypervisor: --memory size=1G,shared=on --disk vhost_user=on,socket={},num_queues={}",
+        socket.display(),
+        queues
+    );
+    Ok(())
+}
+
+/// Removes the node `start_export` made for `spec` (none for a thin device).
+pub(crate) fn remove_node_of(spec: &ExportSpec, state: &State) {
+    let removed = match spec.backing {
+        Backing::Thin { .. } => return,
+        Backing::Cow(_) => state.remove_cow_node(&spec.id).map(drop),
+        Backing::Raw(_) | Backing::Null(_) => state.remove_node(&spec.id),
+    };
+    if let Err(e) = removed {
+        log::warn!("node {}: {e}", spec.id);
+    }
+}
+
 /// Starts every export and the control socket; they run until SIGINT or SIGTERM.
 pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
     fd_limit::raise_to_hard();
@@ -278,75 +380,68 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
     let signals = crate::signals::block_termination().map_err(ServeError::Signals)?;
     let thin = config.pool.as_ref().map(open_pool).transpose()?;
     let state = State::new(thin.clone());
+    state.set_socket_defaults(config.socket_defaults);
     for spec in &config.exports {
-        let dev = open_device(spec, thin.as_ref(), &state)?;
-        let socket = match (&spec.socket, &config.pool) {
-            (Some(s), _) => s.clone(),
-            (None, Some(loc)) => loc.dir.join(format!("{}.sock", spec.id)),
-            (None, None) => return Err(ServeError::NoSocket(spec.id.clone())),
-        };
-        if !matches!(spec.backing, Backing::Thin { .. } | Backing::Cow(_)) {
-            state.add_node(
-                &spec.id,
-                Node {
-                    dev,
-                    read_only: spec.read_only,
-                },
-            )?;
-        }
-        let node = match &spec.backing {
-            Backing::Thin { name, .. } => name.clone(),
-            _ => spec.id.clone(),
-        };
-        state
-            .add_export(ExportConfig {
-                id: spec.id.clone(),
-                node,
-                socket: socket.clone(),
-                writable: !spec.read_only,
-                settings: spec.settings,
-            })
-            .map_err(|source| ServeError::Export {
-                id: spec.id.clone(),
-                source,
-            })?;
-        let socket = absolute(&socket);
-        println!("export {} at {}", spec.id, socket.display());
-        let queues = spec.settings.num_queues;
-        println!("  QEMU: {}", qemu_options(&socket, queues));
-        println!(
-            "  cloud-hypervisor: --memory size=1G,shared=on --disk vhost_user=on,socket={},num_queues={}",
-            socket.display(),
-            queues
-        );
+        start_export(spec, config.pool.as_ref(), thin.as_ref(), &state)?;
+    }
+    if let Some(loc) = &config.pool {
+        let saved = saved::SavedState::open(&loc.saved)?;
+        restore::restore(&state, &saved);
+        state.set_saved(saved);
     }
     if let Some(addr) = &config.nbd {
         start_nbd(&state, addr, &config.exports)?;
     }
     let _control = match &config.control {
         Some(path) => {
-            let server = ControlServer::start(path, state.clone()).map_err(|source| {
-                ServeError::Control {
+            if let Some(loc) = &config.pool {
+                dir_for(loc, path)?;
+            }
+            let server = ControlServer::start_with(path, state.clone(), &config.control_access)
+                .map_err(|source| ServeError::Control {
                     path: path.clone(),
                     source,
-                }
-            })?;
+                })?;
             println!("control (QMP) at {}", absolute(path).display());
             Some(server)
         }
         None => None,
     };
     crate::sockets::inherited::close_unclaimed();
+    // Every socket listens (bound and listening before its export or server started).
+    notify::ready(state.exports().len());
+    let mut configured = config.exports.clone();
     let sig = loop {
         let sig = signals.wait().map_err(ServeError::Signals)?;
-        if sig != libc::SIGUSR2 {
+        if sig == libc::SIGUSR2 {
+            // Returns only when the new binary was refused; then nothing stopped.
+            let refused = upgrade::upgrade(&state, thin.as_ref(), _control.as_ref());
+            log::error!("upgrade refused: {refused}");
+            continue;
+        }
+        if sig != libc::SIGHUP {
             break sig;
         }
-        // Returns only when the new binary was refused; then nothing stopped.
-        let refused = upgrade::upgrade(&state, thin.as_ref(), _control.as_ref());
-        log::error!("upgrade refused: {refused}");
+        let Some(reread) = &config.reload else {
+            info!("SIGHUP: no --config file to re-read; ignored");
+            continue;
+        };
+        notify::reloading();
+        match reread() {
+            Ok(wanted) => {
+                let env = reload::Env {
+                    pool: config.pool.as_ref(),
+                    thin: thin.as_ref(),
+                    state: &state,
+                };
+                configured = reload::apply(&env, &configured, wanted);
+            }
+            Err(e) => log::error!("SIGHUP: configuration not reloaded: {e}"),
+        }
+        notify::ready(state.exports().len());
     };
     info!("signal {sig}: stopping");
+    notify::stopping();
     state.stop_all();
     if let Some(thin) = thin {
         thin.pool().close();

@@ -11,11 +11,13 @@ use serde_json::Value;
 
 use super::events::EventBus;
 use super::export_settings::{ExportSettings, SettingsError};
+use super::saved::{SavedCow, SavedError, SavedState};
 use super::watch::{forward_pool_events, io_error_sink, Watched, WriteThreshold};
 use crate::engine::cow::{CowEvent, CowFiles};
 use crate::engine::thin::{VolumeError, Volumes};
 use crate::engine::BlockDevice;
-use crate::sockets::SocketError;
+use crate::socket_access::SocketAccess;
+use crate::sockets::{bind_with, SocketError};
 use crate::vhost::handover::Handover;
 use crate::vhost::Export;
 
@@ -35,6 +37,8 @@ pub struct ExportConfig {
     pub socket: PathBuf,
     pub writable: bool,
     pub settings: ExportSettings,
+    /// The socket's owner, group and mode as asked; unset fields take the daemon's defaults.
+    pub access: SocketAccess,
 }
 
 struct RunningExport {
@@ -65,6 +69,8 @@ pub enum StateError {
     Thin(#[from] VolumeError),
     #[error(transparent)]
     Settings(#[from] SettingsError),
+    #[error(transparent)]
+    Saved(#[from] SavedError),
 }
 
 /// The daemon's shared state.
@@ -85,6 +91,10 @@ pub struct State {
     after_lookup: Mutex<Option<Box<dyn Fn() + Send>>>,
     /// Where events go; QMP clients take them from there.
     events: EventBus,
+    /// The owner, group and mode of export sockets that ask for none (`--socket-*`).
+    socket_defaults: Mutex<SocketAccess>,
+    /// Where exports and nodes made over QMP are saved, when the daemon has a pool.
+    saved: std::sync::OnceLock<SavedState>,
     /// Write thresholds by node name; every export of a node writes through its threshold.
     thresholds: Mutex<HashMap<String, Arc<WriteThreshold>>>,
     /// Which export of a node runs it, by node name: a node may be exported several times (the
@@ -129,6 +139,44 @@ impl State {
             .clone()
     }
 
+    /// Sets the owner, group and mode of export sockets that ask for none.
+    pub fn set_socket_defaults(&self, access: SocketAccess) {
+        *self.socket_defaults.lock() = access;
+    }
+
+    /// Saves exports and nodes made over QMP in `saved` from now on (set once, at start).
+    pub fn set_saved(&self, saved: SavedState) {
+        let _ = self.saved.set(saved);
+    }
+
+    pub fn saved(&self) -> Option<&SavedState> {
+        self.saved.get()
+    }
+
+    /// [`State::add_export`], then saved so that it starts again after a restart. If it
+    /// cannot be saved it is stopped again and the error returned: an export the caller
+    /// asked to persist never runs unsaved.
+    pub fn add_saved_export(&self, config: ExportConfig) -> Result<(), StateError> {
+        self.add_export(config.clone())?;
+        let Some(saved) = self.saved() else {
+            return Ok(());
+        };
+        if let Err(e) = saved.remember_export(&config) {
+            let undone = self.exports.lock().remove(&config.id);
+            drop(undone);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Saves a snapshot node made over QMP (it is opened again after a restart).
+    pub fn save_cow_node(&self, cow: SavedCow) -> Result<(), StateError> {
+        match self.saved() {
+            Some(saved) => Ok(saved.remember_cow(cow)?),
+            None => Ok(()),
+        }
+    }
+
     pub fn thin(&self) -> Option<&Arc<Volumes>> {
         self.thin.as_ref()
     }
@@ -140,6 +188,18 @@ impl State {
         }
         nodes.insert(name.into(), node);
         Ok(())
+    }
+
+    /// Removes a plain node (raw, null) no export serves.
+    pub fn remove_node(&self, name: &str) -> Result<(), StateError> {
+        let _changes = self.node_changes.lock();
+        if let Some(e) = self.exports.lock().values().find(|e| e.config.node == name) {
+            return Err(StateError::NodeInUse(name.into(), e.config.id.clone()));
+        }
+        match self.nodes.lock().remove(name) {
+            Some(_) => Ok(()),
+            None => Err(StateError::NoNode(name.into())),
+        }
     }
 
     /// Adds a COW device as a block node; its events become COW_INVALIDATED and
@@ -196,6 +256,9 @@ impl State {
             .remove(name)
             .ok_or_else(|| StateError::NoNode(name.into()))?;
         self.nodes.lock().remove(name);
+        if let Some(Err(e)) = self.saved().map(|s| s.forget_cow(name)) {
+            log::warn!("snapshot node {name} removed but still saved: {e}");
+        }
         Ok(files)
     }
 
@@ -250,7 +313,10 @@ impl State {
         ));
         let sink = io_error_sink(self.me.clone(), &config.id, &config.node);
         let turn = self.handover(&config.node).member(&config.id);
-        let export = Export::start_member(dev, settings, &config.socket, Some(sink), turn)?;
+        let access = config.access.or(*self.socket_defaults.lock());
+        let listener = bind_with(&config.socket, &access)?;
+        let export =
+            Export::start_on(dev, settings, &config.socket, listener, Some(sink), turn)?;
         info!(
             "export {} of node {} at {}",
             config.id,
@@ -294,14 +360,26 @@ impl State {
         Ok(())
     }
 
-    /// Stops an export; its frontend sees the socket close.
+    /// Stops an export; its frontend sees the socket close. A saved export that did not
+    /// start (see `restore.rs`) is forgotten.
     pub fn remove_export(&self, id: &str) -> Result<(), StateError> {
         let removed = self.exports.lock().remove(id);
         let Some(export) = removed else {
+            let saved = self
+                .saved()
+                .filter(|s| s.exports().iter().any(|e| e.id == id));
+            if let Some(saved) = saved {
+                saved.forget_export(id)?;
+                info!("saved export {id} (not running) forgotten");
+                return Ok(());
+            }
             return Err(StateError::NoExport(id.into()));
         };
         drop(export);
         info!("export {id} stopped");
+        if let Some(Err(e)) = self.saved().map(|s| s.forget_export(id)) {
+            log::warn!("export {id} stopped but still saved: {e}");
+        }
         self.emit("BLOCK_EXPORT_DELETED", serde_json::json!({ "id": id }));
         Ok(())
     }

@@ -35,6 +35,7 @@ fn export_of(node: &str, dir: &Path) -> ExportConfig {
             poll_us: 0,
             submit_batch: 4,
         },
+        access: Default::default(),
     }
 }
 

@@ -1,17 +1,18 @@
 //! The subcommands' arguments (clap) and what each runs; `main.rs` only dispatches here.
 
 use std::fs::File;
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter, IsTerminal, Write};
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 
-use super::check::{check, CheckOptions};
+use super::check::{check, check_metadata, CheckOptions};
 use super::delta::{delta, DeltaOptions};
 use super::dump::{dump, DumpSink, XmlWriter};
 use super::error::{Result, ToolError};
 use super::json::JsonWriter;
 use super::ls::{ls, parse_fields, LsOptions, DEFAULT_FIELDS};
+use super::progress::{self, Progress};
 use super::restore::{restore, RestoreOptions};
 use super::{Access, Metadata};
 
@@ -115,12 +116,24 @@ pub fn run_check(a: &CheckArgs) -> Result<()> {
         clear_needs_check: a.clear_needs_check,
         quiet: a.quiet,
     };
-    let outcome = check(
-        &a.metadata,
-        &opts,
-        &mut io::stderr().lock(),
-        &mut io::stdout().lock(),
-    )?;
+    let outcome = if progress::on_terminal() && !a.quiet {
+        let access = if opts.clear_needs_check {
+            Access::Write
+        } else {
+            Access::Read
+        };
+        let md = Metadata::open(&a.metadata, access)?;
+        let bar = metadata_read_progress(&md, "checking");
+        let mut lines = bar.line_writer();
+        check_metadata(&md.bm, &opts, &mut lines, &mut io::stdout().lock())?
+    } else {
+        check(
+            &a.metadata,
+            &opts,
+            &mut io::stderr().lock(),
+            &mut io::stdout().lock(),
+        )?
+    };
     if outcome.problems > 0 {
         return Err(ToolError::CheckFailed {
             problems: outcome.problems,
@@ -147,6 +160,9 @@ fn output(path: Option<&PathBuf>) -> Result<Box<dyn Write>> {
 /// `thinblk dump`.
 pub fn run_dump(a: &DumpArgs) -> Result<()> {
     let md = Metadata::open(&a.metadata, Access::Read)?;
+    // No bar over the dump itself when it goes to the same terminal.
+    let _bar = (a.output.is_some() || !io::stdout().is_terminal())
+        .then(|| metadata_read_progress(&md, "dumping"));
     let sb = md.roots(a.metadata_snap)?;
     let out = output(a.output.as_ref())?;
     let mut sink: Box<dyn DumpSink> = match a.format {
@@ -158,11 +174,17 @@ pub fn run_dump(a: &DumpArgs) -> Result<()> {
 
 /// `thinblk restore`.
 pub fn run_restore(a: &RestoreArgs) -> Result<()> {
+    let spinner = Progress::spinner(&format!(
+        "restoring {} into {}",
+        a.input.display(),
+        a.output.display()
+    ));
     let report = restore(&RestoreOptions {
         input: a.input.clone(),
         output: a.output.clone(),
         metadata_size: a.metadata_size,
     })?;
+    drop(spinner);
     for w in &report.warnings {
         log::warn!("{}: {w}", a.input.display());
     }
@@ -206,4 +228,52 @@ pub fn run_delta(a: &DeltaArgs) -> Result<()> {
     };
     let mut out = BufWriter::new(io::stdout().lock());
     delta(&md, &opts, &mut out)
+}
+
+/// A bar over the metadata blocks in use, moved by the blocks the cache reads (the walks of
+/// check and dump read each block in use about once).
+fn metadata_read_progress(md: &Metadata, what: &str) -> Progress {
+    use crate::engine::pdata::space_map::{MetadataSpaceMap, SpaceMap};
+    let nr_blocks = md.bm.nr_blocks();
+    let free = md
+        .superblock()
+        .ok()
+        .and_then(|sb| MetadataSpaceMap::open(&md.bm, &sb.metadata_sm_root).ok())
+        .map_or(0, |sm| sm.nr_free());
+    let cache = md.bm.cache().clone();
+    Progress::bar(
+        &format!("{what} {}", md.path.display()),
+        nr_blocks.saturating_sub(free).max(1),
+        "metadata blocks",
+        move || cache.stats().reads,
+    )
+}
+
+/// `thinblk merge`: folds a stopped snapshot into its origin, with a bar over its exceptions
+/// on a terminal.
+pub fn run_merge(
+    origin: &std::path::Path,
+    store: &std::path::Path,
+) -> std::result::Result<u64, crate::engine::cow::CowError> {
+    use crate::engine::cow::{open_cow, CowOptions};
+    if !store.exists() {
+        // Its own error for a missing store.
+        return crate::engine::cow::merge_offline(origin, store).map(|r| r.chunks);
+    }
+    let opts = CowOptions {
+        direct: true,
+        ..CowOptions::default()
+    };
+    let files = std::sync::Arc::new(open_cow(origin, store, &opts)?);
+    let total = files.device.status().exceptions;
+    let watched = files.clone();
+    let bar = Progress::bar(
+        &format!("merging {} into {}", store.display(), origin.display()),
+        total.max(1),
+        "chunks",
+        move || total.saturating_sub(watched.device.status().exceptions),
+    );
+    let report = files.merge()?;
+    drop(bar);
+    Ok(report.chunks)
 }

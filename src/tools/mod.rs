@@ -22,6 +22,7 @@ pub mod error;
 pub mod json;
 pub mod ls;
 pub mod model;
+pub mod progress;
 
 pub mod restore;
 pub mod xml;

@@ -55,19 +55,27 @@ impl Export {
         socket: &Path,
         on_failure: Option<FailureSink>,
     ) -> Result<Export, SocketError> {
-        Self::start_member(dev, settings, socket, on_failure, Member::default())
+        Self::start_on(
+            dev,
+            settings,
+            socket,
+            bind_private(socket)?,
+            on_failure,
+            Member::default(),
+        )
     }
 
-    /// [`Export::start_with`] as one of several exports of a device, of which one at a time
-    /// runs (`handover.rs`).
-    pub fn start_member(
+    /// [`Export::start_with`] on a socket the caller bound at `socket` (with the owner,
+    /// group and mode it chose), as one of several exports of a device of which one at a time
+    /// runs (`handover.rs`; `Member::default()` for the only one).
+    pub fn start_on(
         dev: Arc<dyn BlockDevice>,
         settings: DeviceSettings,
         socket: &Path,
+        listener: UnixListener,
         on_failure: Option<FailureSink>,
         handover: Member,
     ) -> Result<Export, SocketError> {
-        let listener = bind_private(socket)?;
         let wake = listener.try_clone().ok();
         let stopping = Arc::new(AtomicBool::new(false));
         let mut backend = BlkBackend::new(dev, settings).with_handover(handover);

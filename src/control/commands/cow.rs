@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 
 use super::{args, NoArgs};
 use crate::control::protocol::QmpError;
+use crate::daemon::saved::SavedCow;
 use crate::daemon::state::State;
 use crate::engine::cow::{open_cow, CowFiles, CowOptions, MergeState};
 
@@ -43,6 +44,8 @@ struct Create {
     chunk_size: Option<u64>,
     #[serde(default)]
     transient: bool,
+    /// Open it again after a restart (saved beside the pool); default true.
+    persistent: Option<bool>,
 }
 
 /// A writable snapshot of a read-only origin, as a block node (export it with
@@ -67,6 +70,20 @@ pub(super) fn cow_create(state: &State, v: Value) -> Result<Value, QmpError> {
     let files = Arc::new(files);
     let status = status_json(&a.name, &files);
     state.add_cow_node(&a.name, files)?;
+    if a.persistent.unwrap_or(true) {
+        let saved = SavedCow {
+            name: a.name.clone(),
+            origin: a.origin,
+            store: a.store,
+            chunk_size: a.chunk_size,
+            transient: a.transient,
+        };
+        if let Err(e) = state.save_cow_node(saved) {
+            // Not saved: take it back, so that nothing runs that a restart would lose.
+            let _ = state.remove_cow_node(&a.name);
+            return Err(e.into());
+        }
+    }
     Ok(status)
 }
 

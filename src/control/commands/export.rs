@@ -9,6 +9,7 @@ use super::{args, NoArgs};
 use crate::control::protocol::QmpError;
 use crate::daemon::export_settings::ExportSettings;
 use crate::daemon::state::{socket_path_is_valid, ExportConfig, State};
+use crate::socket_access::{self, SocketAccess};
 
 pub(super) fn query_block_exports(state: &State, v: Value) -> Result<Value, QmpError> {
     let NoArgs {} = args(v)?;
@@ -59,6 +60,41 @@ struct ExportAdd {
     poll_us: Option<u32>,
     #[serde(rename = "submit-batch")]
     submit_batch: Option<u16>,
+    /// Octal, as a string ("0660"); thinblk's own, like the two below.
+    #[serde(rename = "socket-mode")]
+    socket_mode: Option<String>,
+    /// A user name or number, as a string.
+    #[serde(rename = "socket-owner")]
+    socket_owner: Option<String>,
+    /// A group name or number, as a string.
+    #[serde(rename = "socket-group")]
+    socket_group: Option<String>,
+    /// Start it again after a restart (saved beside the pool); thinblk's own.
+    persistent: Option<bool>,
+}
+
+/// The socket's owner, group and mode as asked (unset ones take the daemon's defaults).
+fn socket_access(a: &ExportAdd) -> Result<SocketAccess, QmpError> {
+    let bad = |key: &str, e: socket_access::AccessError| {
+        QmpError::generic(format!("invalid arguments: '{key}': {e}"))
+    };
+    Ok(SocketAccess {
+        mode: a
+            .socket_mode
+            .as_deref()
+            .map(|m| socket_access::parse_mode(m).map_err(|e| bad("socket-mode", e)))
+            .transpose()?,
+        owner: a
+            .socket_owner
+            .as_deref()
+            .map(|u| socket_access::parse_user(u).map_err(|e| bad("socket-owner", e)))
+            .transpose()?,
+        group: a
+            .socket_group
+            .as_deref()
+            .map(|g| socket_access::parse_group(g).map_err(|e| bad("socket-group", e)))
+            .transpose()?,
+    })
 }
 
 pub(super) fn block_export_add(state: &State, v: Value) -> Result<Value, QmpError> {
@@ -69,6 +105,7 @@ pub(super) fn block_export_add(state: &State, v: Value) -> Result<Value, QmpErro
             a.kind
         )));
     }
+    let access = socket_access(&a)?;
     let SocketAddress::Unix { path } = a.addr;
     if !socket_path_is_valid(&path) {
         return Err(QmpError::generic(format!(
@@ -90,13 +127,19 @@ pub(super) fn block_export_add(state: &State, v: Value) -> Result<Value, QmpErro
             e.rule
         ))
     })?;
-    state.add_export(ExportConfig {
+    let config = ExportConfig {
         id: a.id,
         node: a.node_name,
         socket: path,
         writable: a.writable,
         settings,
-    })?;
+        access,
+    };
+    if a.persistent.unwrap_or(true) {
+        state.add_saved_export(config)?;
+    } else {
+        state.add_export(config)?;
+    }
     Ok(json!({}))
 }
 
