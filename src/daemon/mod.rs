@@ -17,9 +17,12 @@ use crate::sockets::SocketError;
 use export_settings::ExportSettings;
 use state::{ExportConfig, Node, State, StateError};
 
+pub mod counted;
 pub mod events;
 pub mod export_settings;
+pub mod histogram;
 pub mod state;
+pub mod stats;
 pub mod watch;
 
 /// Size of the disk `thinblk serve` creates when run with no options.

@@ -9,8 +9,10 @@ use log::info;
 use parking_lot::Mutex;
 use serde_json::Value;
 
+use super::counted::Counted;
 use super::events::EventBus;
 use super::export_settings::{ExportSettings, SettingsError};
+use super::stats::{counting_invalid, ExportStats};
 use super::watch::{forward_pool_events, io_error_sink, Watched, WriteThreshold};
 use crate::engine::cow::{CowEvent, CowFiles};
 use crate::engine::thin::{VolumeError, Volumes};
@@ -40,6 +42,8 @@ struct RunningExport {
     config: ExportConfig,
     /// Dropping it stops the export and removes its socket.
     export: Export,
+    /// What its frontends' requests did (query-blockstats).
+    stats: Arc<ExportStats>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -231,7 +235,10 @@ impl State {
             self.write_threshold(&config.node),
             self.me.clone(),
         ));
+        let stats = ExportStats::new();
+        let dev: Arc<dyn BlockDevice> = Arc::new(Counted::new(dev, stats.clone()));
         let sink = io_error_sink(self.me.clone(), &config.id, &config.node);
+        let sink = counting_invalid(stats.clone(), sink);
         let export = Export::start_with(dev, settings, &config.socket, Some(sink))?;
         info!(
             "export {} of node {} at {}",
@@ -239,7 +246,12 @@ impl State {
             config.node,
             config.socket.display()
         );
-        exports.insert(config.id.clone(), RunningExport { config, export });
+        let running = RunningExport {
+            config,
+            export,
+            stats,
+        };
+        exports.insert(running.config.id.clone(), running);
         Ok(())
     }
 
@@ -306,6 +318,15 @@ impl State {
             .values()
             .filter(|e| e.config.node == node)
             .map(|e| e.config.id.clone())
+            .collect()
+    }
+
+    /// Every export with its statistics, by id.
+    pub fn export_stats(&self) -> Vec<(ExportConfig, Arc<ExportStats>)> {
+        self.exports
+            .lock()
+            .values()
+            .map(|e| (e.config.clone(), e.stats.clone()))
             .collect()
     }
 

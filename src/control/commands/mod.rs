@@ -7,6 +7,7 @@ mod decode;
 mod export;
 mod pool;
 mod snapshot;
+mod stats;
 mod thin;
 mod threshold;
 
@@ -52,6 +53,11 @@ pub const COMMANDS: &[(&str, Handler)] = &[
     ("query-cow", cow::query_cow),
     ("cow-merge", cow::cow_merge),
     ("cow-delete", cow::cow_delete),
+    ("query-blockstats", stats::query_blockstats),
+    (
+        "block-latency-histogram-set",
+        stats::block_latency_histogram_set,
+    ),
 ];
 
 pub fn find(name: &str) -> Option<Handler> {
