@@ -1,24 +1,39 @@
-//! An export's device seen through its statistics: every request any frontend submits to a
-//! queue is counted when it completes (see `stats.rs`). The synchronous methods are not
-//! frontends' traffic and pass straight through.
+//! An export's device seen through its statistics and limits: every request any frontend
+//! submits to a queue is counted when it completes (see `stats.rs`), and while the export is
+//! throttled (`throttle.rs`) a read or write over its limits waits here, in the queue, until
+//! the throttle timer wakes the worker; completions keep flowing meanwhile. The synchronous
+//! methods are not frontends' traffic and pass straight through.
 
+use std::collections::VecDeque;
 use std::os::fd::RawFd;
 use std::sync::Arc;
+use std::time::Instant;
 
-use log::debug;
+use log::{debug, warn};
 
 use super::stats::{Done, ExportStats, Kind, QueueStats};
+use super::throttle::ThrottleSlot;
+use super::throttle_timer::{wake_at, Waker};
 use crate::engine::io::{Completion, IoOp, IoQueue, IoRequest, QueueOptions};
 use crate::engine::{BlockDevice, BlockError, Bufs, BufsMut};
 
 pub struct Counted {
     inner: Arc<dyn BlockDevice>,
     stats: Arc<ExportStats>,
+    throttle: Arc<ThrottleSlot>,
 }
 
 impl Counted {
-    pub fn new(inner: Arc<dyn BlockDevice>, stats: Arc<ExportStats>) -> Self {
-        Counted { inner, stats }
+    pub fn new(
+        inner: Arc<dyn BlockDevice>,
+        stats: Arc<ExportStats>,
+        throttle: Arc<ThrottleSlot>,
+    ) -> Self {
+        Counted {
+            inner,
+            stats,
+            throttle,
+        }
     }
 }
 
@@ -49,6 +64,10 @@ impl BlockDevice for Counted {
             stats: self.stats.queue(),
             slots: Vec::new(),
             free: Vec::new(),
+            throttle: self.throttle.clone(),
+            delayed: Default::default(),
+            waker: None,
+            armed: None,
         }))
     }
 }
@@ -72,6 +91,23 @@ struct CountedQueue {
     timed: bool,
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
+    throttle: Arc<ThrottleSlot>,
+    /// Reads and writes waiting for their limits, in order, each direction apart (a read is
+    /// never held up behind a write only writes are limited for).
+    delayed: [VecDeque<IoRequest>; 2],
+    /// Wakes this queue's worker when the first of them may go.
+    waker: Option<Arc<Waker>>,
+    /// When the timer will wake it.
+    armed: Option<Instant>,
+}
+
+/// The direction a throttle limits a request in (0 read, 1 write), if it limits it.
+fn direction(op: &IoOp) -> Option<usize> {
+    match op {
+        IoOp::Read => Some(0),
+        IoOp::Write | IoOp::WriteZeroes(_) => Some(1),
+        IoOp::Flush | IoOp::Discard(_) => None,
+    }
 }
 
 fn request_bytes(req: &IoRequest) -> (u64, u64) {
@@ -107,6 +143,88 @@ impl CountedQueue {
     }
 }
 
+impl CountedQueue {
+    fn bytes_of(&self, req: &IoRequest) -> u64 {
+        let slot = usize::try_from(req.tag)
+            .ok()
+            .and_then(|i| self.slots.get(i));
+        slot.and_then(Option::as_ref).map_or(0, |s| s.bytes)
+    }
+
+    /// Has the timer wake the worker at `at`, unless it already will by then.
+    fn arm(&mut self, at: Instant) {
+        if self.armed.is_some_and(|a| a <= at) {
+            return;
+        }
+        if self.waker.is_none() {
+            match Waker::new(self.inner.notifier()) {
+                Ok(w) => self.waker = Some(w),
+                Err(e) => {
+                    warn!("cannot set up the throttle's wakeup ({e}); throttled requests wait for the next completion or kick");
+                    return;
+                }
+            }
+        }
+        if let Some(w) = &self.waker {
+            wake_at(at, w);
+            self.armed = Some(at);
+        }
+    }
+
+    /// Submits a read or write of a throttled export now if its limits allow and nothing of
+    /// its direction waits before it; else it waits.
+    fn submit_throttled(&mut self, dir: usize, req: IoRequest) {
+        let group = self.throttle.group();
+        let waiting = self.delayed.get(dir).is_some_and(|d| !d.is_empty());
+        if let (Some(g), false) = (&group, waiting) {
+            match g.admit(dir == 1, self.bytes_of(&req), Instant::now()) {
+                None => return self.inner.submit(req),
+                Some(at) => self.arm(at),
+            }
+        } else if group.is_none() {
+            return self.inner.submit(req);
+        }
+        if let Some(d) = self.delayed.get_mut(dir) {
+            d.push_back(req);
+        }
+    }
+
+    /// Submits the waiting requests the limits now allow (all of them when `all`: a drain,
+    /// or the limits were lifted).
+    fn release(&mut self, all: bool) {
+        if self.delayed.iter().all(VecDeque::is_empty) {
+            return;
+        }
+        let now = Instant::now();
+        if self.armed.is_some_and(|a| a <= now) {
+            self.armed = None;
+        }
+        let group = self.throttle.group().filter(|_| !all);
+        let mut submitted = false;
+        for dir in 0..2 {
+            while let Some(front) = self.delayed.get(dir).and_then(VecDeque::front) {
+                if let Some(g) = &group {
+                    if let Some(at) = g.admit(dir == 1, self.bytes_of(front), now) {
+                        self.arm(at);
+                        break;
+                    }
+                }
+                if let Some(req) = self.delayed.get_mut(dir).and_then(VecDeque::pop_front) {
+                    self.inner.submit(req);
+                    submitted = true;
+                }
+            }
+        }
+        if submitted {
+            self.inner.submit_pending();
+        }
+    }
+
+    fn delayed_len(&self) -> usize {
+        self.delayed.iter().map(VecDeque::len).sum()
+    }
+}
+
 impl IoQueue for CountedQueue {
     fn submit(&mut self, mut req: IoRequest) {
         let (bytes, end) = request_bytes(&req);
@@ -119,6 +237,11 @@ impl IoQueue for CountedQueue {
             start,
         };
         req.tag = self.insert(slot);
+        if self.throttle.enabled() {
+            if let Some(dir) = direction(&req.op) {
+                return self.submit_throttled(dir, req);
+            }
+        }
         self.inner.submit(req)
     }
     fn submit_pending(&mut self) {
@@ -129,8 +252,14 @@ impl IoQueue for CountedQueue {
     }
     fn has_completions(&mut self) -> bool {
         self.inner.has_completions()
+            || (self.delayed_len() > 0 && self.armed.is_none_or(|a| a <= Instant::now()))
     }
     fn reap(&mut self, out: &mut dyn FnMut(Completion)) -> usize {
+        if let Some(w) = &self.waker {
+            w.take();
+        }
+        let lifted = !self.throttle.enabled();
+        self.release(lifted);
         self.stats.refresh();
         let CountedQueue {
             inner,
@@ -138,6 +267,7 @@ impl IoQueue for CountedQueue {
             timed,
             slots,
             free,
+            ..
         } = self;
         // One clock read for the whole batch, taken when its first completion comes.
         let mut now = None;
@@ -168,9 +298,11 @@ impl IoQueue for CountedQueue {
         })
     }
     fn in_flight(&self) -> usize {
-        self.inner.in_flight()
+        self.inner.in_flight() + self.delayed_len()
     }
     fn drain(&mut self) {
+        // As QEMU does when it drains: what waits for its limits goes at once.
+        self.release(true);
         self.inner.drain()
     }
     fn completes_at_submit(&self) -> bool {
@@ -195,7 +327,7 @@ mod tests {
     fn completions_come_back_with_the_frontends_tags_and_are_counted() {
         let stats = ExportStats::new();
         let dev = Arc::new(MemoryDevice::new(1 << 20).unwrap());
-        let counted = Arc::new(Counted::new(dev, stats.clone()));
+        let counted = Arc::new(Counted::new(dev, stats.clone(), Default::default()));
         let mut q = counted.open_queue(&opts()).unwrap();
         let flush = IoRequest::unbuffered(IoOp::Flush, false, 77);
         q.submit(flush);

@@ -23,6 +23,8 @@ pub mod export_settings;
 pub mod histogram;
 pub mod state;
 pub mod stats;
+pub mod throttle;
+pub mod throttle_timer;
 pub mod watch;
 
 /// Size of the disk `thinblk serve` creates when run with no options.

@@ -13,6 +13,7 @@ use super::counted::Counted;
 use super::events::EventBus;
 use super::export_settings::{ExportSettings, SettingsError};
 use super::stats::{counting_invalid, ExportStats};
+use super::throttle::{Limits, LimitsError, ThrottleGroups, ThrottleSlot};
 use super::watch::{forward_pool_events, io_error_sink, Watched, WriteThreshold};
 use crate::engine::cow::{CowEvent, CowFiles};
 use crate::engine::thin::{VolumeError, Volumes};
@@ -44,6 +45,8 @@ struct RunningExport {
     export: Export,
     /// What its frontends' requests did (query-blockstats).
     stats: Arc<ExportStats>,
+    /// Its I/O limits (block-set-io-throttle).
+    throttle: Arc<ThrottleSlot>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +73,14 @@ pub enum StateError {
     Settings(#[from] SettingsError),
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum ThrottleError {
+    #[error("no export with id '{0}'")]
+    NoExport(String),
+    #[error(transparent)]
+    Limits(#[from] LimitsError),
+}
+
 /// The daemon's shared state.
 #[derive(Default)]
 pub struct State {
@@ -88,6 +99,8 @@ pub struct State {
     after_lookup: Mutex<Option<Box<dyn Fn() + Send>>>,
     /// Where events go; QMP clients take them from there.
     events: EventBus,
+    /// Throttle groups by name (block-set-io-throttle).
+    throttles: ThrottleGroups,
     /// Write thresholds by node name; every export of a node writes through its threshold.
     thresholds: Mutex<HashMap<String, Arc<WriteThreshold>>>,
     /// This state, for the callbacks (exports, the pool) that report back to it.
@@ -236,7 +249,9 @@ impl State {
             self.me.clone(),
         ));
         let stats = ExportStats::new();
-        let dev: Arc<dyn BlockDevice> = Arc::new(Counted::new(dev, stats.clone()));
+        let throttle = Arc::new(ThrottleSlot::default());
+        let dev: Arc<dyn BlockDevice> =
+            Arc::new(Counted::new(dev, stats.clone(), throttle.clone()));
         let sink = io_error_sink(self.me.clone(), &config.id, &config.node);
         let sink = counting_invalid(stats.clone(), sink);
         let export = Export::start_with(dev, settings, &config.socket, Some(sink))?;
@@ -250,6 +265,7 @@ impl State {
             config,
             export,
             stats,
+            throttle,
         };
         exports.insert(running.config.id.clone(), running);
         Ok(())
@@ -328,6 +344,23 @@ impl State {
             .values()
             .map(|e| (e.config.clone(), e.stats.clone()))
             .collect()
+    }
+
+    /// Sets export `id`'s limits, in throttle group `group` (default: its id). All-zero
+    /// limits lift them.
+    pub fn set_io_throttle(
+        &self,
+        id: &str,
+        group: Option<&str>,
+        limits: Limits,
+    ) -> Result<(), ThrottleError> {
+        let slot = self
+            .exports
+            .lock()
+            .get(id)
+            .map(|e| e.throttle.clone())
+            .ok_or_else(|| ThrottleError::NoExport(id.into()))?;
+        Ok(self.throttles.apply(&slot, group.unwrap_or(id), limits)?)
     }
 
     pub fn export_socket(&self, id: &str) -> Option<PathBuf> {

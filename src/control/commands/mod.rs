@@ -5,6 +5,7 @@ mod basic;
 mod cow;
 mod decode;
 mod export;
+mod io_throttle;
 mod pool;
 mod snapshot;
 mod stats;
@@ -58,6 +59,7 @@ pub const COMMANDS: &[(&str, Handler)] = &[
         "block-latency-histogram-set",
         stats::block_latency_histogram_set,
     ),
+    ("block-set-io-throttle", io_throttle::block_set_io_throttle),
 ];
 
 pub fn find(name: &str) -> Option<Handler> {

@@ -1,0 +1,154 @@
+//! block-set-io-throttle measured by a real frontend (libblkio): a limit holds within 10%,
+//! and an unthrottled export beside the throttled one is not slowed.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::mem::MaybeUninit;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use blkio::{Completion, ReqFlags};
+use common::*;
+use serde_json::json;
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    control: PathBuf,
+    a: PathBuf,
+    b: PathBuf,
+    _daemon: Daemon,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("control.sock");
+    let a = dir.path().join("a.sock");
+    let b = dir.path().join("b.sock");
+    let args: Vec<String> = vec![
+        "--control".into(),
+        control.display().to_string(),
+        "--export".into(),
+        format!("null=1G,socket={},id=a", a.display()),
+        "--export".into(),
+        format!("null=1G,socket={},id=b", b.display()),
+    ];
+    let daemon = Daemon::start(&args, &[&a, &b, &control]);
+    Setup {
+        _dir: dir,
+        control,
+        a,
+        b,
+        _daemon: daemon,
+    }
+}
+
+/// Requests of `len` bytes (reads, or writes) completed in `secs` at queue depth `qd`.
+fn run(socket: &Path, secs: f64, qd: usize, len: usize, writes: bool) -> u64 {
+    let mut c = Client::connect(socket, 1);
+    let span = c.capacity() / len as u64;
+    let q = &mut c.queues[0];
+    let submit = |q: &mut blkio::Blkioq, i: u64, slot: usize| {
+        let buf = (c.region.addr + slot * len) as *mut u8;
+        let offset = (i * 7919 % span) * len as u64;
+        if writes {
+            q.write(offset, buf, len, slot, ReqFlags::empty());
+        } else {
+            q.read(offset, buf, len, slot, ReqFlags::empty());
+        }
+    };
+    for slot in 0..qd {
+        submit(q, slot as u64, slot);
+    }
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let mut done = 0u64;
+    let mut comps: Vec<MaybeUninit<Completion>> = (0..qd).map(|_| MaybeUninit::uninit()).collect();
+    while Instant::now() < end {
+        let mut timeout = Duration::from_secs(5);
+        let n = q.do_io(&mut comps, 1, Some(&mut timeout), None).unwrap();
+        for c in &comps[..n] {
+            // SAFETY: do_io filled the first n.
+            let c = unsafe { c.assume_init_ref() };
+            assert_eq!(c.ret, 0);
+            done += 1;
+            submit(q, done + qd as u64, c.user_data);
+        }
+    }
+    done
+}
+
+fn throttle(q: &mut Qmp, id: &str, extra: serde_json::Value) -> serde_json::Value {
+    let mut args = json!({"id": id, "bps": 0, "bps_rd": 0, "bps_wr": 0,
+        "iops": 0, "iops_rd": 0, "iops_wr": 0});
+    for (k, v) in extra.as_object().unwrap() {
+        args[k] = v.clone();
+    }
+    q.exec("block-set-io-throttle", args)
+}
+
+#[test]
+fn an_iops_limit_holds_within_ten_percent_and_its_neighbour_runs_free() {
+    let s = setup();
+    let mut q = Qmp::connect(&s.control);
+    let alone = run(&s.b, 1.0, 8, 4096, false);
+    let r = throttle(&mut q, "a", json!({"iops": 400}));
+    assert!(r.get("return").is_some(), "{r}");
+
+    let b = s.b.clone();
+    let neighbour = std::thread::spawn(move || run(&b, 1.0, 8, 4096, false));
+    let secs = 4.0;
+    let n = run(&s.a, secs, 8, 4096, false);
+    let beside = neighbour.join().unwrap();
+    let rate = n as f64 / secs;
+    eprintln!("iops=400: {rate:.1} IOPS; neighbour {alone} alone, {beside} beside (1 s each)");
+    // The bucket lets a tenth of a second's worth through at once: 40 of 1600.
+    assert!(
+        (360.0..=440.0).contains(&rate),
+        "400 IOPS limit, measured {rate}"
+    );
+    assert!(
+        beside as f64 >= alone as f64 * 0.5 && beside > 4 * 400,
+        "unthrottled export: {alone} alone, {beside} beside the throttled one"
+    );
+
+    // Writes are limited by bytes per second on the write side only.
+    let r = throttle(&mut q, "a", json!({"bps_wr": 4 << 20}));
+    assert!(r.get("return").is_some(), "{r}");
+    let n = run(&s.a, 3.0, 4, 64 << 10, true);
+    let mib = n as f64 * 64.0 / 1024.0 / 3.0;
+    eprintln!("bps_wr=4 MiB/s: {mib:.2} MiB/s");
+    assert!((3.6..=4.4).contains(&mib), "4 MiB/s limit, measured {mib}");
+    let reads = run(&s.a, 0.5, 8, 4096, false);
+    assert!(reads > 400, "reads are not limited: {reads} in 0.5 s");
+
+    // Lifted: back to full speed at once.
+    let r = throttle(&mut q, "a", json!({}));
+    assert!(r.get("return").is_some(), "{r}");
+    assert!(run(&s.a, 0.5, 8, 4096, false) > 400);
+}
+
+#[test]
+fn throttle_arguments_are_checked_as_qemu_checks_them() {
+    let s = setup();
+    let mut q = Qmp::connect(&s.control);
+    let err = throttle(&mut q, "nope", json!({"iops": 1}));
+    assert_eq!(err["error"]["class"], "DeviceNotFound", "{err}");
+    let err = throttle(&mut q, "a", json!({"iops": 10, "iops_rd": 5}));
+    assert!(
+        err["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("cannot be used at the same time"),
+        "{err}"
+    );
+    let err = throttle(&mut q, "a", json!({"iops": 10, "iops_max": 5}));
+    assert!(err.get("error").is_some(), "{err}");
+    let ok = throttle(
+        &mut q,
+        "a",
+        json!({"iops": 10, "iops_max": 50, "iops_max_length": 3, "group": "g"}),
+    );
+    assert!(ok.get("return").is_some(), "{ok}");
+    let ok = throttle(&mut q, "b", json!({"iops": 10, "group": "g"}));
+    assert!(ok.get("return").is_some(), "{ok}");
+}
