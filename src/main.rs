@@ -139,6 +139,11 @@ struct ServeArgs {
     /// The QMP control socket (mode 0600) [default: DIR/control.sock when a pool is open]
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+
+    /// Serve the exports' statistics and the pool's gauges in the Prometheus text format at
+    /// http://ADDR/metrics (for example 127.0.0.1:9847). Off by default.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 impl ServeArgs {
@@ -194,6 +199,7 @@ impl ServeArgs {
             exports,
             pool,
             control,
+            metrics: self.metrics,
         })
     }
 }

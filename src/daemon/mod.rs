@@ -21,6 +21,7 @@ pub mod counted;
 pub mod events;
 pub mod export_settings;
 pub mod histogram;
+pub mod metrics;
 pub mod state;
 pub mod stats;
 pub mod throttle;
@@ -78,6 +79,12 @@ pub enum ServeError {
         #[source]
         source: SocketError,
     },
+    #[error("serving metrics at {addr}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("waiting for SIGINT and SIGTERM")]
     Signals(#[source] std::io::Error),
 }
@@ -119,6 +126,8 @@ pub struct ServeConfig {
     pub exports: Vec<ExportSpec>,
     pub pool: Option<PoolLocation>,
     pub control: Option<PathBuf>,
+    /// Where to serve Prometheus metrics (`--metrics`), if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// The export a bare `thinblk serve` runs: the thin disk `disk0`, created on the first run.
@@ -327,6 +336,15 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
         }
         None => None,
     };
+    let _metrics = config
+        .metrics
+        .map(|addr| {
+            let server = metrics::MetricsServer::start(addr, &state)
+                .map_err(|source| ServeError::Metrics { addr, source })?;
+            println!("metrics (Prometheus) at http://{}/metrics", server.addr());
+            Ok::<_, ServeError>(server)
+        })
+        .transpose()?;
     let sig = signals.wait().map_err(ServeError::Signals)?;
     info!("signal {sig}: stopping");
     state.stop_all();
