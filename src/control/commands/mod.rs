@@ -7,6 +7,7 @@ mod decode;
 mod export;
 mod io_throttle;
 mod pool;
+mod pool_resize;
 mod snapshot;
 mod stats;
 mod thin;
@@ -60,6 +61,7 @@ pub const COMMANDS: &[(&str, Handler)] = &[
         stats::block_latency_histogram_set,
     ),
     ("block-set-io-throttle", io_throttle::block_set_io_throttle),
+    ("pool-resize", pool_resize::pool_resize),
 ];
 
 pub fn find(name: &str) -> Option<Handler> {
