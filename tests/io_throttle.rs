@@ -90,17 +90,21 @@ fn throttle(q: &mut Qmp, id: &str, extra: serde_json::Value) -> serde_json::Valu
 fn an_iops_limit_holds_within_ten_percent_and_its_neighbour_runs_free() {
     let s = setup();
     let mut q = Qmp::connect(&s.control);
-    let alone = run(&s.b, 1.0, 8, 4096, false);
+    // The best of three short runs: this machine's other load comes and goes.
+    let best = |p: &Path| (0..3).map(|_| run(p, 0.5, 8, 4096, false)).max().unwrap();
+    let alone = best(&s.b);
     let r = throttle(&mut q, "a", json!({"iops": 400}));
     assert!(r.get("return").is_some(), "{r}");
 
     let b = s.b.clone();
-    let neighbour = std::thread::spawn(move || run(&b, 1.0, 8, 4096, false));
+    let neighbour = std::thread::spawn(move || best(&b));
     let secs = 4.0;
     let n = run(&s.a, secs, 8, 4096, false);
     let beside = neighbour.join().unwrap();
     let rate = n as f64 / secs;
-    eprintln!("iops=400: {rate:.1} IOPS; neighbour {alone} alone, {beside} beside (1 s each)");
+    eprintln!(
+        "iops=400: {rate:.1} IOPS; neighbour {alone} alone, {beside} beside (best 0.5 s of 3)"
+    );
     // The bucket lets a tenth of a second's worth through at once: 40 of 1600.
     assert!(
         (360.0..=440.0).contains(&rate),

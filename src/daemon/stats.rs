@@ -9,7 +9,6 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
 use parking_lot::Mutex;
 
@@ -64,6 +63,30 @@ impl Kind {
     }
 }
 
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into a live local; with a clock every Linux
+    // has it cannot fail.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
+    let ns = u64::try_from(ts.tv_nsec).unwrap_or(0);
+    secs.wrapping_mul(1_000_000_000).wrapping_add(ns)
+}
+
+/// The monotonic clock in ns (what `Instant` reads): for latencies.
+pub fn now() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+/// The same clock as of its last tick (a few ms behind at most), at a fraction of the cost:
+/// good enough for idle time, which is all it is used for.
+pub fn coarse_now() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC_COARSE)
+}
+
 /// Adds `n` to a counter only its owner writes: a load and a store, no locked instruction.
 fn bump(c: &AtomicU64, n: u64) {
     c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
@@ -80,7 +103,7 @@ pub struct QueueCounters {
     failed: [AtomicU64; KINDS],
     /// The end of the furthest successful write.
     wr_highest: AtomicU64,
-    /// When the last request finished, in ns since the export's epoch; 0: never.
+    /// When the last request finished ([`now`] or [`coarse_now`]); 0: never.
     last_done: AtomicU64,
     /// The histograms this queue counts into, for readers (the worker keeps its own copy).
     bins: Mutex<[Option<Arc<Bins>>; HISTOGRAMS]>,
@@ -94,7 +117,7 @@ pub struct Done {
     pub end: u64,
     pub ok: bool,
     pub latency_ns: u64,
-    /// When it finished, in ns since the export's epoch.
+    /// When it finished ([`now`], or [`coarse_now`] when not timed).
     pub at: u64,
 }
 
@@ -108,11 +131,6 @@ pub struct QueueStats {
 }
 
 impl QueueStats {
-    /// Nanoseconds since the export's epoch: one clock read.
-    pub fn now(&self) -> u64 {
-        u64::try_from(self.export.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
-    }
-
     /// Picks up a new histogram setting, if there is one (a relaxed load otherwise).
     pub fn refresh(&mut self) {
         let current = self.export.generation.load(Ordering::Acquire);
@@ -189,7 +207,6 @@ pub struct HistogramRequest {
 
 /// One export's statistics.
 pub struct ExportStats {
-    epoch: Instant,
     /// Every queue's counters, and whether a queue owns them now.
     queues: Mutex<Vec<(Arc<QueueCounters>, bool)>>,
     invalid: [AtomicU64; KINDS],
@@ -224,7 +241,6 @@ pub struct Snapshot {
 impl Default for ExportStats {
     fn default() -> Self {
         ExportStats {
-            epoch: Instant::now(),
             queues: Mutex::default(),
             invalid: Default::default(),
             last_invalid: AtomicU64::new(0),
@@ -279,7 +295,7 @@ impl ExportStats {
         if let Some(c) = self.invalid.get(kind as usize) {
             c.fetch_add(1, Ordering::Relaxed);
         }
-        let at = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let at = coarse_now();
         self.last_invalid.fetch_max(at.max(1), Ordering::Relaxed);
     }
 
@@ -359,7 +375,7 @@ impl ExportStats {
         for (i, c) in s.invalid.iter_mut().zip(self.invalid.iter()) {
             *i = c.load(Ordering::Relaxed);
         }
-        let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let now = now();
         s.idle_time_ns = (last > 0).then(|| now.saturating_sub(last));
         s.histograms = hist;
         s
