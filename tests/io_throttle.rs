@@ -17,6 +17,8 @@ struct Setup {
     control: PathBuf,
     a: PathBuf,
     b: PathBuf,
+    /// A raw file export: its queue is an io_uring, whose eventfd the kernel writes too.
+    raw: PathBuf,
     _daemon: Daemon,
 }
 
@@ -25,6 +27,12 @@ fn setup() -> Setup {
     let control = dir.path().join("control.sock");
     let a = dir.path().join("a.sock");
     let b = dir.path().join("b.sock");
+    let raw = dir.path().join("raw.sock");
+    let image = dir.path().join("raw.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
     let args: Vec<String> = vec![
         "--control".into(),
         control.display().to_string(),
@@ -32,13 +40,16 @@ fn setup() -> Setup {
         format!("null=1G,socket={},id=a", a.display()),
         "--export".into(),
         format!("null=1G,socket={},id=b", b.display()),
+        "--export".into(),
+        format!("raw={},socket={},id=raw", image.display(), raw.display()),
     ];
-    let daemon = Daemon::start(&args, &[&a, &b, &control]);
+    let daemon = Daemon::start(&args, &[&a, &b, &raw, &control]);
     Setup {
         _dir: dir,
         control,
         a,
         b,
+        raw,
         _daemon: daemon,
     }
 }
@@ -129,6 +140,21 @@ fn an_iops_limit_holds_within_ten_percent_and_its_neighbour_runs_free() {
     let r = throttle(&mut q, "a", json!({}));
     assert!(r.get("return").is_some(), "{r}");
     assert!(run(&s.a, 0.5, 8, 4096, false) > 400);
+}
+
+#[test]
+fn a_limit_holds_on_an_io_uring_queue_too() {
+    let s = setup();
+    let mut q = Qmp::connect(&s.control);
+    let r = throttle(&mut q, "raw", json!({"iops_rd": 200}));
+    assert!(r.get("return").is_some(), "{r}");
+    let secs = 3.0;
+    let rate = run(&s.raw, secs, 8, 4096, false) as f64 / secs;
+    eprintln!("raw, iops_rd=200: {rate:.1} IOPS");
+    assert!(
+        (180.0..=220.0).contains(&rate),
+        "200 IOPS limit, measured {rate}"
+    );
 }
 
 #[test]
