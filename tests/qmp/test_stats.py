@@ -76,7 +76,13 @@ def test_pool_resize_grows_both_devices_and_refuses_to_shrink(pool):
         after = await qmp.execute("query-pool")
         assert (after["data-blocks"], after["metadata-blocks"]) == (1024, 2048)
         assert after["data-free-blocks"] == 1024
-        assert os.path.getsize(os.path.join(pool["dir"], "pool", "data")) == 64 << 20
+        data = os.path.join(pool["dir"], "pool", "data")
+        assert os.path.getsize(data) == 64 << 20
+        # Grown underneath (as lvextend grows a block device): no size re-reads it.
+        os.truncate(data, 96 << 20)
+        r = await qmp.execute("pool-resize")
+        assert r["data-blocks"] == 1536
+        assert (await qmp.execute("query-pool"))["data-free-blocks"] == 1536
         await qmp.disconnect()
 
     run(go())
