@@ -12,6 +12,9 @@ use blkio::{Completion, ReqFlags};
 use common::*;
 use serde_json::json;
 
+/// The tests here measure rates: one at a time, or they measure each other.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 struct Setup {
     _dir: tempfile::TempDir,
     control: PathBuf,
@@ -22,7 +25,8 @@ struct Setup {
     _daemon: Daemon,
 }
 
-fn setup() -> Setup {
+fn setup() -> (std::sync::MutexGuard<'static, ()>, Setup) {
+    let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let control = dir.path().join("control.sock");
     let a = dir.path().join("a.sock");
@@ -44,14 +48,15 @@ fn setup() -> Setup {
         format!("raw={},socket={},id=raw", image.display(), raw.display()),
     ];
     let daemon = Daemon::start(&args, &[&a, &b, &raw, &control]);
-    Setup {
+    let s = Setup {
         _dir: dir,
         control,
         a,
         b,
         raw,
         _daemon: daemon,
-    }
+    };
+    (guard, s)
 }
 
 /// Requests of `len` bytes (reads, or writes) completed in `secs` at queue depth `qd`.
@@ -99,7 +104,7 @@ fn throttle(q: &mut Qmp, id: &str, extra: serde_json::Value) -> serde_json::Valu
 
 #[test]
 fn an_iops_limit_holds_within_ten_percent_and_its_neighbour_runs_free() {
-    let s = setup();
+    let (_one, s) = setup();
     let mut q = Qmp::connect(&s.control);
     // The best of three short runs: this machine's other load comes and goes.
     let best = |p: &Path| (0..3).map(|_| run(p, 0.5, 8, 4096, false)).max().unwrap();
@@ -144,7 +149,7 @@ fn an_iops_limit_holds_within_ten_percent_and_its_neighbour_runs_free() {
 
 #[test]
 fn a_limit_holds_on_an_io_uring_queue_too() {
-    let s = setup();
+    let (_one, s) = setup();
     let mut q = Qmp::connect(&s.control);
     let r = throttle(&mut q, "raw", json!({"iops_rd": 200}));
     assert!(r.get("return").is_some(), "{r}");
@@ -159,7 +164,7 @@ fn a_limit_holds_on_an_io_uring_queue_too() {
 
 #[test]
 fn throttle_arguments_are_checked_as_qemu_checks_them() {
-    let s = setup();
+    let (_one, s) = setup();
     let mut q = Qmp::connect(&s.control);
     let err = throttle(&mut q, "nope", json!({"iops": 1}));
     assert_eq!(err["error"]["class"], "DeviceNotFound", "{err}");
