@@ -253,6 +253,10 @@ struct ServeArgs {
     /// Group (name or number) of the QMP control socket.
     #[arg(long, value_name = "GROUP", value_parser = group_arg)]
     control_group: Option<u32>,
+    /// Serve the exports' statistics and the pool's gauges in the Prometheus text format at
+    /// http://ADDR/metrics (for example 127.0.0.1:9847). Off by default.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 impl ServeArgs {
@@ -321,6 +325,7 @@ impl ServeArgs {
                 group: self.control_group,
             },
             reload: None,
+            metrics: self.metrics,
         })
     }
 }

@@ -18,6 +18,7 @@ use crate::sockets::SocketError;
 use export_settings::ExportSettings;
 use state::{ExportConfig, Node, State, StateError};
 
+pub mod counted;
 pub mod events;
 pub mod export_settings;
 mod fd_limit;
@@ -28,6 +29,11 @@ mod restore;
 pub mod saved;
 pub mod state;
 pub mod upgrade;
+pub mod histogram;
+pub mod metrics;
+pub mod stats;
+pub mod throttle;
+pub mod throttle_timer;
 pub mod watch;
 
 /// Size of the disk `thinblk serve` creates when run with no options.
@@ -85,6 +91,12 @@ pub enum ServeError {
     Nbd(#[source] nbd::NbdStateError),
     #[error(transparent)]
     Saved(#[from] saved::SavedError),
+    #[error("serving metrics at {addr}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("waiting for SIGINT and SIGTERM")]
     Signals(#[source] std::io::Error),
 }
@@ -138,6 +150,8 @@ pub struct ServeConfig {
     pub control_access: SocketAccess,
     /// Reads the configuration again (at SIGHUP) and returns the exports it now asks for.
     pub reload: Option<Reload>,
+    /// Where to serve Prometheus metrics (`--metrics`), if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// See [`ServeConfig::reload`].
@@ -407,6 +421,15 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
         }
         None => None,
     };
+    let _metrics = config
+        .metrics
+        .map(|addr| {
+            let server = metrics::MetricsServer::start(addr, &state)
+                .map_err(|source| ServeError::Metrics { addr, source })?;
+            println!("metrics (Prometheus) at http://{}/metrics", server.addr());
+            Ok::<_, ServeError>(server)
+        })
+        .transpose()?;
     crate::sockets::inherited::close_unclaimed();
     // Every socket listens (bound and listening before its export or server started).
     notify::ready(state.exports().len());

@@ -9,9 +9,12 @@ use log::info;
 use parking_lot::Mutex;
 use serde_json::Value;
 
+use super::counted::Counted;
 use super::events::EventBus;
 use super::export_settings::{ExportSettings, SettingsError};
 use super::saved::{SavedCow, SavedError, SavedState};
+use super::stats::{counting_invalid, ExportStats};
+use super::throttle::{Limits, LimitsError, ThrottleGroups, ThrottleSlot};
 use super::watch::{forward_pool_events, io_error_sink, Watched, WriteThreshold};
 use crate::engine::cow::{CowEvent, CowFiles};
 use crate::engine::thin::{VolumeError, Volumes};
@@ -45,6 +48,10 @@ struct RunningExport {
     config: ExportConfig,
     /// Dropping it stops the export and removes its socket.
     export: Export,
+    /// What its frontends' requests did (query-blockstats).
+    stats: Arc<ExportStats>,
+    /// Its I/O limits (block-set-io-throttle).
+    throttle: Arc<ThrottleSlot>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +80,14 @@ pub enum StateError {
     Saved(#[from] SavedError),
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum ThrottleError {
+    #[error("no export with id '{0}'")]
+    NoExport(String),
+    #[error(transparent)]
+    Limits(#[from] LimitsError),
+}
+
 /// The daemon's shared state.
 #[derive(Default)]
 pub struct State {
@@ -95,6 +110,8 @@ pub struct State {
     socket_defaults: Mutex<SocketAccess>,
     /// Where exports and nodes made over QMP are saved, when the daemon has a pool.
     saved: std::sync::OnceLock<SavedState>,
+    /// Throttle groups by name (block-set-io-throttle).
+    throttles: ThrottleGroups,
     /// Write thresholds by node name; every export of a node writes through its threshold.
     thresholds: Mutex<HashMap<String, Arc<WriteThreshold>>>,
     /// Which export of a node runs it, by node name: a node may be exported several times (the
@@ -311,7 +328,12 @@ impl State {
             self.write_threshold(&config.node),
             self.me.clone(),
         ));
+        let stats = ExportStats::new();
+        let throttle = Arc::new(ThrottleSlot::default());
+        let dev: Arc<dyn BlockDevice> =
+            Arc::new(Counted::new(dev, stats.clone(), throttle.clone()));
         let sink = io_error_sink(self.me.clone(), &config.id, &config.node);
+        let sink = counting_invalid(stats.clone(), sink);
         let turn = self.handover(&config.node).member(&config.id);
         let access = config.access.or(*self.socket_defaults.lock());
         let listener = bind_with(&config.socket, &access)?;
@@ -323,7 +345,13 @@ impl State {
             config.node,
             config.socket.display()
         );
-        exports.insert(config.id.clone(), RunningExport { config, export });
+        let running = RunningExport {
+            config,
+            export,
+            stats,
+            throttle,
+        };
+        exports.insert(running.config.id.clone(), running);
         Ok(())
     }
 
@@ -426,6 +454,32 @@ impl State {
             .lock()
             .get(id)
             .is_some_and(|e| e.export.active())
+    }
+
+    /// Every export with its statistics, by id.
+    pub fn export_stats(&self) -> Vec<(ExportConfig, Arc<ExportStats>)> {
+        self.exports
+            .lock()
+            .values()
+            .map(|e| (e.config.clone(), e.stats.clone()))
+            .collect()
+    }
+
+    /// Sets export `id`'s limits, in throttle group `group` (default: its id). All-zero
+    /// limits lift them.
+    pub fn set_io_throttle(
+        &self,
+        id: &str,
+        group: Option<&str>,
+        limits: Limits,
+    ) -> Result<(), ThrottleError> {
+        let slot = self
+            .exports
+            .lock()
+            .get(id)
+            .map(|e| e.throttle.clone())
+            .ok_or_else(|| ThrottleError::NoExport(id.into()))?;
+        Ok(self.throttles.apply(&slot, group.unwrap_or(id), limits)?)
     }
 
     pub fn export_socket(&self, id: &str) -> Option<PathBuf> {

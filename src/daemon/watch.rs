@@ -299,6 +299,7 @@ mod tests {
             sector: 0,
             status: 1,
             nospace: true,
+            invalid: false,
             reason: "test".into(),
         };
         for _ in 0..100 {

@@ -56,6 +56,11 @@ impl ExecuteError {
     pub fn nospace(&self) -> bool {
         matches!(self, ExecuteError::Device(BlockError::NoSpace))
     }
+
+    /// The request was refused before it reached the device (QEMU's "invalid" operations).
+    pub fn invalid(&self) -> bool {
+        !matches!(self, ExecuteError::Device(_) | ExecuteError::NoQueue)
+    }
 }
 
 /// A request that failed, as the export's owner hears of it.
@@ -66,6 +71,8 @@ pub struct Failure {
     pub status: u8,
     /// The device ran out of space (a thin pool without free data blocks).
     pub nospace: bool,
+    /// Refused before the device saw it (out of range, malformed ranges...).
+    pub invalid: bool,
     pub reason: String,
 }
 
@@ -221,6 +228,7 @@ pub fn finish(
                     sector,
                     status: e.status(),
                     nospace: e.nospace(),
+                    invalid: e.invalid(),
                     reason: e.to_string(),
                 });
             }

@@ -6,8 +6,11 @@ mod cow;
 mod decode;
 mod export;
 mod nbd;
+mod io_throttle;
 mod pool;
+mod pool_resize;
 mod snapshot;
+mod stats;
 mod thin;
 mod threshold;
 mod upgrade;
@@ -59,6 +62,13 @@ pub const COMMANDS: &[(&str, Handler)] = &[
     ("nbd-server-add", nbd::nbd_server_add),
     ("nbd-server-remove", nbd::nbd_server_remove),
     ("nbd-server-stop", nbd::nbd_server_stop),
+    ("query-blockstats", stats::query_blockstats),
+    (
+        "block-latency-histogram-set",
+        stats::block_latency_histogram_set,
+    ),
+    ("block-set-io-throttle", io_throttle::block_set_io_throttle),
+    ("pool-resize", pool_resize::pool_resize),
 ];
 
 pub fn find(name: &str) -> Option<Handler> {

@@ -16,6 +16,8 @@ pub mod volumes;
 pub use device::ThinDevice;
 pub use error::{Result, ThinError};
 pub use metadata::{Lookup, MappedRange, PoolMetadata};
-pub use pool::{Pool, PoolEvent, PoolGeometry, PoolMode, PoolOpenError, PoolOptions};
+pub use pool::{
+    CommitTimes, Pool, PoolEvent, PoolGeometry, PoolMode, PoolOpenError, PoolOptions, ResizeError,
+};
 pub use query::{DeltaKind, DeltaRun};
 pub use volumes::{DiskInfo, SnapshotTiming, VolumeError, Volumes};

@@ -72,7 +72,10 @@ impl Pool {
         &self,
         meta: &mut PoolMetadata,
     ) -> Result<(), BlockError> {
-        meta.commit().map_err(|e| {
+        let started = Instant::now();
+        let committed = meta.commit();
+        self.commit_stats.record(started.elapsed());
+        committed.map_err(|e| {
             if e.is_fatal() {
                 // `commit` already went back to the last commit and stopped changes.
                 error!("commit failed, the pool becomes read-only: {e}");
@@ -169,7 +172,10 @@ impl Pool {
         self.io_gate.grace();
         self.flush_data()?;
         let mut meta = self.meta.write();
-        match meta.commit() {
+        let started = Instant::now();
+        let committed = meta.commit();
+        self.commit_stats.record(started.elapsed());
+        match committed {
             Ok(()) => {
                 state.committed = covered;
                 Ok(())

@@ -29,10 +29,14 @@ use super::prison::Prison;
 use crate::engine::DataDevice;
 
 mod commit;
+mod commit_stats;
 mod open;
+mod resize;
 mod space;
 
+pub use commit_stats::CommitTimes;
 pub use open::PoolOpenError;
+pub use resize::ResizeError;
 
 /// What the pool can do right now, as dm-thin reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -142,6 +146,8 @@ pub struct Pool {
     /// preallocated again: one handed out there that is still a hole only makes its first
     /// write allocate its own space.
     preallocated: AtomicU64,
+    /// How long commits take.
+    commit_stats: commit_stats::CommitStats,
     stopping: Arc<AtomicBool>,
     /// The commit timer, joined by `close` so that the pool is gone (and its metadata lock
     /// released) as soon as its owner drops it.

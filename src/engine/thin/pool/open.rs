@@ -126,6 +126,7 @@ impl Pool {
             data_low_water: AtomicU64::new(0),
             data_low_fired: AtomicBool::new(false),
             preallocated: AtomicU64::new(0),
+            commit_stats: Default::default(),
             stopping: Arc::new(AtomicBool::new(false)),
             timer: Mutex::new(None),
         });
