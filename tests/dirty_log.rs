@@ -275,7 +275,9 @@ fn qd32_rate(vm: &mut Vm, kind: u32, secs: f64) -> f64 {
     let mut rng = 0x2545F4914F6CDD1Du64;
     let started = std::time::Instant::now();
     let mut done = 0u64;
-    while started.elapsed().as_secs_f64() < secs {
+    // Below 65536 requests per connection: past the avail index's wrap, this test's driver
+    // (or the device) loses a chain, on main too (a known, separate problem).
+    while started.elapsed().as_secs_f64() < secs && done < 60_000 {
         for &(h, buf, st) in &slots {
             rng ^= rng << 13;
             rng ^= rng >> 7;
@@ -301,14 +303,15 @@ fn qd32_rate(vm: &mut Vm, kind: u32, secs: f64) -> f64 {
 
 /// The cost of dirty logging, measured (issue 14 asks for at least 0.9x): 4 KiB random reads
 /// and writes at QD32 on a null export with logging off, then on. A measurement, not a check:
-/// `cargo test --release --test dirty_log -- --ignored --nocapture` (DIRTY_LOG_SECS, default 5).
+/// `cargo test --release --test dirty_log -- --ignored --nocapture` (DIRTY_LOG_SECS, default 3;
+/// each phase stops at 60,000 requests).
 #[test]
 #[ignore = "a measurement; run by hand with --ignored --nocapture"]
 fn logging_on_against_off_at_qd32() {
     let secs: f64 = std::env::var("DIRTY_LOG_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(5.0);
+        .unwrap_or(3.0);
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("null.sock");
     let args = vec![
@@ -322,6 +325,8 @@ fn logging_on_against_off_at_qd32() {
     ] {
         let mut vm = Vm::connect_with(&socket, 1, VhostUserProtocolFeatures::LOG_SHMFD);
         let off = qd32_rate(&mut vm, kind, secs);
+        drop(vm);
+        let mut vm = Vm::connect_with(&socket, 1, VhostUserProtocolFeatures::LOG_SHMFD);
         let _log = start_logging(&mut vm);
         let on = qd32_rate(&mut vm, kind, secs);
         println!(
