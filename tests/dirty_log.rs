@@ -276,7 +276,7 @@ fn the_used_ring_log_toggled_on_a_busy_ring_loses_no_completion() {
         std::thread::spawn(move || {
             let mut n = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                fe.set_vring_addr(0, if n % 2 == 0 { &on } else { &off })
+                fe.set_vring_addr(0, if n.is_multiple_of(2) { &on } else { &off })
                     .unwrap();
                 n += 1;
             }
