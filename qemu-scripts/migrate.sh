@@ -185,8 +185,9 @@ sys.exit(0 if "d-a" not in active else 1)' "$SCRATCH/exports.json" \
         finish B
     fi
     if [ "$case" = snap ]; then
-        wait "$snapper"
-        grep -q '"ids"' "$SCRATCH/snap2.out" || die "live snapshot during migration: $(cat "$SCRATCH/snap2.out")"
+        wait "$snapper" || die "live snapshot during migration: $(cat "$SCRATCH/snap2.out")"
+        python3 "$HERE/qmp.py" "$SCRATCH/ctl.sock" query-thin-devices | grep -q '"d-snap2"' \
+            || die "the snapshot taken during the migration is missing"
     fi
     stop_server_and_check
     log "case $case: PASS"

@@ -17,6 +17,8 @@ use std::os::unix::fs::FileExt;
 use common::{pattern, raw_export, scratch, Daemon, Scratch};
 use frontend::{r, w, Desc, Vm, GUEST_BASE, GUEST_SIZE};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+#[allow(unused_imports)]
+use vhost::vhost_user::VhostUserFrontend;
 use vhost::{VhostBackend, VhostUserDirtyLogRegion};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_OK, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
@@ -253,6 +255,40 @@ fn hostile_logs_are_refused_and_the_daemon_lives_on() {
     }
 }
 
+/// QEMU sends SET_VRING_ADDR again, with the used ring logged, to rings that run requests
+/// when a migration starts (and without, when it ends). vhost-user-backend's handler then
+/// re-reads the used index from guest memory and sets it as the ring's next used index, apart
+/// from the worker adding used entries: a completion added in between is overwritten and the
+/// guest waits forever. Toggled here while QD32 reads run; every one must complete.
+#[test]
+fn the_used_ring_log_toggled_on_a_busy_ring_loses_no_completion() {
+    let d = serve();
+    let mut vm = d.connect();
+    let log = log_memfd(LOG_BYTES, true);
+    set_log(&vm, &log, LOG_BYTES, 0).unwrap();
+    vm.fe.set_features(vm.acked_features | LOG_ALL).unwrap();
+    let used = vm.used_ring(0);
+    let (on, off) = (vm.ring_config(0, Some(used)), vm.ring_config(0, None));
+    let fe = vm.fe.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let toggler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                fe.set_vring_addr(0, if n.is_multiple_of(2) { &on } else { &off })
+                    .unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+    let rate = qd32_rate(&mut vm, VIRTIO_BLK_T_IN, 1.5);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let toggles = toggler.join().unwrap();
+    assert!(rate > 0.0 && toggles > 0);
+}
+
 #[test]
 fn a_used_ring_log_address_elsewhere_is_refused() {
     let d = serve();
@@ -275,7 +311,9 @@ fn qd32_rate(vm: &mut Vm, kind: u32, secs: f64) -> f64 {
     let mut rng = 0x2545F4914F6CDD1Du64;
     let started = std::time::Instant::now();
     let mut done = 0u64;
-    while started.elapsed().as_secs_f64() < secs {
+    // Below 65536 requests per connection: past the avail index's wrap, this test's driver
+    // (or the device) loses a chain, on main too (a known, separate problem).
+    while started.elapsed().as_secs_f64() < secs && done < 60_000 {
         for &(h, buf, st) in &slots {
             rng ^= rng << 13;
             rng ^= rng >> 7;
@@ -300,15 +338,19 @@ fn qd32_rate(vm: &mut Vm, kind: u32, secs: f64) -> f64 {
 }
 
 /// The cost of dirty logging, measured (issue 14 asks for at least 0.9x): 4 KiB random reads
-/// and writes at QD32 on a null export with logging off, then on. A measurement, not a check:
-/// `cargo test --release --test dirty_log -- --ignored --nocapture` (DIRTY_LOG_SECS, default 5).
+/// and writes at QD32 on a null export with logging off, then on. On a busy machine this
+/// driver's batches mostly wait for a call eventfd that comes late (one batch per 1-10 s, the
+/// same with main's binary), so its rates say little yet; `dirty_log.rs`'s
+/// `cost_of_marking_per_request` gives the cost per request. A measurement, not a check:
+/// `cargo test --release --test dirty_log -- --ignored --nocapture` (DIRTY_LOG_SECS, default 3;
+/// each phase stops at 60,000 requests).
 #[test]
 #[ignore = "a measurement; run by hand with --ignored --nocapture"]
 fn logging_on_against_off_at_qd32() {
     let secs: f64 = std::env::var("DIRTY_LOG_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(5.0);
+        .unwrap_or(3.0);
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("null.sock");
     let args = vec![
@@ -322,6 +364,9 @@ fn logging_on_against_off_at_qd32() {
     ] {
         let mut vm = Vm::connect_with(&socket, 1, VhostUserProtocolFeatures::LOG_SHMFD, &mut |_| {});
         let off = qd32_rate(&mut vm, kind, secs);
+        println!("DIRTY-LOG {name} 4k qd32: off {off:.0}/s");
+        drop(vm);
+        let mut vm = Vm::connect_with(&socket, 1, VhostUserProtocolFeatures::LOG_SHMFD);
         let _log = start_logging(&mut vm);
         let on = qd32_rate(&mut vm, kind, secs);
         println!(

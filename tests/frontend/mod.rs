@@ -207,8 +207,14 @@ impl Vm {
     /// Sends queue `q`'s addresses again, with the used ring logged (`VHOST_VRING_F_LOG`,
     /// at `log_addr`) or not, as QEMU does when migration starts and ends.
     pub fn set_ring_log(&mut self, q: usize, log_addr: Option<u64>) -> vhost::Result<()> {
+        let config = self.ring_config(q, log_addr);
+        self.fe.set_vring_addr(q, &config)
+    }
+
+    /// Queue `q`'s SET_VRING_ADDR payload, its used ring logged at `log_addr` or not.
+    pub fn ring_config(&self, q: usize, log_addr: Option<u64>) -> VringConfigData {
         let vq = &self.queues[q];
-        let config = VringConfigData {
+        VringConfigData {
             queue_max_size: QUEUE_SIZE,
             queue_size: QUEUE_SIZE,
             flags: if log_addr.is_some() {
@@ -220,8 +226,7 @@ impl Vm {
             used_ring_addr: self.host_addr(vq.used),
             avail_ring_addr: self.host_addr(vq.avail),
             log_addr,
-        };
-        self.fe.set_vring_addr(q, &config)
+        }
     }
 
     fn setup_queue(&mut self, index: usize) {
