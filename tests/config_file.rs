@@ -172,7 +172,6 @@ fn a_saved_export_the_file_stood_in_for_comes_back_when_the_file_drops_it() {
             "id": "w", "node-name": "w", "addr": {{"type": "unix", "path": "{}"}}}}}}"#,
         pool.join("qw.sock").display()
     ));
-    drop(exec);
     stop(child);
     // The file now exports w itself: it wins, at w.sock.
     write("\"name=vm,size=1M\", \"name=w\"");
