@@ -8,6 +8,25 @@
 use clap::ArgAction;
 use toml::{Table, Value};
 
+/// What `serve --help` says of configuration files, with an example (checked by a test).
+pub const HELP: &str = "\
+A configuration file (--config FILE, TOML) takes every flag above as a key without its dashes;
+an export is a string in --export's syntax or a table of its keys. Flags on the command line
+override the file (--export adds to the file's exports). Example:
+
+    dir = \"/var/lib/thinblk\"
+    data-size = \"1T\"
+    socket-group = \"libvirt-qemu\"   # libvirt's QEMU may connect
+    socket-mode = \"0660\"
+    export = [
+        \"name=vm1,size=32G,socket=/run/thinblk/vm1.sock\",
+        { name = \"vm2\", size = \"16G\", socket = \"/run/thinblk/vm2.sock\", queues = 4 },
+    ]
+
+SIGHUP re-reads the file: exports whose id is new are started, those no longer listed are
+stopped, those whose keys changed are restarted; exports made over QMP are left alone. Other
+keys take effect at the next start.";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading {path}: {source}")]
@@ -204,6 +223,37 @@ mod tests {
         let p = Probe::try_parse_from(argv).unwrap();
         assert_eq!(p.dir.as_deref(), Some("/from/flag"));
         assert_eq!(p.export, ["name=a", "name=b"]);
+    }
+
+    #[test]
+    fn the_example_in_the_help_is_a_valid_file() {
+        #[derive(clap::Parser, Debug)]
+        struct Serve {
+            #[arg(long)]
+            dir: String,
+            #[arg(long)]
+            data_size: String,
+            #[arg(long)]
+            socket_group: String,
+            #[arg(long)]
+            socket_mode: String,
+            #[arg(long)]
+            export: Vec<crate::export_spec::ExportSpec>,
+        }
+        use clap::{CommandFactory, Parser};
+        let example: String = HELP
+            .lines()
+            .skip_while(|l| !l.starts_with("    "))
+            .take_while(|l| !l.is_empty())
+            .map(|l| format!("{}\n", l.trim_start()))
+            .collect();
+        let table = parse("example", &example).unwrap();
+        let mut argv = vec!["serve".to_string()];
+        argv.extend(to_args(&table, &Serve::command()).unwrap());
+        let s = Serve::try_parse_from(argv).unwrap();
+        assert_eq!(s.export.len(), 2);
+        assert_eq!(s.export[1].settings.num_queues, 4);
+        assert_eq!(s.socket_group, "libvirt-qemu");
     }
 
     #[test]

@@ -121,24 +121,8 @@ fn group_arg(s: &str) -> Result<u32, String> {
     socket_access::parse_group(s).map_err(|e| e.to_string())
 }
 
-/// `serve --help`'s example of a configuration file.
-const CONFIG_HELP: &str = "\
-A configuration file (--config FILE, TOML) takes every flag above as a key without its dashes;
-an export is a string in --export's syntax or a table of its keys. Flags on the command line
-override the file (--export adds to the file's exports). Example:
-
-    dir = \"/var/lib/thinblk\"
-    data-size = \"1T\"
-    socket-group = \"libvirt-qemu\"   # libvirt's QEMU may connect
-    socket-mode = \"0660\"
-    export = [
-        \"name=vm1,size=32G,socket=/run/thinblk/vm1.sock\",
-        { name = \"vm2\", size = \"16G\", socket = \"/run/thinblk/vm2.sock\", queues = 4 },
-    ]
-
-SIGHUP re-reads the file: exports whose id is new are started, those no longer listed are
-stopped, those whose keys changed are restarted; exports made over QMP are left alone. Other
-keys take effect at the next start.";
+/// `serve --help`'s word on configuration files.
+const CONFIG_HELP: &str = config_file::HELP;
 
 #[derive(clap::Args, Debug, Default)]
 struct ServeArgs {

@@ -114,3 +114,85 @@ fn serve_help_shows_a_configuration_example() {
     assert!(help.contains("socket-group = \"libvirt-qemu\""), "{help}");
     assert!(help.contains("SIGHUP"), "{help}");
 }
+
+#[test]
+fn a_saved_export_the_file_stood_in_for_comes_back_when_the_file_drops_it() {
+    let d = tempfile::tempdir().unwrap();
+    let pool = d.path().join("pool");
+    let conf = d.path().join("thinblk.toml");
+    let ctl = pool.join("control.sock");
+    let write = |exports: &str| {
+        let text = format!(
+            "dir = \"{}\"\nmetadata-size = \"16M\"\ndata-size = \"64M\"\nexport = [{exports}]\n",
+            pool.display()
+        );
+        std::fs::write(&conf, text).unwrap();
+    };
+    let notify_path = d.path().join("notify");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let start = || {
+        let child = Command::new(env!("CARGO_BIN_EXE_thinblk"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&conf)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        assert!(next_message(&notify).contains("READY=1"));
+        child
+    };
+    let stop = |mut child: std::process::Child| {
+        // SAFETY: kill with a pid we own has no memory effects.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let _ = next_message(&notify); // STOPPING=1
+        assert!(child.wait().unwrap().success());
+    };
+    // A first run saves an export w made over QMP, at qw.sock.
+    write("\"name=vm,size=1M\"");
+    let child = start();
+    let mut qmp = std::io::BufReader::new(UnixStream::connect(&ctl).unwrap());
+    let mut exec = |cmd: &str| {
+        use std::io::{BufRead, Write};
+        qmp.get_mut().write_all(cmd.as_bytes()).unwrap();
+        let mut line = String::new();
+        while !line.contains("\"return\"") && !line.contains("\"error\"") {
+            line.clear();
+            qmp.read_line(&mut line).unwrap();
+        }
+        assert!(line.contains("\"return\""), "{cmd}: {line}");
+    };
+    exec(r#"{"execute": "qmp_capabilities"}"#);
+    exec(r#"{"execute": "thin-create", "arguments": {"name": "w", "size": 1048576}}"#);
+    exec(&format!(
+        r#"{{"execute": "block-export-add", "arguments": {{"type": "vhost-user-blk",
+            "id": "w", "node-name": "w", "addr": {{"type": "unix", "path": "{}"}}}}}}"#,
+        pool.join("qw.sock").display()
+    ));
+    stop(child);
+    // The file now exports w itself: it wins, at w.sock.
+    write("\"name=vm,size=1M\", \"name=w\"");
+    let child = start();
+    let file_wins = (
+        UnixStream::connect(pool.join("w.sock")).is_ok(),
+        pool.join("qw.sock").exists(),
+    );
+    // The file drops w: the saved export starts again at qw.sock.
+    write("\"name=vm,size=1M\"");
+    // SAFETY: kill with a pid we own has no memory effects.
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    let _ = next_message(&notify); // RELOADING=1
+    assert!(next_message(&notify).contains("READY=1"));
+    let after = (
+        pool.join("w.sock").exists(),
+        UnixStream::connect(pool.join("qw.sock")).is_ok(),
+    );
+    stop(child);
+    assert_eq!(file_wins, (true, false));
+    assert_eq!(after, (false, true), "(w.sock, qw.sock) after the reload");
+    let saved = std::fs::read_to_string(pool.join("exports.json")).unwrap();
+    assert!(saved.contains("qw.sock"), "{saved}");
+}

@@ -1,7 +1,9 @@
 //! SIGHUP with `--config`: the exports the configuration asks for (file and command line
 //! together, as at start) are compared by id with those it asked for before. An id no longer
 //! asked for is stopped (and its raw, null or cow node closed); a new id is started; an id
-//! whose export changed in any key is stopped and started again. Exports made over QMP and
+//! whose export changed in any key is stopped and started again. A saved export (made over
+//! QMP) that a configured one of the same id or socket stood in for starts once that one is
+//! dropped. Exports made over QMP and
 //! everything else (pool, control socket, socket defaults, cache, timeouts) stay as they are
 //! until the next start. An export that fails to start is logged; the others go on.
 
@@ -30,7 +32,7 @@ pub(crate) fn apply(env: &Env, before: &[ExportSpec], wanted: Vec<ExportSpec>) -
         if same == Some(old) {
             continue;
         }
-        match env.state.remove_export(&old.id) {
+        match env.state.remove_configured_export(&old.id) {
             Ok(()) => stopped += 1,
             Err(e) => info!("reload: export {} was not running: {e}", old.id),
         }
@@ -48,6 +50,11 @@ pub(crate) fn apply(env: &Env, before: &[ExportSpec], wanted: Vec<ExportSpec>) -
             started += 1;
         }
         configured.push(spec);
+    }
+    // A saved export the configuration's export of the same id or socket kept from starting
+    // starts now that the configuration dropped that one.
+    if let Some(saved) = env.state.saved() {
+        started += super::restore::restore(env.state, saved);
     }
     info!("reload: {stopped} export(s) stopped, {started} started");
     configured

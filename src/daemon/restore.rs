@@ -43,6 +43,9 @@ pub fn restore(state: &State, saved: &SavedState) -> usize {
     let mut started = 0;
     for export in saved.exports() {
         let running = state.exports();
+        if running.contains(&export.config()) {
+            continue; // already running: started from the file before
+        }
         if let Some(r) = running
             .iter()
             .find(|r| r.id == export.id || r.socket == export.socket)

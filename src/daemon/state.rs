@@ -391,11 +391,21 @@ impl State {
     /// Stops an export; its frontend sees the socket close. A saved export that did not
     /// start (see `restore.rs`) is forgotten.
     pub fn remove_export(&self, id: &str) -> Result<(), StateError> {
+        self.stop_export(id, true)
+    }
+
+    /// Stops an export the configuration no longer asks for (SIGHUP), keeping a saved
+    /// export of the same id saved: the configuration's had only stood in for it.
+    pub fn remove_configured_export(&self, id: &str) -> Result<(), StateError> {
+        self.stop_export(id, false)
+    }
+
+    fn stop_export(&self, id: &str, forget: bool) -> Result<(), StateError> {
         let removed = self.exports.lock().remove(id);
         let Some(export) = removed else {
             let saved = self
                 .saved()
-                .filter(|s| s.exports().iter().any(|e| e.id == id));
+                .filter(|s| forget && s.exports().iter().any(|e| e.id == id));
             if let Some(saved) = saved {
                 saved.forget_export(id)?;
                 info!("saved export {id} (not running) forgotten");
@@ -405,7 +415,8 @@ impl State {
         };
         drop(export);
         info!("export {id} stopped");
-        if let Some(Err(e)) = self.saved().map(|s| s.forget_export(id)) {
+        let saved = self.saved().filter(|_| forget);
+        if let Some(Err(e)) = saved.map(|s| s.forget_export(id)) {
             log::warn!("export {id} stopped but still saved: {e}");
         }
         self.emit("BLOCK_EXPORT_DELETED", serde_json::json!({ "id": id }));
