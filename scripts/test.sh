@@ -29,3 +29,6 @@ THINBLK="$PWD/target/release/thinblk" SERVER=cow bash qemu-scripts/e2e.sh
 # takes first writes and the host snapshots; must finish, and thinblk exit on SIGTERM (on a
 # deadlock the case kills QEMU and thinblk and fails).
 THINBLK="$PWD/target/release/thinblk" SERVER=thin E2E_TESTS=cacheflip bash qemu-scripts/e2e.sh
+# Issue 14: thinblk killed with SIGKILL 10 times and upgraded in place 3 times under a guest running
+# verified fio (mixed 4 KiB / 1 MiB writes, out-of-order completion); ~2.5 min, bounded at 20 min.
+THINBLK="$PWD/target/release/thinblk" timeout 1200 bash qemu-scripts/restart.sh
