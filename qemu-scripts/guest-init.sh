@@ -26,6 +26,8 @@ DISK=/dev/vda
 TEST=unknown
 # Which kill round of the crash case this boot belongs to (thinblk.round=N).
 ROUND=1
+# fio rounds of the restartfio test (thinblk.loops=N).
+LOOPS=4
 
 # Markers are printed on a line of their own; the leading newline protects
 # against a partial line left on the console by the kernel or fio.
@@ -57,6 +59,7 @@ for arg in $cmdline; do
     case "$arg" in
         thinblk.test=*) TEST="${arg#thinblk.test=}" ;;
         thinblk.round=*) ROUND="${arg#thinblk.round=}" ;;
+        thinblk.loops=*) LOOPS="${arg#thinblk.loops=}" ;;
     esac
 done
 echo "thinblk-e2e guest: kernel $(uname -r), $(nproc) cpus, test=$TEST"
@@ -534,9 +537,39 @@ test_libvirt() {
     pass
 }
 
+# restartfio (restart.sh): rounds of verified fio while the host kills thinblk with SIGKILL
+# and starts it again, or upgrades it in place; QEMU reconnects (reconnect-ms) and thinblk
+# resubmits what was in flight (INFLIGHT_SHMFD). Each round mixes 4 KiB and 1 MiB random
+# writes at QD32, so requests complete out of order, then reads everything back and checks
+# it. The area is written and flushed once first: every block is mapped and committed, so
+# a write the guest saw complete is in the data file, which a SIGKILL does not lose (a
+# mapping made after the last FLUSH would be, as after a power cut). Fails on any fio error,
+# any failed verify, and any I/O error or hung task in the kernel log; a request that never
+# completes runs the host's timeout out.
+test_restartfio() {
+    e=$(pick_engine libaio io_uring)
+    run_fio "prefill" --name=prefill --filename="$DISK" --rw=write --bs=1M --size=64M \
+        --ioengine="$e" --iodepth=8 --direct=1 --end_fsync=1
+    i=1
+    while [ "$i" -le "$LOOPS" ]; do
+        echo "RESTART-LOOP $i"
+        t0=$(date +%s)
+        run_fio "round $i" --name="mix$i" --filename="$DISK" --rw=randwrite \
+            --bssplit=4k/50:1m/50 --size=64M --ioengine="$e" --iodepth=32 --direct=1 \
+            --verify=crc32c --do_verify=1 --verify_fatal=1 --randseed="$i"
+        echo "RESTART-DONE $i $(($(date +%s) - t0))s" \
+            "$(grep -m1 -E '^ +clat \((u|m)sec\)' /tmp/fio.out | tr -s ' ')"
+        i=$((i + 1))
+    done
+    errors=$(dmesg | grep -E 'I/O error|blk_update_request|blocked for more than|hung_task|timed out')
+    [ -z "$errors" ] || fail "kernel log: $(echo "$errors" | head -n1)"
+    pass
+}
+
 case "$TEST" in
     libvirt) test_libvirt ;;
     fio) test_fio ;;
+    restartfio) test_restartfio ;;
     fiobench) test_fiobench ;;
     migfio) test_migfio ;;
     resize) test_resize ;;

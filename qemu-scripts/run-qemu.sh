@@ -14,6 +14,8 @@
 #   -q N        virtqueues of the disk (default: 2)
 #   -d SOCKET   one more vhost-user-blk disk (vdb, vdc, ...), served at SOCKET; repeatable
 #   -p FILE     QEMU writes its pid there (so a caller can SIGKILL a QEMU stuck on a backend)
+#   -r MS       reconnect to a backend that went away every MS milliseconds (the chardevs'
+#               reconnect-ms; `reconnect=1` in QEMU before 9.2), for restart.sh
 #   -i          interactive: serial on this terminal, no timeout, no log
 #               (use TEST=shell to get a guest shell; Ctrl-A x quits)
 # Environment: QEMU (binary), QEMU_MEM (1G), QEMU_SMP (2), QEMU_ACCEL (tcg;
@@ -33,7 +35,8 @@ QUEUES=2
 INTERACTIVE=0
 EXTRA_DISKS=()
 PIDFILE=
-while getopts "g:l:t:q:d:p:ih" opt; do
+RECONNECT=
+while getopts "g:l:t:q:d:p:r:ih" opt; do
     case "$opt" in
         g) GUEST=$OPTARG ;;
         l) LOG=$OPTARG ;;
@@ -41,6 +44,7 @@ while getopts "g:l:t:q:d:p:ih" opt; do
         q) QUEUES=$OPTARG ;;
         d) EXTRA_DISKS+=("$OPTARG") ;;
         p) PIDFILE=$OPTARG ;;
+        r) RECONNECT=",reconnect-ms=$OPTARG" ;;
         i) INTERACTIVE=1 ;;
         *) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2 ;;
     esac
@@ -71,7 +75,7 @@ args=(
     -object "memory-backend-memfd,id=mem,size=$MEM,share=on"
     -numa node,memdev=mem
     -nodefaults -no-user-config -display none -no-reboot
-    -chardev "socket,id=c0,path=$SOCK"
+    -chardev "socket,id=c0,path=$SOCK$RECONNECT"
     -device "vhost-user-blk-pci,chardev=c0,num-queues=$QUEUES"
     -kernel "$GUEST/vmlinuz" -initrd "$GUEST/initramfs.cpio.gz"
     -append "console=ttyS0 panic=-1 loglevel=4 thinblk.test=$TEST ${QEMU_APPEND:-}"
@@ -80,7 +84,7 @@ n=0
 for extra in "${EXTRA_DISKS[@]}"; do
     n=$((n + 1))
     [ -S "$extra" ] || die "$extra is not a socket: is its vhost-user server running?"
-    args+=(-chardev "socket,id=c$n,path=$extra" -device "vhost-user-blk-pci,chardev=c$n,num-queues=$QUEUES")
+    args+=(-chardev "socket,id=c$n,path=$extra$RECONNECT" -device "vhost-user-blk-pci,chardev=c$n,num-queues=$QUEUES")
 done
 [ -z "$PIDFILE" ] || args+=(-pidfile "$PIDFILE")
 # More QEMU options, split on spaces (migrate.sh: -qmp, -incoming).

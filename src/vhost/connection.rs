@@ -87,7 +87,7 @@ impl Connection {
         let checked = Checked::new(handler, max_queue_size, unsealed)
             .map_err(|e| io::Error::other(format!("cannot set up request checks: {e}")))?
             .guard_memory(guard)
-            .track_inflight(backend.inflight().clone(), settings_queues(backend));
+            .track_inflight(backend.inflight().clone(), queue_count(backend));
         Ok(Connection {
             requests: BackendReqHandler::from_stream(stream, Arc::new(Mutex::new(checked))),
             backend: backend.clone(),
@@ -159,7 +159,7 @@ impl Connection {
     }
 }
 
-fn settings_queues(backend: &BlkBackend) -> u16 {
+fn queue_count(backend: &BlkBackend) -> u16 {
     u16::try_from(backend.num_queues()).unwrap_or(u16::MAX)
 }
 

@@ -528,7 +528,13 @@ impl QueueInflight {
                 return;
             }
         };
-        if let Some(r) = self.recover(queue.size(), used) {
+        let base = queue.next_avail();
+        let restart = self.recover(queue.size(), used);
+        log::debug!(
+            "queue {}: ring starts at avail {base}, used {used}; inflight region: {restart:?}",
+            self.index
+        );
+        if let Some(r) = restart {
             queue.set_next_avail(r.next_avail);
             queue.set_next_used(r.next_used);
             if r.resubmit > 0 {
@@ -623,6 +629,12 @@ pub fn next_head(
     };
     if !q.recovered {
         q.recover_ring(vring, mem);
+        // The process before may have published used entries and died (or been stopped)
+        // before the frontend saw their interrupt: the guest would wait for it forever, with
+        // nothing left for this process to complete. An extra interrupt costs nothing.
+        if let Err(e) = vring.signal_used_queue() {
+            warn!("queue {}: cannot signal the guest: {e}", q.index);
+        }
     }
     if let Some(head) = q.take_resubmit() {
         return Some(head);

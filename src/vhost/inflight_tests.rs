@@ -229,3 +229,74 @@ fn the_tracker_locks_nothing_without_a_region() {
     t.detach();
     assert!(t.queue(0).is_none());
 }
+
+/// The process before published chain 3's used entry and died before the interrupt (and
+/// before clearing it in the region); the guest has nothing else in flight. The next process
+/// must interrupt the guest when the ring starts, or the guest waits forever.
+#[test]
+fn a_restarted_ring_interrupts_the_guest_for_entries_the_dead_process_never_signalled() {
+    use std::os::fd::AsRawFd;
+
+    use vhost_user_backend::VhostUserBackend;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryAtomic};
+    use vmm_sys_util::epoll::EventSet;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    use crate::engine::memory::MemoryDevice;
+    use crate::vhost::backend::{BlkBackend, DeviceSettings};
+
+    const SIZE: u16 = 16;
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let q = MockSplitQueue::new(&mem, SIZE);
+    // What the guest and the dead process left: chain 3 taken from avail[0] and returned.
+    mem.write_obj(3u16, q.avail_addr().unchecked_add(4))
+        .unwrap();
+    mem.write_obj(1u16, q.avail_addr().unchecked_add(2))
+        .unwrap();
+    mem.write_obj(3u32, q.used_addr().unchecked_add(4)).unwrap();
+    mem.write_obj(1u32, q.used_addr().unchecked_add(8)).unwrap();
+    mem.write_obj(1u16, q.used_addr().unchecked_add(2)).unwrap();
+    let (region, _file) = InflightRegion::create(1, SIZE, 1, SIZE).unwrap();
+    let region = Arc::new(region);
+    let mut dead = QueueInflight::new(0);
+    dead.region = Some(region.clone());
+    dead.recover(SIZE, 0);
+    dead.taken(3);
+    dead.returning(3);
+    drop(dead);
+
+    let settings = DeviceSettings {
+        serial: "restarted".into(),
+        num_queues: 1,
+        queue_size: SIZE,
+        read_only: false,
+        poll: std::time::Duration::ZERO,
+        submit_batch: 4,
+    };
+    let backend = BlkBackend::new(Arc::new(MemoryDevice::new(1 << 20).unwrap()), settings);
+    let atomic = GuestMemoryAtomic::new(mem.clone());
+    backend.update_memory(atomic.clone()).unwrap();
+    backend.inflight().attach(region);
+    let vring = VringRwLock::new(atomic, SIZE).unwrap();
+    vring
+        .set_queue_info(q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0)
+        .unwrap();
+    vring.set_queue_size(SIZE);
+    vring.set_queue_ready(true);
+    vring.set_enabled(true);
+    let call = EventFd::new(EFD_NONBLOCK).unwrap();
+    // SAFETY: dup of an eventfd we own; the File owns the copy.
+    let copy = unsafe { File::from_raw_fd(libc::dup(call.as_raw_fd())) };
+    vring.set_call(Some(copy));
+
+    // The frontend's kick after the reconnect.
+    backend
+        .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+        .unwrap();
+    assert!(call.read().is_ok(), "the guest was not interrupted");
+    // Chain 3 was returned: not resubmitted, and the ring goes on after it.
+    let used: u16 = mem.read_obj(q.used_addr().unchecked_add(2)).unwrap();
+    assert_eq!(used, 1);
+    assert_eq!(vring.get_ref().get_queue().next_avail(), 1);
+}

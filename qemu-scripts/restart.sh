@@ -1,0 +1,185 @@
+#!/bin/bash
+# restart.sh: thinblk restarted and upgraded under a running guest.
+#
+# A guest on a thin disk runs rounds of fio with verification (guest test restartfio: 4 KiB
+# and 1 MiB random writes mixed at QD32, so requests complete out of order; everything read
+# back and checked) while the host, once in each of the first N rounds, at a random moment:
+#   kill     SIGKILLs thinblk and starts it again with the same command line
+#            (RESTART_KILLS rounds, default 10)
+#   upgrade  upgrades it in place, alternately with SIGUSR2 and QMP x-thinblk-upgrade
+#            (RESTART_UPGRADES rounds, default 3); the pid must stay the same
+# QEMU's chardev reconnects (reconnect-ms=1000) and thinblk resubmits the requests that were
+# in flight (INFLIGHT_SHMFD). A case passes when the guest reports every verify passed and no
+# I/O error or hung task in its kernel log within RESTART_TIMEOUT seconds (default 600), and
+# the pool passes thin_check and thinblk check after thinblk stopped on SIGTERM.
+#
+# Environment: THINBLK (binary, default target/release/thinblk), RESTART_CASES ("kill
+# upgrade"), RESTART_KILLS, RESTART_UPGRADES, RESTART_TIMEOUT, RESTART_SEED (random delays;
+# default random, logged), E2E_KEEP=1 keeps the scratch directory.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=qemu-scripts/lib.sh
+. "$HERE/lib.sh"
+ROOT=$(repo_root)
+cd "$ROOT"
+
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+THINBLK=${THINBLK:-$TARGET/release/thinblk}
+[ -x "$THINBLK" ] || die "no thinblk binary at $THINBLK (cargo build --release, or THINBLK=)"
+CASES=${RESTART_CASES:-kill upgrade}
+KILLS=${RESTART_KILLS:-10}
+UPGRADES=${RESTART_UPGRADES:-3}
+TIMEOUT=${RESTART_TIMEOUT:-600}
+SEED=${RESTART_SEED:-$RANDOM}
+RANDOM=$SEED
+GUEST=$TARGET/guest
+ensure_packages thin-provisioning-tools
+"$HERE/build-guest.sh" "$GUEST"
+
+SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/thinblk-restart.XXXXXX")
+SERVER_PID=
+RUN_PID=
+FAILED=0
+
+cleanup() {
+    if [ -n "$RUN_PID" ]; then
+        kill -TERM "$RUN_PID" 2>/dev/null || true
+        wait "$RUN_PID" 2>/dev/null || true
+    fi
+    [ -z "$SERVER_PID" ] || kill -KILL "$SERVER_PID" 2>/dev/null || true
+    if [ "$FAILED" -eq 0 ] && [ "${E2E_KEEP:-0}" != 1 ]; then
+        rm -rf "$SCRATCH"
+    else
+        log "scratch directory kept: $SCRATCH"
+    fi
+}
+trap cleanup EXIT
+
+# start_server: thinblk on the case's pool, in the background; waits for its socket.
+start_server() {
+    rm -f "$SOCK"
+    RUST_LOG=${RUST_LOG:-info} "$THINBLK" serve --dir "$POOL" --metadata-size 64M --data-size 1G \
+        --export "name=vm,size=256M,socket=$SOCK,queues=2" >>"$SERVER_LOG" 2>&1 &
+    SERVER_PID=$!
+    for _ in $(seq 200); do
+        [ -S "$SOCK" ] && return 0
+        kill -0 "$SERVER_PID" 2>/dev/null || return 1
+        sleep 0.05
+    done
+    return 1
+}
+
+# stop_server: SIGTERM; thinblk must exit 0.
+stop_server() {
+    local rc=0
+    kill -TERM "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" || rc=$?
+    SERVER_PID=
+    return "$rc"
+}
+
+check_pool() {
+    local out
+    out=$(thin_check "$POOL/metadata" 2>&1) || { echo "thin_check: $(echo "$out" | tail -n1)"; return 1; }
+    out=$("$THINBLK" check "$POOL/metadata" 2>&1) || { echo "thinblk check: $(echo "$out" | tail -n1)"; return 1; }
+}
+
+# wait_round N: until the guest starts fio round N; fails if the guest ended first.
+wait_round() {
+    while ! tr -d '\r' 2>/dev/null <"$GLOG" | grep -qx "RESTART-LOOP $1"; do
+        kill -0 "$RUN_PID" 2>/dev/null || return 1
+        sleep 0.1
+    done
+}
+
+fail_case() {
+    FAILED=1
+    log "$CASE: FAIL: $*"
+    tr -d '\r' <"$GLOG" 2>/dev/null | tail -n 30 | sed 's/^/  guest: /' >&2 || true
+    tail -n 20 "$SERVER_LOG" | sed 's/^/  thinblk: /' >&2 || true
+}
+
+# run_case NAME ROUNDS ACTION: one guest, ROUNDS+1 fio rounds, ACTION after a random delay in
+# each of the first ROUNDS.
+run_case() {
+    CASE=$1
+    local rounds=$2 action=$3 r delay start rc=0 err=
+    local dir=$SCRATCH/$CASE
+    mkdir -p "$dir"
+    POOL=$dir/pool SOCK=$dir/disk.sock SERVER_LOG=$dir/server.log GLOG=$dir/guest.log
+    start=$(date +%s)
+    start_server || { fail_case "thinblk did not start"; return; }
+    QEMU_APPEND="thinblk.loops=$((rounds + 1))" "$HERE/run-qemu.sh" -g "$GUEST" -l "$GLOG" \
+        -q 2 -t "$TIMEOUT" -r 1000 "$SOCK" restartfio 2>"$dir/run.err" &
+    RUN_PID=$!
+    for r in $(seq "$rounds"); do
+        wait_round "$r" || { err="the guest ended before round $r"; break; }
+        # Anywhere in the round: its writes, its verify, or between rounds.
+        delay=$((RANDOM % 30))
+        sleep "$((delay / 10)).$((delay % 10))"
+        if ! "$action" "$r"; then
+            err="round $r: $CASE failed"
+            break
+        fi
+    done
+    wait "$RUN_PID" || rc=$?
+    RUN_PID=
+    if [ -n "$err" ] || [ "$rc" -ne 0 ]; then
+        fail_case "${err:-$(tail -n1 "$dir/run.err")}"
+        return
+    fi
+    if ! stop_server; then
+        fail_case "thinblk did not exit 0 on SIGTERM"
+        return
+    fi
+    if ! err=$(check_pool); then
+        fail_case "$err"
+        return
+    fi
+    local resubmitted
+    resubmitted=$(sed -n 's/.*resubmitting \([0-9]*\) requests.*/\1/p' "$SERVER_LOG" \
+        | awk '{ n += $1 } END { print n + 0 }')
+    log "$CASE: PASS in $(($(date +%s) - start))s: $rounds ${CASE}s, every verify passed," \
+        "$resubmitted requests resubmitted; fio rounds (time, completion latency):"
+    tr -d '\r' <"$GLOG" | grep '^RESTART-DONE' | sed 's/^/  /' >&2
+}
+
+kill_action() {
+    kill -KILL "$SERVER_PID"
+    wait "$SERVER_PID" 2>/dev/null || true
+    log "kill: round $1: SIGKILL"
+    # Down for up to a second: QEMU retries every second meanwhile.
+    sleep "0.$((RANDOM % 10))"
+    start_server
+}
+
+upgrade_action() {
+    local pid=$SERVER_PID before
+    before=$(grep -c 'listening socket inherited' "$SERVER_LOG" || true)
+    if [ $(($1 % 2)) -eq 1 ]; then
+        kill -USR2 "$pid"
+        log "upgrade: round $1: SIGUSR2"
+    else
+        "$THINBLK" ctl --socket "$POOL/control.sock" x-thinblk-upgrade >>"$SERVER_LOG" 2>&1 \
+            || return 1
+        log "upgrade: round $1: QMP x-thinblk-upgrade"
+    fi
+    # The new image says so when it takes the sockets over (the export's and the control's).
+    for _ in $(seq 300); do
+        [ "$(grep -c 'listening socket inherited' "$SERVER_LOG" || true)" -ge $((before + 2)) ] && break
+        sleep 0.1
+    done
+    [ "$(grep -c 'listening socket inherited' "$SERVER_LOG" || true)" -ge $((before + 2)) ] || return 1
+    kill -0 "$pid" 2>/dev/null
+}
+
+log "restart: seed $SEED (RESTART_SEED=$SEED repeats the delays)"
+for c in $CASES; do
+    case "$c" in
+        kill) run_case kill "$KILLS" kill_action ;;
+        upgrade) run_case upgrade "$UPGRADES" upgrade_action ;;
+        *) die "unknown case '$c' (kill, upgrade)" ;;
+    esac
+done
+[ "$FAILED" -eq 0 ] || exit 1
