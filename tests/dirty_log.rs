@@ -366,7 +366,7 @@ fn logging_on_against_off_at_qd32() {
         let off = qd32_rate(&mut vm, kind, secs);
         println!("DIRTY-LOG {name} 4k qd32: off {off:.0}/s");
         drop(vm);
-        let mut vm = Vm::connect_with(&socket, 1, VhostUserProtocolFeatures::LOG_SHMFD);
+        let mut vm = Vm::connect_with(&socket, 1, VhostUserProtocolFeatures::LOG_SHMFD, &mut |_| {});
         let _log = start_logging(&mut vm);
         let on = qd32_rate(&mut vm, kind, secs);
         println!(
