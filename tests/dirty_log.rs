@@ -45,7 +45,12 @@ fn serve() -> Served {
 
 impl Served {
     fn connect(&self) -> Vm {
-        Vm::connect_with(&self.s.socket, 1, VhostUserProtocolFeatures::LOG_SHMFD, &mut |_| {})
+        Vm::connect_with(
+            &self.s.socket,
+            1,
+            VhostUserProtocolFeatures::LOG_SHMFD,
+            &mut |_| {},
+        )
     }
 }
 
@@ -362,11 +367,21 @@ fn logging_on_against_off_at_qd32() {
         ("randread", VIRTIO_BLK_T_IN),
         ("randwrite", VIRTIO_BLK_T_OUT),
     ] {
-        let mut vm = Vm::connect_with(&socket, 1, VhostUserProtocolFeatures::LOG_SHMFD, &mut |_| {});
+        let mut vm = Vm::connect_with(
+            &socket,
+            1,
+            VhostUserProtocolFeatures::LOG_SHMFD,
+            &mut |_| {},
+        );
         let off = qd32_rate(&mut vm, kind, secs);
         println!("DIRTY-LOG {name} 4k qd32: off {off:.0}/s");
         drop(vm);
-        let mut vm = Vm::connect_with(&socket, 1, VhostUserProtocolFeatures::LOG_SHMFD, &mut |_| {});
+        let mut vm = Vm::connect_with(
+            &socket,
+            1,
+            VhostUserProtocolFeatures::LOG_SHMFD,
+            &mut |_| {},
+        );
         let _log = start_logging(&mut vm);
         let on = qd32_rate(&mut vm, kind, secs);
         println!(

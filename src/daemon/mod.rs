@@ -22,18 +22,18 @@ pub mod counted;
 pub mod events;
 pub mod export_settings;
 mod fd_limit;
+pub mod histogram;
+pub mod metrics;
 pub mod nbd;
 pub mod notify;
 mod reload;
 mod restore;
 pub mod saved;
 pub mod state;
-pub mod upgrade;
-pub mod histogram;
-pub mod metrics;
 pub mod stats;
 pub mod throttle;
 pub mod throttle_timer;
+pub mod upgrade;
 pub mod watch;
 
 /// Size of the disk `thinblk serve` creates when run with no options.

@@ -337,8 +337,7 @@ impl State {
         let turn = self.handover(&config.node).member(&config.id);
         let access = config.access.or(*self.socket_defaults.lock());
         let listener = bind_with(&config.socket, &access)?;
-        let export =
-            Export::start_on(dev, settings, &config.socket, listener, Some(sink), turn)?;
+        let export = Export::start_on(dev, settings, &config.socket, listener, Some(sink), turn)?;
         info!(
             "export {} of node {} at {}",
             config.id,
