@@ -409,3 +409,38 @@ fn removing_an_export_hangs_up_on_its_clients_only_when_asked() {
     );
     still_serves(&sock);
 }
+
+#[test]
+fn writes_over_nbd_pass_the_node_write_threshold() {
+    use std::io::BufRead;
+    let s = setup();
+    let sock = s.dir.path().join("nbd.sock");
+    let control = s.dir.path().join("control.sock");
+    let mut qmp = Qmp::connect(&control);
+    qmp.ok(
+        "block-set-write-threshold",
+        json!({"node-name": "vm", "write-threshold": 1 << 20}),
+    );
+    // A listener of its own, reading lines (events) as they come.
+    let mut events = UnixStream::connect(&control).unwrap();
+    events
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut lines = std::io::BufReader::new(events.try_clone().unwrap()).lines();
+    lines.next().unwrap().unwrap();
+    events
+        .write_all(br#"{"execute": "qmp_capabilities"}"#)
+        .unwrap();
+    lines.next().unwrap().unwrap();
+    let mut c = Client::connect(&sock);
+    c.go("rw");
+    c.request(CMD_WRITE, 0, 1, 2 << 20, 4096);
+    c.send(&[3; 4096]);
+    assert_eq!(c.reply(), (0, 1));
+    let event = lines
+        .map(|l| l.unwrap())
+        .find(|l| l.contains("\"event\""))
+        .unwrap();
+    assert!(event.contains("BLOCK_WRITE_THRESHOLD"), "{event}");
+    assert!(event.contains("\"vm\""), "{event}");
+}
