@@ -444,3 +444,21 @@ fn writes_over_nbd_pass_the_node_write_threshold() {
     assert!(event.contains("BLOCK_WRITE_THRESHOLD"), "{event}");
     assert!(event.contains("\"vm\""), "{event}");
 }
+
+#[test]
+fn a_thin_device_with_an_nbd_export_is_deleted_only_with_force() {
+    let s = setup();
+    let sock = s.dir.path().join("nbd.sock");
+    let mut qmp = Qmp::connect(&s.dir.path().join("control.sock"));
+    qmp.ok("thin-create", json!({"name": "t", "size": 1 << 20}));
+    qmp.ok("nbd-server-add", json!({"device": "t", "writable": true}));
+    let mut c = Client::connect(&sock);
+    c.go("t");
+    let r = qmp.exec("thin-delete", json!({"name": "t"}));
+    assert!(r.get("error").is_some(), "deleted under its export: {r}");
+    qmp.ok("thin-delete", json!({"name": "t", "force": true}));
+    assert!(c.closed(), "its client is disconnected");
+    let listed = qmp.ok("query-block-exports", json!({}));
+    assert!(!listed.to_string().contains("\"id\":\"t\""), "{listed}");
+    still_serves(&sock);
+}
