@@ -66,7 +66,7 @@ fn allocation_is_the_thin_mapping_and_changed_runs_the_delta() {
     let mut changed = vec![false; BLOCKS as usize];
     for _ in 0..30 {
         let b = rng.next() % BLOCKS;
-        if rng.next() % 3 == 0 {
+        if rng.next().is_multiple_of(3) {
             dev.discard(b * BS, BS).unwrap();
             changed[b as usize] |= mapped[b as usize];
             mapped[b as usize] = false;

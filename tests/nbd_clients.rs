@@ -298,3 +298,30 @@ fn qemu_img_and_nbdcopy_copy_a_snapshot_export_exactly() {
         ],
     );
 }
+
+#[test]
+fn the_server_restarts_on_tcp_and_qemu_img_reads_over_it() {
+    let mut s = setup();
+    s.qmp.ok("nbd-server-stop", json!({}));
+    // A port unlikely to be taken; the test fails clearly if it is.
+    let port = 20000 + (std::process::id() % 20000);
+    let addr = json!({"type": "inet", "data": {"host": "127.0.0.1", "port": port.to_string()}});
+    s.qmp.ok("nbd-server-start", json!({"addr": addr}));
+    let r = s.qmp.exec("nbd-server-start", json!({"addr": addr}));
+    assert!(r.get("error").is_some(), "a second server: {r}");
+    s.qmp.ok("nbd-server-add", json!({"device": "vm"}));
+    let uri = format!("nbd://127.0.0.1:{port}/vm");
+    let Some(info) = run("qemu-img", &["info", &uri]) else {
+        return;
+    };
+    assert!(info.contains(&format!("{SIZE} bytes")), "{info}");
+    let Some(map) = run("nbdinfo", &["--map", &uri]) else {
+        return;
+    };
+    assert_eq!(data_ranges(&map), vec![], "a fresh disk is all hole: {map}");
+    let r = s.qmp.exec(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": "/x"}}, "tls-creds": "tls0"}),
+    );
+    assert!(r["error"]["desc"].as_str().unwrap().contains("TLS"), "{r}");
+}

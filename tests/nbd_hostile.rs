@@ -409,3 +409,109 @@ fn removing_an_export_hangs_up_on_its_clients_only_when_asked() {
     );
     still_serves(&sock);
 }
+
+#[test]
+fn writes_over_nbd_pass_the_node_write_threshold() {
+    use std::io::BufRead;
+    let s = setup();
+    let sock = s.dir.path().join("nbd.sock");
+    let control = s.dir.path().join("control.sock");
+    let mut qmp = Qmp::connect(&control);
+    qmp.ok(
+        "block-set-write-threshold",
+        json!({"node-name": "vm", "write-threshold": 1 << 20}),
+    );
+    // A listener of its own, reading lines (events) as they come.
+    let mut events = UnixStream::connect(&control).unwrap();
+    events
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut lines = std::io::BufReader::new(events.try_clone().unwrap()).lines();
+    lines.next().unwrap().unwrap();
+    events
+        .write_all(br#"{"execute": "qmp_capabilities"}"#)
+        .unwrap();
+    lines.next().unwrap().unwrap();
+    let mut c = Client::connect(&sock);
+    c.go("rw");
+    c.request(CMD_WRITE, 0, 1, 2 << 20, 4096);
+    c.send(&[3; 4096]);
+    assert_eq!(c.reply(), (0, 1));
+    let event = lines
+        .map(|l| l.unwrap())
+        .find(|l| l.contains("\"event\""))
+        .unwrap();
+    assert!(event.contains("BLOCK_WRITE_THRESHOLD"), "{event}");
+    assert!(event.contains("\"vm\""), "{event}");
+}
+
+#[test]
+fn a_thin_device_with_an_nbd_export_is_deleted_only_with_force() {
+    let s = setup();
+    let sock = s.dir.path().join("nbd.sock");
+    let mut qmp = Qmp::connect(&s.dir.path().join("control.sock"));
+    qmp.ok("thin-create", json!({"name": "t", "size": 1 << 20}));
+    qmp.ok("nbd-server-add", json!({"device": "t", "writable": true}));
+    let mut c = Client::connect(&sock);
+    c.go("t");
+    let r = qmp.exec("thin-delete", json!({"name": "t"}));
+    assert!(r.get("error").is_some(), "deleted under its export: {r}");
+    qmp.ok("thin-delete", json!({"name": "t", "force": true}));
+    assert!(c.closed(), "its client is disconnected");
+    let listed = qmp.ok("query-block-exports", json!({}));
+    assert!(!listed.to_string().contains("\"id\":\"t\""), "{listed}");
+    still_serves(&sock);
+}
+
+#[test]
+fn a_forced_delete_under_nbd_writes_leaves_a_new_device_reading_zeros() {
+    let s = setup();
+    let sock = s.dir.path().join("nbd.sock");
+    let mut qmp = Qmp::connect(&s.dir.path().join("control.sock"));
+    for round in 0..5 {
+        qmp.ok("thin-create", json!({"name": "t", "size": 8 << 20}));
+        qmp.ok("nbd-server-add", json!({"device": "t", "writable": true}));
+        let mut c = Client::connect(&sock);
+        c.go("t");
+        // Writes in flight (never waited for) when the device goes.
+        let mut batch = Vec::new();
+        for i in 0..32u64 {
+            batch.extend_from_slice(
+                &RequestHeader {
+                    magic: REQUEST_MAGIC,
+                    flags: 0,
+                    kind: CMD_WRITE,
+                    cookie: i,
+                    offset: (i * 256) << 10,
+                    len: 256 << 10,
+                }
+                .encode(),
+            );
+            batch.extend(std::iter::repeat_n(0xee, 256 << 10));
+        }
+        let mut w = c.0.try_clone().unwrap();
+        let writer = std::thread::spawn(move || {
+            let _ = w.write_all(&batch);
+        });
+        std::thread::sleep(Duration::from_millis(5 * round));
+        qmp.ok("thin-delete", json!({"name": "t", "force": true}));
+        let _ = writer.join();
+        // A new device (which may get the same id) holds nothing of the old one's writes.
+        qmp.ok("thin-create", json!({"name": "u", "size": 8 << 20}));
+        qmp.ok("nbd-server-add", json!({"device": "u"}));
+        let mut r = Client::connect(&sock);
+        r.go("u");
+        for i in 0..32u64 {
+            r.request(CMD_READ, 0, i, (i * 256) << 10, 256 << 10);
+            assert_eq!(r.reply(), (0, i));
+            let mut data = vec![0u8; 256 << 10];
+            r.0.read_exact(&mut data).unwrap();
+            assert!(
+                data.iter().all(|&b| b == 0),
+                "round {round}: old data in u at {i}"
+            );
+        }
+        drop(r);
+        qmp.ok("thin-delete", json!({"name": "u", "force": true}));
+    }
+}

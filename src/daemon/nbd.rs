@@ -118,7 +118,8 @@ impl NbdState {
         let export = NbdExport {
             name: name.clone(),
             description: cfg.description.clone().unwrap_or_default(),
-            dev: node.dev.clone(),
+            // Writes pass the node's write threshold, as a vhost export's do.
+            dev: state.watched(&cfg.device, node.dev.clone()),
             node: node.dev,
             writable: cfg.writable,
             fast_zero,

@@ -147,6 +147,16 @@ impl State {
         self.node_changes.lock()
     }
 
+    /// `dev` (node `node`) as exports write to it: through the node's write threshold.
+    pub(super) fn watched(&self, node: &str, dev: Arc<dyn BlockDevice>) -> Arc<dyn BlockDevice> {
+        Arc::new(Watched::new(
+            dev,
+            node,
+            self.write_threshold(node),
+            self.me.clone(),
+        ))
+    }
+
     /// The write threshold of node `name` (created disarmed).
     pub fn write_threshold(&self, name: &str) -> Arc<WriteThreshold> {
         self.thresholds

@@ -157,7 +157,7 @@ impl NbdServer {
     }
 
     /// Removes an export. Refused while clients use it unless `hard`: then they are
-    /// disconnected (their requests in flight finish first).
+    /// disconnected, and this returns once their requests in flight have finished.
     pub fn remove(&self, name: &str, hard: bool) -> Result<(), NbdError> {
         if self.shared.exports.get(name).is_none() {
             return Err(NbdError::NoExport(name.into()));
@@ -167,10 +167,26 @@ impl NbdServer {
         }
         // Out of the table first: a client finishing its handshake now sees it gone.
         self.shared.exports.remove(name);
-        for e in self.shared.conns.lock().map.values() {
-            if e.export.as_deref() == Some(name) {
-                Socket::shutdown(e.fd.as_raw_fd());
-            }
+        let threads: Vec<JoinHandle<()>> = {
+            let mut conns = self.shared.conns.lock();
+            conns
+                .map
+                .values_mut()
+                .filter(|e| e.export.as_deref() == Some(name))
+                .filter_map(|e| {
+                    Socket::shutdown(e.fd.as_raw_fd());
+                    e.thread.take()
+                })
+                .collect()
+        };
+        // Their requests in flight finish before this returns: the caller may delete the
+        // device next, and no write may reach it (or a device that reuses its id) after.
+        for t in threads {
+            let _ = t.join();
+        }
+        // A thread whose handle was not recorded yet leaves the table as it ends.
+        while self.clients_of(name) > 0 {
+            std::thread::sleep(Duration::from_millis(1));
         }
         info!("NBD export {name} removed");
         Ok(())
@@ -360,3 +376,7 @@ fn serve_connection(mut sock: Socket, shared: &Shared, id: u64) {
         Err(e) => warn!("NBD client {id} of {name}: no device queue: {e}"),
     }
 }
+
+#[cfg(test)]
+#[path = "listener_tests.rs"]
+mod tests;

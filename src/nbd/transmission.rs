@@ -364,6 +364,8 @@ impl Connection {
 
     fn reap(&mut self) -> io::Result<()> {
         let mut done = std::mem::take(&mut self.done);
+        // Reset before reaping: what completes after the reset wakes poll again.
+        self.queue.acknowledge();
         self.queue.reap(&mut |c| done.push(c));
         let mut result = Ok(());
         for c in done.drain(..) {
