@@ -125,12 +125,12 @@ fn latency_histograms_are_set_filled_and_removed_as_in_qemu() {
     assert!(err.get("error").is_some(), "{err}");
     q.ok(
         "block-latency-histogram-set",
-        json!({"id": "a", "boundaries": [1000, 1000000000], "boundaries-flush": [1]}),
+        json!({"id": "a", "boundaries": [1000000000, 2000000000], "boundaries-flush": [1]}),
     );
     let st = stats_of(&mut q, "a");
     assert_eq!(
         st["rd_latency_histogram"]["boundaries"],
-        json!([1000, 1000000000])
+        json!([1000000000, 2000000000])
     );
     assert_eq!(st["rd_latency_histogram"]["bins"], json!([0, 0, 0]));
     assert_eq!(st["flush_latency_histogram"]["boundaries"], json!([1]));
@@ -143,9 +143,11 @@ fn latency_histograms_are_set_filled_and_removed_as_in_qemu() {
     assert_eq!(write(&mut c.queues[0], p, 0, 4096), 0);
     let st = stats_of(&mut q, "a");
     let bins = &st["rd_latency_histogram"]["bins"];
-    // Every read took more than a microsecond (a vhost-user round trip) and less than a second.
-    assert_eq!(bins, &json!([0, 4, 0]), "{st}");
-    assert_eq!(st["wr_latency_histogram"]["bins"], json!([0, 1, 0]));
+    // Every request took less than a second. (A lower bound would be a guess: the latency is
+    // the device's, from submission to completion, and a read of a sparse file may take well
+    // under a microsecond; CI saw one.)
+    assert_eq!(bins, &json!([4, 0, 0]), "{st}");
+    assert_eq!(st["wr_latency_histogram"]["bins"], json!([1, 0, 0]));
     assert_eq!(st["flush_latency_histogram"]["bins"], json!([0, 0]));
 
     q.ok("block-latency-histogram-set", json!({"id": "a"}));
