@@ -1,6 +1,6 @@
 //! The NBD server with clients written by others: qemu-img, qemu-io (QEMU's nbd block
 //! driver), nbdinfo and nbdcopy (libnbd). Each test fails when its tool is missing
-//! (scripts/install-deps.sh installs them; THINBLK_SKIP_MISSING=1 skips instead).
+//! (scripts/install-deps.sh installs them; a missing one fails the test).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;

@@ -42,7 +42,7 @@ pub struct DeviceSettings {
     /// How long a worker keeps looking at its queue and ring after the last thing it found
     /// there before it sleeps until a kick or a completion wakes it (zero: it never polls).
     pub poll: std::time::Duration,
-    /// Requests handed to io_uring per system call at most.
+    /// Requests the device queue hands to the host per system call at most (`QueueOptions`).
     pub submit_batch: u16,
 }
 

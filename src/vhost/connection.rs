@@ -66,7 +66,7 @@ pub enum Ended {
 
 impl Connection {
     /// Sets up a fresh device state for the frontend on `stream`: vrings and worker threads,
-    /// each worker watching its queue's io_uring completions.
+    /// each worker watching its device queue's completions.
     pub fn new(
         stream: UnixStream,
         backend: &Arc<BlkBackend>,
@@ -138,7 +138,7 @@ impl Connection {
         // The socket, the handler (which stops and joins its workers, closing the vrings' fds)
         // and the memory table the handler holds.
         drop(requests);
-        // Requests the workers handed to a queue's io_uring and did not see complete still
+        // Requests the workers handed to their device queue and did not see complete still
         // hold their vring (with its kick and call fds) and the memory they point into: finish
         // them now, as a GET_VRING_BASE would have.
         for queue in 0..backend.num_queues() {

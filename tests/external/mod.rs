@@ -2,29 +2,21 @@
 //! beside the repository) and thin-provisioning-tools (which `scripts/test.sh` installs).
 //!
 //! A missing one fails the test that needs it, so that a run without them cannot pass by
-//! testing nothing. On a machine that cannot have them, `THINBLK_SKIP_MISSING=1` skips those
-//! tests instead, each with a message.
+//! testing nothing. There is no way to skip them: a machine that cannot have them cannot run
+//! these tests.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 
-/// Set to 1 to skip, rather than fail, tests whose fixture or tool is missing.
-pub const SKIP_MISSING: &str = "THINBLK_SKIP_MISSING";
-
 /// Where to look for the fixtures first (a directory holding `pool.xml`).
 pub const FIXTURES: &str = "THINBLK_FIXTURES";
 
-/// Fails the calling test because `what` is missing, or skips it (`None`, with a message)
-/// when the run asked for that.
+/// Fails the calling test because `what` is missing. (Typed as an `Option` for the callers'
+/// `?`-style use; it never returns.)
 pub fn missing<T>(what: &str) -> Option<T> {
-    if std::env::var_os(SKIP_MISSING).is_some_and(|v| v == "1") {
-        eprintln!("skipping: {what} ({SKIP_MISSING}=1)");
-        return None;
-    }
     panic!(
         "{what}. scripts/test.sh installs the tools and CI puts the fixtures in \
-         ../shared/fixtures/dm-thin beside the repository ({FIXTURES} names another place); \
-         {SKIP_MISSING}=1 skips the tests that need them instead"
+         ../shared/fixtures/dm-thin beside the repository ({FIXTURES} names another place)"
     );
 }
 
