@@ -262,8 +262,12 @@ impl IoQueue for CountedQueue {
         if let Some(w) = &self.waker {
             w.take();
         }
-        let lifted = !self.throttle.enabled();
-        self.release(lifted);
+        // Checked here so that an unthrottled queue (nearly all of them) does not pay a call
+        // per reap, which with a device that completes at submit is a call per request.
+        if self.delayed_len() > 0 {
+            let lifted = !self.throttle.enabled();
+            self.release(lifted);
+        }
         self.stats.refresh();
         let CountedQueue {
             inner,
