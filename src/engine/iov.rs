@@ -57,6 +57,20 @@ impl RawBufs {
         out
     }
 
+    /// Adds a piece at the end (nothing if it is empty): for a frontend that builds its
+    /// buffers piece by piece rather than collecting them for [`RawBufs::new`] first.
+    ///
+    /// # Safety
+    /// As for [`RawBufs::new`], for this piece; without a keepalive, the caller keeps the
+    /// memory mapped until the request completes.
+    #[inline]
+    pub unsafe fn push(&mut self, ptr: *mut u8, len: usize) {
+        if len > 0 {
+            self.len = self.len.saturating_add(len as u64);
+            self.pieces.push(Piece { ptr, len });
+        }
+    }
+
     /// Total bytes.
     pub fn len(&self) -> u64 {
         self.len
@@ -142,6 +156,20 @@ impl<'a> Bufs<'a> {
         }
     }
 
+    /// Adds a piece at the end (nothing if it is empty): for a frontend that builds its
+    /// buffers piece by piece rather than collecting them for [`RawBufs::new`] first.
+    ///
+    /// # Safety
+    /// As for [`RawBufs::new`], for this piece; without a keepalive, the caller keeps the
+    /// memory mapped until the request completes.
+    #[inline]
+    pub unsafe fn push(&mut self, ptr: *mut u8, len: usize) {
+        if len > 0 {
+            self.len = self.len.saturating_add(len as u64);
+            self.pieces.push(Piece { ptr, len });
+        }
+    }
+
     /// Total bytes.
     pub fn len(&self) -> u64 {
         self.len
@@ -224,6 +252,20 @@ impl<'a> BufsMut<'a> {
             len: total(pieces),
             pieces: pieces.iter().copied().collect(),
             _life: PhantomData,
+        }
+    }
+
+    /// Adds a piece at the end (nothing if it is empty): for a frontend that builds its
+    /// buffers piece by piece rather than collecting them for [`RawBufs::new`] first.
+    ///
+    /// # Safety
+    /// As for [`RawBufs::new`], for this piece; without a keepalive, the caller keeps the
+    /// memory mapped until the request completes.
+    #[inline]
+    pub unsafe fn push(&mut self, ptr: *mut u8, len: usize) {
+        if len > 0 {
+            self.len = self.len.saturating_add(len as u64);
+            self.pieces.push(Piece { ptr, len });
         }
     }
 
