@@ -23,7 +23,9 @@ pub struct Piece {
 /// may belong to a guest that changes it at any time), and what keeps them mapped.
 #[derive(Default)]
 pub struct RawBufs {
-    pieces: SmallVec<[Piece; 4]>,
+    /// Three inline, as a request's segments (drivers hand over one to three for ordinary
+    /// transfers), and so that a request stays within 128 bytes (see `IoOp`).
+    pieces: SmallVec<[Piece; 3]>,
     len: u64,
     /// Only held: dropped with the request, after the memory was last used.
     _keepalive: Option<KeepAlive>,
@@ -156,20 +158,6 @@ impl<'a> Bufs<'a> {
         }
     }
 
-    /// Adds a piece at the end (nothing if it is empty): for a frontend that builds its
-    /// buffers piece by piece rather than collecting them for [`RawBufs::new`] first.
-    ///
-    /// # Safety
-    /// As for [`RawBufs::new`], for this piece; without a keepalive, the caller keeps the
-    /// memory mapped until the request completes.
-    #[inline]
-    pub unsafe fn push(&mut self, ptr: *mut u8, len: usize) {
-        if len > 0 {
-            self.len = self.len.saturating_add(len as u64);
-            self.pieces.push(Piece { ptr, len });
-        }
-    }
-
     /// Total bytes.
     pub fn len(&self) -> u64 {
         self.len
@@ -252,20 +240,6 @@ impl<'a> BufsMut<'a> {
             len: total(pieces),
             pieces: pieces.iter().copied().collect(),
             _life: PhantomData,
-        }
-    }
-
-    /// Adds a piece at the end (nothing if it is empty): for a frontend that builds its
-    /// buffers piece by piece rather than collecting them for [`RawBufs::new`] first.
-    ///
-    /// # Safety
-    /// As for [`RawBufs::new`], for this piece; without a keepalive, the caller keeps the
-    /// memory mapped until the request completes.
-    #[inline]
-    pub unsafe fn push(&mut self, ptr: *mut u8, len: usize) {
-        if len > 0 {
-            self.len = self.len.saturating_add(len as u64);
-            self.pieces.push(Piece { ptr, len });
         }
     }
 

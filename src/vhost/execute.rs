@@ -166,12 +166,12 @@ fn prepare_io(
         Op::Flush => return Ok(Some((IoRequest::unbuffered(IoOp::Flush, false, 0), 0))),
         Op::Discard => {
             let ranges = ranges(mem, req, t)?;
-            let io = IoRequest::unbuffered(IoOp::Discard(ranges), durable, 0);
+            let io = IoRequest::unbuffered(IoOp::Discard(ranges.into()), durable, 0);
             return Ok(Some((io, 0)));
         }
         Op::WriteZeroes => {
             let ranges = ranges(mem, req, t)?;
-            let io = IoRequest::unbuffered(IoOp::WriteZeroes(ranges), durable, 0);
+            let io = IoRequest::unbuffered(IoOp::WriteZeroes(ranges.into()), durable, 0);
             return Ok(Some((io, 0)));
         }
     };
