@@ -153,7 +153,8 @@ impl<'a> Bufs<'a> {
     pub unsafe fn from_raw(pieces: &[Piece]) -> Self {
         Bufs {
             len: total(pieces),
-            pieces: pieces.iter().copied().collect(),
+            // A slice copy, not an element-by-element collect: this runs for every request.
+            pieces: SmallVec::from_slice(pieces),
             _life: PhantomData,
         }
     }
@@ -238,7 +239,8 @@ impl<'a> BufsMut<'a> {
     pub unsafe fn from_raw(pieces: &[Piece]) -> Self {
         BufsMut {
             len: total(pieces),
-            pieces: pieces.iter().copied().collect(),
+            // A slice copy, not an element-by-element collect: this runs for every request.
+            pieces: SmallVec::from_slice(pieces),
             _life: PhantomData,
         }
     }
