@@ -15,7 +15,7 @@ use virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::dirty_log::GuestMemoryMmap;
+use super::dirty_log::{GuestLog, GuestMemoryMmap};
 
 use super::config::RequestLimits;
 use super::request::{parse, Desc, Rejection, Request};
@@ -67,13 +67,39 @@ fn read_desc(mem: &GuestMemoryMmap, table: DescTable, index: u16) -> Option<Raw>
         }
         Err(_) => mem.read_slice(&mut b, at).ok()?,
     }
+    Some(decode(b))
+}
+
+/// The whole of `table` as one host slice, when it lies in one region (as a table the
+/// frontend laid out always does): a chain's descriptors are then read from it without a
+/// region lookup each.
+fn table_view(
+    mem: &GuestMemoryMmap,
+    table: DescTable,
+) -> Option<vm_memory::VolatileSlice<'_, vm_memory::bitmap::BS<'_, GuestLog>>> {
+    let len = usize::from(table.size) * DESC_LEN as usize;
+    mem.get_slice(table.addr, len).ok()
+}
+
+/// Descriptor `index` of a table seen through [`table_view`].
+fn read_viewed(
+    view: &vm_memory::VolatileSlice<'_, vm_memory::bitmap::BS<'_, GuestLog>>,
+    index: u16,
+) -> Option<Raw> {
+    let at = usize::from(index) * DESC_LEN as usize;
+    let slice = view.subslice(at, DESC_LEN as usize).ok()?;
+    let mut b = [0u8; DESC_LEN as usize];
+    (slice.copy_to(&mut b[..]) == b.len()).then(|| decode(b))
+}
+
+fn decode(b: [u8; DESC_LEN as usize]) -> Raw {
     let [a0, a1, a2, a3, a4, a5, a6, a7, l0, l1, l2, l3, f0, f1, n0, n1] = b;
-    Some(Raw {
+    Raw {
         addr: u64::from_le_bytes([a0, a1, a2, a3, a4, a5, a6, a7]),
         len: u32::from_le_bytes([l0, l1, l2, l3]),
         flags: u16::from_le_bytes([f0, f1]),
         next: u16::from_le_bytes([n0, n1]),
-    })
+    }
 }
 
 fn broken(reason: &'static str) -> Rejection {
@@ -97,11 +123,16 @@ pub fn walk(
     let mut out = Descs::new();
     let mut last = None;
     let (mut table, mut index, mut ttl, mut indirect) = (table, head, table.size, false);
+    let mut view = table_view(mem, table);
     loop {
         if index >= table.size {
             return Err(broken("descriptor index past its table"));
         }
-        let d = read_desc(mem, table, index).ok_or(broken("descriptor outside guest memory"))?;
+        let d = match &view {
+            Some(v) => read_viewed(v, index),
+            None => read_desc(mem, table, index),
+        };
+        let d = d.ok_or(broken("descriptor outside guest memory"))?;
         if d.has(VRING_DESC_F_INDIRECT) {
             if indirect {
                 return Err(broken("indirect table inside an indirect table"));
@@ -120,6 +151,7 @@ pub fn walk(
                 size,
                 true,
             );
+            view = table_view(mem, table);
             continue;
         }
         let desc = Desc {
