@@ -125,12 +125,12 @@ fn latency_histograms_are_set_filled_and_removed_as_in_qemu() {
     assert!(err.get("error").is_some(), "{err}");
     q.ok(
         "block-latency-histogram-set",
-        json!({"id": "a", "boundaries": [1000, 1000000000], "boundaries-flush": [1]}),
+        json!({"id": "a", "boundaries": [10, 1000000000], "boundaries-flush": [1]}),
     );
     let st = stats_of(&mut q, "a");
     assert_eq!(
         st["rd_latency_histogram"]["boundaries"],
-        json!([1000, 1000000000])
+        json!([10, 1000000000])
     );
     assert_eq!(st["rd_latency_histogram"]["bins"], json!([0, 0, 0]));
     assert_eq!(st["flush_latency_histogram"]["boundaries"], json!([1]));
@@ -143,7 +143,9 @@ fn latency_histograms_are_set_filled_and_removed_as_in_qemu() {
     assert_eq!(write(&mut c.queues[0], p, 0, 4096), 0);
     let st = stats_of(&mut q, "a");
     let bins = &st["rd_latency_histogram"]["bins"];
-    // Every read took more than a microsecond (a vhost-user round trip) and less than a second.
+    // Every read took more than 10 ns and less than a second. Not more than a microsecond:
+    // the latency is the daemon's, from submit to reap, and a read of a hole in a raw file
+    // can come back from io_uring within a microsecond (it did in about one run in ten).
     assert_eq!(bins, &json!([0, 4, 0]), "{st}");
     assert_eq!(st["wr_latency_histogram"]["bins"], json!([0, 1, 0]));
     assert_eq!(st["flush_latency_histogram"]["bins"], json!([0, 0]));
