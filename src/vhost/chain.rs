@@ -119,8 +119,21 @@ pub fn walk(
     head: u16,
     limits: &RequestLimits,
 ) -> Result<Descs, Rejection> {
-    let keep = limits.max_descriptors as usize;
     let mut out = Descs::new();
+    walk_into(mem, table, head, limits, &mut out)?;
+    Ok(out)
+}
+
+/// [`walk`] into the caller's list, which must be empty: framing walks every request, and a
+/// list of descriptors returned by value is copied (about 200 bytes) on the way out.
+fn walk_into(
+    mem: &GuestMemoryMmap,
+    table: DescTable,
+    head: u16,
+    limits: &RequestLimits,
+    out: &mut Descs,
+) -> Result<(), Rejection> {
+    let keep = limits.max_descriptors as usize;
     let mut last = None;
     let (mut table, mut index, mut ttl, mut indirect) = (table, head, table.size, false);
     let mut view = table_view(mem, table);
@@ -175,7 +188,7 @@ pub fn walk(
         index = d.next;
     }
     out.extend(last);
-    Ok(out)
+    Ok(())
 }
 
 /// Walks chain `head` and frames it into a request within `limits`.
@@ -185,7 +198,9 @@ pub fn frame(
     head: u16,
     limits: &RequestLimits,
 ) -> Result<Request, Rejection> {
-    parse(mem, &walk(mem, table, head, limits)?, limits)
+    let mut descs = Descs::new();
+    walk_into(mem, table, head, limits, &mut descs)?;
+    parse(mem, &descs, limits)
 }
 
 #[cfg(test)]
