@@ -23,7 +23,9 @@ pub struct Piece {
 /// may belong to a guest that changes it at any time), and what keeps them mapped.
 #[derive(Default)]
 pub struct RawBufs {
-    pieces: SmallVec<[Piece; 4]>,
+    /// Three inline, as a request's segments (drivers hand over one to three for ordinary
+    /// transfers), and so that a request stays within 128 bytes (see `IoOp`).
+    pieces: SmallVec<[Piece; 3]>,
     len: u64,
     /// Only held: dropped with the request, after the memory was last used.
     _keepalive: Option<KeepAlive>,
@@ -55,6 +57,20 @@ impl RawBufs {
             }
         }
         out
+    }
+
+    /// Adds a piece at the end (nothing if it is empty): for a frontend that builds its
+    /// buffers piece by piece rather than collecting them for [`RawBufs::new`] first.
+    ///
+    /// # Safety
+    /// As for [`RawBufs::new`], for this piece; without a keepalive, the caller keeps the
+    /// memory mapped until the request completes.
+    #[inline]
+    pub unsafe fn push(&mut self, ptr: *mut u8, len: usize) {
+        if len > 0 {
+            self.len = self.len.saturating_add(len as u64);
+            self.pieces.push(Piece { ptr, len });
+        }
     }
 
     /// Total bytes.
@@ -137,7 +153,8 @@ impl<'a> Bufs<'a> {
     pub unsafe fn from_raw(pieces: &[Piece]) -> Self {
         Bufs {
             len: total(pieces),
-            pieces: pieces.iter().copied().collect(),
+            // A slice copy, not an element-by-element collect: this runs for every request.
+            pieces: SmallVec::from_slice(pieces),
             _life: PhantomData,
         }
     }
@@ -222,7 +239,8 @@ impl<'a> BufsMut<'a> {
     pub unsafe fn from_raw(pieces: &[Piece]) -> Self {
         BufsMut {
             len: total(pieces),
-            pieces: pieces.iter().copied().collect(),
+            // A slice copy, not an element-by-element collect: this runs for every request.
+            pieces: SmallVec::from_slice(pieces),
             _life: PhantomData,
         }
     }

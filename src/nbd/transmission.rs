@@ -289,9 +289,9 @@ impl Connection {
                     may_unmap: req.cmd == Command::Trim || req.may_unmap,
                 }];
                 let op = if req.cmd == Command::Trim {
-                    IoOp::Discard(range)
+                    IoOp::Discard(range.into())
                 } else {
-                    IoOp::WriteZeroes(range)
+                    IoOp::WriteZeroes(range.into())
                 };
                 self.submit(req, op, None);
                 Ok(())

@@ -97,6 +97,9 @@ struct QueueState {
     // Declared first so it is dropped first: dropping a queue waits for what it has in
     // flight, whose buffers lie in the memory `tables` keeps mapped.
     io: Box<dyn IoQueue>,
+    /// `io.completes_at_submit()`, asked once: it is fixed for a queue's life, and asking
+    /// per request is a virtual call through every wrapper.
+    at_submit: bool,
     /// Requests in the device's queue, by the tag they were given (their slot here: a head
     /// index the guest chose may be in flight twice).
     pending: Vec<Option<Pending>>,
@@ -122,6 +125,7 @@ struct MemoryInUse {
 impl QueueState {
     fn new(io: Box<dyn IoQueue>) -> Self {
         QueueState {
+            at_submit: io.completes_at_submit(),
             io,
             pending: Vec::new(),
             free: Vec::new(),
@@ -455,7 +459,7 @@ impl BlkBackend {
                         // A device that finishes at once (null, memory) goes back to the
                         // guest now, not at the end of the pass: the guest's side can reuse
                         // the chain while this pass goes on.
-                        if qs.io.completes_at_submit() {
+                        if qs.at_submit {
                             let note = |m: &str| self.note_rejection(m);
                             used |= qs.complete(&target, &note, inflight.as_deref_mut());
                         }

@@ -209,10 +209,19 @@ pub fn device_writes(op: Op, data: Segments) -> Segments {
 
 /// Marks the pages of `writes` dirty in the log of `mem`'s regions if logging is on. Call it
 /// after the device wrote them and before the request's used ring entry is published.
+///
+/// Inlined down to the check: it runs for every completion, and logging is rarely on.
+#[inline]
 pub fn mark_device_writes(mem: &GuestMemoryMmap, writes: &[Segment]) {
     if writes.is_empty() || LOGGING.load(Ordering::Relaxed) == 0 {
         return;
     }
+    mark_segments(mem, writes);
+}
+
+/// Kept out of line so that the check above stays small where it is inlined.
+#[inline(never)]
+fn mark_segments(mem: &GuestMemoryMmap, writes: &[Segment]) {
     for s in writes {
         mark_range(mem, s.addr, s.len);
     }

@@ -4,7 +4,6 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use log::{debug, warn};
-use smallvec::SmallVec;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileMemory};
 
@@ -98,12 +97,15 @@ pub enum Prepared {
     Submit(IoRequest, u32),
 }
 
-/// Host views of a request's buffers: one per segment unless a segment crosses regions.
-pub type HostSlices = SmallVec<[(*mut u8, usize); 4]>;
-
-/// Host views of guest buffers, or `None` if any byte lies outside guest memory.
-pub fn host_slices(mem: &GuestMemoryMmap, segs: &[Segment]) -> Option<HostSlices> {
-    let mut out = HostSlices::new();
+/// The host pieces of guest buffers (one per segment unless a segment crosses regions),
+/// built straight into the request's buffers rather than through a list of their own; `None`
+/// if any byte lies outside guest memory.
+///
+/// # Safety
+/// As for [`RawBufs::new`]: the caller keeps `mem`'s mappings alive until the request that
+/// carries the buffers has completed, and makes no Rust reference over them meanwhile.
+unsafe fn host_bufs(mem: &GuestMemoryMmap, segs: &[Segment]) -> Option<RawBufs> {
+    let mut out = RawBufs::default();
     for s in segs {
         let len = usize::try_from(s.len).ok()?;
         if len == 0 {
@@ -111,7 +113,8 @@ pub fn host_slices(mem: &GuestMemoryMmap, segs: &[Segment]) -> Option<HostSlices
         }
         // A buffer within one region, as nearly all are, costs one region lookup.
         if let Ok(slice) = GuestMemoryBackend::get_slice(mem, s.addr, len) {
-            out.push((slice.ptr_guard_mut().as_ptr(), slice.len()));
+            // SAFETY: a piece of a region of `mem`, under this function's own contract.
+            unsafe { out.push(slice.ptr_guard_mut().as_ptr(), slice.len()) };
             continue;
         }
         for slice in GuestMemoryBackend::get_slices(mem, s.addr, len) {
@@ -125,7 +128,8 @@ pub fn host_slices(mem: &GuestMemoryMmap, segs: &[Segment]) -> Option<HostSlices
                     return None;
                 }
             };
-            out.push((slice.ptr_guard_mut().as_ptr(), slice.len()));
+            // SAFETY: as above.
+            unsafe { out.push(slice.ptr_guard_mut().as_ptr(), slice.len()) };
         }
     }
     Some(out)
@@ -162,23 +166,22 @@ fn prepare_io(
         Op::Flush => return Ok(Some((IoRequest::unbuffered(IoOp::Flush, false, 0), 0))),
         Op::Discard => {
             let ranges = ranges(mem, req, t)?;
-            let io = IoRequest::unbuffered(IoOp::Discard(ranges), durable, 0);
+            let io = IoRequest::unbuffered(IoOp::Discard(ranges.into()), durable, 0);
             return Ok(Some((io, 0)));
         }
         Op::WriteZeroes => {
             let ranges = ranges(mem, req, t)?;
-            let io = IoRequest::unbuffered(IoOp::WriteZeroes(ranges), durable, 0);
+            let io = IoRequest::unbuffered(IoOp::WriteZeroes(ranges.into()), durable, 0);
             return Ok(Some((io, 0)));
         }
     };
     let (offset, len) = io_range(req, t.dev).ok_or(ExecuteError::BadRange)?;
-    let slices = host_slices(mem, &req.data).ok_or(ExecuteError::NotInMemory)?;
     // SAFETY: each piece lies in a guest memory region of `mem`, which the caller keeps
     // mapped until the request completes (`prepare`'s contract): no keepalive per request,
     // which would be two atomic operations on a count both queues' workers share. The guest
     // gave these buffers to the device until the chain is returned, which is after the request
     // completes, and nothing in this process makes a Rust reference over them.
-    let bufs = unsafe { RawBufs::new(slices, None) };
+    let bufs = unsafe { host_bufs(mem, &req.data) }.ok_or(ExecuteError::NotInMemory)?;
     let written = if op == IoOp::Read {
         u32::try_from(len).map_err(|_| ExecuteError::BadRange)?
     } else {

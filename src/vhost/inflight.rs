@@ -577,6 +577,7 @@ impl Tracker {
     }
 
     /// Whether a region is attached.
+    #[inline]
     pub fn is_active(&self) -> bool {
         self.active.load(Ordering::Acquire)
     }
@@ -604,6 +605,7 @@ impl Tracker {
 
     /// Queue `queue`'s tracking, locked, if a region covers it. The queue's worker holds it
     /// over a pass (after the queue's own lock).
+    #[inline]
     pub fn queue(&self, queue: usize) -> Option<MutexGuard<'_, QueueInflight>> {
         if !self.is_active() {
             return None;
@@ -615,6 +617,7 @@ impl Tracker {
 
 /// The next chain head for the device: with a region, a recovering ring's inflight chains
 /// first, then the avail ring's, each recorded as taken.
+#[inline]
 pub fn next_head(
     inflight: Option<&mut QueueInflight>,
     vring: &VringRwLock,
@@ -627,6 +630,15 @@ pub fn next_head(
             .pop_descriptor_chain(mem)
             .map(|c| c.head_index());
     };
+    next_tracked_head(q, vring, mem)
+}
+
+/// [`next_head`] with a region (apart so that the common case without one inlines small).
+fn next_tracked_head(
+    q: &mut QueueInflight,
+    vring: &VringRwLock,
+    mem: &GuestMemoryMmap,
+) -> Option<u16> {
     if !q.recovered {
         q.recover_ring(vring, mem);
         // The process before may have published used entries and died (or been stopped)
@@ -649,6 +661,7 @@ pub fn next_head(
 }
 
 /// Returns chain `head` to the guest (`len` bytes written), in the order the region needs.
+#[inline]
 pub fn add_used(
     inflight: Option<&mut QueueInflight>,
     vring: &VringRwLock,
@@ -658,6 +671,16 @@ pub fn add_used(
     let Some(q) = inflight else {
         return vring.add_used(head, len);
     };
+    add_tracked_used(q, vring, head, len)
+}
+
+/// [`add_used`] with a region.
+fn add_tracked_used(
+    q: &mut QueueInflight,
+    vring: &VringRwLock,
+    head: u16,
+    len: u32,
+) -> Result<(), virtio_queue::Error> {
     q.returning(head);
     vring.add_used(head, len)?;
     let used = vring.get_ref().get_queue().next_used();

@@ -319,3 +319,12 @@ fn a_raw_device_flush_after_a_failed_one_fails() {
         "the second fsync hid the first one's error"
     );
 }
+
+/// A request is moved by value through every queue that wraps another (counting, write
+/// thresholds): at 128 bytes or less the compiler moves it with a few register copies, above
+/// that with a call to memcpy each time, which was a measurable part of a null device's cost
+/// per request.
+#[test]
+fn a_request_moves_without_memcpy() {
+    assert!(std::mem::size_of::<super::IoRequest>() <= 128);
+}
