@@ -121,6 +121,8 @@ pub struct State {
     me: Weak<State>,
     /// The NBD server and its exports (src/daemon/nbd.rs).
     nbd: super::nbd::NbdState,
+    /// Background jobs (thin-mirror), QEMU-style (src/daemon/jobs.rs).
+    jobs: super::jobs::Jobs,
 }
 
 impl State {
@@ -133,7 +135,18 @@ impl State {
         if let Some(thin) = &state.thin {
             forward_pool_events(thin, state.me.clone());
         }
+        let me = state.me.clone();
+        state.jobs.set_sink(Arc::new(move |name, data| {
+            if let Some(state) = me.upgrade() {
+                state.emit(name, data);
+            }
+        }));
         state
+    }
+
+    /// Background jobs.
+    pub fn jobs(&self) -> &super::jobs::Jobs {
+        &self.jobs
     }
 
     /// The NBD server and its exports.
@@ -517,6 +530,8 @@ impl State {
 
     /// Stops every export (at shutdown).
     pub fn stop_all(&self) {
+        // Jobs first: a mirror writes through exports and the NBD client until it stops.
+        self.jobs.cancel_all();
         let _ = self.nbd.stop();
         let all = std::mem::take(&mut *self.exports.lock());
         drop(all);
