@@ -1,0 +1,38 @@
+//! The mirror: copying a live thin disk into another server's NBD export (issue 15's
+//! "Mirror" part). Built so far:
+//!
+//! - `dirty.rs`: `DirtyMap`, granules written since they were last copied (lock-free marks
+//!   from the write path, runs taken by the copier).
+//! - `copy.rs`: `copy_range`, a range of a device into an `NbdClient`: data read and written
+//!   with several writes in flight, holes as WRITE_ZEROES that may stay holes.
+//!
+//! The NBD client is `nbd::client`; the QEMU-style job layer `daemon::jobs`. What is left
+//! to make `thin-mirror` (the job body, the write-path hook, switchover) is listed in
+//! docs/mirror.md.
+
+pub mod copy;
+pub mod dirty;
+#[cfg(test)]
+mod tests;
+
+pub use copy::{copy_range, Copied};
+pub use dirty::DirtyMap;
+
+use crate::engine::BlockError;
+use crate::nbd::client::{ClientError, ReplyError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorError {
+    #[error("reading the source: {0}")]
+    Source(String),
+    #[error("mirror target: {0}")]
+    Target(#[from] ClientError),
+    #[error("mirror target: {0}")]
+    Reply(#[from] ReplyError),
+}
+
+impl From<BlockError> for MirrorError {
+    fn from(e: BlockError) -> Self {
+        MirrorError::Source(e.to_string())
+    }
+}
