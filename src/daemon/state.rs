@@ -19,6 +19,7 @@ use super::watch::{forward_pool_events, io_error_sink, Watched, WriteThreshold};
 use crate::engine::cow::{CowEvent, CowFiles};
 use crate::engine::thin::{VolumeError, Volumes};
 use crate::engine::BlockDevice;
+use crate::mirror::WriteHook;
 use crate::socket_access::SocketAccess;
 use crate::sockets::{bind_with, SocketError};
 use crate::vhost::handover::Handover;
@@ -121,6 +122,8 @@ pub struct State {
     me: Weak<State>,
     /// The NBD server and its exports (src/daemon/nbd.rs).
     nbd: super::nbd::NbdState,
+    /// Mirror hooks by node name: every export of a node writes through its hook.
+    write_hooks: Mutex<HashMap<String, Arc<WriteHook>>>,
     /// Background jobs (thin-mirror), QEMU-style (src/daemon/jobs.rs).
     jobs: super::jobs::Jobs,
 }
@@ -166,6 +169,7 @@ impl State {
             dev,
             node,
             self.write_threshold(node),
+            self.write_hook(node),
             self.me.clone(),
         ))
     }
@@ -173,6 +177,16 @@ impl State {
     /// The write threshold of node `name` (created disarmed).
     pub fn write_threshold(&self, name: &str) -> Arc<WriteThreshold> {
         self.thresholds
+            .lock()
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// The mirror hook of node `name` (tracking nothing, refusing nothing, until a mirror
+    /// of the node uses it).
+    pub fn write_hook(&self, name: &str) -> Arc<WriteHook> {
+        self.write_hooks
             .lock()
             .entry(name.to_string())
             .or_default()
@@ -349,6 +363,7 @@ impl State {
             node.dev,
             &config.node,
             self.write_threshold(&config.node),
+            self.write_hook(&config.node),
             self.me.clone(),
         ));
         let stats = ExportStats::new();

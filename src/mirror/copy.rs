@@ -17,6 +17,15 @@ const DATA_CHUNK: u64 = 4 << 20;
 /// Bytes zeroed per request: NBD lengths are 32-bit.
 const ZERO_CHUNK: u64 = 1 << 30;
 
+/// What a copy does with the source's holes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Holes {
+    /// Zeroes them on the target (a full copy: the target may hold anything there).
+    Zero,
+    /// Leaves the target alone there (`sync: top`: the target holds the rest already).
+    Skip,
+}
+
 /// What one copy moved.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Copied {
@@ -75,10 +84,11 @@ pub fn copy_range(
     target: &NbdClient,
     offset: u64,
     len: u64,
+    holes: Holes,
     progress: &dyn Fn(u64),
 ) -> Result<Copied, MirrorError> {
     let batch = Arc::new(Batch::default());
-    let r = copy_pieces(source, target, offset, len, progress, &batch);
+    let r = copy_pieces(source, target, (offset, len), holes, progress, &batch);
     // Even after an error, the requests sent must be answered before their batch goes.
     let waited = batch.wait();
     let copied = r?;
@@ -89,8 +99,8 @@ pub fn copy_range(
 fn copy_pieces(
     source: &dyn BlockDevice,
     target: &NbdClient,
-    offset: u64,
-    len: u64,
+    (offset, len): (u64, u64),
+    holes: Holes,
     progress: &dyn Fn(u64),
     batch: &Arc<Batch>,
 ) -> Result<Copied, MirrorError> {
@@ -110,6 +120,11 @@ fn copy_pieces(
         }
         for run in runs {
             let run_end = at + run.len.min(end - at);
+            if run.state == Allocation::Hole && holes == Holes::Skip {
+                progress(run_end - at);
+                at = run_end;
+                continue;
+            }
             while at < run_end {
                 let hole = run.state == Allocation::Hole && can_zero;
                 let n = (run_end - at).min(if hole { ZERO_CHUNK } else { chunk });

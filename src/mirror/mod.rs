@@ -3,8 +3,12 @@
 //!
 //! - `dirty.rs`: `DirtyMap`, granules written since they were last copied (lock-free marks
 //!   from the write path, runs taken by the copier).
+//! - `hook.rs`: `WriteHook`, the node's write path marking the dirty map (once a write's
+//!   data is written) and refusing writes after a switchover.
 //! - `copy.rs`: `copy_range`, a range of a device into an `NbdClient`: data read and written
 //!   with several writes in flight, holes as WRITE_ZEROES that may stay holes.
+//! - `job.rs`: `Mirror::run`, the body of a `thin-mirror` job: first pass, dirty passes
+//!   until ready, switchover on `job-complete`.
 //!
 //! The NBD client is `nbd::client`; the QEMU-style job layer `daemon::jobs`. What is left
 //! to make `thin-mirror` (the job body, the write-path hook, switchover) is listed in
@@ -12,11 +16,15 @@
 
 pub mod copy;
 pub mod dirty;
+pub mod hook;
+pub mod job;
 #[cfg(test)]
 mod tests;
 
-pub use copy::{copy_range, Copied};
+pub use copy::{copy_range, Copied, Holes};
 pub use dirty::DirtyMap;
+pub use hook::WriteHook;
+pub use job::{Mirror, SyncMode};
 
 use crate::engine::BlockError;
 use crate::nbd::client::{ClientError, ReplyError};

@@ -118,7 +118,7 @@ fn a_copy_writes_data_and_zeroes_holes_without_reading_them() {
     let (_server, uri) = serve(&dir, &target, true);
     let client = NbdClient::connect_uri(&uri, DEFAULT_IN_FLIGHT).unwrap();
     let moved = AtomicU64::new(0);
-    let copied = copy_range(&*source, &client, 0, SIZE, &|n| {
+    let copied = copy_range(&*source, &client, 0, SIZE, Holes::Zero, &|n| {
         moved.fetch_add(n, Ordering::SeqCst);
     })
     .unwrap();
@@ -145,7 +145,7 @@ fn a_part_of_a_device_and_a_dirty_run_copy_alone() {
     let dirty = DirtyMap::new(SIZE, BLOCK);
     dirty.mark(3 * BLOCK + 5, 10);
     let (off, len) = dirty.take(0, 1 << 30).unwrap();
-    copy_range(&*source, &client, off, len, &|_| {}).unwrap();
+    copy_range(&*source, &client, off, len, Holes::Zero, &|_| {}).unwrap();
     assert_eq!(target.written.load(Ordering::SeqCst), BLOCK);
     let t = content(&*target);
     let s = content(&*source);
@@ -161,6 +161,6 @@ fn a_target_that_refuses_writes_fails_the_copy() {
     let dir = tempfile::tempdir().unwrap();
     let (_server, uri) = serve(&dir, &target, false);
     let client = NbdClient::connect_uri(&uri, 4).unwrap();
-    let e = copy_range(&*source, &client, 0, SIZE, &|_| {}).unwrap_err();
+    let e = copy_range(&*source, &client, 0, SIZE, Holes::Zero, &|_| {}).unwrap_err();
     assert!(matches!(e, MirrorError::Target(_)), "{e}");
 }

@@ -7,6 +7,7 @@ mod decode;
 mod export;
 mod io_throttle;
 mod jobs;
+mod mirror;
 mod nbd;
 mod pool;
 mod pool_resize;
@@ -76,6 +77,7 @@ pub const COMMANDS: &[(&str, Handler)] = &[
     ("job-complete", jobs::job_complete),
     ("block-job-cancel", jobs::block_job_cancel),
     ("block-job-complete", jobs::block_job_complete),
+    ("thin-mirror", mirror::thin_mirror),
 ];
 
 pub fn find(name: &str) -> Option<Handler> {
