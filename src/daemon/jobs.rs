@@ -106,9 +106,24 @@ pub struct Job {
     inner: Mutex<Inner>,
     wake: Condvar,
     sink: Sink,
+    /// Called when a cancel is asked (a body blocked on I/O that may never end unblocks).
+    on_cancel: Mutex<Option<Box<dyn Fn() + Send>>>,
 }
 
 impl Job {
+    /// `f` runs (on the canceller's thread) when the job is asked to cancel, or at once if
+    /// it was already.
+    /// (It may run twice if the cancel comes while it is being set.)
+    pub fn set_on_cancel(&self, f: Box<dyn Fn() + Send>) {
+        let mut slot = self.on_cancel.lock();
+        // `ask` records a cancel before it looks here: either it finds `f`, or the
+        // request is seen below.
+        let f = slot.insert(f);
+        if self.request() == Request::Cancel {
+            f();
+        }
+    }
+
     pub fn id(&self) -> &str {
         &self.id
     }
@@ -250,6 +265,11 @@ impl Job {
         }
         drop(g);
         self.wake.notify_all();
+        if r == Request::Cancel {
+            if let Some(f) = &*self.on_cancel.lock() {
+                f();
+            }
+        }
         Ok(())
     }
 }
@@ -307,6 +327,7 @@ impl Jobs {
             }),
             wake: Condvar::new(),
             sink: self.sink(),
+            on_cancel: Mutex::new(None),
         });
         let mut map = self.map.lock();
         if map.contains_key(id) {

@@ -170,3 +170,25 @@ fn ids_are_checked_and_unique() {
     jobs.cancel_all();
     assert!(jobs.get("x").is_none());
 }
+
+#[test]
+fn a_cancel_runs_the_jobs_cancel_hook() {
+    let (jobs, _seen) = jobs();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let tx = Mutex::new(tx);
+    jobs.start("h", "mirror", move |j| {
+        // A body stuck on I/O only the hook can end.
+        let (unblock, blocked) = std::sync::mpsc::channel::<()>();
+        let unblock = Mutex::new(unblock);
+        j.set_on_cancel(Box::new(move || {
+            let _ = unblock.lock().send(());
+        }));
+        let _ = tx.lock().send(());
+        blocked.recv().map_err(|e| e.to_string())?;
+        Ok(Outcome::Cancelled)
+    })
+    .unwrap();
+    rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    jobs.cancel("h", true).unwrap();
+    wait_gone(&jobs, "h");
+}

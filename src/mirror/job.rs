@@ -65,7 +65,15 @@ fn cancelled(job: &Job) -> bool {
 impl Mirror {
     pub fn run(self, job: &Arc<Job>) -> Result<Outcome, String> {
         let _tracking = Tracking(self.hook.clone());
-        self.run_tracked(job).map_err(|e| e.to_string())
+        // A cancel hangs up on the target: a copy waiting for a server that stopped
+        // answering then fails at once instead of holding the cancel (and shutdown).
+        if let Ok(h) = self.target.hang_up_handle() {
+            job.set_on_cancel(Box::new(move || h.hang_up()));
+        }
+        match self.run_tracked(job) {
+            Err(_) if cancelled(job) => Ok(Outcome::Cancelled),
+            r => r.map_err(|e| e.to_string()),
+        }
     }
 
     fn copy(&self, job: &Job, offset: u64, len: u64, holes: Holes) -> Result<(), MirrorError> {

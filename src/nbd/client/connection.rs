@@ -375,6 +375,13 @@ impl NbdClient {
         self.call(Command::Flush).map(drop)
     }
 
+    /// Something another thread can hang up this connection with (a job's cancel, while
+    /// the copier waits for a server that stopped answering): every request in flight
+    /// then fails with `ReplyError::Lost`.
+    pub fn hang_up_handle(&self) -> std::io::Result<HangUp> {
+        Ok(HangUp(self.hangup.try_clone()?))
+    }
+
     /// Waits until no request is in flight and every `Done` has returned.
     pub fn drain(&self) {
         let mut st = self.shared.state.lock();
@@ -412,6 +419,15 @@ impl NbdClient {
             let _ = t.join();
         }
         r
+    }
+}
+
+/// A descriptor of a client's socket, to shut it down from elsewhere.
+pub struct HangUp(OwnedFd);
+
+impl HangUp {
+    pub fn hang_up(&self) {
+        Socket::shutdown(std::os::fd::AsRawFd::as_raw_fd(&self.0));
     }
 }
 

@@ -21,7 +21,7 @@ pub mod uri;
 
 use std::io;
 
-pub use connection::{Command, Done, NbdClient, DEFAULT_IN_FLIGHT};
+pub use connection::{Command, Done, HangUp, NbdClient, DEFAULT_IN_FLIGHT};
 pub use handshake::ExportInfo;
 pub use uri::{NbdUri, Target, UriError};
 

@@ -179,7 +179,7 @@ fn tcp_targets_work_too() {
 }
 
 /// A server that negotiates properly, then answers the first request with `reply`, its
-/// cookie and `after`.
+/// cookie and `after` (an empty `reply`: never answers).
 fn broken_server(
     reply: Vec<u8>,
     after: Vec<u8>,
@@ -223,13 +223,16 @@ fn broken_server(
         let mut req = [0u8; REQUEST_LEN];
         s.read_exact(&mut req).unwrap();
         let cookie = RequestHeader::decode(&req).cookie;
+        let silent = reply.is_empty();
         let reply: Vec<u8> = reply
             .iter()
             .copied()
             .chain(cookie.to_be_bytes())
             .chain(after)
             .collect();
-        let _ = s.write_all(&reply);
+        if !silent {
+            let _ = s.write_all(&reply);
+        }
         // Stay until the client hangs up.
         let _ = s.read(&mut [0u8; 64]);
     });
@@ -277,4 +280,24 @@ fn a_server_that_breaks_the_protocol_loses_the_connection_not_the_client() {
         drop(c);
         t.join().unwrap();
     }
+}
+
+#[test]
+fn hanging_up_fails_what_a_silent_server_never_answers() {
+    // A server that negotiates, then reads requests and never answers.
+    let (_dir, uri, t) = broken_server(Vec::new(), Vec::new());
+    let c = Arc::new(NbdClient::connect_uri(&uri, 4).unwrap());
+    let waiter = {
+        let c = c.clone();
+        std::thread::spawn(move || c.flush())
+    };
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(!waiter.is_finished(), "the flush was answered");
+    c.hang_up_handle().unwrap().hang_up();
+    match waiter.join().unwrap() {
+        Err(ClientError::Reply(ReplyError::Lost(_))) => {}
+        other => panic!("{other:?}"),
+    }
+    drop(c);
+    t.join().unwrap();
 }
