@@ -125,6 +125,17 @@ fn a_thin_disk_written_meanwhile_mirrors_and_switches_over() {
     assert!(dup.get("error").is_some(), "{dup}");
     let jobs = wait_for(&mut qmp, "ready", |j| j[0]["ready"] == true);
     assert_eq!(jobs[0]["type"], "mirror");
+    // The device cannot go or change size under its mirror.
+    for (cmd, args) in [
+        ("thin-delete", json!({"name": "src", "force": true})),
+        ("block-resize", json!({"device": "src", "size": 2 * SIZE})),
+    ] {
+        let r = qmp.exec(cmd, args);
+        assert!(
+            r["error"]["desc"].as_str().unwrap().contains("mirrored"),
+            "{r}"
+        );
+    }
     assert_eq!(jobs[0]["device"], "m");
     // Writes while ready are mirrored too.
     std::thread::sleep(Duration::from_millis(200));

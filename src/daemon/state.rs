@@ -193,6 +193,14 @@ impl State {
             .clone()
     }
 
+    /// Whether a mirror job tracks writes of node `name` now.
+    pub fn is_mirrored(&self, name: &str) -> bool {
+        self.write_hooks
+            .lock()
+            .get(name)
+            .is_some_and(|h| h.tracking())
+    }
+
     /// Sets the owner, group and mode of export sockets that ask for none.
     pub fn set_socket_defaults(&self, access: SocketAccess) {
         *self.socket_defaults.lock() = access;
