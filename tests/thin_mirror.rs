@@ -194,3 +194,87 @@ fn an_incremental_mirror_copies_only_what_changed_since_the_base() {
     // The source still takes writes: a cancel is no switchover.
     src.write(0, &piece(9)).unwrap();
 }
+
+/// The same through a guest's path: vhost-user-blk writes (libblkio) during the mirror go
+/// through the export's queue wrapper, and after the switchover the guest's writes fail.
+#[test]
+fn guest_writes_over_vhost_are_mirrored_and_refused_after_switchover() {
+    use common::Client;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (nbd, control, vm) = (
+        d.join("nbd.sock"),
+        d.join("control.sock"),
+        d.join("vm.sock"),
+    );
+    let args: Vec<String> = vec![
+        "--dir".into(),
+        d.display().to_string(),
+        "--data-size".into(),
+        "512M".into(),
+        "--export".into(),
+        format!("name=src,size={SIZE},socket={}", vm.display()),
+        "--nbd".into(),
+        nbd.display().to_string(),
+    ];
+    let _daemon = Daemon::start(&args, &[&nbd, &control, &vm]);
+    let mut qmp = Qmp::connect(&control);
+    qmp.ok("thin-create", json!({"name": "dst", "size": SIZE}));
+    qmp.ok(
+        "nbd-server-add",
+        json!({"device": "dst", "name": "dst", "writable": true}),
+    );
+    let sock = nbd.display().to_string();
+    let mut guest = Client::connect(&vm, 1);
+    let mut model = vec![0u8; SIZE as usize];
+    let mut put = |guest: &mut Client, slot: u64, seed: u64| -> i32 {
+        let data = piece(seed);
+        guest.buf()[..PIECE as usize].copy_from_slice(&data);
+        let p = guest.buf_ptr(0);
+        let r = common::write(&mut guest.queues[0], p, slot * PIECE, PIECE as usize);
+        if r == 0 {
+            let at = (slot * PIECE) as usize;
+            model[at..at + PIECE as usize].copy_from_slice(&data);
+        }
+        r
+    };
+    for slot in (0..SIZE / PIECE).filter(|s| s % 4 == 1) {
+        assert_eq!(put(&mut guest, slot, slot), 0);
+    }
+    qmp.ok(
+        "thin-mirror",
+        json!({"job-id": "g", "device": "src", "target": uri(&sock, "dst"), "sync": "full"}),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut n = 0u64;
+    loop {
+        let slot = (n * 37 + 11) % (SIZE / PIECE);
+        assert_eq!(put(&mut guest, slot, 2000 + n), 0);
+        n += 1;
+        if n.is_multiple_of(5) {
+            let jobs = qmp.ok("query-block-jobs", json!({}));
+            if jobs[0]["ready"] == true && n > 20 {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "never ready");
+    }
+    for i in 0..5 {
+        assert_eq!(put(&mut guest, 7 + i, 3000 + i), 0);
+    }
+    qmp.ok("job-complete", json!({"id": "g"}));
+    wait_for(&mut qmp, "done", |j| j.as_array().unwrap().is_empty());
+    assert_ne!(
+        put(&mut guest, 0, 1),
+        0,
+        "a guest write after the switchover"
+    );
+    let dst = NbdClient::connect_uri(&uri(&sock, "dst"), 8).unwrap();
+    let src = NbdClient::connect_uri(&uri(&sock, "src"), 8).unwrap();
+    assert!(read_all(&src) == model, "the source differs from the model");
+    assert!(
+        read_all(&dst) == model,
+        "the target differs from the source"
+    );
+    assert_eq!(mapped(&mut qmp, "dst"), mapped(&mut qmp, "src"));
+}
