@@ -15,6 +15,7 @@ pub mod control;
 pub mod daemon;
 pub mod export_spec;
 pub mod generate;
+pub mod mirror;
 mod signals;
 pub mod socket_access;
 pub mod sockets;

@@ -58,6 +58,7 @@ fn a_client_that_never_reads_does_not_slow_writes_that_raise_events() {
         Arc::new(NullDevice::new(1 << 20)),
         "n",
         threshold.clone(),
+        state.write_hook("n"),
         Arc::downgrade(&state),
     );
     // Far more events than fit in the stalled client's socket buffer and queue.

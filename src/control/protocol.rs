@@ -13,6 +13,7 @@ pub enum ErrorClass {
     GenericError,
     CommandNotFound,
     DeviceNotFound,
+    DeviceNotActive,
 }
 
 impl ErrorClass {
@@ -21,6 +22,7 @@ impl ErrorClass {
             ErrorClass::GenericError => "GenericError",
             ErrorClass::CommandNotFound => "CommandNotFound",
             ErrorClass::DeviceNotFound => "DeviceNotFound",
+            ErrorClass::DeviceNotActive => "DeviceNotActive",
         }
     }
 }

@@ -23,6 +23,7 @@ pub mod events;
 pub mod export_settings;
 mod fd_limit;
 pub mod histogram;
+pub mod jobs;
 pub mod metrics;
 pub mod nbd;
 pub mod notify;

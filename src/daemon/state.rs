@@ -19,6 +19,7 @@ use super::watch::{forward_pool_events, io_error_sink, Watched, WriteThreshold};
 use crate::engine::cow::{CowEvent, CowFiles};
 use crate::engine::thin::{VolumeError, Volumes};
 use crate::engine::BlockDevice;
+use crate::mirror::WriteHook;
 use crate::socket_access::SocketAccess;
 use crate::sockets::{bind_with, SocketError};
 use crate::vhost::handover::Handover;
@@ -121,6 +122,10 @@ pub struct State {
     me: Weak<State>,
     /// The NBD server and its exports (src/daemon/nbd.rs).
     nbd: super::nbd::NbdState,
+    /// Mirror hooks by node name: every export of a node writes through its hook.
+    write_hooks: Mutex<HashMap<String, Arc<WriteHook>>>,
+    /// Background jobs (thin-mirror), QEMU-style (src/daemon/jobs.rs).
+    jobs: super::jobs::Jobs,
 }
 
 impl State {
@@ -133,7 +138,18 @@ impl State {
         if let Some(thin) = &state.thin {
             forward_pool_events(thin, state.me.clone());
         }
+        let me = state.me.clone();
+        state.jobs.set_sink(Arc::new(move |name, data| {
+            if let Some(state) = me.upgrade() {
+                state.emit(name, data);
+            }
+        }));
         state
+    }
+
+    /// Background jobs.
+    pub fn jobs(&self) -> &super::jobs::Jobs {
+        &self.jobs
     }
 
     /// The NBD server and its exports.
@@ -153,6 +169,7 @@ impl State {
             dev,
             node,
             self.write_threshold(node),
+            self.write_hook(node),
             self.me.clone(),
         ))
     }
@@ -164,6 +181,24 @@ impl State {
             .entry(name.to_string())
             .or_default()
             .clone()
+    }
+
+    /// The mirror hook of node `name` (tracking nothing, refusing nothing, until a mirror
+    /// of the node uses it).
+    pub fn write_hook(&self, name: &str) -> Arc<WriteHook> {
+        self.write_hooks
+            .lock()
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Whether a mirror job tracks writes of node `name` now.
+    pub fn is_mirrored(&self, name: &str) -> bool {
+        self.write_hooks
+            .lock()
+            .get(name)
+            .is_some_and(|h| h.tracking())
     }
 
     /// Sets the owner, group and mode of export sockets that ask for none.
@@ -336,6 +371,7 @@ impl State {
             node.dev,
             &config.node,
             self.write_threshold(&config.node),
+            self.write_hook(&config.node),
             self.me.clone(),
         ));
         let stats = ExportStats::new();
@@ -517,6 +553,8 @@ impl State {
 
     /// Stops every export (at shutdown).
     pub fn stop_all(&self) {
+        // Jobs first: a mirror writes through exports and the NBD client until it stops.
+        self.jobs.cancel_all();
         let _ = self.nbd.stop();
         let all = std::mem::take(&mut *self.exports.lock());
         drop(all);

@@ -12,9 +12,14 @@ use parking_lot::Mutex;
 use serde_json::json;
 
 use super::state::State;
-use crate::engine::io::{Completion, IoOp, IoQueue, IoRequest, QueueOptions};
+use std::collections::HashMap;
+
+use smallvec::SmallVec;
+
+use crate::engine::io::{ByteRange, Completion, IoOp, IoQueue, IoRequest, QueueOptions};
 use crate::engine::thin::{PoolEvent, Volumes};
 use crate::engine::{BlockDevice, BlockError};
+use crate::mirror::WriteHook;
 use crate::vhost::request::Op;
 use crate::vhost::{Failure, FailureSink};
 
@@ -59,6 +64,8 @@ pub struct Watched {
 struct Check {
     node: String,
     threshold: Arc<WriteThreshold>,
+    /// A mirror of the node: marks what writes changed, or refuses them after switchover.
+    hook: Arc<WriteHook>,
     state: Weak<State>,
 }
 
@@ -67,6 +74,7 @@ impl Watched {
         inner: Arc<dyn BlockDevice>,
         node: &str,
         threshold: Arc<WriteThreshold>,
+        hook: Arc<WriteHook>,
         state: Weak<State>,
     ) -> Self {
         Watched {
@@ -74,9 +82,36 @@ impl Watched {
             check: Arc::new(Check {
                 node: node.into(),
                 threshold,
+                hook,
                 state,
             }),
         }
+    }
+
+    /// Refuses a write after a mirror's switchover; otherwise checks its threshold, runs
+    /// it, and marks what it changed for a mirror once it is written.
+    fn mutate(
+        &self,
+        offset: u64,
+        len: u64,
+        threshold: bool,
+        f: impl FnOnce() -> Result<(), BlockError>,
+    ) -> Result<(), BlockError> {
+        if self.check.hook.refuses() {
+            return Err(BlockError::ReadOnly);
+        }
+        if threshold {
+            self.check(offset, len);
+        }
+        let hook = &self.check.hook;
+        if !hook.tracking() {
+            return f();
+        }
+        hook.begin(offset, len);
+        let r = f();
+        hook.end(offset, len);
+        hook.ended();
+        r
     }
 
     fn check(&self, offset: u64, len: u64) {
@@ -124,45 +159,88 @@ impl BlockDevice for Watched {
         self.inner.read(offset, bufs)
     }
     fn write(&self, offset: u64, bufs: &Bufs<'_>) -> Result<(), BlockError> {
-        let len = bufs.len();
-        self.check(offset, len);
-        self.inner.write(offset, bufs)
+        self.mutate(offset, bufs.len(), true, || self.inner.write(offset, bufs))
     }
     fn flush(&self) -> Result<(), BlockError> {
         self.inner.flush()
     }
     fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        self.inner.discard(offset, len)
+        self.mutate(offset, len, false, || self.inner.discard(offset, len))
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<(), BlockError> {
-        self.check(offset, len);
-        self.inner.write_zeroes(offset, len, may_unmap)
+        self.mutate(offset, len, true, || {
+            self.inner.write_zeroes(offset, len, may_unmap)
+        })
     }
     /// The inner device's own queue, with every write checked as it is submitted.
     fn open_queue(self: Arc<Self>, opts: &QueueOptions) -> std::io::Result<Box<dyn IoQueue>> {
         Ok(Box::new(WatchedQueue {
             inner: self.inner.clone().open_queue(opts)?,
             check: self.check.clone(),
+            changing: HashMap::new(),
+            refused: Vec::new(),
         }))
     }
 }
 
-/// A device's queue seen through a node's write threshold.
+/// A device's queue seen through a node's write threshold and mirror hook.
 struct WatchedQueue {
     inner: Box<dyn IoQueue>,
     check: Arc<Check>,
+    /// While a mirror tracks the node: the ranges of writes in flight, by tag, marked dirty
+    /// when they complete (marking at submission could let the mirror copy a block before
+    /// the write lands in it, and clear its mark).
+    changing: HashMap<u64, SmallVec<[ByteRange; 1]>>,
+    /// Writes refused after a switchover, handed back at the next reap.
+    refused: Vec<u64>,
+}
+
+impl WatchedQueue {
+    /// A tracked write completed (or its queue went): mark its ranges, uncount it.
+    fn finish(&self, ranges: SmallVec<[ByteRange; 1]>) {
+        for r in ranges {
+            self.check.hook.end(r.offset, r.len);
+            self.check.hook.ended();
+        }
+    }
+
+    /// Completes `tag` with an error at the next reap, and wakes the worker for it.
+    fn refuse(&mut self, tag: u64) {
+        self.refused.push(tag);
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live buffer to the queue's eventfd (an eventfd
+        // write of 1 only fails if the counter would overflow, which leaves it readable).
+        unsafe { libc::write(self.inner.notifier(), one.as_ptr().cast(), one.len()) };
+    }
 }
 
 impl IoQueue for WatchedQueue {
     fn submit(&mut self, req: IoRequest) {
-        match &req.op {
-            IoOp::Write => self.check.write(req.offset, req.bufs.len()),
-            IoOp::WriteZeroes(ranges) => {
-                for r in ranges {
-                    self.check.write(r.offset, r.len);
-                }
+        let changes: SmallVec<[ByteRange; 1]> = match &req.op {
+            IoOp::Write => smallvec::smallvec![ByteRange {
+                offset: req.offset,
+                len: req.bufs.len(),
+                may_unmap: false,
+            }],
+            IoOp::WriteZeroes(ranges) | IoOp::Discard(ranges) => ranges.iter().copied().collect(),
+            _ => SmallVec::new(),
+        };
+        if !changes.is_empty() && self.check.hook.refuses() {
+            return self.refuse(req.tag);
+        }
+        if !matches!(req.op, IoOp::Discard(_)) {
+            for r in &changes {
+                self.check.write(r.offset, r.len);
             }
-            _ => {}
+        }
+        if !changes.is_empty() && self.check.hook.tracking() {
+            for r in &changes {
+                self.check.hook.begin(r.offset, r.len);
+            }
+            // Each range counted once; `ended` once per range at completion too.
+            if let Some(old) = self.changing.insert(req.tag, changes) {
+                self.finish(old);
+            }
         }
         self.inner.submit(req)
     }
@@ -176,19 +254,50 @@ impl IoQueue for WatchedQueue {
         self.inner.acknowledge()
     }
     fn has_completions(&mut self) -> bool {
-        self.inner.has_completions()
+        !self.refused.is_empty() || self.inner.has_completions()
     }
     fn reap(&mut self, out: &mut dyn FnMut(Completion)) -> usize {
-        self.inner.reap(out)
+        let refused = self.refused.len();
+        for tag in self.refused.drain(..) {
+            out(Completion {
+                tag,
+                result: Err(BlockError::ReadOnly),
+            });
+        }
+        let (changing, hook) = (&mut self.changing, &self.check.hook);
+        let reaped = self.inner.reap(&mut |c| {
+            if let Some(ranges) = changing.remove(&c.tag) {
+                for r in ranges {
+                    hook.end(r.offset, r.len);
+                    hook.ended();
+                }
+            }
+            out(c)
+        });
+        refused + reaped
     }
     fn in_flight(&self) -> usize {
-        self.inner.in_flight()
+        self.refused.len() + self.inner.in_flight()
     }
     fn drain(&mut self) {
         self.inner.drain()
     }
     fn completes_at_submit(&self) -> bool {
         self.inner.completes_at_submit()
+    }
+}
+
+impl Drop for WatchedQueue {
+    /// Writes never reaped (the frontend went away) still count as changes.
+    fn drop(&mut self) {
+        if self.changing.is_empty() {
+            return;
+        }
+        // Their data must be written before they are marked.
+        self.inner.drain();
+        for (_, ranges) in std::mem::take(&mut self.changing) {
+            self.finish(ranges);
+        }
     }
 }
 

@@ -11,10 +11,12 @@
 //! - `meta.rs`: meta contexts (`base:allocation`, `qemu:dirty-bitmap:NAME`).
 //! - `export.rs`: exports and their table; `listener.rs`: the server and its connections.
 //! - `socket.rs`, `buffer.rs`: the client socket, and request buffers.
+//! - `client/`: an NBD client (the mirror job writes into other servers' exports with it).
 //!
 //! No TLS: serve on a unix socket, or TCP on a trusted network only (SECURITY.md).
 
 mod buffer;
+pub mod client;
 pub mod export;
 pub mod listener;
 pub mod meta;

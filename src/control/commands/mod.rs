@@ -6,6 +6,8 @@ mod cow;
 mod decode;
 mod export;
 mod io_throttle;
+mod jobs;
+mod mirror;
 mod nbd;
 mod pool;
 mod pool_resize;
@@ -69,6 +71,13 @@ pub const COMMANDS: &[(&str, Handler)] = &[
     ),
     ("block-set-io-throttle", io_throttle::block_set_io_throttle),
     ("pool-resize", pool_resize::pool_resize),
+    ("query-jobs", jobs::query_jobs),
+    ("query-block-jobs", jobs::query_block_jobs),
+    ("job-cancel", jobs::job_cancel),
+    ("job-complete", jobs::job_complete),
+    ("block-job-cancel", jobs::block_job_cancel),
+    ("block-job-complete", jobs::block_job_complete),
+    ("thin-mirror", mirror::thin_mirror),
 ];
 
 pub fn find(name: &str) -> Option<Handler> {

@@ -82,8 +82,19 @@ struct Delete {
 pub(super) fn thin_delete(state: &State, v: Value) -> Result<Value, QmpError> {
     let a: Delete = args(v)?;
     thin(state)?;
+    // Even with force: the job would go on reading a device that is gone (job-cancel first).
+    refuse_if_mirrored(state, &a.name)?;
     state.delete_thin(&a.name, a.force)?;
     Ok(json!({}))
+}
+
+fn refuse_if_mirrored(state: &State, name: &str) -> Result<(), QmpError> {
+    if state.is_mirrored(name) {
+        return Err(QmpError::generic(format!(
+            "'{name}' is being mirrored: cancel or complete its job first"
+        )));
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -109,6 +120,8 @@ pub(super) fn block_resize(state: &State, v: Value) -> Result<Value, QmpError> {
         }
     };
     let thin = thin(state)?;
+    // The dirty map and the target have the old size.
+    refuse_if_mirrored(state, &name)?;
     if !thin.exists(&name) {
         // A node that is not a thin device (a raw file) cannot be resized here.
         state.node(&name)?;

@@ -106,6 +106,13 @@ impl Pool {
         }
     }
 
+    /// Waits until every data I/O that began before this call has ended (a grace period;
+    /// new I/O neither waits nor is waited for). A mirror starts tracking writes, then waits
+    /// for this, so no write it did not see can land after it read the blocks.
+    pub fn wait_for_earlier_io(&self) {
+        self.io_gate.grace();
+    }
+
     /// A ticket for one synchronous data I/O; waits while a commit runs.
     pub(in crate::engine::thin) fn io_gate(&self) -> Ticket {
         self.io_gate.enter()

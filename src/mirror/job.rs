@@ -1,0 +1,198 @@
+//! The body of a `thin-mirror` job (on its own thread, see `daemon::jobs`):
+//!
+//! 1. The node's `WriteHook` already tracks writes into a `DirtyMap` (the command started
+//!    it, so a second mirror of the node is refused at once). The pool's grace period then
+//!    lets every write that began untracked land before anything is read.
+//! 2. The first pass: the whole device (`full`: holes zeroed on the target), only its
+//!    mapped blocks (`top`), or only what differs from snapshot `base` (`incremental`).
+//! 3. Dirty runs are copied until a sweep finds none: the job is `ready`
+//!    (BLOCK_JOB_READY), and goes on copying what guest writes dirty while it waits.
+//! 4. `job-complete`: the node refuses writes from now on, the writes in flight finish and
+//!    are marked, the last dirty runs are copied, the target is flushed: the target is the
+//!    disk as of the switchover. `block-job-cancel` of a ready job stops with the source
+//!    still writable; `job-cancel` stops at once (both stop tracking).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::copy::{copy_range, Holes};
+use super::{DirtyMap, MirrorError, WriteHook};
+use crate::daemon::jobs::{Job, Outcome, Request};
+use crate::engine::thin::Volumes;
+use crate::engine::BlockDevice;
+use crate::nbd::client::NbdClient;
+
+/// What the first pass copies.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SyncMode {
+    Full,
+    Top,
+    /// What differs from this snapshot (the target holds the snapshot already).
+    Incremental(String),
+}
+
+/// Everything a mirror job needs, made by the command before the job starts.
+pub struct Mirror {
+    pub device: String,
+    pub source: Arc<dyn BlockDevice>,
+    pub target: NbdClient,
+    pub volumes: Arc<Volumes>,
+    pub hook: Arc<WriteHook>,
+    pub dirty: Arc<DirtyMap>,
+    pub sync: SyncMode,
+}
+
+/// The first pass goes in windows of this size, so a cancel is seen between them.
+const WINDOW: u64 = 256 << 20;
+/// A dirty run copied at once is at most this long.
+const DIRTY_RUN: u64 = 16 << 20;
+/// How long a switchover waits for the writes in flight to finish.
+const DRAIN_LIMIT: Duration = Duration::from_secs(60);
+
+/// Stops tracking when the job ends, however it ends.
+struct Tracking(Arc<WriteHook>);
+
+impl Drop for Tracking {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
+
+fn cancelled(job: &Job) -> bool {
+    job.request() == Request::Cancel
+}
+
+impl Mirror {
+    pub fn run(self, job: &Arc<Job>) -> Result<Outcome, String> {
+        let _tracking = Tracking(self.hook.clone());
+        // A cancel hangs up on the target: a copy waiting for a server that stopped
+        // answering then fails at once instead of holding the cancel (and shutdown).
+        if let Ok(h) = self.target.hang_up_handle() {
+            job.set_on_cancel(Box::new(move || h.hang_up()));
+        }
+        match self.run_tracked(job) {
+            Err(_) if cancelled(job) => Ok(Outcome::Cancelled),
+            r => r.map_err(|e| e.to_string()),
+        }
+    }
+
+    fn copy(&self, job: &Job, offset: u64, len: u64, holes: Holes) -> Result<(), MirrorError> {
+        copy_range(&*self.source, &self.target, offset, len, holes, &|n| {
+            job.add_progress(n)
+        })?;
+        Ok(())
+    }
+
+    fn first_pass(&self, job: &Job) -> Result<bool, MirrorError> {
+        let size = self.source.size();
+        job.set_total(size);
+        let mut at = 0;
+        while at < size {
+            if cancelled(job) {
+                return Ok(false);
+            }
+            let n = WINDOW.min(size - at);
+            match &self.sync {
+                SyncMode::Full => self.copy(job, at, n, Holes::Zero)?,
+                SyncMode::Top => self.copy(job, at, n, Holes::Skip)?,
+                SyncMode::Incremental(base) => {
+                    let mut off = at;
+                    while off < at + n {
+                        let runs = self
+                            .volumes
+                            .changed_runs(base, &self.device, off, at + n - off)
+                            .map_err(|e| MirrorError::Source(e.to_string()))?;
+                        if runs.is_empty() {
+                            return Err(MirrorError::Source("no delta answer".into()));
+                        }
+                        for (len, changed) in runs {
+                            let len = len.min(at + n - off);
+                            if changed {
+                                self.copy(job, off, len, Holes::Zero)?;
+                            } else {
+                                job.add_progress(len);
+                            }
+                            off += len;
+                        }
+                    }
+                }
+            }
+            at += n;
+        }
+        Ok(true)
+    }
+
+    /// Copies dirty runs until a sweep finds none (or a cancel); whether it was clean.
+    fn sweep(&self, job: &Job) -> Result<bool, MirrorError> {
+        let mut found = false;
+        let mut from = 0;
+        while let Some((off, len)) = self.dirty.take(from, DIRTY_RUN) {
+            if cancelled(job) {
+                return Ok(false);
+            }
+            found = true;
+            job.add_total(len);
+            self.copy(job, off, len, Holes::Zero)?;
+            from = off + len;
+        }
+        Ok(!found)
+    }
+
+    fn run_tracked(&self, job: &Arc<Job>) -> Result<Outcome, MirrorError> {
+        if self.target.size() != self.source.size() {
+            return Err(MirrorError::Source(format!(
+                "the target has {} bytes, the source {}",
+                self.target.size(),
+                self.source.size()
+            )));
+        }
+        self.volumes.pool().wait_for_earlier_io();
+        if !self.first_pass(job)? {
+            return Ok(Outcome::Cancelled);
+        }
+        loop {
+            let clean = self.sweep(job)?;
+            if cancelled(job) {
+                return Ok(Outcome::Cancelled);
+            }
+            if clean {
+                job.ready();
+            }
+            match job.request() {
+                Request::Complete => return self.switch_over(job),
+                Request::Stop => {
+                    self.target.flush()?;
+                    return Ok(Outcome::Completed);
+                }
+                Request::Cancel => return Ok(Outcome::Cancelled),
+                Request::None if clean => {
+                    job.wait_request(Duration::from_millis(20));
+                }
+                Request::None => {}
+            }
+        }
+    }
+
+    fn switch_over(&self, job: &Job) -> Result<Outcome, MirrorError> {
+        self.hook.set_refused(true);
+        let result = (|| {
+            if !self.hook.wait_idle(DRAIN_LIMIT) {
+                return Err(MirrorError::Source(
+                    "writes in flight did not finish for the switchover".into(),
+                ));
+            }
+            while !self.sweep(job)? {
+                if cancelled(job) {
+                    return Ok(Outcome::Cancelled);
+                }
+            }
+            self.target.flush()?;
+            Ok(Outcome::Completed)
+        })();
+        // Only a finished switchover leaves the source refusing writes.
+        if !matches!(result, Ok(Outcome::Completed)) {
+            self.hook.set_refused(false);
+        }
+        result
+    }
+}

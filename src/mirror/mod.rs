@@ -1,0 +1,46 @@
+//! The mirror: copying a live thin disk into another server's NBD export (issue 15's
+//! "Mirror" part). Built so far:
+//!
+//! - `dirty.rs`: `DirtyMap`, granules written since they were last copied (lock-free marks
+//!   from the write path, runs taken by the copier).
+//! - `hook.rs`: `WriteHook`, the node's write path marking the dirty map (once a write's
+//!   data is written) and refusing writes after a switchover.
+//! - `copy.rs`: `copy_range`, a range of a device into an `NbdClient`: data read and written
+//!   with several writes in flight, holes as WRITE_ZEROES that may stay holes.
+//! - `job.rs`: `Mirror::run`, the body of a `thin-mirror` job: first pass, dirty passes
+//!   until ready, switchover on `job-complete`.
+//!
+//! The NBD client is `nbd::client`; the QEMU-style job layer `daemon::jobs`. What is left
+//! to make `thin-mirror` (the job body, the write-path hook, switchover) is listed in
+//! docs/mirror.md.
+
+pub mod copy;
+pub mod dirty;
+pub mod hook;
+pub mod job;
+#[cfg(test)]
+mod tests;
+
+pub use copy::{copy_range, Copied, Holes};
+pub use dirty::DirtyMap;
+pub use hook::WriteHook;
+pub use job::{Mirror, SyncMode};
+
+use crate::engine::BlockError;
+use crate::nbd::client::{ClientError, ReplyError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorError {
+    #[error("reading the source: {0}")]
+    Source(String),
+    #[error("mirror target: {0}")]
+    Target(#[from] ClientError),
+    #[error("mirror target: {0}")]
+    Reply(#[from] ReplyError),
+}
+
+impl From<BlockError> for MirrorError {
+    fn from(e: BlockError) -> Self {
+        MirrorError::Source(e.to_string())
+    }
+}

@@ -1,0 +1,166 @@
+#![allow(clippy::unwrap_used)]
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use super::*;
+use crate::engine::allocation::{push_run, AllocationRun};
+use crate::engine::memory::MemoryDevice;
+use crate::engine::{Allocation, BlockDevice, Bufs, BufsMut};
+use crate::nbd::client::{NbdClient, DEFAULT_IN_FLIGHT};
+use crate::nbd::{NbdAddr, NbdExport, NbdServer};
+
+const SIZE: u64 = 16 << 20;
+const BLOCK: u64 = 64 << 10;
+
+/// A memory disk whose allocation is a list of data blocks (the rest are holes), as a thin
+/// device's would be; it counts what reaches it as a target.
+struct Disk {
+    mem: MemoryDevice,
+    mapped: Vec<bool>,
+    written: AtomicU64,
+    zeroed: AtomicU64,
+}
+
+impl Disk {
+    fn new(mapped: impl Fn(u64) -> bool) -> Arc<Disk> {
+        Arc::new(Disk {
+            mem: MemoryDevice::new(SIZE).unwrap(),
+            mapped: (0..SIZE / BLOCK).map(mapped).collect(),
+            written: AtomicU64::new(0),
+            zeroed: AtomicU64::new(0),
+        })
+    }
+}
+
+impl BlockDevice for Disk {
+    fn size(&self) -> u64 {
+        SIZE
+    }
+    fn read(&self, offset: u64, bufs: &mut BufsMut<'_>) -> Result<(), BlockError> {
+        self.mem.read(offset, bufs)
+    }
+    fn write(&self, offset: u64, bufs: &Bufs<'_>) -> Result<(), BlockError> {
+        self.written.fetch_add(bufs.len(), Ordering::SeqCst);
+        self.mem.write(offset, bufs)
+    }
+    fn flush(&self) -> Result<(), BlockError> {
+        Ok(())
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.mem.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<(), BlockError> {
+        assert!(may_unmap, "NO_HOLE reached the target");
+        self.zeroed.fetch_add(len, Ordering::SeqCst);
+        self.mem.write_zeroes(offset, len, may_unmap)
+    }
+    fn allocation(&self, offset: u64, len: u64) -> Result<Vec<AllocationRun>, BlockError> {
+        let mut runs = Vec::new();
+        let mut at = offset;
+        while at < offset + len {
+            let n = (BLOCK - at % BLOCK).min(offset + len - at);
+            let state = if self.mapped[(at / BLOCK) as usize] {
+                Allocation::Data
+            } else {
+                Allocation::Hole
+            };
+            push_run(&mut runs, n, state);
+            at += n;
+        }
+        Ok(runs)
+    }
+}
+
+fn serve(dir: &tempfile::TempDir, disk: &Arc<Disk>, writable: bool) -> (NbdServer, String) {
+    let path = dir.path().join("nbd.sock");
+    let server = NbdServer::start(NbdAddr::Unix(path.clone())).unwrap();
+    let dev: Arc<dyn BlockDevice> = disk.clone();
+    server
+        .add(NbdExport {
+            name: "t".into(),
+            description: String::new(),
+            dev: dev.clone(),
+            node: dev,
+            writable,
+            fast_zero: false,
+            bitmap: None,
+        })
+        .unwrap();
+    (server, format!("nbd+unix:///t?socket={}", path.display()))
+}
+
+fn fill(disk: &Disk) {
+    for b in 0..SIZE / BLOCK {
+        if disk.mapped[b as usize] {
+            let data = vec![(b % 251) as u8 + 1; BLOCK as usize];
+            disk.mem.write(b * BLOCK, &Bufs::one(&data)).unwrap();
+        }
+    }
+}
+
+fn content(d: &dyn BlockDevice) -> Vec<u8> {
+    let mut v = vec![0u8; SIZE as usize];
+    d.read(0, &mut BufsMut::one(&mut v)).unwrap();
+    v
+}
+
+#[test]
+fn a_copy_writes_data_and_zeroes_holes_without_reading_them() {
+    let source = Disk::new(|b| b % 4 == 1 || (100..140).contains(&b));
+    fill(&source);
+    let target = Disk::new(|_| true);
+    // The target starts with other content everywhere: holes must become zeros.
+    target
+        .mem
+        .write(0, &Bufs::one(&vec![0xee; SIZE as usize]))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, uri) = serve(&dir, &target, true);
+    let client = NbdClient::connect_uri(&uri, DEFAULT_IN_FLIGHT).unwrap();
+    let moved = AtomicU64::new(0);
+    let copied = copy_range(&*source, &client, 0, SIZE, Holes::Zero, &|n| {
+        moved.fetch_add(n, Ordering::SeqCst);
+    })
+    .unwrap();
+    let data_blocks = source.mapped.iter().filter(|m| **m).count() as u64;
+    assert_eq!(copied.data, data_blocks * BLOCK);
+    assert_eq!(copied.zeroed, SIZE - data_blocks * BLOCK);
+    assert_eq!(moved.load(Ordering::SeqCst), SIZE);
+    assert_eq!(target.written.load(Ordering::SeqCst), data_blocks * BLOCK);
+    assert_eq!(
+        target.zeroed.load(Ordering::SeqCst),
+        SIZE - data_blocks * BLOCK
+    );
+    assert!(content(&*target) == content(&*source));
+}
+
+#[test]
+fn a_part_of_a_device_and_a_dirty_run_copy_alone() {
+    let source = Disk::new(|_| true);
+    fill(&source);
+    let target = Disk::new(|_| true);
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, uri) = serve(&dir, &target, true);
+    let client = NbdClient::connect_uri(&uri, 4).unwrap();
+    let dirty = DirtyMap::new(SIZE, BLOCK);
+    dirty.mark(3 * BLOCK + 5, 10);
+    let (off, len) = dirty.take(0, 1 << 30).unwrap();
+    copy_range(&*source, &client, off, len, Holes::Zero, &|_| {}).unwrap();
+    assert_eq!(target.written.load(Ordering::SeqCst), BLOCK);
+    let t = content(&*target);
+    let s = content(&*source);
+    let r = (3 * BLOCK) as usize..(4 * BLOCK) as usize;
+    assert!(t[r.clone()] == s[r]);
+    assert!(t[..(3 * BLOCK) as usize].iter().all(|b| *b == 0));
+}
+
+#[test]
+fn a_target_that_refuses_writes_fails_the_copy() {
+    let source = Disk::new(|_| true);
+    let target = Disk::new(|_| true);
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, uri) = serve(&dir, &target, false);
+    let client = NbdClient::connect_uri(&uri, 4).unwrap();
+    let e = copy_range(&*source, &client, 0, SIZE, Holes::Zero, &|_| {}).unwrap_err();
+    assert!(matches!(e, MirrorError::Target(_)), "{e}");
+}
