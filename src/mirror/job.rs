@@ -5,8 +5,8 @@
 //!    lets every write that began untracked land before anything is read.
 //! 2. The first pass: the whole device (`full`: holes zeroed on the target), only its
 //!    mapped blocks (`top`), or only what differs from snapshot `base` (`incremental`).
-//! 3. Dirty runs are copied until a sweep finds none: the job is `ready`
-//!    (BLOCK_JOB_READY), and goes on copying what guest writes dirty while it waits.
+//! 3. Dirty runs are copied until a sweep copies at most `CONVERGED` bytes: the job is
+//!    `ready` (BLOCK_JOB_READY), and goes on copying what guest writes dirty while it waits.
 //! 4. `job-complete`: the node refuses writes from now on, the writes in flight finish and
 //!    are marked, the last dirty runs are copied, the target is flushed: the target is the
 //!    disk as of the switchover. `block-job-cancel` of a ready job stops with the source
@@ -47,6 +47,10 @@ const WINDOW: u64 = 256 << 20;
 /// A dirty run copied at once is at most this long.
 const DIRTY_RUN: u64 = 16 << 20;
 /// How long a switchover waits for the writes in flight to finish.
+/// A sweep that copies no more than this has converged: the job is ready. Waiting for a sweep
+/// that copies nothing never ends while a guest writes steadily (each sweep finds what it wrote
+/// during the previous one); the switchover's last sweep, with writes refused, copies the rest.
+const CONVERGED: u64 = 4 << 20;
 const DRAIN_LIMIT: Duration = Duration::from_secs(60);
 
 /// Stops tracking when the job ends, however it ends.
@@ -122,20 +126,21 @@ impl Mirror {
         Ok(true)
     }
 
-    /// Copies dirty runs until a sweep finds none (or a cancel); whether it was clean.
-    fn sweep(&self, job: &Job) -> Result<bool, MirrorError> {
-        let mut found = false;
+    /// Copies the dirty runs of one pass over the device; how many bytes it copied (`None`
+    /// on a cancel).
+    fn sweep(&self, job: &Job) -> Result<Option<u64>, MirrorError> {
+        let mut copied = 0;
         let mut from = 0;
         while let Some((off, len)) = self.dirty.take(from, DIRTY_RUN) {
             if cancelled(job) {
-                return Ok(false);
+                return Ok(None);
             }
-            found = true;
+            copied += len;
             job.add_total(len);
             self.copy(job, off, len, Holes::Zero)?;
             from = off + len;
         }
-        Ok(!found)
+        Ok(Some(copied))
     }
 
     fn run_tracked(&self, job: &Arc<Job>) -> Result<Outcome, MirrorError> {
@@ -151,11 +156,12 @@ impl Mirror {
             return Ok(Outcome::Cancelled);
         }
         loop {
-            let clean = self.sweep(job)?;
+            let copied = self.sweep(job)?;
             if cancelled(job) {
                 return Ok(Outcome::Cancelled);
             }
-            if clean {
+            let clean = copied == Some(0);
+            if copied.is_some_and(|n| n <= CONVERGED) {
                 job.ready();
             }
             match job.request() {
@@ -181,9 +187,11 @@ impl Mirror {
                     "writes in flight did not finish for the switchover".into(),
                 ));
             }
-            while !self.sweep(job)? {
-                if cancelled(job) {
-                    return Ok(Outcome::Cancelled);
+            loop {
+                match self.sweep(job)? {
+                    Some(0) => break,
+                    Some(_) => {}
+                    None => return Ok(Outcome::Cancelled),
                 }
             }
             self.target.flush()?;
