@@ -57,9 +57,9 @@ fn setup() -> Setup {
     }
 }
 
-/// Runs `tool ARGS`; its stdout. Fails the test (or skips it, `None`) when it is missing.
-fn run(tool: &str, args: &[&str]) -> Option<String> {
-    let path = external::tool(tool)?;
+/// Runs `tool ARGS`; its stdout. A missing tool fails the test.
+fn run(tool: &str, args: &[&str]) -> String {
+    let path = external::tool(tool);
     let out = Command::new(&path).args(args).output().unwrap();
     assert!(
         out.status.success(),
@@ -67,28 +67,28 @@ fn run(tool: &str, args: &[&str]) -> Option<String> {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// `qemu-io` commands on an export through QEMU's nbd block driver; each must succeed.
-fn qemu_io(uri: &str, cmds: &[&str]) -> Option<String> {
+fn qemu_io(uri: &str, cmds: &[&str]) -> String {
     qemu_io_opts(uri, &[], cmds)
 }
 
-fn qemu_io_opts(uri: &str, opts: &[&str], cmds: &[&str]) -> Option<String> {
+fn qemu_io_opts(uri: &str, opts: &[&str], cmds: &[&str]) -> String {
     let mut args = vec!["-f", "raw"];
     args.extend(opts);
     for c in cmds {
         args.extend(["-c", c]);
     }
     args.push(uri);
-    let out = run("qemu-io", &args)?;
+    let out = run("qemu-io", &args);
     // qemu-io reports a failed command on stdout and still exits 0.
     assert!(
         !out.contains("failed") && !out.contains("Pattern verification") && !out.contains("error"),
         "qemu-io: {out}"
     );
-    Some(out)
+    out
 }
 
 /// The data ranges of `nbdinfo --map` (merged), in bytes.
@@ -142,9 +142,7 @@ fn qemu_io_writes_and_reads_back_through_a_writable_export() {
         json!({"device": "vm", "name": "rw", "writable": true}),
     );
     let uri = s.uri("rw");
-    let Some(_) = qemu_io(&uri, WRITES) else {
-        return;
-    };
+    qemu_io(&uri, WRITES);
     qemu_io(
         &uri,
         &[
@@ -178,17 +176,13 @@ fn nbdinfo_map_of_a_snapshot_equals_its_thin_mapping() {
         "nbd-server-add",
         json!({"device": "vm", "name": "rw", "writable": true}),
     );
-    let Some(_) = qemu_io(&s.uri("rw"), WRITES) else {
-        return;
-    };
+    qemu_io(&s.uri("rw"), WRITES);
     s.qmp
         .ok("thin-snapshot", json!({"device": "vm", "name": "snap"}));
     s.qmp
         .ok("thin-create", json!({"name": "empty", "size": SIZE}));
     s.qmp.ok("nbd-server-add", json!({"device": "snap"}));
-    let Some(map) = run("nbdinfo", &["--map", &s.uri("snap")]) else {
-        return;
-    };
+    let map = run("nbdinfo", &["--map", &s.uri("snap")]);
     let mapped = delta_ranges(&mut s.qmp, "empty", "snap");
     assert!(!mapped.is_empty());
     assert_eq!(data_ranges(&map), mapped, "nbdinfo --map:\n{map}");
@@ -201,9 +195,7 @@ fn an_incremental_map_lists_only_what_changed_since_the_base() {
         "nbd-server-add",
         json!({"device": "vm", "name": "rw", "writable": true}),
     );
-    let Some(_) = qemu_io(&s.uri("rw"), WRITES) else {
-        return;
-    };
+    qemu_io(&s.uri("rw"), WRITES);
     s.qmp
         .ok("thin-snapshot", json!({"device": "vm", "name": "base"}));
     qemu_io(
@@ -220,9 +212,7 @@ fn an_incremental_map_lists_only_what_changed_since_the_base() {
         "nbd-server-add",
         json!({"device": "now", "name": "inc", "bitmap": "base"}),
     );
-    let Some(map) = run("nbdinfo", &["--map=qemu:dirty-bitmap:base", &s.uri("inc")]) else {
-        return;
-    };
+    let map = run("nbdinfo", &["--map=qemu:dirty-bitmap:base", &s.uri("inc")]);
     // Dirty is flag 1 in this context: the "data" ranges of `data_ranges` are the clean ones,
     // so collect the dirty ones directly.
     let mut dirty: Vec<(u64, u64)> = Vec::new();
@@ -254,16 +244,12 @@ fn qemu_img_and_nbdcopy_copy_a_snapshot_export_exactly() {
         "nbd-server-add",
         json!({"device": "vm", "name": "rw", "writable": true}),
     );
-    let Some(_) = qemu_io(&s.uri("rw"), WRITES) else {
-        return;
-    };
+    qemu_io(&s.uri("rw"), WRITES);
     s.qmp
         .ok("thin-snapshot", json!({"device": "vm", "name": "snap"}));
     s.qmp.ok("nbd-server-add", json!({"device": "snap"}));
     let uri = s.uri("snap");
-    let Some(info) = run("qemu-img", &["info", &uri]) else {
-        return;
-    };
+    let info = run("qemu-img", &["info", &uri]);
     assert!(info.contains(&format!("{SIZE} bytes")), "{info}");
     let raw = s.dir.path().join("copy.raw");
     let raw_s = raw.display().to_string();
@@ -273,9 +259,7 @@ fn qemu_img_and_nbdcopy_copy_a_snapshot_export_exactly() {
         &["compare", "-f", "raw", "-F", "raw", &uri, &raw_s],
     );
     let copy2 = s.dir.path().join("copy2.raw");
-    let Some(_) = run("nbdcopy", &[&uri, &copy2.display().to_string()]) else {
-        return;
-    };
+    run("nbdcopy", &[&uri, &copy2.display().to_string()]);
     assert_eq!(std::fs::read(&raw).unwrap(), std::fs::read(&copy2).unwrap());
     // And back into a writable export of a fresh disk: the same bytes.
     s.qmp
@@ -311,13 +295,9 @@ fn the_server_restarts_on_tcp_and_qemu_img_reads_over_it() {
     assert!(r.get("error").is_some(), "a second server: {r}");
     s.qmp.ok("nbd-server-add", json!({"device": "vm"}));
     let uri = format!("nbd://127.0.0.1:{port}/vm");
-    let Some(info) = run("qemu-img", &["info", &uri]) else {
-        return;
-    };
+    let info = run("qemu-img", &["info", &uri]);
     assert!(info.contains(&format!("{SIZE} bytes")), "{info}");
-    let Some(map) = run("nbdinfo", &["--map", &uri]) else {
-        return;
-    };
+    let map = run("nbdinfo", &["--map", &uri]);
     assert_eq!(data_ranges(&map), vec![], "a fresh disk is all hole: {map}");
     let r = s.qmp.exec(
         "nbd-server-start",

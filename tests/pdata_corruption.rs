@@ -49,9 +49,7 @@ fn read_everything(bm: &Arc<BlockManager>) -> bool {
 }
 
 fn corrupt_each_block(image: &str, max_blocks: usize, offsets: &[usize]) {
-    let Some(img) = fixture_image(image) else {
-        return;
-    };
+    let img = fixture_image(image);
     let (_, bm) = mem_bm(&img, 16 << 20);
     let sb = read_superblock(&*bm).expect("superblock");
     let msm = MetadataSpaceMap::open(&bm, &sb.metadata_sm_root).expect("metadata sm");
@@ -74,9 +72,7 @@ fn corrupt_each_block(image: &str, max_blocks: usize, offsets: &[usize]) {
 }
 
 fn resealed_garbage_in_each_block(image: &str, max_blocks: usize) {
-    let Some(img) = fixture_image(image) else {
-        return;
-    };
+    let img = fixture_image(image);
     let nr = img.len() / BLOCK_SIZE;
     let blocks: Vec<(usize, BlockKind)> = (0..nr)
         .filter_map(|b| {
@@ -132,9 +128,7 @@ fn resealed_garbage_never_panics_the_readers() {
 
 #[test]
 fn a_node_pointing_at_itself_is_an_error_not_a_hang() {
-    let Some(img) = fixture_image("meta-multilevel.bin.zst") else {
-        return;
-    };
+    let img = fixture_image("meta-multilevel.bin.zst");
     let nr = img.len() / BLOCK_SIZE;
     // Find an internal node and point its first child at itself.
     let internal = (0..nr).find(|&b| {

@@ -6,7 +6,7 @@ mod pdata_support;
 use std::sync::Arc;
 
 use pdata_support::pool::TestPool;
-use pdata_support::{thin_check, thin_dump, tool};
+use pdata_support::{thin_check, thin_dump};
 use thinblk::bufio::MemStore;
 use thinblk::engine::pdata::check::check_pool;
 use thinblk::engine::pdata::superblock::BLOCK_SIZE;
@@ -79,9 +79,6 @@ fn random_workload(seed: u64, steps: usize) -> TestPool {
 
 #[test]
 fn metadata_built_by_thousands_of_random_operations_passes_thin_check() {
-    if tool("thin_check").is_none() {
-        return;
-    }
     let pool = random_workload(7, 3_000);
     let report = check_pool(&pool.bm);
     assert!(
@@ -101,17 +98,14 @@ fn metadata_built_by_thousands_of_random_operations_passes_thin_check() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("meta.bin");
     pool.write_image(&path);
-    let (ok, out) = thin_check(&path).expect("thin_check present");
+    let (ok, out) = thin_check(&path);
     assert!(ok, "thin_check failed:\n{out}");
-    let dumped = thin_dump(&path).expect("thin_dump present");
+    let dumped = thin_dump(&path);
     assert_eq!(dumped, pool.dump().expect("dump"));
 }
 
 #[test]
 fn fresh_pool_with_one_empty_device_passes_thin_check() {
-    if tool("thin_check").is_none() {
-        return;
-    }
     let store = Arc::new(MemStore::new(BLOCK_SIZE, 256));
     let mut pool = TestPool::create(store, 1024, 1 << 20).expect("create");
     pool.create_thin(0).expect("create thin");
@@ -119,19 +113,13 @@ fn fresh_pool_with_one_empty_device_passes_thin_check() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("meta.bin");
     pool.write_image(&path);
-    let (ok, out) = thin_check(&path).expect("thin_check present");
+    let (ok, out) = thin_check(&path);
     assert!(ok, "thin_check failed:\n{out}");
-    assert_eq!(
-        thin_dump(&path).expect("thin_dump"),
-        pool.dump().expect("dump")
-    );
+    assert_eq!(thin_dump(&path), pool.dump().expect("dump"));
 }
 
 #[test]
 fn held_metadata_snapshot_keeps_its_view_and_passes_thin_check() {
-    if tool("thin_check").is_none() {
-        return;
-    }
     let mut pool = random_workload(11, 400);
     let before = pool.dump().expect("dump");
     let held = pool.reserve_metadata_snap().expect("reserve");
@@ -169,7 +157,7 @@ fn held_metadata_snapshot_keeps_its_view_and_passes_thin_check() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("meta.bin");
     pool.write_image(&path);
-    let (ok, out) = thin_check(&path).expect("thin_check");
+    let (ok, out) = thin_check(&path);
     assert!(ok, "thin_check with a held root:\n{out}");
     pool.release_metadata_snap().expect("release");
     pool.commit().expect("commit");
@@ -185,15 +173,12 @@ fn held_metadata_snapshot_keeps_its_view_and_passes_thin_check() {
             .collect::<Vec<_>>()
     );
     pool.write_image(&path);
-    let (ok, out) = thin_check(&path).expect("thin_check");
+    let (ok, out) = thin_check(&path);
     assert!(ok, "thin_check after release:\n{out}");
 }
 
 #[test]
 fn growing_both_devices_across_a_bitmap_boundary_passes_thin_check() {
-    if tool("thin_check").is_none() {
-        return;
-    }
     let store = Arc::new(MemStore::new(BLOCK_SIZE, 300));
     let mut pool = TestPool::create(store, 16_000, 8 << 20).expect("create");
     pool.create_thin(1).expect("create thin");
@@ -226,12 +211,9 @@ fn growing_both_devices_across_a_bitmap_boundary_passes_thin_check() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("meta.bin");
     pool.write_image(&path);
-    let (ok, out) = thin_check(&path).expect("thin_check");
+    let (ok, out) = thin_check(&path);
     assert!(ok, "thin_check after growing:\n{out}");
-    assert_eq!(
-        thin_dump(&path).expect("thin_dump"),
-        pool.dump().expect("dump")
-    );
+    assert_eq!(thin_dump(&path), pool.dump().expect("dump"));
     let reopened = TestPool::open(pool.store.clone(), 8 << 20).expect("reopen");
     assert_eq!(reopened.dump().expect("dump"), pool.dump().expect("dump"));
 }

@@ -4,80 +4,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
 use std::mem::MaybeUninit;
-use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::time::Duration;
 
 use blkio::{Completion, ReqFlags};
-use common::{pattern, wait_one, write, Client, Daemon};
-use serde_json::{json, Value};
-
-/// A QMP connection that keeps the events it sees while waiting for replies.
-struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-    events: Vec<Value>,
-}
-
-impl Qmp {
-    fn connect(path: &Path) -> Qmp {
-        let writer = UnixStream::connect(path).unwrap();
-        writer
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
-        let reader = BufReader::new(writer.try_clone().unwrap());
-        let mut q = Qmp {
-            reader,
-            writer,
-            events: Vec::new(),
-        };
-        q.line();
-        q.exec("qmp_capabilities", json!({}));
-        q
-    }
-
-    fn line(&mut self) -> Value {
-        let mut s = String::new();
-        self.reader.read_line(&mut s).unwrap();
-        serde_json::from_str(&s).unwrap()
-    }
-
-    fn exec(&mut self, cmd: &str, args: Value) -> Value {
-        let msg = json!({"execute": cmd, "arguments": args});
-        self.writer.write_all(msg.to_string().as_bytes()).unwrap();
-        loop {
-            let v = self.line();
-            if v.get("event").is_some() {
-                self.events.push(v);
-            } else {
-                return v;
-            }
-        }
-    }
-
-    fn ok(&mut self, cmd: &str, args: Value) -> Value {
-        let r = self.exec(cmd, args.clone());
-        r.get("return")
-            .cloned()
-            .unwrap_or_else(|| panic!("{cmd} {args}: {r}"))
-    }
-
-    /// The next event called `name`, waiting for it if it has not come yet.
-    fn event(&mut self, name: &str) -> Value {
-        loop {
-            if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
-                return self.events.remove(i)["data"].clone();
-            }
-            let mut s = String::new();
-            if let Err(e) = self.reader.read_line(&mut s) {
-                panic!("no {name} event ({e}); saw {:?}", self.events);
-            }
-            self.events.push(serde_json::from_str(&s).unwrap());
-        }
-    }
-}
+use common::{pattern, wait_one, write, Client, Daemon, Qmp};
+use serde_json::json;
 
 fn write_mib(c: &mut Client, mib: u64) -> i32 {
     let data = pattern(mib, mib << 20, 1 << 20);

@@ -4,84 +4,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use common::*;
-use serde_json::{json, Value};
+use serde_json::json;
 
 const BLOCK: u64 = 64 << 10;
-
-/// A negotiated QMP connection that keeps the events it sees while waiting for replies.
-struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-    events: Vec<Value>,
-}
-
-impl Qmp {
-    fn connect(path: &Path) -> Qmp {
-        let writer = UnixStream::connect(path).unwrap();
-        writer
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let reader = BufReader::new(writer.try_clone().unwrap());
-        let mut q = Qmp {
-            reader,
-            writer,
-            events: Vec::new(),
-        };
-        q.line(); // greeting
-        q.ok("qmp_capabilities", json!({}));
-        q
-    }
-
-    fn line(&mut self) -> Value {
-        let mut s = String::new();
-        self.reader.read_line(&mut s).unwrap();
-        serde_json::from_str(&s).unwrap()
-    }
-
-    fn exec(&mut self, cmd: &str, args: Value) -> Value {
-        let msg = json!({"execute": cmd, "arguments": args});
-        self.writer
-            .write_all(serde_json::to_string(&msg).unwrap().as_bytes())
-            .unwrap();
-        loop {
-            let v = self.line();
-            if v.get("event").is_some() {
-                self.events.push(v);
-            } else {
-                return v;
-            }
-        }
-    }
-
-    fn ok(&mut self, cmd: &str, args: Value) -> Value {
-        let r = self.exec(cmd, args);
-        r.get("return")
-            .cloned()
-            .unwrap_or_else(|| panic!("{cmd} failed: {r}"))
-    }
-
-    /// The next event called `name`, waiting for it if it has not come yet.
-    fn event(&mut self, name: &str) -> Value {
-        loop {
-            if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
-                return self.events.remove(i)["data"].clone();
-            }
-            let v = self.line();
-            assert!(v.get("event").is_some(), "unexpected reply {v}");
-            self.events.push(v);
-        }
-    }
-
-    fn count(&self, name: &str) -> usize {
-        self.events.iter().filter(|e| e["event"] == name).count()
-    }
-}
 
 struct Pool {
     _dir: tempfile::TempDir,

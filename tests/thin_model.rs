@@ -74,14 +74,13 @@ fn assert_clean(meta: &Path) {
     let bm = Arc::new(thinblk::engine::pdata::BlockManager::new(cache, nr));
     let report = check_pool(&bm);
     assert!(report.is_clean(), "{:?}", report.problems);
-    if let Some(exe) = external::tool("thin_check") {
-        let out = std::process::Command::new(exe).arg(meta).output().unwrap();
-        assert!(
-            out.status.success(),
-            "thin_check: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let exe = external::tool("thin_check");
+    let out = std::process::Command::new(exe).arg(meta).output().unwrap();
+    assert!(
+        out.status.success(),
+        "thin_check: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn run_model(seed: u64, steps: usize) {

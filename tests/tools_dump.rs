@@ -6,60 +6,42 @@ use tools_support::*;
 
 #[test]
 fn dump_of_meta_bin_is_the_transcripts_thin_dump_output() {
-    let (Some((_dir, meta)), Some(want)) =
-        (image("meta.bin.zst"), transcript("thin_dump meta.bin"))
-    else {
-        return;
-    };
+    let ((_dir, meta), want) = (image("meta.bin.zst"), transcript("thin_dump meta.bin"));
     assert_eq!(thinblk_ok(&["dump", s(&meta)]), want);
 }
 
 #[test]
 fn dump_of_meta_bin_is_pool_xml() {
-    let (Some((_dir, meta)), Some(want)) = (image("meta.bin.zst"), fixture_text("pool.xml")) else {
-        return;
-    };
+    let ((_dir, meta), want) = (image("meta.bin.zst"), fixture_text("pool.xml"));
     assert_eq!(thinblk_ok(&["dump", s(&meta)]), want);
 }
 
 #[test]
 fn dump_of_the_rust_133_image_is_pool_xml() {
-    let (Some((_dir, meta)), Some(want)) =
-        (image("meta-rust133.bin.zst"), fixture_text("pool.xml"))
-    else {
-        return;
-    };
+    let ((_dir, meta), want) = (image("meta-rust133.bin.zst"), fixture_text("pool.xml"));
     assert_eq!(thinblk_ok(&["dump", s(&meta)]), want);
 }
 
 #[test]
 fn dump_of_the_multilevel_image_is_its_xml() {
-    let (Some((_dir, meta)), Some(want)) = (
+    let ((_dir, meta), want) = (
         image("meta-multilevel.bin.zst"),
         fixture_text("pool-multilevel.xml"),
-    ) else {
-        return;
-    };
+    );
     assert_eq!(thinblk_ok(&["dump", s(&meta)]), want);
 }
 
 #[test]
 fn dump_writes_to_a_file_with_o() {
-    let (Some((dir, meta)), Some(want)) = (image("meta.bin.zst"), fixture_text("pool.xml")) else {
-        return;
-    };
+    let ((dir, meta), want) = (image("meta.bin.zst"), fixture_text("pool.xml"));
     let out = dir.path().join("out.xml");
     assert_eq!(thinblk_ok(&["dump", s(&meta), "-o", s(&out)]), "");
     assert_eq!(std::fs::read_to_string(&out).expect("read output"), want);
 }
 
 fn kernel_image_dumps_like_thin_dump(name: &str, extra: &[&str]) {
-    let Some((_dir, meta)) = image(&format!("kernel/{name}.bin.zst")) else {
-        return;
-    };
-    let Some(thin_dump) = tool("thin_dump") else {
-        return;
-    };
+    let (_dir, meta) = image(&format!("kernel/{name}.bin.zst"));
+    let thin_dump = tool("thin_dump");
     let mut args = extra.to_vec();
     args.push(s(&meta));
     let (ok, want, err) = run_tool(&thin_dump, &args);
@@ -95,9 +77,7 @@ fn kernel_image_with_shared_nodes_dumps_like_thin_dump() {
 
 #[test]
 fn metadata_snap_without_a_held_root_is_an_error() {
-    let Some((_dir, meta)) = image("meta.bin.zst") else {
-        return;
-    };
+    let (_dir, meta) = image("meta.bin.zst");
     let out = thinblk(&["dump", "--metadata-snap", s(&meta)]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no metadata snapshot"));
@@ -105,12 +85,10 @@ fn metadata_snap_without_a_held_root_is_an_error() {
 
 #[test]
 fn json_dump_holds_the_same_pool_as_the_xml() {
-    let (Some((_dir, meta)), Some(xml)) = (
+    let ((_dir, meta), xml) = (
         image("meta-multilevel.bin.zst"),
         fixture_text("pool-multilevel.xml"),
-    ) else {
-        return;
-    };
+    );
     let (head, want) = thinblk::tools::xml::parse(xml.as_bytes()).expect("parse xml");
     let json: serde_json::Value =
         serde_json::from_str(&thinblk_ok(&["dump", "--format", "json", s(&meta)]))
@@ -147,11 +125,7 @@ fn json_dump_holds_the_same_pool_as_the_xml() {
 
 #[test]
 fn thin_restore_output_dumps_back_to_its_input() {
-    let (Some(xml_path), Some(thin_restore)) =
-        (fixture_path("pool-multilevel.xml"), tool("thin_restore"))
-    else {
-        return;
-    };
+    let (xml_path, thin_restore) = (fixture_path("pool-multilevel.xml"), tool("thin_restore"));
     let dir = tempfile::tempdir().expect("tempdir");
     let meta = dir.path().join("meta.bin");
     std::fs::File::create(&meta)

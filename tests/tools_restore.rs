@@ -15,42 +15,34 @@ fn restores_and_dumps_back(xml_path: &Path) {
     let want = std::fs::read_to_string(xml_path).expect("read xml");
     thinblk_ok(&["check", "-q", s(&meta)]);
     assert_eq!(thinblk_ok(&["dump", s(&meta)]), want);
-    if let Some(thin_check) = tool("thin_check") {
-        let (ok, out, err) = run_tool(&thin_check, &[s(&meta)]);
-        assert!(ok, "thin_check: {out}{err}");
-    }
-    if let Some(thin_dump) = tool("thin_dump") {
-        let (ok, out, err) = run_tool(&thin_dump, &[s(&meta)]);
-        assert!(ok, "thin_dump: {err}");
-        assert!(
-            out == want,
-            "thin_dump of the restored pool differs from the input"
-        );
-    }
+    let thin_check = tool("thin_check");
+    let (ok, out, err) = run_tool(&thin_check, &[s(&meta)]);
+    assert!(ok, "thin_check: {out}{err}");
+    let thin_dump = tool("thin_dump");
+    let (ok, out, err) = run_tool(&thin_dump, &[s(&meta)]);
+    assert!(ok, "thin_dump: {err}");
+    assert!(
+        out == want,
+        "thin_dump of the restored pool differs from the input"
+    );
 }
 
 #[test]
 fn pool_xml_restores_into_a_pool_both_checkers_accept() {
-    if let Some(p) = fixture_path("pool.xml") {
-        restores_and_dumps_back(&p);
-    }
+    let p = fixture_path("pool.xml");
+    restores_and_dumps_back(&p);
 }
 
 #[test]
 fn multilevel_xml_restores_into_a_pool_both_checkers_accept() {
-    if let Some(p) = fixture_path("pool-multilevel.xml") {
-        restores_and_dumps_back(&p);
-    }
+    let p = fixture_path("pool-multilevel.xml");
+    restores_and_dumps_back(&p);
 }
 
 #[test]
 fn a_kernel_pools_dump_restores_and_dumps_back() {
-    let Some((dir, meta)) = image("kernel/tmeta.bin.zst") else {
-        return;
-    };
-    let Some(thin_dump) = tool("thin_dump") else {
-        return;
-    };
+    let (dir, meta) = image("kernel/tmeta.bin.zst");
+    let thin_dump = tool("thin_dump");
     let (ok, xml, err) = run_tool(&thin_dump, &[s(&meta)]);
     assert!(ok, "{err}");
     let xml_path = dir.path().join("tmeta.xml");
@@ -60,9 +52,7 @@ fn a_kernel_pools_dump_restores_and_dumps_back() {
 
 #[test]
 fn restore_into_an_existing_file_keeps_its_size() {
-    let Some(xml) = fixture_path("pool.xml") else {
-        return;
-    };
+    let xml = fixture_path("pool.xml");
     let dir = tempfile::tempdir().expect("tempdir");
     let meta = dir.path().join("meta.bin");
     std::fs::File::create(&meta)
@@ -75,9 +65,7 @@ fn restore_into_an_existing_file_keeps_its_size() {
 
 #[test]
 fn restore_creates_a_file_of_the_size_asked_for() {
-    let Some(xml) = fixture_path("pool.xml") else {
-        return;
-    };
+    let xml = fixture_path("pool.xml");
     let dir = tempfile::tempdir().expect("tempdir");
     let meta = dir.path().join("meta.bin");
     thinblk_ok(&[
@@ -96,9 +84,7 @@ fn restore_creates_a_file_of_the_size_asked_for() {
 
 #[test]
 fn bad_xml_is_refused_with_its_line_and_the_output_is_untouched() {
-    let (Some((dir, meta)), Some(xml)) = (image("meta.bin.zst"), fixture_text("pool.xml")) else {
-        return;
-    };
+    let ((dir, meta), xml) = (image("meta.bin.zst"), fixture_text("pool.xml"));
     let before = std::fs::read(&meta).expect("read");
     let bad = xml.replacen("data_block=\"48\"", "data_block=\"4x8\"", 1);
     let line = bad
@@ -118,9 +104,7 @@ fn bad_xml_is_refused_with_its_line_and_the_output_is_untouched() {
 
 #[test]
 fn too_small_a_metadata_device_is_refused() {
-    let Some(xml) = fixture_path("pool-multilevel.xml") else {
-        return;
-    };
+    let xml = fixture_path("pool-multilevel.xml");
     let dir = tempfile::tempdir().expect("tempdir");
     let meta = dir.path().join("meta.bin");
     let out = thinblk(&[
@@ -139,9 +123,7 @@ fn too_small_a_metadata_device_is_refused() {
 
 #[test]
 fn restore_refuses_an_output_a_daemon_holds() {
-    let (Some((_dir, meta)), Some(xml)) = (image("meta.bin.zst"), fixture_path("pool.xml")) else {
-        return;
-    };
+    let ((_dir, meta), xml) = (image("meta.bin.zst"), fixture_path("pool.xml"));
     let held = thinblk::bufio::FileStore::open(&meta, 4096).expect("open");
     held.lock_exclusive().expect("lock");
     let out = thinblk(&["restore", "-i", s(&xml), "-o", s(&meta)]);

@@ -190,10 +190,11 @@ pub fn pattern(seed: u64, offset: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// A negotiated QMP connection; events are skipped.
+/// A negotiated QMP connection that keeps the events it sees while waiting for replies.
 pub struct Qmp {
     reader: std::io::BufReader<std::os::unix::net::UnixStream>,
     writer: std::os::unix::net::UnixStream,
+    events: Vec<serde_json::Value>,
 }
 
 impl Qmp {
@@ -203,20 +204,27 @@ impl Qmp {
             .set_read_timeout(Some(Duration::from_secs(60)))
             .unwrap();
         let reader = std::io::BufReader::new(writer.try_clone().unwrap());
-        let mut q = Qmp { reader, writer };
-        q.line();
-        q.exec("qmp_capabilities", serde_json::json!({}));
+        let mut q = Qmp {
+            reader,
+            writer,
+            events: Vec::new(),
+        };
+        q.line(); // greeting
+        q.ok("qmp_capabilities", serde_json::json!({}));
         q
     }
 
     fn line(&mut self) -> serde_json::Value {
         use std::io::BufRead;
         let mut s = String::new();
-        self.reader.read_line(&mut s).unwrap();
-        serde_json::from_str(&s).unwrap()
+        if let Err(e) = self.reader.read_line(&mut s) {
+            panic!("no QMP message ({e}); events so far {:?}", self.events);
+        }
+        serde_json::from_str(&s).unwrap_or_else(|e| panic!("not JSON ({e}): {s:?}"))
     }
 
-    /// The reply to `cmd` (`{"return": ...}` or `{"error": ...}`).
+    /// The reply to `cmd` (`{"return": ...}` or `{"error": ...}`); events that come first are
+    /// kept for `event`.
     pub fn exec(&mut self, cmd: &str, args: serde_json::Value) -> serde_json::Value {
         use std::io::Write;
         let msg = serde_json::json!({"execute": cmd, "arguments": args});
@@ -225,7 +233,9 @@ impl Qmp {
             .unwrap();
         loop {
             let v = self.line();
-            if v.get("event").is_none() {
+            if v.get("event").is_some() {
+                self.events.push(v);
+            } else {
                 return v;
             }
         }
@@ -237,5 +247,28 @@ impl Qmp {
         r.get("return")
             .cloned()
             .unwrap_or_else(|| panic!("{cmd} {args} failed: {r}"))
+    }
+
+    /// The data of the next event called `name`, waiting (up to the read timeout) if it has
+    /// not come yet.
+    pub fn event(&mut self, name: &str) -> serde_json::Value {
+        loop {
+            if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
+                return self.events.remove(i)["data"].clone();
+            }
+            let v = self.line();
+            assert!(v.get("event").is_some(), "unexpected reply {v}");
+            self.events.push(v);
+        }
+    }
+
+    /// How many events called `name` have come and not been taken.
+    pub fn count(&self, name: &str) -> usize {
+        self.events.iter().filter(|e| e["event"] == name).count()
+    }
+
+    /// Forgets the events seen so far.
+    pub fn clear_events(&mut self) {
+        self.events.clear();
     }
 }

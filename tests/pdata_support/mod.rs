@@ -23,8 +23,8 @@ use thinblk::engine::pdata::error::Result;
 use thinblk::engine::pdata::superblock::{Superblock, BLOCK_SIZE};
 use thinblk::engine::pdata::tm::BlockSource;
 
-/// Decompresses a fixture image; fails (or skips, see `external`) when fixtures are absent.
-pub fn fixture_image(rel: &str) -> Option<Vec<u8>> {
+/// Decompresses a fixture image; fails when fixtures are absent.
+pub fn fixture_image(rel: &str) -> Vec<u8> {
     fixture_bytes(rel)
 }
 
@@ -76,20 +76,20 @@ pub fn parse_xml(xml: &str) -> Dump {
 }
 
 /// Runs `thin_dump` on a file and parses it.
-pub fn thin_dump(path: &Path) -> Option<Dump> {
-    let exe = tool("thin_dump")?;
+pub fn thin_dump(path: &Path) -> Dump {
+    let exe = tool("thin_dump");
     let out = Command::new(exe).arg(path).output().expect("run thin_dump");
     assert!(
         out.status.success(),
         "thin_dump failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    Some(parse_xml(&String::from_utf8_lossy(&out.stdout)))
+    parse_xml(&String::from_utf8_lossy(&out.stdout))
 }
 
 /// Runs `thin_check` on a file; returns (success, combined output).
-pub fn thin_check(path: &Path) -> Option<(bool, String)> {
-    let exe = tool("thin_check")?;
+pub fn thin_check(path: &Path) -> (bool, String) {
+    let exe = tool("thin_check");
     let out = Command::new(exe)
         .arg(path)
         .output()
@@ -99,5 +99,5 @@ pub fn thin_check(path: &Path) -> Option<(bool, String)> {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    Some((out.status.success(), text))
+    (out.status.success(), text)
 }

@@ -5,24 +5,15 @@ Run by scripts/test.sh after `cargo build --release`; THINBLK names the binary.
 import asyncio
 import json
 import os
-import signal
 import socket
 import subprocess
 import tempfile
 import time
 
 import pytest
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import ExecuteError
 
-THINBLK = os.environ.get("THINBLK", "target/release/thinblk")
-
-
-def wait_for(path, proc, timeout=20):
-    deadline = time.time() + timeout
-    while not os.path.exists(path):
-        assert proc.poll() is None, "thinblk exited early"
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
+from support import THINBLK, connected, run, serve
 
 
 @pytest.fixture
@@ -33,27 +24,9 @@ def daemon():
             f.truncate(64 << 20)
         ctl = os.path.join(d, "control.sock")
         sock = os.path.join(d, "disk.sock")
-        proc = subprocess.Popen(
-            [THINBLK, "serve", "--export", f"raw={image},socket={sock},id=vm1", "--control", ctl],
-            stdout=subprocess.DEVNULL,
-        )
-        try:
-            wait_for(ctl, proc)
-            wait_for(sock, proc)
+        args = ["--export", f"raw={image},socket={sock},id=vm1", "--control", ctl]
+        with serve(args, [ctl, sock]):
             yield {"dir": d, "ctl": ctl, "sock": sock}
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=10)
-
-
-def run(coro):
-    return asyncio.run(coro)
-
-
-async def connected(ctl):
-    qmp = QMPClient("test")
-    await qmp.connect(ctl)
-    return qmp
 
 
 def test_the_greeting_carries_a_qemu_version_and_negotiation_succeeds(daemon):
@@ -178,19 +151,10 @@ def pool():
     with tempfile.TemporaryDirectory() as d:
         ctl = os.path.join(d, "control.sock")
         sock = os.path.join(d, "vm1.sock")
-        proc = subprocess.Popen(
-            [THINBLK, "serve", "--dir", os.path.join(d, "pool"), "--data-size", "256M",
-             "--metadata-size", "16M", "--control", ctl,
-             "--export", f"name=vm1,size=64M,socket={sock},queues=1"],
-            stdout=subprocess.DEVNULL,
-        )
-        try:
-            wait_for(ctl, proc)
-            wait_for(sock, proc)
+        args = ["--dir", os.path.join(d, "pool"), "--data-size", "256M", "--metadata-size", "16M",
+                "--control", ctl, "--export", f"name=vm1,size=64M,socket={sock},queues=1"]
+        with serve(args, [ctl, sock]):
             yield {"dir": d, "ctl": ctl, "sock": sock}
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=10)
 
 
 THIN_COMMANDS = {

@@ -3,33 +3,14 @@ and scraped by Python's HTTP client.
 
 Run by scripts/test.sh after `cargo build --release`; THINBLK names the binary.
 """
-import asyncio
 import os
-import signal
-import socket
-import subprocess
 import tempfile
-import time
 import urllib.request
 
 import pytest
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import ExecuteError
 
-THINBLK = os.environ.get("THINBLK", "target/release/thinblk")
-
-
-def wait_for(path, proc, timeout=20):
-    deadline = time.time() + timeout
-    while not os.path.exists(path):
-        assert proc.poll() is None, "thinblk exited early"
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from support import connected, free_port, run, serve
 
 
 @pytest.fixture
@@ -38,29 +19,11 @@ def pool():
         ctl = os.path.join(d, "control.sock")
         sock = os.path.join(d, "d.sock")
         port = free_port()
-        proc = subprocess.Popen(
-            [THINBLK, "serve", "--dir", os.path.join(d, "pool"), "--data-size", "16M",
-             "--metadata-size", "4M", "--control", ctl, "--metrics", f"127.0.0.1:{port}",
-             "--export", f"name=d,size=64M,socket={sock}"],
-            stdout=subprocess.DEVNULL,
-        )
-        try:
-            wait_for(ctl, proc)
-            wait_for(sock, proc)
+        args = ["--dir", os.path.join(d, "pool"), "--data-size", "16M", "--metadata-size", "4M",
+                "--control", ctl, "--metrics", f"127.0.0.1:{port}",
+                "--export", f"name=d,size=64M,socket={sock}"]
+        with serve(args, [ctl, sock]):
             yield {"dir": d, "ctl": ctl, "sock": sock, "port": port}
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=10)
-
-
-def run(coro):
-    return asyncio.run(coro)
-
-
-async def connected(ctl):
-    qmp = QMPClient("test")
-    await qmp.connect(ctl)
-    return qmp
 
 
 def test_pool_resize_grows_both_devices_and_refuses_to_shrink(pool):

@@ -580,10 +580,10 @@ pub fn thinblk_check(meta: &Path, args: &[&str]) -> CheckRun {
         .arg(meta))
 }
 
-/// Debian's `thin_check`; a missing one fails the test (or skips it, see `external`).
-pub fn thin_check(meta: &Path) -> Option<CheckRun> {
-    let exe = external::tool("thin_check")?;
-    Some(run(Command::new(exe).arg(meta)))
+/// Debian's `thin_check`; a missing one fails the test.
+pub fn thin_check(meta: &Path) -> CheckRun {
+    let exe = external::tool("thin_check");
+    run(Command::new(exe).arg(meta))
 }
 
 fn run(cmd: &mut Command) -> CheckRun {
@@ -602,7 +602,6 @@ fn run(cmd: &mut Command) -> CheckRun {
 pub fn assert_checks_pass(meta: &Path, context: &str) {
     let t = thinblk_check(meta, &[]);
     assert!(t.ok, "{context}: thinblk check failed:\n{}", t.output);
-    if let Some(c) = thin_check(meta) {
-        assert!(c.ok, "{context}: thin_check failed:\n{}", c.output);
-    }
+    let c = thin_check(meta);
+    assert!(c.ok, "{context}: thin_check failed:\n{}", c.output);
 }

@@ -17,17 +17,17 @@ pub use external::{fixture_dir, fixture_path, fixture_text, tool};
 
 /// A temporary directory holding the decompressed image `rel` (e.g. `meta.bin.zst`) as
 /// `meta.bin`; returns the directory (keep it alive) and the image's path.
-pub fn image(rel: &str) -> Option<(TempDir, PathBuf)> {
-    let bytes = fixture_bytes(rel)?;
+pub fn image(rel: &str) -> (TempDir, PathBuf) {
+    let bytes = fixture_bytes(rel);
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("meta.bin");
     std::fs::write(&path, bytes).expect("write image");
-    Some((dir, path))
+    (dir, path)
 }
 
 /// The output the transcript records for the command line `cmd` (without `$ `).
-pub fn transcript(cmd: &str) -> Option<String> {
-    let text = fixture_text("transcript-0.9.0.txt")?;
+pub fn transcript(cmd: &str) -> String {
+    let text = fixture_text("transcript-0.9.0.txt");
     let start = text
         .find(&format!("$ {cmd}\n"))
         .unwrap_or_else(|| panic!("the transcript does not record `{cmd}`"))
@@ -37,7 +37,7 @@ pub fn transcript(cmd: &str) -> Option<String> {
     let end = rest
         .find("[exit ")
         .unwrap_or_else(|| panic!("the transcript's `{cmd}` has no exit line"));
-    Some(rest[..end].to_string())
+    rest[..end].to_string()
 }
 
 pub fn thinblk(args: &[&str]) -> Output {
