@@ -1,5 +1,6 @@
-//! The load generator: one blkio queue (libblkio's virtio-blk-vhost-user driver) kept at the
-//! job's queue depth for a fixed time, latency recorded per request.
+//! The load generator: blkio queues (libblkio's virtio-blk-vhost-user driver) each kept at the
+//! job's queue depth for a fixed time, latency recorded per request. One queue is driven from
+//! the calling thread; several (`run_queues`) from a thread each.
 
 use std::mem::MaybeUninit;
 use std::path::Path;
@@ -10,9 +11,12 @@ use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 use crate::job::{Job, Offsets, Op};
 use crate::stats::Measurement;
 
-/// A connected blkio instance with one queue and one mapped buffer region.
+/// A connected blkio instance with its queues and one mapped buffer region (`per_queue`
+/// bytes of it for each queue).
 pub struct Client {
     queue: Blkioq,
+    others: Vec<Blkioq>,
+    per_queue: usize,
     // Kept alive for the queue and the region; blkio frees the region when both are dropped.
     _blkio: Blkio,
     region: MemoryRegion,
@@ -26,22 +30,28 @@ fn err(what: &str) -> impl Fn(blkio::Error) -> String + '_ {
 impl Client {
     /// Connects to `socket` with one queue and a buffer region of at least `buf_len` bytes.
     pub fn connect(socket: &Path, buf_len: usize) -> Result<Client, String> {
+        Client::connect_queues(socket, buf_len, 1)
+    }
+
+    /// Connects to `socket` with `queues` queues and `buf_len` bytes of buffers for each.
+    pub fn connect_queues(socket: &Path, buf_len: usize, queues: usize) -> Result<Client, String> {
         let mut blkio = Blkio::new("virtio-blk-vhost-user").map_err(err("blkio"))?;
         let path = socket.to_str().ok_or("socket path is not UTF-8")?;
         blkio.set_str("path", path).map_err(err("path"))?;
         blkio.connect().map_err(err("connect"))?;
-        blkio.set_i32("num-queues", 1).map_err(err("num-queues"))?;
-        let queue = blkio
-            .start()
-            .map_err(err("start"))?
-            .queues
-            .pop()
-            .ok_or("blkio started without a queue")?;
+        let n = i32::try_from(queues.max(1)).map_err(|_| "too many queues")?;
+        blkio.set_i32("num-queues", n).map_err(err("num-queues"))?;
+        let mut started = blkio.start().map_err(err("start"))?.queues;
+        if started.len() != queues.max(1) {
+            return Err(format!("blkio started {} queues", started.len()));
+        }
+        let queue = started.remove(0);
         let capacity = blkio.get_u64("capacity").map_err(err("capacity"))?;
         let align = blkio
             .get_u64("mem-region-alignment")
             .map_err(err("alignment"))? as usize;
-        let len = buf_len.div_ceil(align.max(1)) * align.max(1);
+        let per_queue = buf_len.div_ceil(align.max(1)) * align.max(1);
+        let len = per_queue * queues.max(1);
         let region = blkio
             .alloc_mem_region(len)
             .map_err(err("alloc_mem_region"))?;
@@ -52,22 +62,12 @@ impl Client {
         unsafe { std::ptr::write_bytes(region.addr as *mut u8, 0x5a, region.len) };
         Ok(Client {
             queue,
+            others: started,
+            per_queue,
             _blkio: blkio,
             region,
             capacity,
         })
-    }
-
-    fn submit(&mut self, job: &Job, slot: usize, offset: u64) {
-        let buf = (self.region.addr + slot * job.bs) as *mut u8;
-        match job.op {
-            Op::Read => self
-                .queue
-                .read(offset, buf, job.bs, slot, ReqFlags::empty()),
-            Op::Write => self
-                .queue
-                .write(offset, buf, job.bs, slot, ReqFlags::empty()),
-        }
     }
 
     /// Writes the first `span` bytes sequentially (provisioning every block of a thin disk),
@@ -163,7 +163,107 @@ impl Client {
         span: u64,
         done: &mut dyn FnMut(Instant, Instant) -> bool,
     ) -> Result<bool, String> {
-        if job.qd * job.bs > self.region.len {
+        let lane = Lane {
+            base: self.region.addr,
+            len: self.per_queue,
+            capacity: self.capacity,
+        };
+        lane.drive(&mut self.queue, job, span, done)
+    }
+
+    /// Runs `job` on every queue at once, each from its own thread at the job's queue depth,
+    /// for `warmup` then `measure`; one measurement of them all (IOPS and latencies of every
+    /// queue, the server's CPU time over the window).
+    pub fn run_queues(
+        &mut self,
+        job: &Job,
+        span: u64,
+        warmup: Duration,
+        measure: Duration,
+        cpu: &dyn Fn() -> Option<f64>,
+    ) -> Result<Measurement, String> {
+        let window_start = Instant::now() + warmup;
+        let window_end = window_start + measure;
+        let lanes: Vec<Lane> = (0..=self.others.len())
+            .map(|q| Lane {
+                base: self.region.addr + q * self.per_queue,
+                len: self.per_queue,
+                capacity: self.capacity,
+            })
+            .collect();
+        let queues = std::iter::once(&mut self.queue).chain(self.others.iter_mut());
+        let (results, cpu_seconds) = std::thread::scope(|scope| {
+            let threads: Vec<_> = queues
+                .zip(lanes)
+                .map(|(queue, lane)| {
+                    scope.spawn(move || {
+                        let (mut ios, mut lat_ns) = (0u64, Vec::with_capacity(1 << 20));
+                        let wrapped = lane.drive(queue, job, span, &mut |started, now| {
+                            if now >= window_start && now < window_end {
+                                ios += 1;
+                                lat_ns.push(now.duration_since(started).as_nanos() as u64);
+                            }
+                            now < window_end
+                        })?;
+                        Ok::<_, String>((ios, lat_ns, wrapped))
+                    })
+                })
+                .collect();
+            std::thread::sleep(window_start.saturating_duration_since(Instant::now()));
+            let a = cpu();
+            std::thread::sleep(window_end.saturating_duration_since(Instant::now()));
+            let b = cpu();
+            let results: Vec<_> = threads
+                .into_iter()
+                .map(|t| {
+                    t.join()
+                        .unwrap_or_else(|_| Err("a queue's thread panicked".into()))
+                })
+                .collect();
+            (results, a.zip(b).map(|(a, b)| b - a))
+        });
+        let (mut ios, mut lat_ns, mut wrapped) = (0, Vec::new(), false);
+        for r in results {
+            let (n, lat, w) = r?;
+            ios += n;
+            lat_ns.extend(lat);
+            wrapped |= w;
+        }
+        Ok(Measurement {
+            ios,
+            bytes: ios * job.bs as u64,
+            seconds: measure.as_secs_f64(),
+            lat_ns,
+            server_cpu_seconds: cpu_seconds,
+            note: wrapped.then(|| "ran out of fresh clusters: later writes were overwrites".into()),
+        })
+    }
+}
+
+/// One queue's share of the buffer region.
+struct Lane {
+    base: usize,
+    len: usize,
+    capacity: u64,
+}
+
+impl Lane {
+    fn submit(&self, queue: &mut Blkioq, job: &Job, slot: usize, offset: u64) {
+        let buf = (self.base + slot * job.bs) as *mut u8;
+        match job.op {
+            Op::Read => queue.read(offset, buf, job.bs, slot, ReqFlags::empty()),
+            Op::Write => queue.write(offset, buf, job.bs, slot, ReqFlags::empty()),
+        }
+    }
+
+    fn drive(
+        &self,
+        queue: &mut Blkioq,
+        job: &Job,
+        span: u64,
+        done: &mut dyn FnMut(Instant, Instant) -> bool,
+    ) -> Result<bool, String> {
+        if job.qd * job.bs > self.len {
             return Err("buffer region too small for the job".into());
         }
         let span = span.min(self.capacity);
@@ -171,7 +271,7 @@ impl Client {
         let mut started = vec![Instant::now(); job.qd];
         for (slot, t) in started.iter_mut().enumerate() {
             let offset = offsets.next_offset();
-            self.submit(job, slot, offset);
+            self.submit(queue, job, slot, offset);
             *t = Instant::now();
         }
         let mut in_flight = job.qd;
@@ -181,8 +281,7 @@ impl Client {
             .collect();
         while in_flight > 0 {
             let mut timeout = Duration::from_secs(30);
-            let n = self
-                .queue
+            let n = queue
                 .do_io(&mut completions, 1, Some(&mut timeout), None)
                 .map_err(err("do_io"))?;
             if n == 0 {
@@ -201,7 +300,7 @@ impl Client {
                 more = more && keep;
                 if more {
                     let offset = offsets.next_offset();
-                    self.submit(job, slot, offset);
+                    self.submit(queue, job, slot, offset);
                     started[slot] = Instant::now();
                     in_flight += 1;
                 }

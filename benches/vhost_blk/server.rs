@@ -41,10 +41,22 @@ impl Server {
         socket: &Path,
         dir: &Path,
     ) -> Result<Server, String> {
+        Server::thinblk_queues(bin, backing, socket, dir, 1)
+    }
+
+    /// [`Server::thinblk_of`] with `queues` queues.
+    pub fn thinblk_queues(
+        bin: &Path,
+        backing: &str,
+        socket: &Path,
+        dir: &Path,
+        queues: usize,
+    ) -> Result<Server, String> {
         let mut cmd = Command::new(bin);
-        cmd.arg("serve")
-            .arg("--export")
-            .arg(format!("{backing},socket={},queues=1", socket.display()));
+        cmd.arg("serve").arg("--export").arg(format!(
+            "{backing},socket={},queues={queues}",
+            socket.display()
+        ));
         cmd.env("RUST_LOG", "warn");
         Server::spawn("thinblk", cmd, socket, dir)
     }
@@ -70,6 +82,19 @@ impl Server {
         socket: &Path,
         dir: &Path,
     ) -> Result<Server, String> {
+        Server::thin_queues(bin, pool, spec, extra, socket, dir, 1)
+    }
+
+    /// [`Server::thin_of`] with `queues` queues on the measured export.
+    pub fn thin_queues(
+        bin: &Path,
+        pool: &Path,
+        spec: &str,
+        extra: &[String],
+        socket: &Path,
+        dir: &Path,
+        queues: usize,
+    ) -> Result<Server, String> {
         let mut cmd = Command::new(bin);
         cmd.arg("serve")
             .arg("--dir")
@@ -77,7 +102,10 @@ impl Server {
             .args(["--metadata-size", "1G", "--data-size"])
             .arg(THIN_DATA_SIZE.to_string())
             .arg("--export")
-            .arg(format!("{spec},socket={},queues=1", socket.display()));
+            .arg(format!(
+                "{spec},socket={},queues={queues}",
+                socket.display()
+            ));
         for e in extra {
             cmd.arg("--export").arg(e);
         }

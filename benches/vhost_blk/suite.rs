@@ -23,6 +23,8 @@ pub enum Section {
     Thin,
     /// Only this build vs `--baseline` (which runs with any section).
     Builds,
+    /// thinblk null, raw and thin with 1, 2 and 4 queues.
+    Queues,
 }
 
 pub struct Settings {
@@ -74,7 +76,7 @@ const FRESH_SIZE: u64 = 16 << 30;
 const DEPTHS: [usize; 3] = [1, 16, 64];
 
 impl Settings {
-    fn socket(&self) -> PathBuf {
+    pub fn socket(&self) -> PathBuf {
         self.dir.join("bench.sock")
     }
 
@@ -140,6 +142,7 @@ pub fn run(s: &Settings) -> Result<String, String> {
     let mut out = String::new();
     let raw = if s.sections.contains(&Section::Raw)
         || s.sections.contains(&Section::Thin)
+        || s.sections.contains(&Section::Queues)
         || s.baseline.is_some()
     {
         Some(images::raw_file(&s.dir, s.file_size)?)
@@ -157,6 +160,9 @@ pub fn run(s: &Settings) -> Result<String, String> {
     }
     if let (true, Some(file)) = (s.sections.contains(&Section::Thin), &raw) {
         thin_section(s, file, &mut out);
+    }
+    if let (true, Some(file)) = (s.sections.contains(&Section::Queues), &raw) {
+        crate::queues::section(s, file, &mut out);
     }
     Ok(out)
 }
@@ -299,15 +305,27 @@ fn thin_section(s: &Settings, file: &Path, out: &mut String) {
     };
     // Raw is measured again here, in turn with the thin disk: this machine's disk changes
     // speed over minutes, so a raw figure from the raw section would compare different disks.
+    // And two files of one file system can differ 3x in speed (their extents' history), so
+    // the thin disk's own limit is fio on the pool's data file over the same bytes: `full`
+    // is the pool's only device, provisioned first, so its blocks are the file's first
+    // `file_size` bytes.
+    let data = pool.as_ref().map(|p| p.join("data")).map_err(Clone::clone);
     for job in &s.jobs {
-        let [t, raw] = alternate(
+        let [t, raw, own] = alternate(
             s.rounds,
-            [&|| thin("full", job, s.file_size), &|| {
-                thinblk_raw(s, job, file)
-            }],
+            [
+                &|| thin("full", job, s.file_size),
+                &|| thinblk_raw(s, job, file),
+                &|| s.fio(job, data.as_ref().map_err(Clone::clone)?),
+            ],
         );
         let what = format!("fully provisioned thin vs thinblk raw: {}", job.name);
         thin_row(out, &what, &t, &raw);
+        let what = format!(
+            "fully provisioned thin vs fio on its data file, same bytes: {}",
+            job.name
+        );
+        thin_row(out, &what, &t, &own);
     }
     first_writes(s, pool.as_ref(), out);
 
