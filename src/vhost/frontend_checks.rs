@@ -55,7 +55,6 @@ use super::dirty_log::LogBase;
 use super::guest_memory_guard::{GuestMemoryGuard, Reservation};
 use super::inflight::{InflightRegion, Tracker};
 use super::memory_table::{self, Proposed, Region, UnsealedMemory, MAX_TABLE_REGIONS};
-use super::repeated_ring_addr::RingAddrs;
 
 /// A request handler `H` behind the checks of this module.
 pub struct Checked<H> {
@@ -72,8 +71,6 @@ pub struct Checked<H> {
     log: LogBase,
     /// Where an inflight region goes, and the device's queue count.
     inflight: Option<(std::sync::Arc<Tracker>, u16)>,
-    /// Ring addresses as set, to recognise a repeat for a running ring.
-    ring_addrs: RingAddrs,
 }
 
 fn refused(what: String) -> VhostUserError {
@@ -123,7 +120,6 @@ impl<H: VhostUserBackendReqHandlerMut> Checked<H> {
             guard: None,
             log: LogBase::default(),
             inflight: None,
-            ring_addrs: RingAddrs::default(),
         })
     }
 
@@ -158,7 +154,6 @@ impl<H: VhostUserBackendReqHandlerMut> Checked<H> {
     /// After the inner handler saw a memory message (accepted or not: the table it installed,
     /// if any, is what counts).
     fn installed(&mut self, reserved: Reservation) {
-        self.ring_addrs.memory_changed();
         if let Some(g) = &mut self.guard {
             g.installed(reserved);
         }
@@ -299,15 +294,8 @@ impl<H: VhostUserBackendReqHandlerMut> VhostUserBackendReqHandlerMut for Checked
                 )));
             }
         }
-        let addrs = (descriptor, used, available);
-        if self.ring_addrs.is_repeat(index, addrs) {
-            log::debug!("SET_VRING_ADDR for running queue {index} repeats its addresses: kept");
-            return Ok(());
-        }
         self.inner
-            .set_vring_addr(index, flags, descriptor, used, available, log)?;
-        self.ring_addrs.set(index, addrs);
-        Ok(())
+            .set_vring_addr(index, flags, descriptor, used, available, log)
     }
 
     fn set_vring_base(&mut self, index: u32, base: u32) -> Result<()> {
@@ -315,7 +303,6 @@ impl<H: VhostUserBackendReqHandlerMut> VhostUserBackendReqHandlerMut for Checked
     }
 
     fn get_vring_base(&mut self, index: u32) -> Result<VhostUserVringState> {
-        self.ring_addrs.stopped(index);
         self.inner.get_vring_base(index)
     }
 
@@ -327,7 +314,6 @@ impl<H: VhostUserBackendReqHandlerMut> VhostUserBackendReqHandlerMut for Checked
             .filter(|_| tracked)
             .and_then(|f| f.try_clone().ok());
         self.inner.set_vring_kick(index, fd)?;
-        self.ring_addrs.started(u32::from(index));
         if let Some(mut kick) = wake {
             // The worker recovers the ring on its first pass; a full counter (EAGAIN) is a
             // kick already pending.

@@ -14,7 +14,6 @@ pub mod guest_memory_guard;
 pub mod handover;
 pub mod inflight;
 pub mod memory_table;
-mod repeated_ring_addr;
 pub mod request;
 pub mod sigbus;
 

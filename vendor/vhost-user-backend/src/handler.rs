@@ -481,6 +481,25 @@ where
             let used_ring = self
                 .vmm_va_to_gpa(used)
                 .map_err(|e| VhostUserError::ReqHandlerError(io::Error::other(e)))?;
+
+            // THINBLK-PATCH: QEMU sends SET_VRING_ADDR again to running rings when dirty
+            // logging starts and ends, to flip VHOST_VRING_F_LOG only. Re-reading the used
+            // index below would race the worker that adds used entries (an entry added between
+            // the read and the store is overwritten, and the driver waits for it forever), so
+            // a ring that runs and keeps its addresses keeps its state. Logging itself goes
+            // through the memory bitmap, the used ring included.
+            {
+                let state = vring.get_ref();
+                let queue = state.get_queue();
+                if queue.ready()
+                    && queue.desc_table() == desc_table
+                    && queue.avail_ring() == avail_ring
+                    && queue.used_ring() == used_ring
+                {
+                    return Ok(());
+                }
+            }
+
             vring
                 .set_queue_info(desc_table, avail_ring, used_ring)
                 .map_err(|_| VhostUserError::InvalidParam)?;
