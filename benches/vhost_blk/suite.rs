@@ -23,6 +23,8 @@ pub enum Section {
     Thin,
     /// Only this build vs `--baseline` (which runs with any section).
     Builds,
+    /// Cost per export: 1, 50, 500 idle exports (threads, descriptors, memory, start time).
+    Scale,
 }
 
 pub struct Settings {
@@ -157,6 +159,9 @@ pub fn run(s: &Settings) -> Result<String, String> {
     }
     if let (true, Some(file)) = (s.sections.contains(&Section::Thin), &raw) {
         thin_section(s, file, &mut out);
+    }
+    if s.sections.contains(&Section::Scale) {
+        crate::scale::section(&s.dir, &mut out);
     }
     Ok(out)
 }
