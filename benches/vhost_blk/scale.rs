@@ -230,22 +230,31 @@ fn mib(kib: u64) -> String {
     format!("{:.1}", kib as f64 / 1024.0)
 }
 
-fn cells(r: &Result<Row, String>, n: usize) -> String {
+/// KiB of RSS each export beyond the first adds, from the same server's 1-export row.
+fn per_export(kib: u64, one: Option<u64>, n: usize) -> String {
+    match one {
+        Some(one) if n > 1 => format!("{:.1}", (kib as f64 - one as f64) / (n - 1) as f64),
+        _ => "-".into(),
+    }
+}
+
+fn cells(r: &Result<Row, String>, n: usize, one: Option<&Row>) -> String {
     match r {
         Ok(r) => format!(
-            "{:.0} ms | {} | {} | {} | {:.1} | {}/{n} in {:.1} s | {} / {} / {} |",
+            "{:.0} ms | {} | {} | {} | {} | {}/{n} in {:.1} s | {} / {} / {} | {} |",
             r.start.as_secs_f64() * 1e3,
             r.idle.threads,
             r.idle.fds,
             mib(r.idle.rss_kib),
-            r.idle.rss_kib as f64 / n as f64,
+            per_export(r.idle.rss_kib, one.map(|o| o.idle.rss_kib), n),
             r.served,
             r.io_time.as_secs_f64(),
             r.after.threads,
             r.after.fds,
             mib(r.after.rss_kib),
+            per_export(r.after.rss_kib, one.map(|o| o.after.rss_kib), n),
         ),
-        Err(e) => format!("{e} | | | | | | |"),
+        Err(e) => format!("{e} | | | | | | | |"),
     }
 }
 
@@ -257,9 +266,11 @@ pub fn section(dir: &Path, out: &mut String) {
         "### Cost per export (idle exports, defaults; thinblk vs {version})\n\n\
          Start: from the server's start until every socket accepts. Threads, descriptors and \
          RSS (VmRSS) idle, then after one 4 KiB write through every export in turn (a \
-         frontend connecting, writing and hanging up), which must not grow them.\n\n\
-         | exports | server | start | threads | fds | RSS MiB | RSS KiB/export | I/O served | \
-         after: threads / fds / RSS MiB |\n|---|---|---|---|---|---|---|---|---|\n"
+         frontend connecting, writing and hanging up). *KiB per more export*: the RSS above \
+         the same server's 1-export row, divided by the exports beyond the first.\n\n\
+         | exports | server | start | threads | fds | RSS MiB | KiB per more export | I/O served | \
+         after: threads / fds / RSS MiB | after: KiB per more export |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n"
     ));
     type Setup = fn(&Path, usize) -> (Command, Vec<PathBuf>);
     let servers: [(&str, Setup, bool); 3] = [
@@ -267,8 +278,9 @@ pub fn section(dir: &Path, out: &mut String) {
         ("thinblk thin (one pool)", thinblk_thin, true),
         ("qsd null-co", qsd_null, false),
     ];
+    let mut ones: Vec<Option<Row>> = servers.iter().map(|_| None).collect();
     for n in EXPORTS {
-        for (name, setup, prepare) in servers {
+        for (i, (name, setup, prepare)) in servers.into_iter().enumerate() {
             let here = dir.join(format!(
                 "scale-{}-{n}",
                 name.split(' ').nth(1).unwrap_or("x")
@@ -285,11 +297,15 @@ pub fn section(dir: &Path, out: &mut String) {
                 let (cmd, socks) = setup(&here, n);
                 measure(cmd, &socks, here.join("server.log"))
             });
-            let line = format!("| {n} | {name} | {} ", cells(&row, n));
+            let one = ones.get(i).and_then(Option::as_ref);
+            let line = format!("| {n} | {name} | {}", cells(&row, n, one));
             eprintln!("  {line}");
             out.push_str(&line);
             out.push('\n');
             let _ = std::fs::remove_dir_all(&here);
+            if let (1, Ok(row), Some(slot)) = (n, row, ones.get_mut(i)) {
+                *slot = Some(row);
+            }
         }
     }
     out.push('\n');
