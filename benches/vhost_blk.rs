@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo bench --bench vhost_blk -- --socket PATH [--seconds N] [--jobs a,b]   # any server
-//! cargo bench --bench vhost_blk -- --suite [--seconds N] [--sections raw,null,thin,queues]
+//! cargo bench --bench vhost_blk -- --suite [--seconds N] [--sections raw,null,thin,queues,scale]
 //! cargo bench --bench vhost_blk -- --suite --sections builds --baseline OLD_THINBLK   # before/after
 //! ```
 //!
@@ -33,6 +33,8 @@ mod placement;
 mod qmp;
 #[path = "vhost_blk/queues.rs"]
 mod queues;
+#[path = "vhost_blk/scale.rs"]
+mod scale;
 #[path = "vhost_blk/server.rs"]
 mod server;
 #[path = "vhost_blk/stats.rs"]
@@ -84,7 +86,7 @@ struct Args {
     #[arg(long, value_enum, default_value = "split")]
     placement: Placement,
     /// Parts of the suite to run.
-    #[arg(long, value_delimiter = ',', default_value = "raw,null,thin,queues")]
+    #[arg(long, value_delimiter = ',', default_value = "raw,null,thin,queues,scale")]
     sections: Vec<Section>,
     /// Scratch directory for backing files and sockets (default: target/bench).
     #[arg(long, value_name = "DIR")]

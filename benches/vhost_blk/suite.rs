@@ -25,6 +25,8 @@ pub enum Section {
     Builds,
     /// thinblk null, raw and thin with 1, 2 and 4 queues.
     Queues,
+    /// Cost per export: 1, 50, 500 idle exports (threads, descriptors, memory, start time).
+    Scale,
 }
 
 pub struct Settings {
@@ -163,6 +165,9 @@ pub fn run(s: &Settings) -> Result<String, String> {
     }
     if let (true, Some(file)) = (s.sections.contains(&Section::Queues), &raw) {
         crate::queues::section(s, file, &mut out);
+    }
+    if s.sections.contains(&Section::Scale) {
+        crate::scale::section(&s.dir, &mut out);
     }
     Ok(out)
 }

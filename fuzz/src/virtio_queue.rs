@@ -37,6 +37,8 @@ pub fn run(data: &[u8]) {
             submit_batch: 4,
         },
     );
+    // As a connection does when a frontend connects.
+    backend.open_queues();
     let event_idx = flags & 2 != 0;
     let flush = if flags & 4 != 0 {
         1u64 << VIRTIO_BLK_F_FLUSH

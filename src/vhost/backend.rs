@@ -1,6 +1,14 @@
-//! The vhost-user backend: features, config space, and one worker per virtqueue.
+//! The vhost-user backend: features, config space, and the workers that serve the virtqueues.
+//!
+//! What an export costs while no frontend is connected is only its listening socket and the
+//! thread that accepts on it: the device's I/O queues are opened when a frontend connects
+//! ([`BlkBackend::open_queues`]) and closed when it goes ([`BlkBackend::close_queues`]), and the
+//! worker threads live with the connection. A connection's queues share at most as many
+//! workers as the host has cores ([`worker_count`]), so a 16-queue disk on a small host does
+//! not get 16 threads that only compete for the same cores.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -58,9 +66,19 @@ pub struct BlkBackend {
     acked_features: AtomicU64,
     /// The guest-visible write cache bit (config space `writeback`).
     writeback: AtomicBool,
-    /// The device's I/O queue of each virtqueue and what waits for its completions; `None`
-    /// where the device could not open one (every request of that queue then fails).
+    /// The device's I/O queue of each virtqueue and what waits for its completions, while a
+    /// frontend is connected; `None` without one, or where the device could not open one
+    /// (every request of that queue then fails).
     queues: Vec<Mutex<Option<QueueState>>>,
+    /// How the device's queues are opened ([`BlkBackend::open_queues`]).
+    queue_options: QueueOptions,
+    /// Worker threads of a connection ([`worker_count`]): queue `q` is served by worker
+    /// `q % workers`, as its `q / workers`-th vring.
+    workers: usize,
+    /// Some worker serves more than one queue: it takes turns between them (`serve` yields
+    /// after a queue's worth of chains) and does not poll (a worker spinning on one queue
+    /// keeps its others waiting).
+    shared: bool,
     /// Malformed requests seen, for rate-limited logging.
     rejections: AtomicU64,
     /// Told of every failed request.
@@ -261,23 +279,24 @@ impl BlkBackend {
             entries: u32::from(settings.queue_size.max(1)),
             submit_batch: settings.submit_batch,
         };
-        let queues = (0..settings.num_queues)
-            .map(|q| match dev.clone().open_queue(&opts) {
-                Ok(io) => Mutex::new(Some(QueueState::new(io))),
-                Err(e) => {
-                    warn!("queue {q}: cannot open the device's I/O queue ({e}); its requests fail");
-                    Mutex::new(None)
-                }
-            })
-            .collect();
+        let queues = (0..settings.num_queues).map(|_| Mutex::new(None)).collect();
+        let workers = worker_count(settings.num_queues, available_cores());
+        let shared = workers < usize::from(settings.num_queues);
         BlkBackend {
             queues,
+            queue_options: opts,
+            workers,
             rejections: AtomicU64::new(0),
             on_failure: None,
             to_frontend: Mutex::new(None),
             dirty_log: LogSwitch::default(),
             handover: Member::default(),
-            poll: settings.poll,
+            shared,
+            poll: if shared {
+                std::time::Duration::ZERO
+            } else {
+                settings.poll
+            },
             inflight: Arc::new(Tracker::new(settings.num_queues)),
             dev,
             settings,
@@ -366,9 +385,49 @@ impl BlkBackend {
         }
     }
 
-    /// The epoll event id of every queue's completion eventfd (each worker has its own epoll).
-    pub fn completion_event(&self) -> u16 {
-        self.settings.num_queues + 1
+    /// Opens the device's I/O queue of every virtqueue that has none, for a frontend that
+    /// connected. A queue the device cannot open stays without one: its requests fail.
+    pub fn open_queues(&self) {
+        for (q, slot) in self.queues.iter().enumerate() {
+            let mut slot = slot.lock();
+            if slot.is_some() {
+                continue;
+            }
+            match self.dev.clone().open_queue(&self.queue_options) {
+                Ok(io) => *slot = Some(QueueState::new(io)),
+                Err(e) => {
+                    warn!("queue {q}: cannot open the device's I/O queue ({e}); its requests fail")
+                }
+            }
+        }
+    }
+
+    /// Closes every device I/O queue (its ring, eventfd and any thread), once the frontend
+    /// went away and its requests were finished (`stop_vring`): an export with no frontend
+    /// holds none of them.
+    pub fn close_queues(&self) {
+        for slot in &self.queues {
+            // Taken out first, dropped outside the lock: dropping waits for what is in flight.
+            let queue = slot.lock().take();
+            drop(queue);
+        }
+    }
+
+    /// How many worker threads serve a connection's queues.
+    pub fn worker_threads(&self) -> usize {
+        self.workers
+    }
+
+    /// The worker that serves queue `queue` (an index into the handler's workers).
+    pub fn worker_of(&self, queue: usize) -> usize {
+        queue % self.workers
+    }
+
+    /// The epoll event id of queue `queue`'s completion eventfd, in its worker's epoll: above
+    /// the ids the vhost-user handler keeps for the vrings and its own events.
+    pub fn completion_event(&self, queue: usize) -> u16 {
+        let id = usize::from(self.settings.num_queues) + 1 + queue;
+        u16::try_from(id).unwrap_or(u16::MAX)
     }
 
     /// The eventfd that signals completions of queue `queue`'s device I/O, if it has one.
@@ -621,7 +680,13 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.settings.num_queues).map(|q| 1u64 << q).collect()
+        let mut masks = vec![0u64; self.workers];
+        for q in 0..usize::from(self.settings.num_queues) {
+            if let Some(mask) = masks.get_mut(self.worker_of(q)) {
+                *mask |= 1u64 << q;
+            }
+        }
+        masks
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -656,21 +721,24 @@ impl VhostUserBackend for BlkBackend {
         if evset != EventSet::IN {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }
-        // Each worker thread serves exactly one queue (see queues_per_thread), and its vrings
-        // are indexed from 0 within the thread: the queue's number is the thread's.
-        let queue = thread_id;
-        if device_event == self.completion_event() {
+        // Worker `thread_id` serves queues thread_id, thread_id + workers, ... (see
+        // queues_per_thread); its vrings are those, indexed from 0 within the thread, and the
+        // vring events are their indexes. Completion events name their queue.
+        let event = usize::from(device_event);
+        let vq = usize::from(self.settings.num_queues);
+        if event > vq {
+            let queue = event - vq - 1;
             self.reap(queue, Reap::Event)?;
             // A polling worker looks for the requests its completions will bring.
-            return match vrings.first() {
+            return match vrings.get(queue / self.workers) {
                 Some(vring) if !self.poll.is_zero() => self.serve(queue, vring),
                 _ => Ok(()),
             };
         }
         let vring = vrings
-            .get(usize::from(device_event))
+            .get(event)
             .ok_or_else(|| io::Error::other(format!("no queue {device_event}")))?;
-        self.serve(queue, vring)
+        self.serve(thread_id + event * self.workers, vring)
     }
 }
 
@@ -697,9 +765,17 @@ impl BlkBackend {
             // next kick looks again.
             let mut more_promised = false;
             let mut last_found = std::time::Instant::now();
+            let mut served = 0;
             loop {
                 vring.disable_notification().map_err(queue_error)?;
                 let taken = self.process_queue(queue, vring, &mem, generation)?;
+                if self.shared {
+                    served += taken;
+                    if served >= self.pass_limit() {
+                        self.kick_again(vring);
+                        break;
+                    }
+                }
                 if !self.poll.is_zero() {
                     let reaped = self.reap(queue, Reap::Poll)?;
                     if taken > 0 || reaped {
@@ -722,14 +798,53 @@ impl BlkBackend {
                 more_promised = true;
             }
         } else {
-            // A pass stops after a queue's worth of chains: go on until one takes less.
-            while self.process_queue(queue, vring, &mem, generation)? >= self.pass_limit() {}
+            // A pass stops after a queue's worth of chains: go on until one takes less (or,
+            // on a shared worker, let its other queues have their turn).
+            while self.process_queue(queue, vring, &mem, generation)? >= self.pass_limit() {
+                if self.shared {
+                    self.kick_again(vring);
+                    break;
+                }
+            }
         }
         // Completions reaped while polling left the notifier set: reset it, or the worker's
         // epoll wakes it again at once for nothing.
         self.reap(queue, Reap::Settle)?;
         Ok(())
     }
+}
+
+impl BlkBackend {
+    /// Makes the worker's epoll report `vring`'s kick again, so that a worker serving several
+    /// queues comes back to this one, which may have more, after its other queues had their
+    /// turn (the guest does not kick for what it published while notifications were off).
+    fn kick_again(&self, vring: &VringRwLock) {
+        let state = vring.get_ref();
+        let Some(kick) = state.get_kick() else {
+            return;
+        };
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a local buffer to the kick eventfd, which the vring
+        // state's read guard keeps open for the duration of the call.
+        let n = unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        if n != 8 {
+            warn!(
+                "cannot re-arm a queue's kick: {}",
+                io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+/// The cores this process may run on (1 if that cannot be told).
+fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// Worker threads for `queues` virtqueues on a host with `cores` cores: one per queue, at most
+/// one per core (more would only take turns on the same cores), at least one.
+pub fn worker_count(queues: u16, cores: usize) -> usize {
+    usize::from(queues).min(cores).max(1)
 }
 
 #[cfg(test)]
@@ -806,6 +921,55 @@ mod tests {
             "the newest table stays for the next requests"
         );
         assert_eq!(qs.use_table(&new), c);
+    }
+
+    #[test]
+    fn device_queues_exist_only_while_a_frontend_is_connected() {
+        let b = backend();
+        assert!(b.completion_fd(0).is_none(), "opened before any frontend");
+        b.open_queues();
+        let fd = b.completion_fd(0).expect("opened for the frontend");
+        b.open_queues();
+        assert_eq!(b.completion_fd(0), Some(fd), "opened twice");
+        b.close_queues();
+        assert!(b.completion_fd(0).is_none(), "kept after the frontend went");
+    }
+
+    #[test]
+    fn a_connection_gets_at_most_one_worker_per_core() {
+        assert_eq!(worker_count(16, 2), 2);
+        assert_eq!(worker_count(2, 8), 2);
+        assert_eq!(worker_count(1, 0), 1);
+    }
+
+    #[test]
+    fn each_queue_is_served_by_one_worker_as_the_vring_its_events_name() {
+        let dev = Arc::new(MemoryDevice::new(1 << 20).unwrap());
+        let settings = DeviceSettings {
+            serial: "shared".into(),
+            num_queues: 5,
+            queue_size: 16,
+            read_only: false,
+            poll: std::time::Duration::ZERO,
+            submit_batch: 4,
+        };
+        let mut b = BlkBackend::new(dev, settings);
+        b.workers = 2;
+        let masks = b.queues_per_thread();
+        assert_eq!(masks, vec![0b10101, 0b01010]);
+        for q in 0..5usize {
+            let w = b.worker_of(q);
+            assert_ne!(masks[w] & (1 << q), 0, "queue {q} not on worker {w}");
+            // The handler numbers a worker's vrings by their rank in its mask; handle_event
+            // maps (worker, rank) back to the queue.
+            let rank = (masks[w] & ((1u64 << q) - 1)).count_ones() as usize;
+            assert_eq!(w + rank * b.worker_threads(), q);
+            assert_eq!(q / b.worker_threads(), rank);
+            assert!(
+                usize::from(b.completion_event(q)) > 5,
+                "clashes with the handler's ids"
+            );
+        }
     }
 
     #[test]

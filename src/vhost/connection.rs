@@ -1,9 +1,10 @@
 //! One vhost-user connection, from accept to hang-up: the one object that owns everything the
 //! frontend sent (its socket, memory region fds and mappings, kick/call/err eventfds, the
-//! backend channel) and everything created for it (vrings, one worker thread per queue with
-//! its epoll and exit eventfds). [`Connection::serve`] consumes it, so when the frontend goes
-//! away all of it is closed and every worker is joined before the export accepts the next
-//! frontend.
+//! backend channel) and everything created for it (vrings, the device's I/O queues, the worker
+//! threads with their epoll and exit eventfds: one per queue, at most one per core).
+//! [`Connection::serve`] consumes it, so when the frontend goes away all of it is closed and
+//! every worker is joined before the export accepts the next frontend; an export without a
+//! frontend holds nothing but its listening socket.
 //!
 //! If the frontend truncates a guest memory file the daemon mapped, the SIGBUS handler
 //! (`sigbus.rs`) puts zero pages where the file's pages were and marks the connection; the
@@ -65,9 +66,24 @@ pub enum Ended {
 }
 
 impl Connection {
-    /// Sets up a fresh device state for the frontend on `stream`: vrings and worker threads,
-    /// each worker watching its device queue's completions.
+    /// Sets up a fresh device state for the frontend on `stream`: the device's I/O queues,
+    /// vrings and worker threads, each worker watching the completions of its queues.
     pub fn new(
+        stream: UnixStream,
+        backend: &Arc<BlkBackend>,
+        unsealed: UnsealedMemory,
+    ) -> io::Result<Connection> {
+        // Opened for this frontend and closed when it goes (`serve`), or now if the setup
+        // fails (its workers are joined by then: the handler is dropped on the way out).
+        backend.open_queues();
+        let set_up = Self::set_up(stream, backend, unsealed);
+        if set_up.is_err() {
+            backend.close_queues();
+        }
+        set_up
+    }
+
+    fn set_up(
         stream: UnixStream,
         backend: &Arc<BlkBackend>,
         unsealed: UnsealedMemory,
@@ -77,11 +93,16 @@ impl Connection {
         let guard = GuestMemoryGuard::new(mem.clone(), memory.0)?;
         let handler = VhostUserHandler::new(backend.clone(), mem)
             .map_err(|e| io::Error::other(format!("cannot create the vhost-user handler: {e}")))?;
-        for (queue, worker) in handler.get_epoll_handlers().iter().enumerate() {
-            if let Some(fd) = backend.completion_fd(queue) {
-                let id = u64::from(backend.completion_event());
-                worker.register_listener(fd, EventSet::IN, id)?;
-            }
+        let workers = handler.get_epoll_handlers();
+        for queue in 0..backend.num_queues() {
+            let (Some(fd), Some(worker)) = (
+                backend.completion_fd(queue),
+                workers.get(backend.worker_of(queue)),
+            ) else {
+                continue;
+            };
+            let id = u64::from(backend.completion_event(queue));
+            worker.register_listener(fd, EventSet::IN, id)?;
         }
         let max_queue_size = u32::try_from(backend.max_queue_size()).unwrap_or(u32::MAX);
         let checked = Checked::new(handler, max_queue_size, unsealed)
@@ -146,6 +167,9 @@ impl Connection {
                 warn!("queue {queue}: requests in flight at the hang-up failed: {e}");
             }
         }
+        // Nothing is in flight any more: the device's queues (rings, eventfds, threads) go
+        // with the frontend.
+        backend.close_queues();
         // Every chain taken is returned now: the frontend keeps the inflight region (all
         // clear) for the next backend, and this one lets go of it.
         backend.inflight().detach();

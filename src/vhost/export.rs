@@ -1,9 +1,11 @@
 //! A running export: a socket that serves one frontend at a time, for as long as it is up.
 //!
-//! Each accepted frontend becomes a [`Connection`] (fresh vrings and worker threads) that owns
-//! everything of its session and releases it when the frontend goes away, so a guest reboot or
-//! a VMM restart reconnects to the same export without a thinblk restart, and a thousand
-//! reconnects leave no descriptor or thread behind.
+//! Each accepted frontend becomes a [`Connection`] (the device's I/O queues, fresh vrings and
+//! worker threads) that owns everything of its session and releases it when the frontend goes
+//! away, so a guest reboot or a VMM restart reconnects to the same export without a thinblk
+//! restart, and a thousand reconnects leave no descriptor or thread behind. Between frontends
+//! an export is one thread blocked in accept and one descriptor, its listening socket: a host
+//! can keep hundreds of exports for VMs that are not running.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -26,8 +28,9 @@ use crate::sockets::{bind_private, SocketError};
 /// An export being served on its own thread.
 pub struct Export {
     socket: PathBuf,
-    /// A duplicate of the listening socket, to end a blocked accept at shutdown.
-    wake: Option<UnixListener>,
+    /// The listening socket, shared with the serving thread (not duplicated: one descriptor
+    /// per export), to end a blocked accept at shutdown and to hand over.
+    listener: Option<Arc<UnixListener>>,
     stopping: Arc<AtomicBool>,
     /// A handle on the socket of the frontend being served, if there is one, to end its
     /// session.
@@ -76,7 +79,8 @@ impl Export {
         on_failure: Option<FailureSink>,
         handover: Member,
     ) -> Result<Export, SocketError> {
-        let wake = listener.try_clone().ok();
+        let listener = Arc::new(listener);
+        let accepting = listener.clone();
         let stopping = Arc::new(AtomicBool::new(false));
         let mut backend = BlkBackend::new(dev, settings).with_handover(handover);
         if let Some(sink) = on_failure {
@@ -90,14 +94,14 @@ impl Export {
         let conn = connection.clone();
         let thread = std::thread::Builder::new()
             .name("export".into())
-            .spawn(move || serve(&name, listener, served, &stop, &conn))
+            .spawn(move || serve(&name, &accepting, served, &stop, &conn))
             .map_err(|source| SocketError::Io {
                 path: socket.display().to_string(),
                 source,
             })?;
         Ok(Export {
             socket: socket.to_path_buf(),
-            wake,
+            listener: Some(listener),
             stopping,
             connection,
             thread: Some(thread),
@@ -152,7 +156,8 @@ impl Export {
             let _ = t.join();
         }
         self.handed_over = true;
-        self.wake.take()
+        // The serving thread is joined: its reference is gone and this one is the last.
+        self.listener.take().and_then(|l| Arc::try_unwrap(l).ok())
     }
 
     /// Blocks until the export stops (it does not stop on its own).
@@ -176,7 +181,7 @@ impl Drop for Export {
         }
         // Shutting the listening socket down makes a blocked accept fail at once, even if the
         // socket's path has been removed; the serving loop then sees the flag and ends.
-        if let Some(l) = &self.wake {
+        if let Some(l) = &self.listener {
             // SAFETY: shutdown on a descriptor this struct owns; no memory is involved.
             unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
         }
@@ -190,7 +195,7 @@ impl Drop for Export {
 
 fn serve(
     name: &str,
-    listener: UnixListener,
+    listener: &UnixListener,
     backend: Arc<BlkBackend>,
     stopping: &AtomicBool,
     connection: &Mutex<Option<UnixStream>>,

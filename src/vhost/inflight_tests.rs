@@ -275,6 +275,7 @@ fn a_restarted_ring_interrupts_the_guest_for_entries_the_dead_process_never_sign
         submit_batch: 4,
     };
     let backend = BlkBackend::new(Arc::new(MemoryDevice::new(1 << 20).unwrap()), settings);
+    backend.open_queues();
     let atomic = GuestMemoryAtomic::new(mem.clone());
     backend.update_memory(atomic.clone()).unwrap();
     backend.inflight().attach(region);

@@ -111,6 +111,8 @@ impl Harness {
             submit_batch: 4,
         };
         let backend = BlkBackend::new(dev.clone(), settings);
+        // As a connection does when a frontend connects.
+        backend.open_queues();
         let atomic = GuestMemoryAtomic::new(mem.clone());
         backend.update_memory(atomic.clone()).unwrap();
         let q = MockSplitQueue::new(&mem, QUEUE_SIZE);
