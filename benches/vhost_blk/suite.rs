@@ -23,6 +23,8 @@ pub enum Section {
     Thin,
     /// Only this build vs `--baseline` (which runs with any section).
     Builds,
+    /// Dirty logging (live migration) off vs on, through a vhost frontend (dirty_log.rs).
+    Dirtylog,
 }
 
 pub struct Settings {
@@ -157,6 +159,9 @@ pub fn run(s: &Settings) -> Result<String, String> {
     }
     if let (true, Some(file)) = (s.sections.contains(&Section::Thin), &raw) {
         thin_section(s, file, &mut out);
+    }
+    if s.sections.contains(&Section::Dirtylog) {
+        crate::dirty_log::section(s, &mut out);
     }
     Ok(out)
 }

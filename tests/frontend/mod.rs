@@ -9,6 +9,8 @@
 //! lays out and zeroes each ring.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod logging;
+
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::Path;
