@@ -30,6 +30,9 @@ const DISK: u64 = 1 << 30;
 /// One measured phase.
 #[derive(Clone, Debug)]
 struct Phase {
+    /// A chain was not used within a second: the phase ended there (its figures cover the
+    /// batches before).
+    stalled: bool,
     iops: f64,
     /// Instructions of thinblk's process per request (the callgrind pass).
     instructions: Option<f64>,
@@ -113,11 +116,12 @@ fn phase(
         let pid = server.pid();
         let counter = callgrind.and_then(|dir| Counter::start(pid, dir));
         let cpu0 = cpu_seconds(pid);
-        let (done, secs) = qd32(&mut vm, kind, DISK, s.measure);
+        let (done, secs, stalled) = qd32(&mut vm, kind, DISK, s.measure);
         let cpu1 = cpu_seconds(pid);
         let instructions = counter.and_then(Counter::stop);
         let per = |x: f64| (done > 0).then(|| x / done as f64);
         Phase {
+            stalled,
             iops: done as f64 / secs.max(1e-9),
             instructions: instructions.and_then(|i| per(i as f64)),
             cpu_us: cpu0.zip(cpu1).and_then(|(a, b)| per((b - a) * 1e6)),
@@ -198,6 +202,7 @@ pub fn section(s: &Settings, out: &mut String) {
         .map_err(|e| eprintln!("  dirty log: no instruction counts (callgrind: {e})"))
         .ok()
         .map(|cg| (cg, cg_dir.clone()));
+    let mut notes = String::new();
     for (name, kind) in [
         ("randread-4k-qd32", VIRTIO_BLK_T_IN),
         ("randwrite-4k-qd32", VIRTIO_BLK_T_OUT),
@@ -206,6 +211,18 @@ pub fn section(s: &Settings, out: &mut String) {
         for _ in 0..s.rounds.max(1) {
             offs.push(phase(s, &server, &socket, (kind, false), None));
             ons.push(phase(s, &server, &socket, (kind, true), None));
+        }
+        let stalls = offs
+            .iter()
+            .chain(ons.iter())
+            .filter(|p| p.as_ref().is_ok_and(|p| p.stalled))
+            .count();
+        if stalls > 0 {
+            notes.push_str(&format!(
+                "{name}: {stalls} of {} phases stalled (a chain never used; the figures cover \
+                 the batches before).\n",
+                offs.len() + ons.len()
+            ));
         }
         let (mut off, mut on) = (median(offs), median(ons));
         if let Some((cg, dir)) = &counted {
@@ -239,6 +256,10 @@ pub fn section(s: &Settings, out: &mut String) {
             show(&off, cpu, 2),
             show(&on, cpu, 2),
         ));
+    }
+    if !notes.is_empty() {
+        out.push('\n');
+        out.push_str(&notes);
     }
     out.push('\n');
 }

@@ -60,8 +60,11 @@ pub fn start_logging(vm: &mut Vm) -> File {
 
 /// 4 KiB random reads (`kind` VIRTIO_BLK_T_IN) or writes at queue depth 32 on queue 0 of a
 /// disk of `disk` bytes, for `limit` or [`MAX_REQUESTS`] requests, whichever comes first;
-/// returns the requests done and the seconds they took.
-pub fn qd32(vm: &mut Vm, kind: u32, disk: u64, limit: Duration) -> (u64, f64) {
+/// returns the requests done, the seconds they took, and whether a batch stalled: a chain
+/// not used within a second ends the run there (seen with this driver against thinblk:
+/// thinblk reads a head past the ring from the avail ring, refuses the chain and cannot
+/// return it; not understood yet).
+pub fn qd32(vm: &mut Vm, kind: u32, disk: u64, limit: Duration) -> (u64, f64, bool) {
     const DEPTH: usize = 32;
     let slots: Vec<(u64, u64, u64)> = (0..DEPTH)
         .map(|_| (vm.alloc(16), vm.alloc(PAGE), vm.alloc(1)))
@@ -71,6 +74,7 @@ pub fn qd32(vm: &mut Vm, kind: u32, disk: u64, limit: Duration) -> (u64, f64) {
     let base = vm.used_idx(0);
     let started = Instant::now();
     let mut done = 0u64;
+    let mut last = started;
     while started.elapsed() < limit && done + DEPTH as u64 <= MAX_REQUESTS {
         for &(h, buf, st) in &slots {
             rng ^= rng << 13;
@@ -93,12 +97,16 @@ pub fn qd32(vm: &mut Vm, kind: u32, disk: u64, limit: Duration) -> (u64, f64) {
         // come seconds late on a busy machine (see tests/dirty_log.rs), which would measure
         // that, not the device. `wait_used` then only collects the entries.
         let want = base.wrapping_add((done + DEPTH as u64) as u16);
-        let deadline = Instant::now() + super::COMPLETION_TIMEOUT;
+        let deadline = Instant::now() + Duration::from_secs(1);
         while vm.used_idx(0) != want && Instant::now() < deadline {
             std::thread::yield_now();
         }
+        if vm.used_idx(0) != want {
+            return (done, (last - started).as_secs_f64(), true);
+        }
         vm.wait_used(0, DEPTH as u16);
         done += DEPTH as u64;
+        last = Instant::now();
     }
-    (done, started.elapsed().as_secs_f64())
+    (done, (last - started).as_secs_f64(), false)
 }
