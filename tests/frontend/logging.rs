@@ -102,6 +102,10 @@ pub fn qd32(vm: &mut Vm, kind: u32, disk: u64, limit: Duration) -> (u64, f64, bo
             std::thread::yield_now();
         }
         if vm.used_idx(0) != want {
+            eprintln!(
+                "qd32: a chain was not used: {}",
+                vm.ring_state(0, DEPTH as u16)
+            );
             return (done, (last - started).as_secs_f64(), true);
         }
         vm.wait_used(0, DEPTH as u16);
