@@ -4,6 +4,7 @@
 //! cargo bench --bench vhost_blk -- --socket PATH [--seconds N] [--jobs a,b]   # any server
 //! cargo bench --bench vhost_blk -- --suite [--seconds N] [--sections raw,null,thin,queues,scale]
 //! cargo bench --bench vhost_blk -- --suite --sections builds --baseline OLD_THINBLK   # before/after
+//! cargo bench --bench vhost_blk -- --suite --sections dirtylog [--rounds N]   # logging off/on
 //! ```
 //!
 //! `--suite` starts thinblk and qemu-storage-daemon itself, one after the other for every job
@@ -17,8 +18,13 @@
 mod builds;
 #[path = "vhost_blk/client.rs"]
 mod client;
+#[path = "vhost_blk/dirty_log.rs"]
+mod dirty_log;
 #[path = "vhost_blk/fio.rs"]
 mod fio;
+/// The tests' virtio-blk driver over the `vhost` crate's frontend (the dirtylog section).
+#[path = "../tests/frontend/mod.rs"]
+mod frontend;
 #[path = "vhost_blk/images.rs"]
 mod images;
 #[path = "vhost_blk/job.rs"]

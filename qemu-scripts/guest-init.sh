@@ -28,6 +28,8 @@ TEST=unknown
 ROUND=1
 # fio rounds of the restartfio test (thinblk.loops=N).
 LOOPS=4
+# restartfio's write cache: "wt" switches the disk to write-through first (thinblk.cache=wt).
+CACHE=
 
 # Markers are printed on a line of their own; the leading newline protects
 # against a partial line left on the console by the kernel or fio.
@@ -60,6 +62,7 @@ for arg in $cmdline; do
         thinblk.test=*) TEST="${arg#thinblk.test=}" ;;
         thinblk.round=*) ROUND="${arg#thinblk.round=}" ;;
         thinblk.loops=*) LOOPS="${arg#thinblk.loops=}" ;;
+        thinblk.cache=*) CACHE="${arg#thinblk.cache=}" ;;
     esac
 done
 echo "thinblk-e2e guest: kernel $(uname -r), $(nproc) cpus, test=$TEST"
@@ -548,6 +551,9 @@ test_libvirt() {
 # completes runs the host's timeout out.
 test_restartfio() {
     e=$(pick_engine libaio io_uring)
+    # Write-through (restart.sh's writethrough case): the guest sends no flushes from now on,
+    # so every write thinblk completes must already be durable, after every restart too.
+    [ "$CACHE" != wt ] || set_cache "write through"
     run_fio "prefill" --name=prefill --filename="$DISK" --rw=write --bs=1M --size=64M \
         --ioengine="$e" --iodepth=8 --direct=1 --end_fsync=1
     i=1
@@ -559,6 +565,11 @@ test_restartfio() {
             --verify=crc32c --do_verify=1 --verify_fatal=1 --randseed="$i"
         echo "RESTART-DONE $i $(($(date +%s) - t0))s" \
             "$(grep -m1 -E '^ +clat \((u|m)sec\)' /tmp/fio.out | tr -s ' ')"
+        if [ "$CACHE" = wt ]; then
+            ct=$(cat /sys/block/vda/cache_type)
+            [ "$ct" = "write through" ] || fail "round $i: cache_type is '$ct'"
+            echo "RESTART-CACHE $i $ct"
+        fi
         i=$((i + 1))
     done
     errors=$(dmesg | grep -E 'I/O error|blk_update_request|blocked for more than|hung_task|timed out')

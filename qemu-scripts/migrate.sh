@@ -10,12 +10,19 @@
 #   aba   A -> B, then back to a new QEMU on A's socket
 #   snap  A -> B while the host takes live snapshots of the disk (QMP) during the migration
 #   two   A -> B with two thin disks (vda, vdb)
-# The downtime query-migrate reports is printed per case, and the same guest is migrated with
-# qemu-storage-daemon serving a raw file (two exports of one node) for comparison:
-#   MIGRATE-DOWNTIME thinblk=<ms> qsd=<ms>
+# The downtime query-migrate reports is printed per migration. One run's downtime says little
+# (it depends on what the guest has in flight when it stops: a FLUSH, a 1 MiB write), so the
+# comparison is a series: the same guest migrated MIG_SAMPLES times back and forth between the
+# two exports of its disk, once with thinblk (a thin disk) and once with qemu-storage-daemon
+# (a raw file, two exports of one node), one after the other in this run:
+#   MIGRATE-DOWNTIME thinblk=<median ms> qsd=<median ms> samples thinblk=<ms,...> qsd=<ms,...>
+# thinblk's log (RUST_LOG=debug) says where its share goes: "requests in flight finished in"
+# (GET_VRING_BASE at the switchover) and "now the running export ..., N ms after the last one
+# stopped its rings" (the destination's first request).
 # Environment: THINBLK (binary), MIG_SECS (guest fio seconds per migration, default 40),
-# MIG_CASES, MIG_QSD (1: also run qemu-storage-daemon, default 1), MIG_KEEP (1: keep scratch),
-# QEMU_MEM (guest RAM, default 512M here).
+# MIG_CASES, MIG_QSD (1: also run qemu-storage-daemon, default 1), MIG_SAMPLES (migrations
+# per series, default 5; 0: no series), MIG_KEEP (1: keep scratch), QEMU_MEM (guest RAM,
+# default 512M here).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -27,6 +34,7 @@ THINBLK=${THINBLK:-$ROOT/target/release/thinblk}
 [ -x "$THINBLK" ] || die "no thinblk binary at $THINBLK (cargo build --release)"
 SECS=${MIG_SECS:-40}
 CASES=${MIG_CASES:-ab aba snap two}
+SAMPLES=${MIG_SAMPLES:-5}
 export QEMU_MEM=${QEMU_MEM:-512M}
 QUEUES=2
 GUEST=$ROOT/target/guest
@@ -84,7 +92,7 @@ start_qemu() {
         rc=0
         # (A source QEMU quits after the migration without a result marker: its verdict
         # goes to NAME.harness, and only the last QEMU's is printed.)
-        QEMU_EXTRA=$extra QEMU_APPEND="thinblk.secs=$SECS thinblk.disks=${#all[@]}" \
+        QEMU_EXTRA=$extra QEMU_APPEND="thinblk.secs=${GUEST_SECS:-$SECS} thinblk.disks=${#all[@]}" \
             "$HERE/run-qemu.sh" -g "$GUEST" -l "$SCRATCH/$name.log" -t 600 -q "$QUEUES" \
             -p "$SCRATCH/$name.pid" \
             "${disks[@]}" "${all[0]}" migfio 2>"$SCRATCH/$name.harness" || rc=$?
@@ -99,9 +107,41 @@ start_qemu() {
 migrate() {
     local out
     out=$(python3 "$HERE/qmp.py" "$SCRATCH/$1.qmp" migrate "unix:$SCRATCH/$2.mig" 300) \
-        || die "migration $1 -> $2 failed"
+        || { log "migration $1 -> $2 failed"; return 1; }
     log "migrated $1 -> $2: downtime ${out% *} ms, total ${out#* } ms"
     echo "${out% *}"
+}
+
+# median N...: the middle value (the lower of the two middle ones for an even count).
+median() {
+    printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'
+}
+
+# series SERVER-LABEL OUT: one guest migrated SAMPLES times between a.sock and b.sock (a new
+# QEMU on the free socket each time, after the guest did a round where it is); a server
+# exporting the disk on both must be running. Writes the downtimes to OUT, space-separated. A
+# migration that fails ends the series with what it has (the caller checks the count).
+series() {
+    local label=$1 file=$2 from=A to i sock ms out=()
+    # Long enough for every migration and a round after each; the guest then ends by itself.
+    local secs=$((SAMPLES * 30 + 30))
+    GUEST_SECS=$secs start_qemu A "$SCRATCH/a.sock"
+    wait_round "$SCRATCH/A.log" 1
+    for i in $(seq "$SAMPLES"); do
+        if [ $((i % 2)) = 1 ]; then sock=b.sock; else sock=a.sock; fi
+        to=S$i
+        GUEST_SECS=$secs start_qemu "$to" "$SCRATCH/$sock" "unix:$SCRATCH/$to.mig"
+        if ! ms=$(migrate "$from" "$to"); then
+            log "$label series: migration $i failed; $((i - 1)) samples"
+            break
+        fi
+        out+=("$ms")
+        from=$to
+        wait_round "$SCRATCH/$to.log" 1
+    done
+    finish "$from"
+    echo "${out[*]}" >"$file"
+    log "$label series: downtimes ${out[*]} ms"
 }
 
 # finish NAME: wait for QEMU NAME's guest to finish; fail unless it passed.
@@ -143,7 +183,6 @@ stop_server_and_check() {
     "$THINBLK" check "$SCRATCH/pool/metadata" >&2 || die "thinblk check failed"
 }
 
-THINBLK_DOWNTIME=
 run_case() {
     local case=$1 disks=1 ms snapper=
     [ "$case" = two ] && disks=2
@@ -165,8 +204,7 @@ run_case() {
             '{"device": "d", "name": "d-snap2"}' >"$SCRATCH/snap2.out" 2>&1 ) &
         snapper=$!
     fi
-    ms=$(migrate A B)
-    [ -n "$THINBLK_DOWNTIME" ] || THINBLK_DOWNTIME=$ms
+    ms=$(migrate A B) || die "case $case: migration failed"
     # The destination's export runs the disk now, the source's does not.
     python3 "$HERE/qmp.py" "$SCRATCH/ctl.sock" query-block-exports >"$SCRATCH/exports.json"
     python3 -c 'import json, sys
@@ -179,7 +217,7 @@ sys.exit(0 if "d-a" not in active else 1)' "$SCRATCH/exports.json" \
         seen=$(tr -d '\r' <"$SCRATCH/B.log" | grep -c '^MIGFIO round [0-9]* ok' || true)
         wait_round "$SCRATCH/B.log" $((seen + 1))
         start_qemu A2 "$a" "unix:$SCRATCH/A2.mig"
-        migrate B A2 >/dev/null
+        migrate B A2 >/dev/null || die "case $case: migration back failed"
         finish A2
     else
         finish B
@@ -193,10 +231,18 @@ sys.exit(0 if "d-a" not in active else 1)' "$SCRATCH/exports.json" \
     log "case $case: PASS"
 }
 
-qsd_downtime() {
-    log "qemu-storage-daemon: the same guest, A -> B"
+thinblk_series() {
+    log "thinblk: $SAMPLES migrations of one guest on a thin disk"
+    start_thinblk 1
+    series thinblk "$SCRATCH/thinblk.samples"
+    THINBLK_SAMPLES=$(cat "$SCRATCH/thinblk.samples")
+    stop_server_and_check
+}
+
+qsd_series() {
+    log "qemu-storage-daemon: $SAMPLES migrations of the same guest on a raw file"
     rm -f "$SCRATCH"/*.sock "$SCRATCH"/*.qmp "$SCRATCH"/*.rc "$SCRATCH"/*.mig "$SCRATCH"/*.pid \
-        "$SCRATCH"/[AB]*.log
+        "$SCRATCH"/[ABS]*.log
     truncate -s 1G "$SCRATCH/qsd.raw"
     qemu-storage-daemon \
         --blockdev "driver=file,node-name=disk,filename=$SCRATCH/qsd.raw,cache.direct=on" \
@@ -206,11 +252,8 @@ qsd_downtime() {
     SERVER_PID=$!
     wait_socket "$SCRATCH/a.sock"
     wait_socket "$SCRATCH/b.sock"
-    start_qemu A "$SCRATCH/a.sock"
-    start_qemu B "$SCRATCH/b.sock" "unix:$SCRATCH/B.mig"
-    wait_round "$SCRATCH/A.log" 1
-    QSD_DOWNTIME=$(migrate A B)
-    finish B
+    series qsd "$SCRATCH/qsd.samples"
+    QSD_SAMPLES=$(cat "$SCRATCH/qsd.samples")
     kill -TERM "$SERVER_PID"
     wait "$SERVER_PID" || true
     SERVER_PID=
@@ -219,9 +262,20 @@ qsd_downtime() {
 for c in $CASES; do
     run_case "$c"
 done
-QSD_DOWNTIME=-
-if [ "${MIG_QSD:-1}" = 1 ]; then
-    qsd_downtime
+THINBLK_SAMPLES=
+QSD_SAMPLES=
+if [ "$SAMPLES" -gt 0 ]; then
+    thinblk_series
+    if [ "${MIG_QSD:-1}" = 1 ]; then
+        qsd_series
+    fi
+    # shellcheck disable=SC2086
+    t=$( [ -z "$THINBLK_SAMPLES" ] || median $THINBLK_SAMPLES)
+    # shellcheck disable=SC2086
+    q=$( [ -z "$QSD_SAMPLES" ] || median $QSD_SAMPLES)
+    echo "MIGRATE-DOWNTIME thinblk=${t:-?}ms qsd=${q:--}ms" \
+        "samples thinblk=$(echo $THINBLK_SAMPLES | tr ' ' ,) qsd=$(echo $QSD_SAMPLES | tr ' ' ,)"
+    [ "$(echo $THINBLK_SAMPLES | wc -w)" -eq "$SAMPLES" ] \
+        || die "thinblk: $(echo $THINBLK_SAMPLES | wc -w) of $SAMPLES migrations completed"
 fi
-echo "MIGRATE-DOWNTIME thinblk=${THINBLK_DOWNTIME:-?}ms qsd=${QSD_DOWNTIME}ms"
 log "all cases passed: $CASES"

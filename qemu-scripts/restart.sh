@@ -8,13 +8,18 @@
 #            (RESTART_KILLS rounds, default 10)
 #   upgrade  upgrades it in place, alternately with SIGUSR2 and QMP x-thinblk-upgrade
 #            (RESTART_UPGRADES rounds, default 3); the pid must stay the same
+#   writethrough  the guest switches its disk to write-through first (cache_type), then
+#            kills as above (RESTART_WT_KILLS rounds, default 3): the guest's cache_type must
+#            stay "write through" and every restarted thinblk must log that it serves the
+#            disk write-through again (the mode QEMU does not resend, kept in the inflight
+#            region; src/vhost/cache_mode.rs)
 # QEMU's chardev reconnects (reconnect-ms=1000) and thinblk resubmits the requests that were
 # in flight (INFLIGHT_SHMFD). A case passes when the guest reports every verify passed and no
 # I/O error or hung task in its kernel log within RESTART_TIMEOUT seconds (default 600), and
 # the pool passes thin_check and thinblk check after thinblk stopped on SIGTERM.
 #
 # Environment: THINBLK (binary, default target/release/thinblk), RESTART_CASES ("kill
-# upgrade"), RESTART_KILLS, RESTART_UPGRADES, RESTART_TIMEOUT, RESTART_SEED (random delays;
+# upgrade writethrough"), RESTART_KILLS, RESTART_WT_KILLS, RESTART_UPGRADES, RESTART_TIMEOUT, RESTART_SEED (random delays;
 # default random, logged), E2E_KEEP=1 keeps the scratch directory.
 set -euo pipefail
 
@@ -27,8 +32,11 @@ cd "$ROOT"
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 THINBLK=${THINBLK:-$TARGET/release/thinblk}
 [ -x "$THINBLK" ] || die "no thinblk binary at $THINBLK (cargo build --release, or THINBLK=)"
-CASES=${RESTART_CASES:-kill upgrade}
+CASES=${RESTART_CASES:-kill upgrade writethrough}
 KILLS=${RESTART_KILLS:-10}
+WT_KILLS=${RESTART_WT_KILLS:-3}
+# Extra guest kernel parameters of the case being run.
+GUEST_EXTRA=
 UPGRADES=${RESTART_UPGRADES:-3}
 TIMEOUT=${RESTART_TIMEOUT:-600}
 SEED=${RESTART_SEED:-$RANDOM}
@@ -110,7 +118,7 @@ run_case() {
     POOL=$dir/pool SOCK=$dir/disk.sock SERVER_LOG=$dir/server.log GLOG=$dir/guest.log
     start=$(date +%s)
     start_server || { fail_case "thinblk did not start"; return; }
-    QEMU_APPEND="thinblk.loops=$((rounds + 1))" "$HERE/run-qemu.sh" -g "$GUEST" -l "$GLOG" \
+    QEMU_APPEND="thinblk.loops=$((rounds + 1)) $GUEST_EXTRA" "$HERE/run-qemu.sh" -g "$GUEST" -l "$GLOG" \
         -q 2 -t "$TIMEOUT" -r 1000 "$SOCK" restartfio 2>"$dir/run.err" &
     RUN_PID=$!
     for r in $(seq "$rounds"); do
@@ -136,6 +144,17 @@ run_case() {
     if ! err=$(check_pool); then
         fail_case "$err"
         return
+    fi
+    if [ "$CASE" = writethrough ]; then
+        local kept
+        kept=$(grep -c 'write-through, as the guest set it before the reconnect' "$SERVER_LOG" || true)
+        if [ "$kept" -lt "$rounds" ]; then
+            fail_case "$kept of $rounds restarts took the guest's write-through mode back"
+            return
+        fi
+        log "$CASE: every restart served the disk write-through again ($kept times);" \
+            "guest: $(tr -d '\r' <"$GLOG" | grep -c '^RESTART-CACHE .* write through') rounds" \
+            "ended with cache_type 'write through'"
     fi
     local resubmitted
     resubmitted=$(sed -n 's/.*resubmitting \([0-9]*\) requests.*/\1/p' "$SERVER_LOG" \
@@ -179,7 +198,12 @@ for c in $CASES; do
     case "$c" in
         kill) run_case kill "$KILLS" kill_action ;;
         upgrade) run_case upgrade "$UPGRADES" upgrade_action ;;
-        *) die "unknown case '$c' (kill, upgrade)" ;;
+        writethrough)
+            GUEST_EXTRA=thinblk.cache=wt
+            run_case writethrough "$WT_KILLS" kill_action
+            GUEST_EXTRA=
+            ;;
+        *) die "unknown case '$c' (kill, upgrade, writethrough)" ;;
     esac
 done
 [ "$FAILED" -eq 0 ] || exit 1

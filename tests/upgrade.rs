@@ -157,6 +157,14 @@ fn sigusr2_upgrades_in_place_and_no_socket_ever_refuses_a_connection() {
     let (msg, file) = region.unwrap();
     let before: Vec<u8> = (0..8192).map(|i| (i % 251) as u8).collect();
     write(&mut vm, 0, &before);
+    // The guest switches to write-through; QEMU will not say so again after the upgrade.
+    {
+        use vhost::vhost_user::message::VhostUserConfigFlags;
+        use vhost::vhost_user::VhostUserFrontend;
+        vm.fe
+            .set_config(32, VhostUserConfigFlags::WRITABLE, &[0])
+            .unwrap();
+    }
 
     let probe = Prober::start(&[&s.socket, &s.control]);
     let pid = s.daemon.pid();
@@ -172,6 +180,11 @@ fn sigusr2_upgrades_in_place_and_no_socket_ever_refuses_a_connection() {
         read(&mut vm, 0, 8192),
         before,
         "the data before the upgrade"
+    );
+    assert_eq!(
+        vm.config(32, 1),
+        vec![0],
+        "write-through, as the guest left it before the upgrade"
     );
     let after = vec![0x5A; 4096];
     write(&mut vm, 64, &after);

@@ -13,7 +13,9 @@ use std::path::Path;
 
 use common::Daemon;
 use frontend::{r, w, Desc, Vm, QUEUE_SIZE};
-use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::VhostBackend;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
@@ -203,6 +205,94 @@ fn requests_in_flight_at_a_kill_are_resubmitted_after_the_reconnect_and_only_the
     assert_eq!(used[0].id, u32::from(head));
     assert_eq!(vm.get(st, 1)[0], OK);
     assert_eq!(vm.get(buf, 4096), w2);
+}
+
+fn raw_daemon(image: &Path, socket: &Path) -> Daemon {
+    let export = format!("raw={},socket={}", image.display(), socket.display());
+    Daemon::start(&["--export".into(), export], &[socket])
+}
+
+/// The `writeback` byte of the config space (1: writeback, 0: write-through).
+fn cache_byte(vm: &mut Vm) -> u8 {
+    vm.config(32, 1)[0]
+}
+
+/// A guest that switched its disk to write-through sends no flushes: the next process must
+/// serve it write-through too, although QEMU sends no SET_CONFIG when it reconnects (only the
+/// inflight region it kept, and SET_FEATURES again). A new frontend starts from writeback.
+#[test]
+fn write_through_set_by_the_guest_survives_kills_and_a_new_frontend_gets_writeback() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("disk.sock");
+    let image = dir.path().join("disk.raw");
+    File::create(&image).unwrap().set_len(16 << 20).unwrap();
+    let daemon = raw_daemon(&image, &socket);
+    let mut region = None;
+    let mut vm = Vm::connect_with(&socket, 1, INFLIGHT, &mut |fe| {
+        region = Some(Region::get_and_set(fe));
+    });
+    let region = region.unwrap();
+    assert_eq!(cache_byte(&mut vm), 1, "writeback by default");
+    vm.fe
+        .set_config(32, VhostUserConfigFlags::WRITABLE, &[0])
+        .unwrap();
+    assert_eq!(cache_byte(&mut vm), 0);
+    let acked = vm.acked_features;
+    // QEMU sends SET_FEATURES again whenever dirty logging is switched (a migration starts).
+    vm.fe.set_features(acked).unwrap();
+    assert_eq!(
+        cache_byte(&mut vm),
+        0,
+        "SET_FEATURES keeps the guest's mode"
+    );
+
+    let mut daemon = Some(daemon);
+    for round in 0..2u8 {
+        daemon.take().unwrap().kill9();
+        daemon = Some(raw_daemon(&image, &socket));
+        // What QEMU sends on a reconnect: the region, SET_FEATURES, the memory and rings.
+        vm.reconnect(&socket, INFLIGHT, &mut |fe| {
+            region.set(fe);
+            fe.set_features(acked).unwrap();
+        });
+        assert_eq!(
+            cache_byte(&mut vm),
+            0,
+            "write-through after restart {round}"
+        );
+        let data = pattern(round, 4096);
+        let (_, st) = add_write(&mut vm, u64::from(round) * BLOCK, &data);
+        vm.kick(0);
+        vm.wait_used(0, 1);
+        assert_eq!(vm.get(st, 1)[0], OK);
+    }
+
+    // The guest switches back; the next process serves writeback again.
+    vm.fe
+        .set_config(32, VhostUserConfigFlags::WRITABLE, &[1])
+        .unwrap();
+    daemon.take().unwrap().kill9();
+    let _daemon = raw_daemon(&image, &socket);
+    vm.reconnect(&socket, INFLIGHT, &mut |fe| region.set(fe));
+    assert_eq!(
+        cache_byte(&mut vm),
+        1,
+        "writeback, as the guest last set it"
+    );
+    vm.fe
+        .set_config(32, VhostUserConfigFlags::WRITABLE, &[0])
+        .unwrap();
+
+    // A new VM on the same export: its own region, the default mode.
+    drop(vm);
+    let mut fresh = Vm::connect_with(&socket, 1, INFLIGHT, &mut |fe| {
+        Region::get_and_set(fe);
+    });
+    assert_eq!(
+        cache_byte(&mut fresh),
+        1,
+        "a new frontend starts from writeback"
+    );
 }
 
 #[test]

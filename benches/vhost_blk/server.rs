@@ -61,6 +61,20 @@ impl Server {
         Server::spawn("thinblk", cmd, socket, dir)
     }
 
+    /// [`Server::thinblk`] run by `valgrind --tool=callgrind`, which counts instructions
+    /// (`callgrind_control` zeroes and dumps them into `dir`).
+    pub fn thinblk_callgrind(backing: &str, socket: &Path, dir: &Path) -> Result<Server, String> {
+        let mut cmd = Command::new("valgrind");
+        cmd.current_dir(dir)
+            .arg("--tool=callgrind")
+            .arg(this_build())
+            .arg("serve")
+            .arg("--export")
+            .arg(format!("{backing},socket={},queues=1", socket.display()));
+        cmd.env("RUST_LOG", "warn");
+        Server::spawn("thinblk-callgrind", cmd, socket, dir)
+    }
+
     /// `thinblk serve --dir POOL --export SPEC,socket=SOCKET,queues=1` plus `extra` exports,
     /// on a pool made on first use (64 KiB blocks).
     pub fn thin(

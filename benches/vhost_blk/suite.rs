@@ -27,6 +27,8 @@ pub enum Section {
     Queues,
     /// Cost per export: 1, 50, 500 idle exports (threads, descriptors, memory, start time).
     Scale,
+    /// Dirty logging (live migration) off vs on, through a vhost frontend (dirty_log.rs).
+    Dirtylog,
 }
 
 pub struct Settings {
@@ -168,6 +170,9 @@ pub fn run(s: &Settings) -> Result<String, String> {
     }
     if s.sections.contains(&Section::Scale) {
         crate::scale::section(&s.dir, &mut out);
+    }
+    if s.sections.contains(&Section::Dirtylog) {
+        crate::dirty_log::section(s, &mut out);
     }
     Ok(out)
 }

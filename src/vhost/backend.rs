@@ -64,8 +64,6 @@ pub struct BlkBackend {
     mem_generation: AtomicU64,
     event_idx: AtomicBool,
     acked_features: AtomicU64,
-    /// The guest-visible write cache bit (config space `writeback`).
-    writeback: AtomicBool,
     /// The device's I/O queue of each virtqueue and what waits for its completions, while a
     /// frontend is connected; `None` without one, or where the device could not open one
     /// (every request of that queue then fails).
@@ -304,7 +302,6 @@ impl BlkBackend {
             mem_generation: AtomicU64::new(0),
             event_idx: AtomicBool::new(false),
             acked_features: AtomicU64::new(0),
-            writeback: AtomicBool::new(true),
         }
     }
 
@@ -350,7 +347,7 @@ impl BlkBackend {
     /// Whether completed writes may sit in a volatile cache until FLUSH.
     pub fn writeback(&self) -> bool {
         config::flush_negotiated(self.acked_features.load(Ordering::Acquire))
-            && self.writeback.load(Ordering::Acquire)
+            && self.inflight.cache_mode().writeback()
     }
 
     fn blk_config(&self) -> BlkConfig {
@@ -360,7 +357,7 @@ impl BlkBackend {
             num_queues: self.settings.num_queues,
             // The cache bit as the guest set it (default on). VMMs read the config before the
             // driver negotiates features, so this must not wait for FLUSH to be acked.
-            writeback: self.writeback.load(Ordering::Acquire),
+            writeback: self.inflight.cache_mode().writeback(),
         }
     }
 
@@ -632,8 +629,8 @@ impl VhostUserBackend for BlkBackend {
         self.acked_features.store(features, Ordering::Release);
         let mem = self.mem.read().as_ref().map(|m| m.memory().into_inner());
         self.dirty_log.set_features(features, mem.as_deref());
-        // A driver (re)negotiating starts from the default: write cache on.
-        self.writeback.store(true, Ordering::Release);
+        // The write cache stays as the guest set it: QEMU sends SET_FEATURES at every start
+        // and dirty-log switch, never the mode again (cache_mode.rs).
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -655,11 +652,7 @@ impl VhostUserBackend for BlkBackend {
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
         match (offset, buf) {
             (WRITEBACK_OFFSET, [mode @ (0 | 1)]) => {
-                debug!(
-                    "guest set write cache {}",
-                    if *mode == 1 { "on" } else { "off" }
-                );
-                self.writeback.store(*mode == 1, Ordering::Release);
+                self.inflight.cache_mode().set(*mode == 1);
                 Ok(())
             }
             _ => Err(io::Error::new(
@@ -694,8 +687,15 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        // The frontend takes the ring back: everything accepted must complete first.
+        // The frontend takes the ring back: everything accepted must complete first. How long
+        // that takes is the device's share of a migration's downtime (GET_VRING_BASE at the
+        // switchover waits for it).
+        let began = std::time::Instant::now();
         self.reap(queue_index as usize, Reap::Drain)?;
+        debug!(
+            "queue {queue_index}: stopped; requests in flight finished in {:.3} ms",
+            began.elapsed().as_secs_f64() * 1e3
+        );
         self.inflight.stopped(queue_index as usize);
         // The next start may come with another vring (a new connection).
         if let Some(q) = self.queues.get(queue_index as usize) {

@@ -30,6 +30,9 @@ const WAIT_WARNING: Duration = Duration::from_secs(10);
 #[derive(Debug, Default)]
 pub struct Handover {
     holder: Mutex<Option<u64>>,
+    /// When the last holder let go, for the log: the gap between the source's rings stopping
+    /// and the destination's first request is part of a migration's downtime.
+    released_at: Mutex<Option<Instant>>,
     released: Condvar,
     next_member: AtomicU64,
 }
@@ -108,7 +111,16 @@ impl Member {
                 }
                 _ => {
                     if holder.is_none() {
-                        info!("{}: now the running export of its device", self.name);
+                        match self.handover.released_at.lock().take() {
+                            Some(at) => info!(
+                                "{}: now the running export of its device, {:.3} ms after \
+                                 the last one stopped its rings (queue {queue} waited {:.3} ms)",
+                                self.name,
+                                at.elapsed().as_secs_f64() * 1e3,
+                                began.elapsed().as_secs_f64() * 1e3
+                            ),
+                            None => info!("{}: now the running export of its device", self.name),
+                        }
                     }
                     *holder = Some(self.id);
                     self.running.fetch_or(bit, Ordering::AcqRel);
@@ -125,6 +137,7 @@ impl Member {
         let before = self.running.fetch_and(!bit(queue), Ordering::AcqRel);
         if before != 0 && before & !bit(queue) == 0 && *holder == Some(self.id) {
             *holder = None;
+            *self.handover.released_at.lock() = Some(Instant::now());
             info!(
                 "{}: rings stopped; the device is free for another export",
                 self.name

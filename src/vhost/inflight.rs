@@ -27,6 +27,13 @@
 //!   frontend's SET_VRING_BASE (which after a crash is only its guess, the used index) is
 //!   overridden.
 //!
+//! After the queue regions, a region this backend made has [`DEVICE_STATE_LEN`] bytes of its
+//! own: device state the guest set that must outlive the process like the inflight chains do,
+//! and that QEMU does not send again when it reconnects (the write-cache mode,
+//! `cache_mode.rs`). The specification leaves the region's size to the backend
+//! (GET_INFLIGHT_FD's `mmap_size`), and the frontend keeps and hands back all of it. A region
+//! without those bytes (made by an older thinblk) simply keeps no state.
+//!
 //! The region comes from the frontend (SET_INFLIGHT_FD) and the frontend can write it at any
 //! time: its size, seals and geometry are checked before it is mapped, its pages are
 //! populated at once (no fault later), every index read from it is checked, and all access
@@ -45,6 +52,7 @@ use parking_lot::{Mutex, MutexGuard};
 use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
 
+use super::cache_mode::CacheMode;
 use super::dirty_log::{GuestMemoryMmap, VringRwLock};
 
 /// The region version this code writes and reads.
@@ -59,6 +67,14 @@ const LAST_BATCH_HEAD_AT: usize = 12;
 const USED_IDX_AT: usize = 14;
 const NEXT_AT: usize = 6;
 const COUNTER_AT: usize = 8;
+
+/// Bytes after the queue regions that keep device state (a multiple of 64, like a queue's).
+pub const DEVICE_STATE_LEN: usize = 64;
+/// Marks device state as written by this backend (a fresh region reads zero there).
+const STATE_MAGIC: u64 = u64::from_le_bytes(*b"thinblk1");
+// Offsets in the device state.
+const STATE_MAGIC_AT: usize = 0;
+const STATE_WRITEBACK_AT: usize = 8;
 
 /// Bytes from one queue region to the next, for rings of `queue_size` entries.
 pub const fn queue_stride(queue_size: u16) -> usize {
@@ -100,6 +116,8 @@ pub struct InflightRegion {
     len: usize,
     num_queues: u16,
     queue_size: u16,
+    /// Whether the device state follows the queue regions in the mapping.
+    has_state: bool,
 }
 
 // SAFETY: the mapping is shared memory accessed only through atomics (see `QueueView`); the
@@ -146,7 +164,7 @@ impl InflightRegion {
         max_queue_size: u16,
     ) -> Result<(InflightRegion, File), InflightError> {
         check_geometry(num_queues, queue_size, max_queues, max_queue_size)?;
-        let len = region_size(num_queues, queue_size);
+        let len = region_size(num_queues, queue_size) + DEVICE_STATE_LEN;
         let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
         // SAFETY: memfd_create reads a NUL-terminated name and returns a new fd or -1.
         let fd = unsafe { libc::memfd_create(c"thinblk-inflight".as_ptr(), flags) };
@@ -210,6 +228,10 @@ impl InflightRegion {
             end,
             file_size: meta.len(),
         })?;
+        // The device state too, where the region has room for it (one this backend made).
+        let with_state = needed + DEVICE_STATE_LEN as u64;
+        let fits = mmap_size >= with_state && mmap_offset.saturating_add(with_state) <= meta.len();
+        let len = if fits { len + DEVICE_STATE_LEN } else { len };
         Self::map(file, offset, len, num_queues, queue_size)
     }
 
@@ -243,6 +265,7 @@ impl InflightRegion {
             len,
             num_queues,
             queue_size,
+            has_state: len >= region_size(num_queues, queue_size) + DEVICE_STATE_LEN,
         };
         // Allocate every page now: a page the file system cannot provide later would be a
         // SIGBUS in a worker; here it is an error the frontend gets.
@@ -272,6 +295,45 @@ impl InflightRegion {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// The device state's bytes, if the region has them (accessed like a queue's).
+    fn state(&self) -> Option<QueueView<'_>> {
+        self.has_state.then(|| QueueView {
+            region: self,
+            offset: region_size(self.num_queues, self.queue_size),
+        })
+    }
+
+    /// The write-cache mode kept here (true: writeback), if this backend (this process or an
+    /// earlier one) wrote one. Anything else the frontend may have put there reads as none.
+    pub fn saved_writeback(&self) -> Option<bool> {
+        let state = self.state()?;
+        if state.u64_at(STATE_MAGIC_AT)?.load(Ordering::Acquire) != STATE_MAGIC {
+            return None;
+        }
+        match state.u8_at(STATE_WRITEBACK_AT)?.load(Ordering::Acquire) {
+            0 => Some(false),
+            1 => Some(true),
+            _ => None,
+        }
+    }
+
+    /// Keeps the write-cache mode `writeback` for the next process; the mode goes before the
+    /// mark that makes it valid. Returns whether the region has room for it.
+    pub fn save_writeback(&self, writeback: bool) -> bool {
+        let Some(state) = self.state() else {
+            return false;
+        };
+        let (Some(mode), Some(magic)) = (
+            state.u8_at(STATE_WRITEBACK_AT),
+            state.u64_at(STATE_MAGIC_AT),
+        ) else {
+            return false;
+        };
+        mode.store(u8::from(writeback), Ordering::Release);
+        magic.store(STATE_MAGIC, Ordering::Release);
+        true
     }
 
     fn queue(&self, index: usize) -> Option<QueueView<'_>> {
@@ -552,6 +614,8 @@ pub struct Tracker {
     /// Whether a region is attached: without one, the hot path takes no lock here.
     active: AtomicBool,
     queues: Vec<Mutex<QueueInflight>>,
+    /// The guest's write-cache mode, kept in the region with the chains.
+    cache: CacheMode,
 }
 
 impl Tracker {
@@ -561,12 +625,20 @@ impl Tracker {
             queues: (0..usize::from(num_queues))
                 .map(|q| Mutex::new(QueueInflight::new(q)))
                 .collect(),
+            cache: CacheMode::default(),
         }
+    }
+
+    /// The guest's write-cache mode, which lives as long as the frontend's region does.
+    #[inline]
+    pub fn cache_mode(&self) -> &CacheMode {
+        &self.cache
     }
 
     /// Tracks every queue the region has from now on; each recovers when its ring next
     /// starts.
     pub fn attach(&self, region: Arc<InflightRegion>) {
+        self.cache.attach(&region);
         for q in &self.queues {
             let mut q = q.lock();
             q.region = (q.index < usize::from(region.num_queues())).then(|| region.clone());
@@ -585,6 +657,7 @@ impl Tracker {
     /// Forgets the region (the frontend went away; it keeps the region for the next one).
     pub fn detach(&self) {
         self.active.store(false, Ordering::Release);
+        self.cache.detach();
         for q in &self.queues {
             let mut q = q.lock();
             q.region = None;

@@ -43,8 +43,9 @@ fn the_layout_is_the_specifications() {
     assert_eq!(queue_stride(128), 16 + 16 * 128 + 48);
     assert_eq!(region_size(2, 256), 2 * (16 + 16 * 256 + 48));
     let (region, file) = fresh();
-    assert_eq!(region.len(), 192);
-    assert_eq!(file.metadata().unwrap().len(), 192);
+    // The queues' bytes, then the device state (cache_mode.rs).
+    assert_eq!(region.len(), 192 + DEVICE_STATE_LEN);
+    assert_eq!(file.metadata().unwrap().len(), 192 + 64);
 }
 
 #[test]

@@ -3,6 +3,7 @@
 //! ([`execute`]) on a [`crate::engine::BlockDevice`].
 
 pub mod backend;
+pub mod cache_mode;
 pub mod chain;
 pub mod config;
 pub mod connection;

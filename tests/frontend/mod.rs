@@ -9,6 +9,8 @@
 //! lays out and zeroes each ring.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod logging;
+
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::Path;
@@ -394,6 +396,28 @@ impl Vm {
 
     pub fn kick(&self, q: usize) {
         self.queues[q].kick.write(1).unwrap();
+    }
+
+    /// Queue `q`'s rings as the driver sees them, for a failure message: the avail and used
+    /// indices, and the avail and used entries of the last `n` chains.
+    pub fn ring_state(&self, q: usize, n: u16) -> String {
+        let vq = &self.queues[q];
+        let used_idx = self.used_idx(q);
+        let avail_idx: u16 = self.mem.read_obj(vq.avail.unchecked_add(2)).unwrap();
+        let mut out = format!(
+            "avail idx {avail_idx} (driver {}), used idx {used_idx}, seen {};",
+            vq.avail_idx, vq.used_seen
+        );
+        for i in 0..n {
+            let k = vq.avail_idx.wrapping_sub(n).wrapping_add(i);
+            let slot = |ring: GuestAddress, size: u64| {
+                ring.unchecked_add(4 + size * u64::from(k % QUEUE_SIZE))
+            };
+            let head: u16 = self.mem.read_obj(slot(vq.avail, 2)).unwrap();
+            let used: VirtqUsedElem = self.mem.read_obj(slot(vq.used, 8)).unwrap();
+            out.push_str(&format!(" [{k}] avail {head} used {}", used.id()));
+        }
+        out
     }
 
     pub fn used_idx(&self, q: usize) -> u16 {
