@@ -92,7 +92,11 @@ struct Args {
     #[arg(long, value_enum, default_value = "split")]
     placement: Placement,
     /// Parts of the suite to run.
-    #[arg(long, value_delimiter = ',', default_value = "raw,null,thin,queues,scale")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "raw,null,thin,queues,scale"
+    )]
     sections: Vec<Section>,
     /// Scratch directory for backing files and sockets (default: target/bench).
     #[arg(long, value_name = "DIR")]

@@ -116,14 +116,19 @@ impl Harness {
         let atomic = GuestMemoryAtomic::new(mem.clone());
         backend.update_memory(atomic.clone()).unwrap();
         let q = MockSplitQueue::new(&mem, QUEUE_SIZE);
+        // virtio-queue 0.18's mock places the used ring `QUEUE_SIZE` bytes (not entries) into
+        // the avail ring; it goes after the whole avail ring instead (tests/frontend has the
+        // same fix).
+        let used_at = (q.avail_addr().0 + 4 + 2 * u64::from(QUEUE_SIZE) + 2).next_multiple_of(4);
         let vring = VringRwLock::new(atomic, QUEUE_SIZE).unwrap();
         vring
-            .set_queue_info(q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0)
+            .set_queue_info(q.desc_table_addr().0, q.avail_addr().0, used_at)
             .unwrap();
         vring.set_queue_size(QUEUE_SIZE);
         vring.set_queue_ready(true);
         vring.set_enabled(true);
-        let (desc_table, avail, used) = (q.desc_table_addr(), q.avail_addr(), q.used_addr());
+        let (desc_table, avail, used) =
+            (q.desc_table_addr(), q.avail_addr(), GuestAddress(used_at));
         Harness {
             mem,
             backend,
