@@ -19,7 +19,7 @@ set -euo pipefail
 secs=${1:-60}
 shift || true
 cd "$(dirname "$0")"
-all=(virtio_request virtio_queue qmp pdata_blocks pdata_image xml_restore vhost_user nbd)
+all=(virtio_request virtio_queue qmp pdata_blocks pdata_image xml_restore vhost_user nbd nbd_client)
 targets=("${@:-${all[@]}}")
 
 if ! command -v c++ >/dev/null; then

@@ -33,6 +33,11 @@ THINBLK="$PWD/target/release/thinblk" SERVER=thin E2E_TESTS=cacheflip bash qemu-
 # during live snapshots, two disks), the pool checked after; then the same guest on
 # qemu-storage-daemon, for the downtime beside thinblk's (about 6 min here).
 THINBLK="$PWD/target/release/thinblk" MIG_SECS=30 timeout 1500 bash qemu-scripts/migrate.sh
+# Issue 15: a VM and its thin disk move to another pool: two daemons (pool B's NBD export on TCP
+# over loopback), thin-mirror to B while the guest runs verified fio, live migration with the
+# mirror's job-complete at the switchover, the guest finishes on B; B at the switchover equals A,
+# both pools checked (about 3 min; bounded at 15).
+THINBLK="$PWD/target/release/thinblk" MIG_SECS=60 timeout 900 bash qemu-scripts/mirror-migrate.sh
 # Issue 22: a libvirt domain (QEMU as libvirt-qemu, TCG) on thinblk sockets made with
 # --socket-group/--socket-mode: the guest reads and writes, a second disk is hot-plugged and
 # unplugged, `thinblk ctl block-resize` shows in the guest (about 30 s; bounded at 10 min).

@@ -65,6 +65,11 @@ fn nbd_handshakes_and_requests_are_judged_without_panics() {
 }
 
 #[test]
+fn nbd_client_replies_complete_each_request_once() {
+    replay_all("nbd_client");
+}
+
+#[test]
 fn qmp_streams_are_answered_without_panics() {
     replay_all("qmp");
 }

@@ -278,3 +278,138 @@ fn guest_writes_over_vhost_are_mirrored_and_refused_after_switchover() {
     );
     assert_eq!(mapped(&mut qmp, "dst"), mapped(&mut qmp, "src"));
 }
+
+/// Once the job is ready, the mirror is write-blocking: a write the source acknowledged is
+/// on the target already. Checked at once after each write, on both write paths: NBD (the
+/// node's synchronous writes) and a vhost-user guest (its queue, completion held until the
+/// copy is done).
+#[test]
+fn once_ready_an_acknowledged_write_is_already_on_the_target() {
+    use common::Client;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (nbd, control, vm) = (
+        d.join("nbd.sock"),
+        d.join("control.sock"),
+        d.join("vm.sock"),
+    );
+    let args: Vec<String> = vec![
+        "--dir".into(),
+        d.display().to_string(),
+        "--data-size".into(),
+        "512M".into(),
+        "--export".into(),
+        format!("name=src,size={SIZE},socket={}", vm.display()),
+        "--nbd".into(),
+        nbd.display().to_string(),
+    ];
+    let _daemon = Daemon::start(&args, &[&nbd, &control, &vm]);
+    let mut qmp = Qmp::connect(&control);
+    qmp.ok("thin-create", json!({"name": "dst", "size": SIZE}));
+    qmp.ok(
+        "nbd-server-add",
+        json!({"device": "dst", "name": "dst", "writable": true}),
+    );
+    // The vhost export's device is on the NBD server already, read-only: writable instead.
+    qmp.ok("nbd-server-remove", json!({"name": "src"}));
+    qmp.ok(
+        "nbd-server-add",
+        json!({"device": "src", "name": "src", "writable": true}),
+    );
+    let sock = nbd.display().to_string();
+    let mut guest = Client::connect(&vm, 1);
+    let src = NbdClient::connect_uri(&uri(&sock, "src"), 8).unwrap();
+    let dst = NbdClient::connect_uri(&uri(&sock, "dst"), 8).unwrap();
+    for slot in (0..SIZE / PIECE).filter(|s| s % 3 == 0) {
+        src.write(slot * PIECE, &piece(slot)).unwrap();
+    }
+    // The target by its export name: this daemon's own NBD server.
+    qmp.ok(
+        "thin-mirror",
+        json!({"job-id": "w", "device": "src", "target": "dst", "sync": "full"}),
+    );
+    wait_for(&mut qmp, "ready", |j| j[0]["ready"] == true);
+    for n in 0..40u64 {
+        let slot = (n * 13 + 5) % (SIZE / PIECE);
+        let data = piece(5000 + n);
+        if n % 2 == 0 {
+            guest.buf()[..PIECE as usize].copy_from_slice(&data);
+            let p = guest.buf_ptr(0);
+            assert_eq!(
+                common::write(&mut guest.queues[0], p, slot * PIECE, PIECE as usize),
+                0
+            );
+        } else {
+            src.write(slot * PIECE, &data).unwrap();
+        }
+        // No wait: the acknowledgement means both sides have it.
+        assert!(
+            dst.read(slot * PIECE, PIECE as u32).unwrap() == data,
+            "write {n} (slot {slot}) acknowledged but not on the target"
+        );
+    }
+    let jobs = qmp.ok("query-block-jobs", json!({}));
+    assert_eq!(jobs[0]["ready"], true, "{jobs}");
+    qmp.ok("job-complete", json!({"id": "w"}));
+    wait_for(&mut qmp, "done", |j| j.as_array().unwrap().is_empty());
+    assert!(read_all(&src) == read_all(&dst), "the target differs");
+}
+
+/// Reads QMP events on a connection of its own until `name` comes (or `limit` passes).
+fn wait_event(control: &Path, name: &str, limit: Duration) -> Value {
+    use std::io::{BufRead, BufReader, Write};
+    let s = std::os::unix::net::UnixStream::connect(control).unwrap();
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    w.write_all(br#"{"execute": "qmp_capabilities"}"#).unwrap();
+    let deadline = Instant::now() + limit;
+    loop {
+        assert!(Instant::now() < deadline, "no {name} event");
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap();
+        if v["event"] == name {
+            return v;
+        }
+    }
+}
+
+/// A target that fails once the mirror is write-blocking fails the job; the guest's write
+/// that met the failure, and those after, still succeed on the source.
+#[test]
+fn a_target_error_once_ready_fails_the_job_not_the_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_daemon, mut qmp, sock) = setup(dir.path());
+    let control = dir.path().join("control.sock");
+    let src = NbdClient::connect_uri(&uri(&sock, "src"), 8).unwrap();
+    src.write(0, &piece(1)).unwrap();
+    qmp.ok(
+        "thin-mirror",
+        json!({"job-id": "f", "device": "src", "target": uri(&sock, "dst"), "sync": "full"}),
+    );
+    wait_for(&mut qmp, "ready", |j| j[0]["ready"] == true);
+    let events = {
+        let control = control.clone();
+        std::thread::spawn(move || {
+            wait_event(&control, "BLOCK_JOB_COMPLETED", Duration::from_secs(60))
+        })
+    };
+    // Give the event reader time to subscribe.
+    std::thread::sleep(Duration::from_millis(200));
+    // The target goes away under the mirror's connection.
+    qmp.ok("nbd-server-remove", json!({"name": "dst", "mode": "hard"}));
+    for n in 0..4u64 {
+        src.write(n * PIECE, &piece(100 + n)).unwrap();
+    }
+    let ev = events.join().unwrap();
+    assert!(ev["data"]["error"].is_string(), "{ev}");
+    wait_for(&mut qmp, "gone", |j| j.as_array().unwrap().is_empty());
+    // Not switched over: the source still takes writes and has them all.
+    src.write(5 * PIECE, &piece(7)).unwrap();
+    for n in 0..4u64 {
+        assert!(src.read(n * PIECE, PIECE as u32).unwrap() == piece(100 + n));
+    }
+}

@@ -385,6 +385,7 @@ fn main() {
     pdata(&image);
     vhost_user();
     nbd();
+    nbd_client();
 }
 
 fn nbd_option(out: &mut Vec<u8>, opt: u32, data: &[u8]) {
@@ -464,4 +465,55 @@ fn nbd() {
     nbd_option(&mut s, 4242, b"unknown");
     nbd_option(&mut s, OPT_ABORT, &[]);
     write("nbd", "list-info-abort", &s);
+}
+
+fn simple_reply(out: &mut Vec<u8>, errno: u32, cookie: u64, data: &[u8]) {
+    out.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    out.extend_from_slice(&errno.to_be_bytes());
+    out.extend_from_slice(&cookie.to_be_bytes());
+    out.extend_from_slice(data);
+}
+
+fn chunk(out: &mut Vec<u8>, flags: u16, kind: u16, cookie: u64, payload: &[u8]) {
+    out.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    out.extend_from_slice(&flags.to_be_bytes());
+    out.extend_from_slice(&kind.to_be_bytes());
+    out.extend_from_slice(&cookie.to_be_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// Replies to the client's five waiting requests (cookies 1 to 5: read 4096 at 0, write,
+/// read 65536 at 65536, write of zeroes, flush): simple ones, and structured chunks of
+/// every kind the client knows.
+fn nbd_client() {
+    let mut s = vec![0u8];
+    simple_reply(&mut s, 0, 1, &[0x5a; 4096]);
+    simple_reply(&mut s, 0, 2, &[]);
+    simple_reply(&mut s, 0, 3, &[0xa5; 65536]);
+    simple_reply(&mut s, 28, 4, &[]);
+    simple_reply(&mut s, 0, 5, &[]);
+    write("nbd_client", "simple", &s);
+
+    let mut s = vec![1u8];
+    let mut data = 0u64.to_be_bytes().to_vec();
+    data.extend_from_slice(&[7; 2048]);
+    chunk(&mut s, 0, REPLY_TYPE_OFFSET_DATA, 1, &data);
+    let mut hole = 2048u64.to_be_bytes().to_vec();
+    hole.extend_from_slice(&2048u32.to_be_bytes());
+    chunk(&mut s, REPLY_FLAG_DONE, 2, 1, &hole);
+    chunk(&mut s, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 2, &[]);
+    let mut err = 5u32.to_be_bytes().to_vec();
+    err.extend_from_slice(&3u16.to_be_bytes());
+    err.extend_from_slice(b"bad");
+    chunk(&mut s, 0, REPLY_TYPE_ERROR, 3, &err);
+    let mut hole = 65536u64.to_be_bytes().to_vec();
+    hole.extend_from_slice(&65536u32.to_be_bytes());
+    chunk(&mut s, REPLY_FLAG_DONE, 2, 3, &hole);
+    let mut err = 28u32.to_be_bytes().to_vec();
+    err.extend_from_slice(&0u16.to_be_bytes());
+    err.extend_from_slice(&(1u64 << 20).to_be_bytes());
+    chunk(&mut s, REPLY_FLAG_DONE, REPLY_TYPE_ERROR + 1, 4, &err);
+    simple_reply(&mut s, 0, 5, &[]);
+    write("nbd_client", "structured", &s);
 }

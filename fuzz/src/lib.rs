@@ -9,6 +9,7 @@
 //! fixed without libFuzzer. Hence modules refer to each other through `super::`, not `crate::`.
 
 pub mod nbd;
+pub mod nbd_client;
 pub mod pdata_blocks;
 pub mod pdata_image;
 pub mod qmp;
@@ -34,7 +35,7 @@ use vm_memory::{Bytes, GuestAddress};
 pub type Target = fn(&[u8]);
 
 /// Every target, by the name of its directory under `corpus/` and `regressions/`.
-pub const TARGETS: [(&str, Target); 8] = [
+pub const TARGETS: [(&str, Target); 9] = [
     ("virtio_request", virtio_request::run),
     ("virtio_queue", virtio_queue::run),
     ("qmp", qmp::run),
@@ -43,6 +44,7 @@ pub const TARGETS: [(&str, Target); 8] = [
     ("xml_restore", xml_restore::run),
     ("vhost_user", vhost_user::run),
     ("nbd", nbd::run),
+    ("nbd_client", nbd_client::run),
 ];
 
 /// Runs target `name` on `data`; false if there is no such target.

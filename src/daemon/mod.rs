@@ -25,6 +25,7 @@ mod fd_limit;
 pub mod histogram;
 pub mod jobs;
 pub mod metrics;
+mod mirror_writes;
 pub mod nbd;
 pub mod notify;
 mod reload;

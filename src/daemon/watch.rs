@@ -16,6 +16,7 @@ use std::collections::HashMap;
 
 use smallvec::SmallVec;
 
+use super::mirror_writes::{finish, write_completed, Held, HeldState, Tracked};
 use crate::engine::io::{ByteRange, Completion, IoOp, IoQueue, IoRequest, QueueOptions};
 use crate::engine::thin::{PoolEvent, Volumes};
 use crate::engine::{BlockDevice, BlockError};
@@ -107,10 +108,16 @@ impl Watched {
         if !hook.tracking() {
             return f();
         }
-        hook.begin(offset, len);
+        let synced = hook.start_write();
+        hook.begin(offset, len, synced);
         let r = f();
-        hook.end(offset, len);
+        // Write-blocking: the write returns once it is on the target too (a failed copy
+        // fails the mirror, not the write: the range is marked instead).
+        let on_target =
+            synced && r.is_ok() && hook.active_sync().is_some_and(|a| a.copy_now(offset, len));
+        hook.end(offset, len, on_target);
         hook.ended();
+        hook.finish_write(synced);
         r
     }
 
@@ -174,11 +181,23 @@ impl BlockDevice for Watched {
     }
     /// The inner device's own queue, with every write checked as it is submitted.
     fn open_queue(self: Arc<Self>, opts: &QueueOptions) -> std::io::Result<Box<dyn IoQueue>> {
+        let inner = self.inner.clone().open_queue(opts)?;
+        let held = Arc::new(Held {
+            notifier: inner.notifier(),
+            waiting: Default::default(),
+            state: Mutex::new(HeldState {
+                done: Vec::new(),
+                count: 0,
+                open: true,
+            }),
+            drained: Default::default(),
+        });
         Ok(Box::new(WatchedQueue {
-            inner: self.inner.clone().open_queue(opts)?,
+            inner,
             check: self.check.clone(),
             changing: HashMap::new(),
             refused: Vec::new(),
+            held,
         }))
     }
 }
@@ -187,23 +206,17 @@ impl BlockDevice for Watched {
 struct WatchedQueue {
     inner: Box<dyn IoQueue>,
     check: Arc<Check>,
-    /// While a mirror tracks the node: the ranges of writes in flight, by tag, marked dirty
-    /// when they complete (marking at submission could let the mirror copy a block before
-    /// the write lands in it, and clear its mark).
-    changing: HashMap<u64, SmallVec<[ByteRange; 1]>>,
+    /// While a mirror tracks the node: the writes in flight, by tag, marked dirty when they
+    /// complete (marking at submission could let the mirror copy a block before the write
+    /// lands in it, and clear its mark), or copied to the target if synced.
+    changing: HashMap<u64, Tracked>,
     /// Writes refused after a switchover, handed back at the next reap.
     refused: Vec<u64>,
+    /// Synced writes done on the source and being copied to a mirror's target.
+    held: Arc<Held>,
 }
 
 impl WatchedQueue {
-    /// A tracked write completed (or its queue went): mark its ranges, uncount it.
-    fn finish(&self, ranges: SmallVec<[ByteRange; 1]>) {
-        for r in ranges {
-            self.check.hook.end(r.offset, r.len);
-            self.check.hook.ended();
-        }
-    }
-
     /// Completes `tag` with an error at the next reap, and wakes the worker for it.
     fn refuse(&mut self, tag: u64) {
         self.refused.push(tag);
@@ -234,12 +247,17 @@ impl IoQueue for WatchedQueue {
             }
         }
         if !changes.is_empty() && self.check.hook.tracking() {
+            let synced = self.check.hook.start_write();
             for r in &changes {
-                self.check.hook.begin(r.offset, r.len);
+                self.check.hook.begin(r.offset, r.len, synced);
             }
             // Each range counted once; `ended` once per range at completion too.
-            if let Some(old) = self.changing.insert(req.tag, changes) {
-                self.finish(old);
+            let t = Tracked {
+                ranges: changes,
+                synced,
+            };
+            if let Some(old) = self.changing.insert(req.tag, t) {
+                finish(&self.check.hook, old);
             }
         }
         self.inner.submit(req)
@@ -254,33 +272,59 @@ impl IoQueue for WatchedQueue {
         self.inner.acknowledge()
     }
     fn has_completions(&mut self) -> bool {
-        !self.refused.is_empty() || self.inner.has_completions()
+        !self.refused.is_empty()
+            || self.inner.has_completions()
+            || (self.held.waiting.load(Ordering::Acquire) > 0
+                && !self.held.state.lock().done.is_empty())
     }
     fn reap(&mut self, out: &mut dyn FnMut(Completion)) -> usize {
-        let refused = self.refused.len();
+        let mut n = self.refused.len();
         for tag in self.refused.drain(..) {
             out(Completion {
                 tag,
                 result: Err(BlockError::ReadOnly),
             });
         }
-        let (changing, hook) = (&mut self.changing, &self.check.hook);
-        let reaped = self.inner.reap(&mut |c| {
-            if let Some(ranges) = changing.remove(&c.tag) {
-                for r in ranges {
-                    hook.end(r.offset, r.len);
-                    hook.ended();
-                }
+        if self.held.waiting.load(Ordering::Acquire) > 0 {
+            let copied = std::mem::take(&mut self.held.state.lock().done);
+            self.held.waiting.fetch_sub(copied.len(), Ordering::AcqRel);
+            n += copied.len();
+            copied.into_iter().for_each(&mut *out);
+        }
+        let (changing, hook, held) = (&mut self.changing, &self.check.hook, &self.held);
+        self.inner.reap(&mut |c| {
+            let c = match changing.remove(&c.tag) {
+                Some(t) => write_completed(hook, held, t, c),
+                None => Some(c),
+            };
+            if let Some(c) = c {
+                n += 1;
+                out(c)
             }
-            out(c)
         });
-        refused + reaped
+        n
     }
     fn in_flight(&self) -> usize {
-        self.refused.len() + self.inner.in_flight()
+        self.refused.len() + self.inner.in_flight() + self.held.waiting.load(Ordering::Acquire)
     }
     fn drain(&mut self) {
-        self.inner.drain()
+        self.inner.drain();
+        // What the inner queue completed may be a synced write now being copied: reap it
+        // so it is handed to the copy, then wait for the copies.
+        if !self.changing.is_empty() {
+            let (changing, hook, held) = (&mut self.changing, &self.check.hook, &self.held);
+            let mut back = Vec::new();
+            self.inner.reap(&mut |c| {
+                let c = match changing.remove(&c.tag) {
+                    Some(t) => write_completed(hook, held, t, c),
+                    None => Some(c),
+                };
+                back.extend(c);
+            });
+            self.held.waiting.fetch_add(back.len(), Ordering::AcqRel);
+            self.held.state.lock().done.extend(back);
+        }
+        self.held.wait();
     }
     fn completes_at_submit(&self) -> bool {
         self.inner.completes_at_submit()
@@ -288,15 +332,17 @@ impl IoQueue for WatchedQueue {
 }
 
 impl Drop for WatchedQueue {
-    /// Writes never reaped (the frontend went away) still count as changes.
+    /// Writes never reaped (the frontend went away) still count as changes; copies of
+    /// synced writes no longer wake the queue.
     fn drop(&mut self) {
+        self.held.state.lock().open = false;
         if self.changing.is_empty() {
             return;
         }
         // Their data must be written before they are marked.
         self.inner.drain();
-        for (_, ranges) in std::mem::take(&mut self.changing) {
-            self.finish(ranges);
+        for (_, t) in std::mem::take(&mut self.changing) {
+            finish(&self.check.hook, t);
         }
     }
 }

@@ -1,8 +1,11 @@
 //! Copying a range of a device into an NBD export: only what the device stores is read and
 //! written; holes go over as WRITE_ZEROES without NO_HOLE, so a thin target leaves them
 //! unmapped (a target without WRITE_ZEROES gets written zeros instead: correct, not sparse).
-//! Writes are pipelined: the client keeps several in flight while the next piece is read.
+//! Writes are pipelined: the client keeps several in flight while the next pieces are read,
+//! and the source's (synchronous) reads of a copy with several data pieces run on a few
+//! threads at once, so the source's disk sees more than one read at a time.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
@@ -16,6 +19,8 @@ use crate::nbd::proto::FLAG_SEND_WRITE_ZEROES;
 const DATA_CHUNK: u64 = 4 << 20;
 /// Bytes zeroed per request: NBD lengths are 32-bit.
 const ZERO_CHUNK: u64 = 1 << 30;
+/// Threads reading the source's data pieces of one copy.
+const READERS: usize = 4;
 
 /// What a copy does with the source's holes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,7 +90,7 @@ pub fn copy_range(
     offset: u64,
     len: u64,
     holes: Holes,
-    progress: &dyn Fn(u64),
+    progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Copied, MirrorError> {
     let batch = Arc::new(Batch::default());
     let r = copy_pieces(source, target, (offset, len), holes, progress, &batch);
@@ -96,20 +101,25 @@ pub fn copy_range(
     Ok(copied)
 }
 
+/// A data piece to read and write: its offset and length, and whether it is a hole to
+/// write as zero data (a target without WRITE_ZEROES).
+type DataPiece = (u64, u64, bool);
+
 fn copy_pieces(
     source: &dyn BlockDevice,
     target: &NbdClient,
     (offset, len): (u64, u64),
     holes: Holes,
-    progress: &dyn Fn(u64),
+    progress: &(dyn Fn(u64) + Sync),
     batch: &Arc<Batch>,
 ) -> Result<Copied, MirrorError> {
     let chunk = DATA_CHUNK.min(u64::from(target.info().max_payload));
     let can_zero = target.info().has(FLAG_SEND_WRITE_ZEROES);
     let end = offset + len;
     let mut copied = Copied::default();
+    let mut data: Vec<DataPiece> = Vec::new();
     let mut at = offset;
-    let mut buf = Vec::new();
+    // Holes are zeroed (or skipped) as the allocation is walked; data pieces are listed.
     while at < end {
         // The allocation may answer for less than asked: ask again from where it stops.
         let runs = source.allocation(at, end - at)?;
@@ -120,15 +130,14 @@ fn copy_pieces(
         }
         for run in runs {
             let run_end = at + run.len.min(end - at);
-            if run.state == Allocation::Hole && holes == Holes::Skip {
+            let hole = run.state == Allocation::Hole;
+            if hole && holes == Holes::Skip {
                 progress(run_end - at);
                 at = run_end;
-                continue;
             }
             while at < run_end {
-                let hole = run.state == Allocation::Hole && can_zero;
-                let n = (run_end - at).min(if hole { ZERO_CHUNK } else { chunk });
-                if hole {
+                let n = (run_end - at).min(if hole && can_zero { ZERO_CHUNK } else { chunk });
+                if hole && can_zero {
                     // n <= ZERO_CHUNK, below 2^32.
                     let cmd = Command::WriteZeroes {
                         offset: at,
@@ -137,22 +146,11 @@ fn copy_pieces(
                     };
                     batch.submit(target, cmd)?;
                     copied.zeroed += n;
+                    progress(n);
                 } else {
-                    buf.resize(n as usize, 0);
-                    if run.state == Allocation::Hole {
-                        buf.fill(0);
-                    } else {
-                        source.read(at, &mut BufsMut::one(&mut buf))?;
-                    }
-                    let cmd = Command::Write {
-                        offset: at,
-                        data: &buf,
-                        fua: false,
-                    };
-                    batch.submit(target, cmd)?;
+                    data.push((at, n, hole));
                     copied.data += n;
                 }
-                progress(n);
                 at += n;
             }
             if at >= end {
@@ -160,5 +158,62 @@ fn copy_pieces(
             }
         }
     }
+    copy_data(source, target, &data, progress, batch)?;
     Ok(copied)
+}
+
+/// Reads `pieces` from the source and writes them to the target, on up to `READERS`
+/// threads when there are several.
+fn copy_data(
+    source: &dyn BlockDevice,
+    target: &NbdClient,
+    pieces: &[DataPiece],
+    progress: &(dyn Fn(u64) + Sync),
+    batch: &Arc<Batch>,
+) -> Result<(), MirrorError> {
+    let next = AtomicUsize::new(0);
+    let failed: Mutex<Option<MirrorError>> = Mutex::new(None);
+    let work = || {
+        let mut buf = Vec::new();
+        while failed.lock().is_none() {
+            let Some(&(at, n, zeros)) = pieces.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                break;
+            };
+            buf.resize(n as usize, 0);
+            let r = if zeros {
+                buf.fill(0);
+                Ok(())
+            } else {
+                source.read(at, &mut BufsMut::one(&mut buf))
+            };
+            let r = r.map_err(MirrorError::from).and_then(|()| {
+                let cmd = Command::Write {
+                    offset: at,
+                    data: &buf,
+                    fua: false,
+                };
+                batch.submit(target, cmd)
+            });
+            match r {
+                Ok(()) => progress(n),
+                Err(e) => {
+                    failed.lock().get_or_insert(e);
+                }
+            }
+        }
+    };
+    let threads = READERS.min(pieces.len());
+    if threads <= 1 {
+        work();
+    } else {
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(work);
+            }
+        });
+    }
+    match failed.into_inner() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }

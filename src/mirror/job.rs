@@ -5,8 +5,13 @@
 //!    lets every write that began untracked land before anything is read.
 //! 2. The first pass: the whole device (`full`: holes zeroed on the target), only its
 //!    mapped blocks (`top`), or only what differs from snapshot `base` (`incremental`).
-//! 3. Dirty runs are copied until a sweep copies at most `CONVERGED` bytes: the job is
-//!    `ready` (BLOCK_JOB_READY), and goes on copying what guest writes dirty while it waits.
+//! 3. Dirty runs are copied until a sweep copies at most `CONVERGED` bytes (waiting for one
+//!    that copies nothing never ends while a guest writes steadily: each sweep finds what was
+//!    written during the one before). Then the mirror turns write-blocking
+//!    (`active.rs`): writes that start from then on complete only once they are on the
+//!    target; the writes that started before are waited for and what they marked copied;
+//!    then the job is `ready` (BLOCK_JOB_READY): every write completed from then on is on
+//!    the target. A failed copy of a guest write fails the job.
 //! 4. `job-complete`: the node refuses writes from now on, the writes in flight finish and
 //!    are marked, the last dirty runs are copied, the target is flushed: the target is the
 //!    disk as of the switchover. `block-job-cancel` of a ready job stops with the source
@@ -15,8 +20,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
+
 use super::copy::{copy_range, Holes};
-use super::{DirtyMap, MirrorError, WriteHook};
+use super::{ActiveSync, DirtyMap, MirrorError, WriteHook};
 use crate::daemon::jobs::{Job, Outcome, Request};
 use crate::engine::thin::Volumes;
 use crate::engine::BlockDevice;
@@ -35,11 +42,14 @@ pub enum SyncMode {
 pub struct Mirror {
     pub device: String,
     pub source: Arc<dyn BlockDevice>,
-    pub target: NbdClient,
+    pub target: Arc<NbdClient>,
     pub volumes: Arc<Volumes>,
     pub hook: Arc<WriteHook>,
     pub dirty: Arc<DirtyMap>,
     pub sync: SyncMode,
+    /// Held by a copy from its read of the source until the target answered (the job's
+    /// copies and the write-blocking ones of guest writes, see `active.rs`).
+    pub copying: Arc<Mutex<()>>,
 }
 
 /// The first pass goes in windows of this size, so a cancel is seen between them.
@@ -47,9 +57,7 @@ const WINDOW: u64 = 256 << 20;
 /// A dirty run copied at once is at most this long.
 const DIRTY_RUN: u64 = 16 << 20;
 /// How long a switchover waits for the writes in flight to finish.
-/// A sweep that copies no more than this has converged: the job is ready. Waiting for a sweep
-/// that copies nothing never ends while a guest writes steadily (each sweep finds what it wrote
-/// during the previous one); the switchover's last sweep, with writes refused, copies the rest.
+/// A sweep that copied no more than this has converged: the mirror turns write-blocking.
 const CONVERGED: u64 = 4 << 20;
 const DRAIN_LIMIT: Duration = Duration::from_secs(60);
 
@@ -81,6 +89,7 @@ impl Mirror {
     }
 
     fn copy(&self, job: &Job, offset: u64, len: u64, holes: Holes) -> Result<(), MirrorError> {
+        let _copying = self.copying.lock();
         copy_range(&*self.source, &self.target, offset, len, holes, &|n| {
             job.add_progress(n)
         })?;
@@ -155,17 +164,26 @@ impl Mirror {
         if !self.first_pass(job)? {
             return Ok(Outcome::Cancelled);
         }
+        let mut active: Option<Arc<ActiveSync>> = None;
         loop {
             let copied = self.sweep(job)?;
             if cancelled(job) {
                 return Ok(Outcome::Cancelled);
             }
             let clean = copied == Some(0);
-            if copied.is_some_and(|n| n <= CONVERGED) {
+            if copied.is_some_and(|n| n <= CONVERGED) && active.is_none() {
+                active = Some(self.become_write_blocking()?);
+                // Sweep again: what the writes that started before marked.
+                continue;
+            }
+            if let Some(e) = active.as_ref().and_then(|a| a.failure()) {
+                return Err(MirrorError::Active(e));
+            }
+            if clean {
                 job.ready();
             }
             match job.request() {
-                Request::Complete => return self.switch_over(job),
+                Request::Complete => return self.switch_over(job, active.as_deref()),
                 Request::Stop => {
                     self.target.flush()?;
                     return Ok(Outcome::Completed);
@@ -179,13 +197,33 @@ impl Mirror {
         }
     }
 
-    fn switch_over(&self, job: &Job) -> Result<Outcome, MirrorError> {
+    /// Writes that start from now on are synced; waits for those that started before.
+    fn become_write_blocking(&self) -> Result<Arc<ActiveSync>, MirrorError> {
+        let active = ActiveSync::start(
+            self.source.clone(),
+            self.target.clone(),
+            self.copying.clone(),
+        )?;
+        self.hook.start_sync(active.clone());
+        if !self.hook.wait_unsynced(DRAIN_LIMIT) {
+            return Err(MirrorError::Source(
+                "writes in flight did not finish to turn write-blocking".into(),
+            ));
+        }
+        Ok(active)
+    }
+
+    fn switch_over(&self, job: &Job, active: Option<&ActiveSync>) -> Result<Outcome, MirrorError> {
         self.hook.set_refused(true);
         let result = (|| {
             if !self.hook.wait_idle(DRAIN_LIMIT) {
                 return Err(MirrorError::Source(
                     "writes in flight did not finish for the switchover".into(),
                 ));
+            }
+            // Synced writes are counted until they are on the target: none is left.
+            if let Some(e) = active.and_then(|a| a.failure()) {
+                return Err(MirrorError::Active(e));
             }
             loop {
                 match self.sweep(job)? {

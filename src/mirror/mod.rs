@@ -7,6 +7,8 @@
 //!   data is written) and refusing writes after a switchover.
 //! - `copy.rs`: `copy_range`, a range of a device into an `NbdClient`: data read and written
 //!   with several writes in flight, holes as WRITE_ZEROES that may stay holes.
+//! - `active.rs`: `ActiveSync`, write-blocking once ready: a write's range copied to the
+//!   target before the write completes.
 //! - `job.rs`: `Mirror::run`, the body of a `thin-mirror` job: first pass, dirty passes
 //!   until ready, switchover on `job-complete`.
 //!
@@ -14,6 +16,7 @@
 //! to make `thin-mirror` (the job body, the write-path hook, switchover) is listed in
 //! docs/mirror.md.
 
+pub mod active;
 pub mod copy;
 pub mod dirty;
 pub mod hook;
@@ -21,6 +24,7 @@ pub mod job;
 #[cfg(test)]
 mod tests;
 
+pub use active::ActiveSync;
 pub use copy::{copy_range, Copied, Holes};
 pub use dirty::DirtyMap;
 pub use hook::WriteHook;
@@ -37,6 +41,11 @@ pub enum MirrorError {
     Target(#[from] ClientError),
     #[error("mirror target: {0}")]
     Reply(#[from] ReplyError),
+    /// A guest write's copy to the target failed once the mirror was write-blocking.
+    #[error("mirror target, copying a guest write: {0}")]
+    Active(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
 }
 
 impl From<BlockError> for MirrorError {

@@ -164,3 +164,62 @@ fn a_target_that_refuses_writes_fails_the_copy() {
     let e = copy_range(&*source, &client, 0, SIZE, Holes::Zero, &|_| {}).unwrap_err();
     assert!(matches!(e, MirrorError::Target(_)), "{e}");
 }
+
+/// The write-blocking handshake: a write that started before `start_sync` is waited for;
+/// one after is synced, its range copied now or on the copy thread; a target that fails is
+/// recorded and later copies are not tried.
+#[test]
+fn write_blocking_waits_for_earlier_writes_and_copies_later_ones() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let target = Disk::new(|_| false);
+    let (_server, uri) = serve(&dir, &target, true);
+    let source = Disk::new(|b| b % 2 == 0);
+    fill(&source);
+    let client = Arc::new(NbdClient::connect_uri(&uri, DEFAULT_IN_FLIGHT).unwrap());
+    let hook = WriteHook::default();
+    assert!(hook.start(Arc::new(DirtyMap::new(SIZE, BLOCK))));
+    assert!(!hook.start_write(), "no mirror is write-blocking yet");
+    let src: Arc<dyn BlockDevice> = source.clone();
+    let active = ActiveSync::start(src, client.clone(), Default::default()).unwrap();
+    hook.start_sync(active.clone());
+    assert!(
+        !hook.wait_unsynced(Duration::from_millis(30)),
+        "a write that started before is still in flight"
+    );
+    hook.finish_write(false);
+    assert!(hook.wait_unsynced(Duration::from_millis(30)));
+    assert!(hook.start_write(), "a write that starts now is synced");
+    hook.finish_write(true);
+
+    assert!(active.copy_now(0, BLOCK));
+    let (tx, rx) = std::sync::mpsc::channel();
+    active.copy_later(
+        smallvec::smallvec![(2 * BLOCK, 3 * BLOCK)],
+        Box::new(move |ok| {
+            let _ = tx.send(ok);
+        }),
+    );
+    assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(true));
+    let (want, got) = (content(&*source), content(&*target));
+    assert!(want[..BLOCK as usize] == got[..BLOCK as usize]);
+    assert!(
+        want[2 * BLOCK as usize..5 * BLOCK as usize] == got[2 * BLOCK as usize..5 * BLOCK as usize]
+    );
+    assert!(active.failure().is_none());
+
+    client.hang_up_handle().unwrap().hang_up();
+    assert!(!active.copy_now(6 * BLOCK, BLOCK));
+    assert!(active.failure().is_some());
+    let (tx, rx) = std::sync::mpsc::channel();
+    active.copy_later(
+        smallvec::smallvec![(0, BLOCK)],
+        Box::new(move |ok| {
+            let _ = tx.send(ok);
+        }),
+    );
+    assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(false));
+    hook.stop();
+    assert!(hook.active_sync().is_none());
+    assert!(!hook.tracking());
+}

@@ -1,5 +1,6 @@
 //! `thin-mirror {job-id, device, target, sync, base?}`: mirrors a thin device into an NBD
-//! export (`target` is an NBD URI: `nbd://HOST:PORT/NAME`, `nbd+unix:///NAME?socket=PATH`)
+//! export (`target` is an NBD URI: `nbd://HOST:PORT/NAME`, `nbd+unix:///NAME?socket=PATH`,
+//! or the name of a writable export of this daemon's NBD server, `nbd-server-add`'s `name`)
 //! as a QEMU-style job of type `mirror` (src/mirror/job.rs). The target is connected and
 //! checked before the command answers; the copy runs on the job's thread.
 
@@ -14,7 +15,8 @@ use crate::daemon::state::State;
 use crate::engine::thin::Volumes;
 use crate::engine::BlockDevice;
 use crate::mirror::{DirtyMap, Mirror, SyncMode};
-use crate::nbd::client::{NbdClient, DEFAULT_IN_FLIGHT};
+use crate::nbd::client::{NbdClient, NbdUri, Target, DEFAULT_IN_FLIGHT};
+use crate::nbd::listener::NbdAddr;
 use crate::nbd::proto::FLAG_READ_ONLY;
 
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -68,7 +70,8 @@ pub(super) fn thin_mirror(state: &State, v: Value) -> Result<Value, QmpError> {
         )));
     }
     let source: Arc<dyn BlockDevice> = volumes.device(&a.device)?;
-    let target = NbdClient::connect_uri(&a.target, DEFAULT_IN_FLIGHT)
+    let uri = target_uri(state, &a.target, &a.device)?;
+    let target = NbdClient::connect(&uri, DEFAULT_IN_FLIGHT)
         .map_err(|e| QmpError::generic(format!("mirror target: {e}")))?;
     if target.info().has(FLAG_READ_ONLY) {
         return Err(QmpError::generic("mirror target: the export is read-only"));
@@ -97,11 +100,12 @@ pub(super) fn thin_mirror(state: &State, v: Value) -> Result<Value, QmpError> {
     let mirror = Mirror {
         device: a.device,
         source,
-        target,
+        target: Arc::new(target),
         volumes: volumes.clone(),
         hook: hook.clone(),
         dirty,
         sync,
+        copying: Default::default(),
     };
     if let Err(e) = state
         .jobs()
@@ -111,4 +115,47 @@ pub(super) fn thin_mirror(state: &State, v: Value) -> Result<Value, QmpError> {
         return Err(QmpError::generic(e.to_string()));
     }
     Ok(json!({}))
+}
+
+/// `target` as an NBD URI: one given as such, or a local export's name turned into the URI
+/// of this daemon's NBD server (the export must be writable and of another device).
+fn target_uri(state: &State, target: &str, device: &str) -> Result<NbdUri, QmpError> {
+    if target.contains("://") {
+        return NbdUri::parse(target).map_err(|e| QmpError::generic(format!("mirror target: {e}")));
+    }
+    let Some((addr, exports)) = state.nbd().list() else {
+        return Err(QmpError::generic(format!(
+            "mirror target '{target}': not an NBD URI, and no NBD server runs here"
+        )));
+    };
+    let Some(export) = exports.iter().find(|e| e.name == target) else {
+        return Err(QmpError::not_found(format!(
+            "mirror target '{target}': not an NBD URI nor an NBD export here"
+        )));
+    };
+    if !export.writable {
+        return Err(QmpError::generic(format!(
+            "mirror target '{target}': the export is read-only"
+        )));
+    }
+    if export.node == device {
+        return Err(QmpError::generic(format!(
+            "mirror target '{target}' is an export of '{device}' itself"
+        )));
+    }
+    let target = match NbdAddr::parse(&addr) {
+        NbdAddr::Unix(path) => Target::Unix(path),
+        NbdAddr::Tcp(hp) => {
+            let (host, port) = hp
+                .rsplit_once(':')
+                .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+                .ok_or_else(|| QmpError::generic(format!("the NBD server's address {hp}")))?;
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            Target::Tcp(host.to_string(), port)
+        }
+    };
+    Ok(NbdUri {
+        target,
+        export: export.name.clone(),
+    })
 }

@@ -2,6 +2,8 @@
 //! registered under a fresh cookie before its bytes go out (its reply may come before
 //! `send` returns), and the reply thread (`reader.rs`) completes it by calling its `Done`.
 //! At most `max_in_flight` requests wait for replies: a submitter past that waits for one.
+//! A server that owes replies and sends nothing for the reply timeout loses the connection
+//! (its requests fail with `ReplyError::Lost`), so no caller waits forever on it.
 
 use std::collections::HashMap;
 use std::net::{TcpStream, ToSocketAddrs};
@@ -9,7 +11,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
@@ -25,6 +27,10 @@ pub const DEFAULT_IN_FLIGHT: usize = 16;
 
 /// How long connecting and negotiating may take before the server is given up on.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a server that owes replies may send nothing, unless told otherwise (a flush of
+/// a big write cache on a slow disk stays well below it).
+pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A request. Writes borrow their data: it is on the socket before `submit` returns.
 #[derive(Clone, Copy, Debug)]
@@ -65,6 +71,8 @@ pub(super) struct Pending {
     pub got: u64,
     pub error: Option<ReplyError>,
     pub done: Done,
+    /// When it was registered: the server owes a reply from then on.
+    pub sent: Instant,
 }
 
 pub(super) struct State {
@@ -77,14 +85,65 @@ pub(super) struct State {
 }
 
 pub(super) struct Shared {
-    writer: Mutex<Socket>,
     pub state: Mutex<State>,
     /// Signalled when a request completes (room in the window, or nothing left).
     pub room: Condvar,
     max_in_flight: usize,
+    pub reply_timeout: Duration,
 }
 
 impl Shared {
+    pub fn new(max_in_flight: usize, reply_timeout: Duration) -> Shared {
+        Shared {
+            state: Mutex::new(State {
+                next_cookie: 1,
+                pending: HashMap::new(),
+                completing: 0,
+                failed: None,
+            }),
+            room: Condvar::new(),
+            max_in_flight: max_in_flight.max(1),
+            reply_timeout,
+        }
+    }
+
+    /// Registers a request; its cookie, or why the connection ended.
+    pub fn register(&self, kind: u16, offset: u64, len: u32, done: Done) -> Result<u64, String> {
+        let mut st = self.state.lock();
+        while st.failed.is_none() && st.pending.len() >= self.max_in_flight {
+            self.room.wait(&mut st);
+        }
+        if let Some(why) = &st.failed {
+            return Err(why.clone());
+        }
+        let cookie = st.next_cookie;
+        st.next_cookie = st.next_cookie.wrapping_add(1);
+        let buf = if kind == CMD_READ {
+            vec![0u8; len as usize]
+        } else {
+            Vec::new()
+        };
+        st.pending.insert(
+            cookie,
+            Pending {
+                kind,
+                offset,
+                len,
+                buf,
+                got: 0,
+                error: None,
+                done,
+                sent: Instant::now(),
+            },
+        );
+        Ok(cookie)
+    }
+
+    /// Since when the server owes a reply (the oldest request waiting), if it owes any.
+    pub fn owed_since(&self) -> Option<Instant> {
+        self.state.lock().pending.values().map(|p| p.sent).min()
+    }
+
     /// Ends the connection: every request in flight fails with `why`, none is taken after.
     pub fn fail_all(&self, why: String) {
         let pending: Vec<Pending> = {
@@ -115,6 +174,7 @@ pub struct NbdClient {
     info: ExportInfo,
     uri: NbdUri,
     shared: Arc<Shared>,
+    writer: Mutex<Socket>,
     /// A descriptor of the socket to hang up on, and the reply thread.
     hangup: OwnedFd,
     reader: Option<JoinHandle<()>>,
@@ -147,33 +207,35 @@ impl NbdClient {
     }
 
     pub fn connect(uri: &NbdUri, max_in_flight: usize) -> Result<NbdClient, ClientError> {
+        NbdClient::connect_with(uri, max_in_flight, DEFAULT_REPLY_TIMEOUT)
+    }
+
+    /// `connect` with a reply timeout: a server that owes replies and sends nothing for
+    /// that long loses the connection.
+    pub fn connect_with(
+        uri: &NbdUri,
+        max_in_flight: usize,
+        reply_timeout: Duration,
+    ) -> Result<NbdClient, ClientError> {
         let fd = connect(&uri.target).map_err(|e| ClientError::Connect(uri.to_string(), e))?;
         let mut sock = Socket::new(fd);
         sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
         let info = negotiate(&mut sock, &uri.export)?;
-        // Replies may take as long as the server's disk does.
-        sock.set_read_timeout(None)?;
+        // The reply thread wakes this often to see whether a reply is overdue.
+        let tick = (reply_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(5));
+        sock.set_read_timeout(Some(tick))?;
         let reading = Socket::new(sock.try_clone()?);
         let hangup = sock.try_clone()?;
-        let shared = Arc::new(Shared {
-            writer: Mutex::new(sock),
-            state: Mutex::new(State {
-                next_cookie: 1,
-                pending: HashMap::new(),
-                completing: 0,
-                failed: None,
-            }),
-            room: Condvar::new(),
-            max_in_flight: max_in_flight.max(1),
-        });
+        let shared = Arc::new(Shared::new(max_in_flight, reply_timeout));
         let s = shared.clone();
         let reader = std::thread::Builder::new()
             .name("nbd-client".into())
-            .spawn(move || super::reader::run(&s, reading, info))?;
+            .spawn(move || super::reader::run_socket(&s, reading, info))?;
         Ok(NbdClient {
             info,
             uri: uri.clone(),
             shared,
+            writer: Mutex::new(sock),
             hangup,
             reader: Some(reader),
         })
@@ -257,35 +319,10 @@ impl NbdClient {
     /// Waits while `max_in_flight` requests are in flight.
     pub fn submit(&self, cmd: Command<'_>, done: Done) -> Result<(), ClientError> {
         let (kind, offset, len, flags) = self.frame(&cmd)?;
-        let cookie = {
-            let mut st = self.shared.state.lock();
-            while st.failed.is_none() && st.pending.len() >= self.shared.max_in_flight {
-                self.shared.room.wait(&mut st);
-            }
-            if let Some(why) = &st.failed {
-                return Err(ReplyError::Lost(why.clone()).into());
-            }
-            let cookie = st.next_cookie;
-            st.next_cookie = st.next_cookie.wrapping_add(1);
-            let buf = if kind == CMD_READ {
-                vec![0u8; len as usize]
-            } else {
-                Vec::new()
-            };
-            st.pending.insert(
-                cookie,
-                Pending {
-                    kind,
-                    offset,
-                    len,
-                    buf,
-                    got: 0,
-                    error: None,
-                    done,
-                },
-            );
-            cookie
-        };
+        let cookie = self
+            .shared
+            .register(kind, offset, len, done)
+            .map_err(ReplyError::Lost)?;
         let header = RequestHeader {
             magic: REQUEST_MAGIC,
             flags,
@@ -300,7 +337,7 @@ impl NbdClient {
             _ => &[],
         };
         let sent = {
-            let w = self.shared.writer.lock();
+            let w = self.writer.lock();
             let mut iov = [
                 libc::iovec {
                     iov_base: header.as_ptr().cast_mut().cast(),
@@ -407,7 +444,7 @@ impl NbdClient {
         let r = match failed {
             Some(why) => Err(ReplyError::Lost(why).into()),
             None => {
-                let mut w = self.shared.writer.lock();
+                let mut w = self.writer.lock();
                 crate::nbd::socket::Transport::write_all(&mut *w, &header).map_err(Into::into)
             }
         };

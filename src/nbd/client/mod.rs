@@ -7,12 +7,16 @@
 //! - `connection.rs`: `NbdClient`: requests checked against what the export allows, sent
 //!   from any thread, several in flight (a bounded window), each completed by a callback.
 //! - `reader.rs`: the reply thread: simple and structured replies, matched by cookie and
-//!   checked against their request before any payload is accepted.
+//!   checked against their request before any payload is accepted; a server owing replies
+//!   and silent for the reply timeout loses the connection.
+//! - `fuzzing.rs`: the reply parser on a byte stream (the `nbd_client` fuzz target).
 //!
 //! Whatever the server sends is untrusted: a malformed or unexpected reply ends the
 //! connection, and every request in flight then fails with `ReplyError::Lost`. No TLS.
 
 mod connection;
+#[doc(hidden)]
+pub mod fuzzing;
 mod handshake;
 mod reader;
 #[cfg(test)]
@@ -21,7 +25,7 @@ pub mod uri;
 
 use std::io;
 
-pub use connection::{Command, Done, HangUp, NbdClient, DEFAULT_IN_FLIGHT};
+pub use connection::{Command, Done, HangUp, NbdClient, DEFAULT_IN_FLIGHT, DEFAULT_REPLY_TIMEOUT};
 pub use handshake::ExportInfo;
 pub use uri::{NbdUri, Target, UriError};
 

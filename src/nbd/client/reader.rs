@@ -2,6 +2,12 @@
 //! completes them. Every reply is checked against its request before its payload is read
 //! (a chunk of data must lie inside the read it answers, lengths are bounded), so a broken
 //! or hostile server costs the connection, never memory or a wrong completion.
+//!
+//! The parser reads any `Transport` (fuzz/src/nbd_client.rs feeds it bytes); on a socket it
+//! reads through `Patient`, which gives up on a server that owes replies and is silent.
+
+use std::io;
+use std::time::Instant;
 
 use super::connection::{Pending, Shared};
 use super::handshake::ExportInfo;
@@ -17,16 +23,77 @@ const MAX_CHUNK_META: u32 = 64 << 10;
 
 type Violation = String;
 
-pub(super) fn run(shared: &Shared, mut sock: Socket, info: ExportInfo) {
+/// The reply thread's body on a socket whose reads time out every tick.
+pub(super) fn run_socket(shared: &Shared, sock: Socket, info: ExportInfo) {
+    let mut patient = Patient {
+        sock,
+        shared,
+        last_byte: Instant::now(),
+    };
+    run(shared, &mut patient, info);
+}
+
+/// Reads replies until the stream ends or breaks the protocol; then fails what is left.
+pub(super) fn run<T: Transport>(shared: &Shared, sock: &mut T, info: ExportInfo) {
     let why = loop {
-        if let Err(why) = one_reply(shared, &mut sock, &info) {
+        if let Err(why) = one_reply(shared, sock, &info) {
             break why;
         }
     };
     shared.fail_all(why);
 }
 
-fn read<const N: usize>(sock: &mut Socket) -> Result<[u8; N], Violation> {
+/// A socket read that waits while the server owes nothing, and fails once it owes a reply
+/// and has sent no byte for the reply timeout (counted from the later of its last byte and
+/// the oldest request waiting).
+struct Patient<'a> {
+    sock: Socket,
+    shared: &'a Shared,
+    last_byte: Instant,
+}
+
+impl Transport for Patient<'_> {
+    fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        let mut at = 0;
+        while at < buf.len() {
+            let rest = &mut buf[at..];
+            // SAFETY: `rest` is our own buffer, valid for writes of its length.
+            let n = unsafe { libc::recv(self.sock.fd(), rest.as_mut_ptr().cast(), rest.len(), 0) };
+            if n > 0 {
+                at += n as usize;
+                self.last_byte = Instant::now();
+                continue;
+            }
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => {}
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                    let Some(owed) = self.shared.owed_since() else {
+                        continue;
+                    };
+                    let timeout = self.shared.reply_timeout;
+                    if owed.max(self.last_byte).elapsed() >= timeout {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("the server sent nothing for {timeout:?} while owing replies"),
+                        ));
+                    }
+                }
+                _ => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_all(&mut self, _: &[u8]) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+}
+
+fn read<const N: usize>(sock: &mut impl Transport) -> Result<[u8; N], Violation> {
     let mut b = [0u8; N];
     sock.read_exact(&mut b).map_err(|e| match e.kind() {
         std::io::ErrorKind::UnexpectedEof => "the server closed the connection".to_string(),
@@ -35,7 +102,7 @@ fn read<const N: usize>(sock: &mut Socket) -> Result<[u8; N], Violation> {
     Ok(b)
 }
 
-fn payload(sock: &mut Socket, len: usize) -> Result<Vec<u8>, Violation> {
+fn payload<T: Transport>(sock: &mut T, len: usize) -> Result<Vec<u8>, Violation> {
     let mut v = vec![0u8; len];
     sock.read_exact(&mut v)
         .map_err(|e| format!("reading a reply's payload: {e}"))?;
@@ -80,7 +147,11 @@ fn update(shared: &Shared, cookie: u64, last: bool, f: impl FnOnce(&mut Pending)
     }
 }
 
-fn one_reply(shared: &Shared, sock: &mut Socket, info: &ExportInfo) -> Result<(), Violation> {
+fn one_reply<T: Transport>(
+    shared: &Shared,
+    sock: &mut T,
+    info: &ExportInfo,
+) -> Result<(), Violation> {
     let magic = u32::from_be_bytes(read::<4>(sock)?);
     match magic {
         SIMPLE_REPLY_MAGIC => simple(shared, sock),
@@ -89,7 +160,7 @@ fn one_reply(shared: &Shared, sock: &mut Socket, info: &ExportInfo) -> Result<()
     }
 }
 
-fn simple(shared: &Shared, sock: &mut Socket) -> Result<(), Violation> {
+fn simple<T: Transport>(shared: &Shared, sock: &mut T) -> Result<(), Violation> {
     let b = read::<12>(sock)?;
     let errno = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
     let cookie = u64::from_be_bytes([b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11]]);
@@ -116,7 +187,7 @@ fn simple(shared: &Shared, sock: &mut Socket) -> Result<(), Violation> {
     Ok(())
 }
 
-fn chunk(shared: &Shared, sock: &mut Socket) -> Result<(), Violation> {
+fn chunk<T: Transport>(shared: &Shared, sock: &mut T) -> Result<(), Violation> {
     let b = read::<16>(sock)?;
     let flags = u16::from_be_bytes([b[0], b[1]]);
     let kind = u16::from_be_bytes([b[2], b[3]]);
@@ -138,7 +209,11 @@ fn chunk(shared: &Shared, sock: &mut Socket) -> Result<(), Violation> {
             }
             let offset = u64::from_be_bytes(read::<8>(sock)?);
             let n = length - 8;
-            if offset < req_off || offset + u64::from(n) > req_end {
+            // The server chose the offset: its end may not fit in 64 bits.
+            let inside = offset
+                .checked_add(u64::from(n))
+                .is_some_and(|end| offset >= req_off && end <= req_end);
+            if !inside {
                 return Err("a data chunk outside its read".into());
             }
             let data = payload(sock, n as usize)?;
@@ -159,7 +234,10 @@ fn chunk(shared: &Shared, sock: &mut Socket) -> Result<(), Violation> {
             let b = read::<12>(sock)?;
             let offset = u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
             let n = u32::from_be_bytes([b[8], b[9], b[10], b[11]]);
-            if n == 0 || offset < req_off || offset + u64::from(n) > req_end {
+            let inside = offset
+                .checked_add(u64::from(n))
+                .is_some_and(|end| offset >= req_off && end <= req_end);
+            if n == 0 || !inside {
                 return Err("a hole chunk outside its read".into());
             }
             let at = (offset - req_off) as usize;

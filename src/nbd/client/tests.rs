@@ -301,3 +301,60 @@ fn hanging_up_fails_what_a_silent_server_never_answers() {
     drop(c);
     t.join().unwrap();
 }
+
+#[test]
+fn a_silent_server_times_out_only_while_it_owes_a_reply() {
+    // A server that negotiates, then reads requests and never answers.
+    let (_dir, uri, t) = broken_server(Vec::new(), Vec::new());
+    let timeout = std::time::Duration::from_millis(300);
+    let c = NbdClient::connect_with(&NbdUri::parse(&uri).unwrap(), 4, timeout).unwrap();
+    // Idle for several timeouts: nothing is owed, so the connection stays.
+    std::thread::sleep(timeout * 3);
+    assert_eq!(c.in_flight(), 0);
+    let start = std::time::Instant::now();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let c = Arc::new(c);
+    let c2 = c.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(c2.flush());
+    });
+    let r = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the flush of a silent server never failed");
+    match r {
+        Err(ClientError::Reply(ReplyError::Lost(why))) => {
+            assert!(why.contains("sent nothing"), "{why}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let took = start.elapsed();
+    assert!(took >= timeout, "failed after {took:?}, before the timeout");
+    assert!(took < timeout * 4, "failed only after {took:?}");
+    drop(c);
+    t.join().unwrap();
+}
+
+#[test]
+fn a_chunk_offset_that_wraps_around_is_a_violation_not_a_panic() {
+    // A data chunk for a read at 0 whose offset plus length passes 2^64.
+    let mut reply = STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
+    reply.extend_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
+    reply.extend_from_slice(&REPLY_TYPE_OFFSET_DATA.to_be_bytes());
+    let mut after = (8u32 + 100).to_be_bytes().to_vec();
+    after.extend_from_slice(&(u64::MAX - 10).to_be_bytes());
+    after.extend_from_slice(&[1u8; 100]);
+    let (_dir, uri, t) = broken_server(reply, after);
+    let c = Arc::new(NbdClient::connect_uri(&uri, 4).unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let c2 = c.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(c2.read(0, 4096));
+    });
+    // Before the fix the reply thread panicked and the read waited forever.
+    match rx.recv_timeout(std::time::Duration::from_secs(10)) {
+        Ok(Err(ClientError::Reply(ReplyError::Lost(_)))) => {}
+        other => panic!("{other:?}"),
+    }
+    drop(c);
+    t.join().unwrap();
+}
