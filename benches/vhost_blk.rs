@@ -4,6 +4,7 @@
 //! cargo bench --bench vhost_blk -- --socket PATH [--seconds N] [--jobs a,b]   # any server
 //! cargo bench --bench vhost_blk -- --suite [--seconds N] [--sections raw,null,thin]
 //! cargo bench --bench vhost_blk -- --suite --sections builds --baseline OLD_THINBLK   # before/after
+//! THINBLK_CEPH_CONF=DIR/ceph.conf cargo bench --features rbd --bench vhost_blk -- --suite --sections rbd
 //! ```
 //!
 //! `--suite` starts thinblk and qemu-storage-daemon itself, one after the other for every job
@@ -31,6 +32,8 @@ mod pause;
 mod placement;
 #[path = "vhost_blk/qmp.rs"]
 mod qmp;
+#[path = "vhost_blk/rbd.rs"]
+mod rbd;
 #[path = "vhost_blk/server.rs"]
 mod server;
 #[path = "vhost_blk/stats.rs"]

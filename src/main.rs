@@ -137,7 +137,9 @@ struct ServeArgs {
     /// null=SIZE: a device that stores nothing and reads zeros, for benchmarks (e.g. 16G);
     /// cow=ORIGIN: a writable snapshot of the file or block device ORIGIN (never written),
     /// its changed chunks kept in store= in dm-snapshot's format.
-    /// One of name=, raw=, null= or cow= is required.
+    /// rbd=POOL/IMAGE: an existing Ceph RBD image served byte for byte through librbd
+    /// (see --ceph-conf, --ceph-id; needs a thinblk built with the `rbd` feature).
+    /// One of name=, raw=, null=, cow= or rbd= is required.
     /// size=SIZE: with name=, the size of a device to create (e.g. 16G).
     /// snapshot-of=NAME: with name=, create the device as a snapshot of NAME if missing.
     /// origin=PATH: with name=, create the device with the external origin PATH if missing:
@@ -148,7 +150,7 @@ struct ServeArgs {
     /// 64K; an existing store keeps its own).
     /// store-size=SIZE: with cow=, the size of a store file created now.
     /// transient=on|off: with cow=, keep exceptions in memory only; they are lost at exit.
-    /// socket=PATH: the vhost-user socket to create, mode 0600 (required for raw=, null=, cow=;
+    /// socket=PATH: the vhost-user socket to create, mode 0600 (required for raw=, null=, cow=, rbd=;
     /// thin exports default to DIR/NAME.sock); a stale socket is replaced, a socket some
     /// server still listens on is an error.
     /// socket-mode=MODE, socket-owner=USER, socket-group=GROUP: the socket's octal mode,
@@ -241,6 +243,15 @@ struct ServeArgs {
     /// http://ADDR/metrics (for example 127.0.0.1:9847). Off by default.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
+
+    /// The Ceph configuration file (monitors, keyring) for rbd= exports and pools on RBD
+    /// [default: librados's search: $CEPH_CONF, /etc/ceph/ceph.conf, ~/.ceph/config]
+    #[arg(long, value_name = "PATH")]
+    ceph_conf: Option<PathBuf>,
+
+    /// The Ceph (cephx) user to connect as, without "client." [default: admin]
+    #[arg(long, value_name = "NAME")]
+    ceph_id: Option<String>,
 }
 
 impl ServeArgs {
@@ -310,6 +321,10 @@ impl ServeArgs {
             },
             reload: None,
             metrics: self.metrics,
+            ceph: thinblk::engine::rbd::CephOptions {
+                conf: self.ceph_conf,
+                id: self.ceph_id,
+            },
         })
     }
 }

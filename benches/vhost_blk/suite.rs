@@ -23,6 +23,8 @@ pub enum Section {
     Thin,
     /// Only this build vs `--baseline` (which runs with any section).
     Builds,
+    /// thinblk rbd= vs qsd's rbd driver on one image (THINBLK_CEPH_CONF; `--features rbd`).
+    Rbd,
 }
 
 pub struct Settings {
@@ -157,6 +159,9 @@ pub fn run(s: &Settings) -> Result<String, String> {
     }
     if let (true, Some(file)) = (s.sections.contains(&Section::Thin), &raw) {
         thin_section(s, file, &mut out);
+    }
+    if s.sections.contains(&Section::Rbd) {
+        crate::rbd::section(s, &mut out);
     }
     Ok(out)
 }

@@ -100,6 +100,12 @@ pub enum ServeError {
     },
     #[error("waiting for SIGINT and SIGTERM")]
     Signals(#[source] std::io::Error),
+    #[error("opening the RBD image {image}")]
+    Rbd {
+        image: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn file_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ServeError {
@@ -153,6 +159,8 @@ pub struct ServeConfig {
     pub reload: Option<Reload>,
     /// Where to serve Prometheus metrics (`--metrics`), if anywhere.
     pub metrics: Option<std::net::SocketAddr>,
+    /// How to reach Ceph for `rbd=` exports (`--ceph-conf`, `--ceph-id`).
+    pub ceph: crate::engine::rbd::CephOptions,
 }
 
 /// See [`ServeConfig::reload`].
@@ -246,6 +254,15 @@ fn open_device(
         Backing::Null(size) => {
             info!("{}: null device of {size} bytes", spec.id);
             Ok(Arc::new(NullDevice::new(*size)))
+        }
+        Backing::Rbd(image) => {
+            let dev = crate::engine::rbd::open_device(image, &state.ceph(), spec.read_only)
+                .map_err(|source| ServeError::Rbd {
+                    image: image.to_string(),
+                    source,
+                })?;
+            info!("{}: RBD image {image} ({} bytes)", spec.id, dev.size());
+            Ok(dev)
         }
         Backing::Cow(c) => {
             let opts = CowOptions {
@@ -380,7 +397,7 @@ pub(crate) fn remove_node_of(spec: &ExportSpec, state: &State) {
     let removed = match spec.backing {
         Backing::Thin { .. } => return,
         Backing::Cow(_) => state.remove_cow_node(&spec.id).map(drop),
-        Backing::Raw(_) | Backing::Null(_) => state.remove_node(&spec.id),
+        Backing::Raw(_) | Backing::Null(_) | Backing::Rbd(_) => state.remove_node(&spec.id),
     };
     if let Err(e) = removed {
         log::warn!("node {}: {e}", spec.id);
@@ -396,6 +413,7 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
     let thin = config.pool.as_ref().map(open_pool).transpose()?;
     let state = State::new(thin.clone());
     state.set_socket_defaults(config.socket_defaults);
+    state.set_ceph(config.ceph.clone());
     for spec in &config.exports {
         start_export(spec, config.pool.as_ref(), thin.as_ref(), &state)?;
     }
