@@ -33,7 +33,7 @@ enum Command {
     /// exported at ./thinblk-pool/disk0.sock, and the QMP socket ./thinblk-pool/control.sock.
     /// Runs until SIGINT or SIGTERM; SIGHUP re-reads --config.
     #[command(args_override_self = true, after_long_help = CONFIG_HELP)]
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Check a pool's metadata (like thin_check, plus data ref counts and mapped_blocks).
     Check(tools::cli::CheckArgs),
     /// Print a pool's metadata as thin_dump XML (or JSON).
@@ -334,7 +334,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         None => Ok(daemon::serve(ServeArgs::default_args().into_config()?)?),
-        Some(Command::Serve(args)) => run_serve(args),
+        Some(Command::Serve(args)) => run_serve(*args),
         Some(Command::Check(a)) => Ok(tools::cli::run_check(&a)?),
         Some(Command::Dump(a)) => Ok(tools::cli::run_dump(&a)?),
         Some(Command::Restore(a)) => Ok(tools::cli::run_restore(&a)?),
@@ -402,7 +402,7 @@ fn serve_args_with_file(file: &std::path::Path, cli: &[OsString]) -> anyhow::Res
     argv.extend(from_file.into_iter().map(OsString::from));
     argv.extend(cli.iter().cloned());
     match Cli::try_parse_from(argv)?.command {
-        Some(Command::Serve(args)) => Ok(args),
+        Some(Command::Serve(args)) => Ok(*args),
         _ => anyhow::bail!("the configuration did not parse as serve"),
     }
 }
@@ -411,7 +411,7 @@ impl ServeArgs {
     /// What a bare `thinblk` (no subcommand) runs: `thinblk serve` with its defaults.
     fn default_args() -> Self {
         match Cli::parse_from(["thinblk", "serve"]).command {
-            Some(Command::Serve(args)) => args,
+            Some(Command::Serve(args)) => *args,
             _ => ServeArgs::default(),
         }
     }

@@ -1,6 +1,7 @@
 //! A raw `rbd=` export driven by libblkio's vhost-user-blk driver: the scenarios of
 //! blkio_raw_export.rs on an RBD image of the test cluster, a model check of random I/O,
 //! and RBD snapshots over QMP. Needs THINBLK_CEPH_CONF (see tests/rbd_common).
+#![allow(clippy::unwrap_used)]
 
 mod common;
 mod rbd_common;

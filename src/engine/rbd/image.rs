@@ -322,9 +322,9 @@ impl RbdImage {
             let names = infos
                 .iter()
                 .filter(|i| !i.name.is_null())
-                // SAFETY: each name is a NUL-terminated string librbd allocated, valid until
-                // rbd_snap_list_end.
                 .map(|i| {
+                    // SAFETY: each name is a NUL-terminated string librbd allocated, valid
+                    // until rbd_snap_list_end.
                     unsafe { CStr::from_ptr(i.name) }
                         .to_string_lossy()
                         .into_owned()
