@@ -175,19 +175,21 @@ struct ServeArgs {
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
 
-    /// The pool's metadata file or device (created sparse with --metadata-size when missing).
+    /// The pool's metadata file or device (created sparse with --metadata-size when missing),
+    /// or rbd:POOL/IMAGE, an RBD image (created when missing; needs --data rbd:...).
     #[arg(long, value_name = "PATH")]
     metadata: Option<PathBuf>,
 
-    /// The pool's data file or device (created sparse with --data-size when missing).
+    /// The pool's data file or device (created sparse with --data-size when missing), or
+    /// rbd:POOL/IMAGE, an RBD image (created when missing).
     #[arg(long, value_name = "PATH")]
     data: Option<PathBuf>,
 
-    /// Size of a new metadata file.
+    /// Size of a new metadata file (or image).
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = size_arg)]
     metadata_size: u64,
 
-    /// Size of a new data file.
+    /// Size of a new data file (or image).
     #[arg(long, value_name = "SIZE", default_value = "64G", value_parser = size_arg)]
     data_size: u64,
 
@@ -239,6 +241,12 @@ struct ServeArgs {
     /// Group (name or number) of the QMP control socket.
     #[arg(long, value_name = "GROUP", value_parser = group_arg)]
     control_group: Option<u32>,
+    /// With a pool on RBD: if another daemon owns it (holds its images' exclusive locks),
+    /// fence that daemon (break its locks, which blocklists its Ceph client) and take the
+    /// pool over at its last commit, instead of refusing to start.
+    #[arg(long)]
+    take_over: bool,
+
     /// Serve the exports' statistics and the pool's gauges in the Prometheus text format at
     /// http://ADDR/metrics (for example 127.0.0.1:9847). Off by default.
     #[arg(long, value_name = "ADDR")]
@@ -272,6 +280,16 @@ impl ServeArgs {
             .dir
             .clone()
             .unwrap_or_else(|| PathBuf::from(daemon::DEFAULT_POOL_DIR));
+        let rbd = daemon::rbd_pool::spec_from_args(
+            self.metadata.as_deref(),
+            self.data.as_deref(),
+            thinblk::engine::rbd::CephOptions {
+                conf: self.ceph_conf.clone(),
+                id: self.ceph_id.clone(),
+            },
+            self.take_over,
+        )
+        .map_err(anyhow::Error::msg)?;
         let pool = wants_pool.then(|| {
             let geometry = PoolGeometry {
                 block_size: self.block_size,
@@ -285,6 +303,11 @@ impl ServeArgs {
                 ..PoolOptions::default()
             };
             let mut loc = PoolLocation::in_dir(&dir, geometry, options);
+            loc.rbd = rbd.clone();
+            if loc.rbd.is_some() {
+                // The images are named by loc.rbd; the catalog and saved exports stay in DIR.
+                return loc;
+            }
             if let Some(m) = &self.metadata {
                 loc.catalog = m.with_extension("devices.json");
                 loc.saved = m.with_extension("exports.json");

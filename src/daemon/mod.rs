@@ -27,6 +27,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod nbd;
 pub mod notify;
+pub mod rbd_pool;
 mod reload;
 mod restore;
 pub mod saved;
@@ -60,6 +61,8 @@ pub enum ServeError {
         #[source]
         source: PoolOpenError,
     },
+    #[error(transparent)]
+    RbdPool(#[from] rbd_pool::RbdPoolError),
     #[error("opening the snapshot {}", .path.display())]
     Cow {
         path: PathBuf,
@@ -126,6 +129,9 @@ pub struct PoolLocation {
     pub saved: PathBuf,
     pub geometry: PoolGeometry,
     pub options: PoolOptions,
+    /// Set when the metadata and data devices are RBD images (`metadata` and `data` are then
+    /// unused; the catalog and saved exports stay files in `dir`).
+    pub rbd: Option<rbd_pool::RbdPoolSpec>,
 }
 
 impl PoolLocation {
@@ -139,6 +145,7 @@ impl PoolLocation {
             saved: dir.join("exports.json"),
             geometry,
             options,
+            rbd: None,
         }
     }
 }
@@ -206,12 +213,15 @@ fn open_pool(loc: &PoolLocation) -> Result<Arc<Volumes>, ServeError> {
     for file in [&loc.metadata, &loc.data, &loc.catalog] {
         dir_for(loc, file)?;
     }
-    let pool = Pool::open(&loc.metadata, &loc.data, &loc.geometry, loc.options.clone()).map_err(
-        |source| ServeError::Pool {
-            path: loc.metadata.clone(),
-            source,
-        },
-    )?;
+    let pool = match &loc.rbd {
+        Some(spec) => rbd_pool::open(spec, &loc.geometry, loc.options.clone())?,
+        None => Pool::open(&loc.metadata, &loc.data, &loc.geometry, loc.options.clone()).map_err(
+            |source| ServeError::Pool {
+                path: loc.metadata.clone(),
+                source,
+            },
+        )?,
+    };
     let m = pool.meta();
     info!(
         "pool {}: {} of {} data blocks free ({} KiB each), {} of {} metadata blocks free",
@@ -410,6 +420,8 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
     // Before anything opens a file: sockets handed over by an upgrade keep their fd numbers.
     upgrade::at_start();
     let signals = crate::signals::block_termination().map_err(ServeError::Signals)?;
+    // Dropped last: after the pool, on every way out.
+    let _rbd_locks = rbd_pool::ReleaseLocksOnDrop;
     let thin = config.pool.as_ref().map(open_pool).transpose()?;
     let state = State::new(thin.clone());
     state.set_socket_defaults(config.socket_defaults);
@@ -488,6 +500,7 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
     if let Some(thin) = thin {
         thin.pool().close();
     }
+    rbd_pool::release_locks();
     Ok(())
 }
 

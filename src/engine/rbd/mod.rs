@@ -9,7 +9,9 @@
 //!   `rbd-sys`), `error.rs` (a failed call becomes an `io::Error` naming it, with its errno),
 //!   `cluster.rs` (a connected librados handle and its per-pool I/O contexts),
 //!   `image.rs` (an open image: size, resize, synchronous I/O, snapshots, the exclusive
-//!   lock), `device.rs` (the block device) and `queue.rs` (its asynchronous queue).
+//!   lock), `device.rs` (the block device) and `queue.rs` (its asynchronous queue),
+//!   `lock.rs` (a pool's ownership: taking the images' locks, or taking them over from a
+//!   lost owner by blocklisting its client).
 //!
 //! Ownership of an image (the exclusive lock, fencing a lost owner) is decided by whoever
 //! opens it, never on the I/O path: a raw `rbd=` export leaves librbd's lock cooperative
@@ -31,6 +33,8 @@ mod error;
 mod ffi;
 #[cfg(feature = "rbd")]
 mod image;
+#[cfg(feature = "rbd")]
+pub mod lock;
 #[cfg(feature = "rbd")]
 mod queue;
 
