@@ -115,11 +115,8 @@ fn flush(c: &mut Client) -> i32 {
 fn signal(pid: u32, sig: i32) {
     // SAFETY: kill with the pid of a child we have not reaped and a valid signal number has no
     // memory effects.
-    assert_eq!(
-        unsafe { libc::kill(pid as i32, sig) },
-        0,
-        "kill {pid} {sig}"
-    );
+    let rc = unsafe { libc::kill(pid as i32, sig) };
+    assert_eq!(rc, 0, "kill {pid} {sig}");
 }
 
 /// Whether the process runs (or is stopped), rather than being gone or a zombie.
