@@ -44,11 +44,18 @@ struct Shared {
     notify: EventFd,
     /// The notifier was written and not reset since: one write per wake-up, not per call.
     signalled: AtomicBool,
+    /// `done` is not empty: what a polling worker looks at, without taking the lock that
+    /// librbd's threads take to post.
+    any: AtomicBool,
 }
 
 impl Shared {
     fn post(&self, slot: u32, rv: isize) {
-        self.done.lock().push((slot, rv));
+        {
+            let mut done = self.done.lock();
+            done.push((slot, rv));
+            self.any.store(true, Ordering::Release);
+        }
         self.posted.notify_all();
         if !self.signalled.swap(true, Ordering::AcqRel) {
             if let Err(e) = self.notify.write(1) {
@@ -136,6 +143,7 @@ impl RbdQueue {
                 posted: Condvar::new(),
                 notify: EventFd::new(EFD_NONBLOCK)?,
                 signalled: AtomicBool::new(false),
+                any: AtomicBool::new(false),
             }),
             slots: Vec::new(),
             free: Vec::new(),
@@ -367,7 +375,11 @@ impl RbdQueue {
     /// Takes the posted completions and finishes the slots that have none left in flight.
     fn collect(&mut self) {
         let mut posts = std::mem::take(&mut self.scratch);
-        std::mem::swap(&mut *self.shared.done.lock(), &mut posts);
+        {
+            let mut done = self.shared.done.lock();
+            std::mem::swap(&mut *done, &mut posts);
+            self.shared.any.store(false, Ordering::Release);
+        }
         for &(index, rv) in &posts {
             let Some(slot) = self.slots.get_mut(index as usize).filter(|s| s.pending > 0) else {
                 warn!("RBD completion for an unknown request (slot {index})");
@@ -422,7 +434,7 @@ impl IoQueue for RbdQueue {
     }
 
     fn has_completions(&mut self) -> bool {
-        !self.ready.is_empty() || (self.in_librbd > 0 && !self.shared.done.lock().is_empty())
+        !self.ready.is_empty() || (self.in_librbd > 0 && self.shared.any.load(Ordering::Acquire))
     }
 
     fn reap(&mut self, out: &mut dyn FnMut(Completion)) -> usize {
