@@ -5,6 +5,7 @@
 //! cargo bench --bench vhost_blk -- --suite [--seconds N] [--sections raw,null,thin,queues,scale]
 //! cargo bench --bench vhost_blk -- --suite --sections builds --baseline OLD_THINBLK   # before/after
 //! cargo bench --bench vhost_blk -- --suite --sections dirtylog [--rounds N]   # logging off/on
+//! THINBLK_CEPH_CONF=DIR/ceph.conf cargo bench --features rbd --bench vhost_blk -- --suite --sections rbd
 //! ```
 //!
 //! `--suite` starts thinblk and qemu-storage-daemon itself, one after the other for every job
@@ -41,6 +42,8 @@ mod qmp;
 mod queues;
 #[path = "vhost_blk/scale.rs"]
 mod scale;
+#[path = "vhost_blk/rbd.rs"]
+mod rbd;
 #[path = "vhost_blk/server.rs"]
 mod server;
 #[path = "vhost_blk/stats.rs"]

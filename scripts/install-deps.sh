@@ -15,9 +15,12 @@ qemu_packages=(qemu-system-x86 qemu-system-common qemu-system-data qemu-utils
 # Everything else (Debian's own versions). libnbd-bin: nbdinfo/nbdcopy for the NBD tests.
 # libvirt for qemu-scripts/libvirt.sh; its -sysv package keeps apt from pulling in
 # systemd-container (there is no systemd here), bsdutils's `script` gives the progress test
-# a terminal.
+# a terminal. Ceph (bookworm's 16.2: the librbd1 qemu-block-extra already uses): the daemons of
+# the one-node test cluster (scripts/ceph-cluster.sh), and librbd's headers with libclang for
+# the `rbd` cargo feature (rbd-sys runs bindgen over them).
 other_packages=(fio busybox-static cpio thin-provisioning-tools zstd e2fsprogs libnbd-bin
-    libvirt-daemon-system libvirt-clients libvirt-daemon-system-sysv bsdutils)
+    libvirt-daemon-system libvirt-clients libvirt-daemon-system-sysv bsdutils
+    ceph-mon ceph-mgr ceph-osd ceph-common librbd-dev libclang-dev)
 
 is_backport() { # PACKAGE: installed, and its version is a bookworm backport
     local v

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use crate::daemon::export_settings::ExportSettings;
 use crate::engine::limits::{check_device_size, SizeError};
+use crate::engine::rbd::RbdSpec;
 use crate::socket_access::{parse_group, parse_mode, parse_user, SocketAccess};
 
 /// What backs an export.
@@ -25,6 +26,8 @@ pub enum Backing {
     },
     /// A dm-snapshot style COW device: `origin` read-only, changed chunks in `store`.
     Cow(CowSpec),
+    /// An existing Ceph RBD image, byte for byte, through librbd (`rbd=POOL/IMAGE`).
+    Rbd(RbdSpec),
 }
 
 /// `cow=ORIGIN,store=PATH[,chunk-size=SIZE][,store-size=SIZE][,transient=on]`.
@@ -61,12 +64,12 @@ pub enum SpecError {
     #[error("key '{0}' given twice")]
     Duplicate(String),
     #[error(
-        "unknown key '{0}' (known: name, size, snapshot-of, origin, raw, null, cow, store, chunk-size, store-size, transient, socket, socket-mode, socket-owner, socket-group, id, queues, queue-size, readonly, direct, poll-us, submit-batch)"
+        "unknown key '{0}' (known: name, size, snapshot-of, origin, raw, null, cow, rbd, store, chunk-size, store-size, transient, socket, socket-mode, socket-owner, socket-group, id, queues, queue-size, readonly, direct, poll-us, submit-batch)"
     )]
     UnknownKey(String),
     #[error("missing '{0}='")]
     Missing(&'static str),
-    #[error("give one of 'name=NAME', 'raw=PATH', 'null=SIZE' or 'cow=ORIGIN'")]
+    #[error("give one of 'name=NAME', 'raw=PATH', 'null=SIZE', 'cow=ORIGIN' or 'rbd=POOL/IMAGE'")]
     Backing,
     #[error("{key}={value}: {why}")]
     BadValue {
@@ -226,16 +229,24 @@ impl std::str::FromStr for ExportSpec {
         let snapshot_of = take("snapshot-of");
         let origin = take("origin").map(PathBuf::from);
         let cow = parse_cow(&mut take)?;
-        let backing = match (take("name"), take("raw"), take("null"), cow) {
-            (Some(name), None, None, None) => Backing::Thin {
+        let rbd = take("rbd");
+        let backing = match (take("name"), take("raw"), take("null"), cow, rbd) {
+            (Some(name), None, None, None, None) => Backing::Thin {
                 name,
                 size,
                 snapshot_of: snapshot_of.clone(),
                 origin: origin.clone(),
             },
-            (None, Some(path), None, None) => Backing::Raw(PathBuf::from(path)),
-            (None, None, Some(size), None) => Backing::Null(parse_size("null", &size)?),
-            (None, None, None, Some(cow)) => Backing::Cow(cow),
+            (None, Some(path), None, None, None) => Backing::Raw(PathBuf::from(path)),
+            (None, None, Some(size), None, None) => Backing::Null(parse_size("null", &size)?),
+            (None, None, None, Some(cow), None) => Backing::Cow(cow),
+            (None, None, None, None, Some(image)) => Backing::Rbd(image.parse().map_err(
+                |e: crate::engine::rbd::RbdSpecError| SpecError::BadValue {
+                    key: "rbd",
+                    value: image.clone(),
+                    why: e.to_string(),
+                },
+            )?),
             _ => return Err(SpecError::Backing),
         };
         if let (Some(o), Some(_)) = (&origin, &snapshot_of) {
@@ -351,6 +362,40 @@ fn parse_access(take: &mut impl FnMut(&str) -> Option<String>) -> Result<SocketA
 mod tests {
     use super::*;
     use std::path::Path;
+
+    #[test]
+    fn rbd_exports_name_a_pool_and_an_image_and_need_a_socket() {
+        let s: ExportSpec = "rbd=thinblk/vm1,socket=/tmp/vm1.sock,readonly=on"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            s.backing,
+            Backing::Rbd(RbdSpec {
+                pool: "thinblk".into(),
+                image: "vm1".into()
+            })
+        );
+        assert_eq!(s.id, "vm1");
+        assert!(s.read_only);
+        assert_eq!(
+            "rbd=thinblk/vm1".parse::<ExportSpec>(),
+            Err(SpecError::Missing("socket"))
+        );
+        let bad = "rbd=vm1,socket=/tmp/s".parse::<ExportSpec>().unwrap_err();
+        assert!(
+            matches!(&bad, SpecError::BadValue { key: "rbd", .. }),
+            "{bad:?}"
+        );
+        assert!(bad.to_string().contains("POOL/IMAGE"), "{bad}");
+        assert_eq!(
+            "rbd=p/i,raw=/x,socket=/tmp/s".parse::<ExportSpec>(),
+            Err(SpecError::Backing)
+        );
+        assert!(matches!(
+            "rbd=p/i,size=1G,socket=/tmp/s".parse::<ExportSpec>(),
+            Err(SpecError::BadValue { key: "size", .. })
+        ));
+    }
 
     #[test]
     fn minimal_spec_takes_defaults() {

@@ -33,7 +33,7 @@ enum Command {
     /// exported at ./thinblk-pool/disk0.sock, and the QMP socket ./thinblk-pool/control.sock.
     /// Runs until SIGINT or SIGTERM; SIGHUP re-reads --config.
     #[command(args_override_self = true, after_long_help = CONFIG_HELP)]
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Check a pool's metadata (like thin_check, plus data ref counts and mapped_blocks).
     Check(tools::cli::CheckArgs),
     /// Print a pool's metadata as thin_dump XML (or JSON).
@@ -137,7 +137,9 @@ struct ServeArgs {
     /// null=SIZE: a device that stores nothing and reads zeros, for benchmarks (e.g. 16G);
     /// cow=ORIGIN: a writable snapshot of the file or block device ORIGIN (never written),
     /// its changed chunks kept in store= in dm-snapshot's format.
-    /// One of name=, raw=, null= or cow= is required.
+    /// rbd=POOL/IMAGE: an existing Ceph RBD image served byte for byte through librbd
+    /// (see --ceph-conf, --ceph-id; needs a thinblk built with the `rbd` feature).
+    /// One of name=, raw=, null=, cow= or rbd= is required.
     /// size=SIZE: with name=, the size of a device to create (e.g. 16G).
     /// snapshot-of=NAME: with name=, create the device as a snapshot of NAME if missing.
     /// origin=PATH: with name=, create the device with the external origin PATH if missing:
@@ -148,7 +150,7 @@ struct ServeArgs {
     /// 64K; an existing store keeps its own).
     /// store-size=SIZE: with cow=, the size of a store file created now.
     /// transient=on|off: with cow=, keep exceptions in memory only; they are lost at exit.
-    /// socket=PATH: the vhost-user socket to create, mode 0600 (required for raw=, null=, cow=;
+    /// socket=PATH: the vhost-user socket to create, mode 0600 (required for raw=, null=, cow=, rbd=;
     /// thin exports default to DIR/NAME.sock); a stale socket is replaced, a socket some
     /// server still listens on is an error.
     /// socket-mode=MODE, socket-owner=USER, socket-group=GROUP: the socket's octal mode,
@@ -173,19 +175,21 @@ struct ServeArgs {
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
 
-    /// The pool's metadata file or device (created sparse with --metadata-size when missing).
+    /// The pool's metadata file or device (created sparse with --metadata-size when missing),
+    /// or rbd:POOL/IMAGE, an RBD image (created when missing; needs --data rbd:...).
     #[arg(long, value_name = "PATH")]
     metadata: Option<PathBuf>,
 
-    /// The pool's data file or device (created sparse with --data-size when missing).
+    /// The pool's data file or device (created sparse with --data-size when missing), or
+    /// rbd:POOL/IMAGE, an RBD image (created when missing).
     #[arg(long, value_name = "PATH")]
     data: Option<PathBuf>,
 
-    /// Size of a new metadata file.
+    /// Size of a new metadata file (or image).
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = size_arg)]
     metadata_size: u64,
 
-    /// Size of a new data file.
+    /// Size of a new data file (or image).
     #[arg(long, value_name = "SIZE", default_value = "64G", value_parser = size_arg)]
     data_size: u64,
 
@@ -237,10 +241,25 @@ struct ServeArgs {
     /// Group (name or number) of the QMP control socket.
     #[arg(long, value_name = "GROUP", value_parser = group_arg)]
     control_group: Option<u32>,
+    /// With a pool on RBD: if another daemon owns it (holds its images' exclusive locks),
+    /// fence that daemon (break its locks, which blocklists its Ceph client) and take the
+    /// pool over at its last commit, instead of refusing to start.
+    #[arg(long)]
+    take_over: bool,
+
     /// Serve the exports' statistics and the pool's gauges in the Prometheus text format at
     /// http://ADDR/metrics (for example 127.0.0.1:9847). Off by default.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
+
+    /// The Ceph configuration file (monitors, keyring) for rbd= exports and pools on RBD
+    /// [default: librados's search: $CEPH_CONF, /etc/ceph/ceph.conf, ~/.ceph/config]
+    #[arg(long, value_name = "PATH")]
+    ceph_conf: Option<PathBuf>,
+
+    /// The Ceph (cephx) user to connect as, without "client." [default: admin]
+    #[arg(long, value_name = "NAME")]
+    ceph_id: Option<String>,
 }
 
 impl ServeArgs {
@@ -261,6 +280,16 @@ impl ServeArgs {
             .dir
             .clone()
             .unwrap_or_else(|| PathBuf::from(daemon::DEFAULT_POOL_DIR));
+        let rbd = daemon::rbd_pool::spec_from_args(
+            self.metadata.as_deref(),
+            self.data.as_deref(),
+            thinblk::engine::rbd::CephOptions {
+                conf: self.ceph_conf.clone(),
+                id: self.ceph_id.clone(),
+            },
+            self.take_over,
+        )
+        .map_err(anyhow::Error::msg)?;
         let pool = wants_pool.then(|| {
             let geometry = PoolGeometry {
                 block_size: self.block_size,
@@ -274,6 +303,11 @@ impl ServeArgs {
                 ..PoolOptions::default()
             };
             let mut loc = PoolLocation::in_dir(&dir, geometry, options);
+            loc.rbd = rbd.clone();
+            if loc.rbd.is_some() {
+                // The images are named by loc.rbd; the catalog and saved exports stay in DIR.
+                return loc;
+            }
             if let Some(m) = &self.metadata {
                 loc.catalog = m.with_extension("devices.json");
                 loc.saved = m.with_extension("exports.json");
@@ -310,6 +344,10 @@ impl ServeArgs {
             },
             reload: None,
             metrics: self.metrics,
+            ceph: thinblk::engine::rbd::CephOptions {
+                conf: self.ceph_conf,
+                id: self.ceph_id,
+            },
         })
     }
 }
@@ -319,7 +357,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         None => Ok(daemon::serve(ServeArgs::default_args().into_config()?)?),
-        Some(Command::Serve(args)) => run_serve(args),
+        Some(Command::Serve(args)) => run_serve(*args),
         Some(Command::Check(a)) => Ok(tools::cli::run_check(&a)?),
         Some(Command::Dump(a)) => Ok(tools::cli::run_dump(&a)?),
         Some(Command::Restore(a)) => Ok(tools::cli::run_restore(&a)?),
@@ -387,7 +425,7 @@ fn serve_args_with_file(file: &std::path::Path, cli: &[OsString]) -> anyhow::Res
     argv.extend(from_file.into_iter().map(OsString::from));
     argv.extend(cli.iter().cloned());
     match Cli::try_parse_from(argv)?.command {
-        Some(Command::Serve(args)) => Ok(args),
+        Some(Command::Serve(args)) => Ok(*args),
         _ => anyhow::bail!("the configuration did not parse as serve"),
     }
 }
@@ -396,7 +434,7 @@ impl ServeArgs {
     /// What a bare `thinblk` (no subcommand) runs: `thinblk serve` with its defaults.
     fn default_args() -> Self {
         match Cli::parse_from(["thinblk", "serve"]).command {
-            Some(Command::Serve(args)) => args,
+            Some(Command::Serve(args)) => *args,
             _ => ServeArgs::default(),
         }
     }

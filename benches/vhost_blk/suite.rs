@@ -29,6 +29,8 @@ pub enum Section {
     Scale,
     /// Dirty logging (live migration) off vs on, through a vhost frontend (dirty_log.rs).
     Dirtylog,
+    /// thinblk rbd= vs qsd's rbd driver on one image (THINBLK_CEPH_CONF; `--features rbd`).
+    Rbd,
 }
 
 pub struct Settings {
@@ -173,6 +175,9 @@ pub fn run(s: &Settings) -> Result<String, String> {
     }
     if s.sections.contains(&Section::Dirtylog) {
         crate::dirty_log::section(s, &mut out);
+    }
+    if s.sections.contains(&Section::Rbd) {
+        crate::rbd::section(s, &mut out);
     }
     Ok(out)
 }

@@ -59,7 +59,7 @@ pub(super) fn check_request(
     Ok(())
 }
 
-fn check_block_size(block_size: usize) -> io::Result<()> {
+pub(super) fn check_block_size(block_size: usize) -> io::Result<()> {
     if block_size == 0 || !block_size.is_multiple_of(512) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,

@@ -28,6 +28,7 @@ pub mod metrics;
 mod mirror_writes;
 pub mod nbd;
 pub mod notify;
+pub mod rbd_pool;
 mod reload;
 mod restore;
 pub mod saved;
@@ -61,6 +62,8 @@ pub enum ServeError {
         #[source]
         source: PoolOpenError,
     },
+    #[error(transparent)]
+    RbdPool(#[from] rbd_pool::RbdPoolError),
     #[error("opening the snapshot {}", .path.display())]
     Cow {
         path: PathBuf,
@@ -101,6 +104,12 @@ pub enum ServeError {
     },
     #[error("waiting for SIGINT and SIGTERM")]
     Signals(#[source] std::io::Error),
+    #[error("opening the RBD image {image}")]
+    Rbd {
+        image: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn file_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ServeError {
@@ -121,6 +130,9 @@ pub struct PoolLocation {
     pub saved: PathBuf,
     pub geometry: PoolGeometry,
     pub options: PoolOptions,
+    /// Set when the metadata and data devices are RBD images (`metadata` and `data` are then
+    /// unused; the catalog and saved exports stay files in `dir`).
+    pub rbd: Option<rbd_pool::RbdPoolSpec>,
 }
 
 impl PoolLocation {
@@ -134,6 +146,7 @@ impl PoolLocation {
             saved: dir.join("exports.json"),
             geometry,
             options,
+            rbd: None,
         }
     }
 }
@@ -154,6 +167,8 @@ pub struct ServeConfig {
     pub reload: Option<Reload>,
     /// Where to serve Prometheus metrics (`--metrics`), if anywhere.
     pub metrics: Option<std::net::SocketAddr>,
+    /// How to reach Ceph for `rbd=` exports (`--ceph-conf`, `--ceph-id`).
+    pub ceph: crate::engine::rbd::CephOptions,
 }
 
 /// See [`ServeConfig::reload`].
@@ -199,12 +214,15 @@ fn open_pool(loc: &PoolLocation) -> Result<Arc<Volumes>, ServeError> {
     for file in [&loc.metadata, &loc.data, &loc.catalog] {
         dir_for(loc, file)?;
     }
-    let pool = Pool::open(&loc.metadata, &loc.data, &loc.geometry, loc.options.clone()).map_err(
-        |source| ServeError::Pool {
-            path: loc.metadata.clone(),
-            source,
-        },
-    )?;
+    let pool = match &loc.rbd {
+        Some(spec) => rbd_pool::open(spec, &loc.geometry, loc.options.clone())?,
+        None => Pool::open(&loc.metadata, &loc.data, &loc.geometry, loc.options.clone()).map_err(
+            |source| ServeError::Pool {
+                path: loc.metadata.clone(),
+                source,
+            },
+        )?,
+    };
     let m = pool.meta();
     info!(
         "pool {}: {} of {} data blocks free ({} KiB each), {} of {} metadata blocks free",
@@ -247,6 +265,15 @@ fn open_device(
         Backing::Null(size) => {
             info!("{}: null device of {size} bytes", spec.id);
             Ok(Arc::new(NullDevice::new(*size)))
+        }
+        Backing::Rbd(image) => {
+            let dev = crate::engine::rbd::open_device(image, &state.ceph(), spec.read_only)
+                .map_err(|source| ServeError::Rbd {
+                    image: image.to_string(),
+                    source,
+                })?;
+            info!("{}: RBD image {image} ({} bytes)", spec.id, dev.size());
+            Ok(dev)
         }
         Backing::Cow(c) => {
             let opts = CowOptions {
@@ -381,7 +408,7 @@ pub(crate) fn remove_node_of(spec: &ExportSpec, state: &State) {
     let removed = match spec.backing {
         Backing::Thin { .. } => return,
         Backing::Cow(_) => state.remove_cow_node(&spec.id).map(drop),
-        Backing::Raw(_) | Backing::Null(_) => state.remove_node(&spec.id),
+        Backing::Raw(_) | Backing::Null(_) | Backing::Rbd(_) => state.remove_node(&spec.id),
     };
     if let Err(e) = removed {
         log::warn!("node {}: {e}", spec.id);
@@ -394,9 +421,12 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
     // Before anything opens a file: sockets handed over by an upgrade keep their fd numbers.
     upgrade::at_start();
     let signals = crate::signals::block_termination().map_err(ServeError::Signals)?;
+    // Dropped last: after the pool, on every way out.
+    let _rbd_locks = rbd_pool::ReleaseLocksOnDrop;
     let thin = config.pool.as_ref().map(open_pool).transpose()?;
     let state = State::new(thin.clone());
     state.set_socket_defaults(config.socket_defaults);
+    state.set_ceph(config.ceph.clone());
     for spec in &config.exports {
         start_export(spec, config.pool.as_ref(), thin.as_ref(), &state)?;
     }
@@ -471,6 +501,7 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
     if let Some(thin) = thin {
         thin.pool().close();
     }
+    rbd_pool::release_locks();
     Ok(())
 }
 

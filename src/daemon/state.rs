@@ -126,6 +126,8 @@ pub struct State {
     write_hooks: Mutex<HashMap<String, Arc<WriteHook>>>,
     /// Background jobs (thin-mirror), QEMU-style (src/daemon/jobs.rs).
     jobs: super::jobs::Jobs,
+    /// How to reach Ceph for `rbd=` exports (`--ceph-conf`, `--ceph-id`).
+    ceph: std::sync::OnceLock<crate::engine::rbd::CephOptions>,
 }
 
 impl State {
@@ -237,6 +239,16 @@ impl State {
             Some(saved) => Ok(saved.remember_cow(cow)?),
             None => Ok(()),
         }
+    }
+
+    /// Sets how `rbd=` exports reach Ceph; only the first call counts.
+    pub fn set_ceph(&self, opts: crate::engine::rbd::CephOptions) {
+        let _ = self.ceph.set(opts);
+    }
+
+    /// How `rbd=` exports reach Ceph (librados's defaults unless set).
+    pub fn ceph(&self) -> crate::engine::rbd::CephOptions {
+        self.ceph.get().cloned().unwrap_or_default()
     }
 
     pub fn thin(&self) -> Option<&Arc<Volumes>> {

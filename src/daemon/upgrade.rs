@@ -164,6 +164,8 @@ pub fn upgrade(
     if let Some(thin) = thin {
         thin.pool().close();
     }
+    // The new process takes the locks of a pool on RBD as a new owner would.
+    super::rbd_pool::release_locks();
     // Duplicates without FD_CLOEXEC: they, and nothing else of ours, survive the exec.
     let mut passed = Vec::new();
     for (path, listener) in &sockets {

@@ -15,6 +15,7 @@ pub mod memory;
 pub mod null;
 pub mod pdata;
 pub mod raw;
+pub mod rbd;
 pub mod thin;
 
 use std::sync::Arc;
@@ -77,6 +78,13 @@ pub trait BlockDevice: AsDynDevice + Send + Sync {
     /// and where a failure of it is recorded (so that every later flush fails too).
     fn flush_fd(&self) -> Option<FlushFd> {
         None
+    }
+
+    /// Takes a snapshot named `name` of the device's own backing where it has them (an RBD
+    /// image: `blockdev-snapshot-internal-sync` on a raw `rbd=` export). Thin devices take
+    /// theirs through their pool instead.
+    fn snapshot_internal(&self, _name: &str) -> Result<(), BlockError> {
+        Err(BlockError::Unsupported("internal snapshots of this device"))
     }
 
     /// How `[offset, offset + len)` is allocated: consecutive runs from `offset`, covering at

@@ -1,0 +1,282 @@
+//! A pool whose metadata and data devices are RBD images (`--metadata rbd:POOL/IMAGE
+//! --data rbd:POOL/IMAGE`): connecting to the cluster, creating missing images with the
+//! sizes new files get, taking the images' exclusive locks (or taking them over), and opening
+//! the pool on them. Ownership is settled here, at open; the I/O path knows nothing of it.
+//!
+//! The order matters for fencing (see docs/architecture.md, "A pool on RBD"): both locks are
+//! ours, and every lock we broke is enforced by the cluster, before the first block of the
+//! pool is read, so the pool opens at the last commit its old owner made and nothing the old
+//! owner still has in flight can land after that.
+
+use std::sync::Arc;
+
+use crate::engine::rbd::CephOptions;
+use crate::engine::thin::{Pool, PoolGeometry, PoolOpenError, PoolOptions};
+
+/// The part of a pool's location that says it lives on RBD.
+#[derive(Clone, Debug)]
+pub struct RbdPoolSpec {
+    /// `POOL/IMAGE` of the metadata image.
+    pub metadata: String,
+    /// `POOL/IMAGE` of the data image.
+    pub data: String,
+    /// How to reach the cluster (`--ceph-conf`, `--ceph-id`).
+    pub ceph: CephOptions,
+    /// Break the locks of a current owner (fencing it) instead of refusing to start.
+    pub take_over: bool,
+}
+
+/// The prefix that makes `--metadata`/`--data` name an RBD image.
+pub const RBD_PREFIX: &str = "rbd:";
+
+/// `POOL/IMAGE` if `arg` is `rbd:POOL/IMAGE`, with both parts present.
+pub fn rbd_image_arg(arg: &str) -> Option<Result<String, String>> {
+    let rest = arg.strip_prefix(RBD_PREFIX)?;
+    Some(match rest.split_once('/') {
+        Some((pool, image)) if !pool.is_empty() && !image.is_empty() && !image.contains('/') => {
+            Ok(rest.to_string())
+        }
+        _ => Err(format!("'{arg}': expected rbd:POOL/IMAGE")),
+    })
+}
+
+/// The RBD pool that `--metadata` and `--data` name, if they name RBD images (both must, or
+/// neither). `--take-over` is only meaningful for such a pool.
+pub fn spec_from_args(
+    metadata: Option<&std::path::Path>,
+    data: Option<&std::path::Path>,
+    ceph: CephOptions,
+    take_over: bool,
+) -> Result<Option<RbdPoolSpec>, String> {
+    let image = |p: Option<&std::path::Path>| {
+        p.and_then(|p| p.to_str())
+            .and_then(rbd_image_arg)
+            .transpose()
+    };
+    match (image(metadata)?, image(data)?) {
+        (Some(metadata), Some(data)) => Ok(Some(RbdPoolSpec {
+            metadata,
+            data,
+            ceph,
+            take_over,
+        })),
+        (None, None) if take_over => Err(
+            "--take-over needs a pool on RBD (--metadata rbd:POOL/IMAGE --data rbd:POOL/IMAGE)"
+                .into(),
+        ),
+        (None, None) => Ok(None),
+        _ => Err("--metadata and --data must both be rbd:POOL/IMAGE, or both files".into()),
+    }
+}
+
+/// Why a pool on RBD could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum RbdPoolError {
+    #[error("thinblk was built without RBD support (cargo feature `rbd`)")]
+    NotBuilt,
+    #[error("connecting to the Ceph cluster")]
+    Connect(#[source] std::io::Error),
+    #[error("rbd:{image}: {what}")]
+    Image {
+        image: String,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[cfg(feature = "rbd")]
+    #[error(transparent)]
+    Ownership(#[from] crate::engine::rbd::lock::OwnershipError),
+    #[error("opening the pool on rbd:{metadata}")]
+    Pool {
+        metadata: String,
+        #[source]
+        source: PoolOpenError,
+    },
+}
+
+/// Opens (creating what is missing) the pool on RBD that `spec` names, as its only owner.
+#[cfg(not(feature = "rbd"))]
+pub fn open(
+    _spec: &RbdPoolSpec,
+    _geometry: &PoolGeometry,
+    _options: PoolOptions,
+) -> Result<Arc<Pool>, RbdPoolError> {
+    Err(RbdPoolError::NotBuilt)
+}
+
+/// Gives up the locks of every pool on RBD this process opened, after the pool has been
+/// closed (its last commit made): the next daemon then starts without `--take-over`.
+#[cfg(not(feature = "rbd"))]
+pub fn release_locks() {}
+
+#[cfg(feature = "rbd")]
+pub use with_rbd::{open, release_locks};
+
+/// Releases the locks of pools on RBD when dropped. `serve` holds one from its start, so a
+/// daemon that fails after its pool opened (an export that cannot start, say) leaves no lock
+/// behind that the next daemon would have to take over.
+pub struct ReleaseLocksOnDrop;
+
+impl Drop for ReleaseLocksOnDrop {
+    fn drop(&mut self) {
+        release_locks();
+    }
+}
+
+#[cfg(feature = "rbd")]
+mod with_rbd {
+    use std::sync::Mutex;
+
+    use log::{info, warn};
+
+    use super::{Arc, Pool, PoolGeometry, PoolOptions, RbdPoolError, RbdPoolSpec};
+    use crate::bufio::RbdStore;
+    use crate::engine::rbd::{lock, Cluster, RbdDevice, RbdImage, RbdSpec};
+
+    /// The images whose locks this process holds, released by [`release_locks`].
+    static HELD: Mutex<Vec<(String, Arc<RbdImage>)>> = Mutex::new(Vec::new());
+
+    fn held() -> std::sync::MutexGuard<'static, Vec<(String, Arc<RbdImage>)>> {
+        // A panic while the list was held leaves it intact.
+        HELD.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn open(
+        spec: &RbdPoolSpec,
+        geometry: &PoolGeometry,
+        options: PoolOptions,
+    ) -> Result<Arc<Pool>, RbdPoolError> {
+        let opened = open_owned(spec, geometry, options);
+        if opened.is_err() {
+            // Whatever was taken goes back: a daemon that did not start owns nothing.
+            release_locks();
+        }
+        opened
+    }
+
+    fn open_owned(
+        spec: &RbdPoolSpec,
+        geometry: &PoolGeometry,
+        options: PoolOptions,
+    ) -> Result<Arc<Pool>, RbdPoolError> {
+        // A connection of the pool's own (not the daemon's shared one): a take-over fences a
+        // client, and it should fence this pool's I/O, not every RBD export of the old daemon.
+        let cluster = Cluster::connect(&spec.ceph).map_err(RbdPoolError::Connect)?;
+        let meta = open_or_create(&cluster, &spec.metadata, geometry.metadata_size)?;
+        let data = open_or_create(&cluster, &spec.data, geometry.data_size)?;
+        for (name, image) in [(&spec.metadata, &meta), (&spec.data, &data)] {
+            let claimed = lock::claim(&cluster, image, name, spec.take_over)?;
+            if !claimed.fenced.is_empty() {
+                warn!(
+                    "rbd:{name}: taken over from {} (blocklisted)",
+                    claimed.fenced.join(", ")
+                );
+            }
+            held().push((name.clone(), image.clone()));
+        }
+        info!(
+            "pool on rbd:{} and rbd:{}: exclusive locks held",
+            spec.metadata, spec.data
+        );
+        let store =
+            RbdStore::new(meta, &spec.metadata, 4096).map_err(|source| RbdPoolError::Image {
+                image: spec.metadata.clone(),
+                what: "reading its size",
+                source,
+            })?;
+        let device = RbdDevice::from_image(data).map_err(|source| RbdPoolError::Image {
+            image: spec.data.clone(),
+            what: "reading its size",
+            source,
+        })?;
+        Pool::open_with(Arc::new(store), Arc::new(device), geometry, options).map_err(|source| {
+            RbdPoolError::Pool {
+                metadata: spec.metadata.clone(),
+                source,
+            }
+        })
+    }
+
+    /// The image `POOL/IMAGE`, created with `size` bytes when it does not exist.
+    fn open_or_create(
+        cluster: &Arc<Cluster>,
+        name: &str,
+        size: u64,
+    ) -> Result<Arc<RbdImage>, RbdPoolError> {
+        let image_err = |what: &'static str| {
+            move |source: std::io::Error| RbdPoolError::Image {
+                image: name.to_string(),
+                what,
+                source,
+            }
+        };
+        let spec: RbdSpec = name.parse().map_err(|e| {
+            image_err("naming it")(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+        })?;
+        let io = cluster
+            .ioctx(&spec.pool)
+            .map_err(image_err("opening its pool"))?;
+        let (image, created) =
+            RbdImage::open_or_create(&io, &spec.image, size).map_err(image_err("opening"))?;
+        if created {
+            info!("rbd:{name}: created ({size} bytes)");
+        }
+        Ok(Arc::new(image))
+    }
+
+    pub fn release_locks() {
+        let taken = std::mem::take(&mut *held());
+        for (name, image) in taken {
+            if let Err(e) = image.lock_release() {
+                // Fenced, or the cluster is gone: the next owner has to take over.
+                warn!("rbd:{name}: releasing the exclusive lock: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pool_is_on_rbd_only_when_both_devices_are() {
+        let p = |s: &'static str| Some(std::path::Path::new(s));
+        let spec = spec_from_args(p("rbd:tb/m"), p("rbd:tb/d"), CephOptions::default(), true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (spec.metadata.as_str(), spec.data.as_str()),
+            ("tb/m", "tb/d")
+        );
+        assert!(spec.take_over);
+        assert!(
+            spec_from_args(p("rbd:tb/m"), p("/tmp/data"), CephOptions::default(), false).is_err()
+        );
+        assert!(spec_from_args(None, p("rbd:tb/d"), CephOptions::default(), false).is_err());
+        assert!(
+            spec_from_args(p("/tmp/m"), None, CephOptions::default(), false)
+                .unwrap()
+                .is_none()
+        );
+        assert!(spec_from_args(None, None, CephOptions::default(), true).is_err());
+    }
+
+    #[test]
+    fn rbd_image_args_name_a_pool_and_an_image() {
+        assert_eq!(rbd_image_arg("/var/lib/pool/metadata"), None);
+        assert_eq!(
+            rbd_image_arg("rbd:thinblk/meta"),
+            Some(Ok("thinblk/meta".into()))
+        );
+        for bad in [
+            "rbd:",
+            "rbd:thinblk",
+            "rbd:/meta",
+            "rbd:thinblk/",
+            "rbd:a/b/c",
+        ] {
+            assert!(matches!(rbd_image_arg(bad), Some(Err(_))), "{bad}");
+        }
+    }
+}
