@@ -165,7 +165,12 @@ impl Server {
         Server::spawn("qemu-storage-daemon", cmd, socket, dir)
     }
 
-    fn spawn(name: &str, mut cmd: Command, socket: &Path, dir: &Path) -> Result<Server, String> {
+    pub(crate) fn spawn(
+        name: &str,
+        mut cmd: Command,
+        socket: &Path,
+        dir: &Path,
+    ) -> Result<Server, String> {
         let _ = std::fs::remove_file(socket);
         let log = dir.join(format!("{name}.log"));
         let log_file =
