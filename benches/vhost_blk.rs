@@ -40,10 +40,10 @@ mod placement;
 mod qmp;
 #[path = "vhost_blk/queues.rs"]
 mod queues;
-#[path = "vhost_blk/scale.rs"]
-mod scale;
 #[path = "vhost_blk/rbd.rs"]
 mod rbd;
+#[path = "vhost_blk/scale.rs"]
+mod scale;
 #[path = "vhost_blk/server.rs"]
 mod server;
 #[path = "vhost_blk/stats.rs"]

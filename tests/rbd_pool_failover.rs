@@ -166,7 +166,7 @@ fn refused(args: &[String]) -> String {
 
 /// The client address of `image`'s exclusive lock owner (`rbd lock ls`).
 fn lock_owner(image: &str) -> String {
-    let rbd = external::tool("rbd").unwrap();
+    let rbd = external::tool("rbd");
     let out = Command::new(rbd)
         .args([
             "--conf",
@@ -189,7 +189,7 @@ fn lock_owner(image: &str) -> String {
 
 /// The cluster's blocklist, as `ceph osd blocklist ls` prints it.
 fn blocklist() -> String {
-    let ceph = external::tool("ceph").unwrap();
+    let ceph = external::tool("ceph");
     let out = Command::new(ceph)
         .args(["--conf", &ceph_conf(), "osd", "blocklist", "ls"])
         .output()
@@ -200,8 +200,8 @@ fn blocklist() -> String {
 
 /// Exports the metadata image with `rbd export` and runs thin_check on the copy.
 fn thin_check_image(dir: &Path, image: &str) {
-    let rbd = external::tool("rbd").unwrap();
-    let thin_check = external::tool("thin_check").unwrap();
+    let rbd = external::tool("rbd");
+    let thin_check = external::tool("thin_check");
     let copy: PathBuf = dir.join("metadata.export");
     let out = Command::new(rbd)
         .args(["--conf", &ceph_conf(), "export", image])
