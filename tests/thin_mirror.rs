@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,6 +38,35 @@ fn setup(d: &Path) -> (Daemon, Qmp, String) {
         );
     }
     (daemon, qmp, nbd.display().to_string())
+}
+
+/// A daemon with thin disk `src` exported over vhost-user at `vm.sock`, its NBD server at
+/// `nbd.sock` with the empty thin disk `dst` exported writable as `dst`: (daemon, QMP, NBD
+/// socket, vhost socket).
+fn guest_setup(d: &Path) -> (Daemon, Qmp, PathBuf, PathBuf) {
+    let (nbd, control, vm) = (
+        d.join("nbd.sock"),
+        d.join("control.sock"),
+        d.join("vm.sock"),
+    );
+    let args: Vec<String> = vec![
+        "--dir".into(),
+        d.display().to_string(),
+        "--data-size".into(),
+        "512M".into(),
+        "--export".into(),
+        format!("name=src,size={SIZE},socket={}", vm.display()),
+        "--nbd".into(),
+        nbd.display().to_string(),
+    ];
+    let daemon = Daemon::start(&args, &[&nbd, &control, &vm]);
+    let mut qmp = Qmp::connect(&control);
+    qmp.ok("thin-create", json!({"name": "dst", "size": SIZE}));
+    qmp.ok(
+        "nbd-server-add",
+        json!({"device": "dst", "name": "dst", "writable": true}),
+    );
+    (daemon, qmp, nbd, vm)
 }
 
 fn uri(sock: &str, name: &str) -> String {
@@ -201,29 +230,7 @@ fn an_incremental_mirror_copies_only_what_changed_since_the_base() {
 fn guest_writes_over_vhost_are_mirrored_and_refused_after_switchover() {
     use common::Client;
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let (nbd, control, vm) = (
-        d.join("nbd.sock"),
-        d.join("control.sock"),
-        d.join("vm.sock"),
-    );
-    let args: Vec<String> = vec![
-        "--dir".into(),
-        d.display().to_string(),
-        "--data-size".into(),
-        "512M".into(),
-        "--export".into(),
-        format!("name=src,size={SIZE},socket={}", vm.display()),
-        "--nbd".into(),
-        nbd.display().to_string(),
-    ];
-    let _daemon = Daemon::start(&args, &[&nbd, &control, &vm]);
-    let mut qmp = Qmp::connect(&control);
-    qmp.ok("thin-create", json!({"name": "dst", "size": SIZE}));
-    qmp.ok(
-        "nbd-server-add",
-        json!({"device": "dst", "name": "dst", "writable": true}),
-    );
+    let (_daemon, mut qmp, nbd, vm) = guest_setup(dir.path());
     let sock = nbd.display().to_string();
     let mut guest = Client::connect(&vm, 1);
     let mut model = vec![0u8; SIZE as usize];
@@ -287,29 +294,7 @@ fn guest_writes_over_vhost_are_mirrored_and_refused_after_switchover() {
 fn once_ready_an_acknowledged_write_is_already_on_the_target() {
     use common::Client;
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let (nbd, control, vm) = (
-        d.join("nbd.sock"),
-        d.join("control.sock"),
-        d.join("vm.sock"),
-    );
-    let args: Vec<String> = vec![
-        "--dir".into(),
-        d.display().to_string(),
-        "--data-size".into(),
-        "512M".into(),
-        "--export".into(),
-        format!("name=src,size={SIZE},socket={}", vm.display()),
-        "--nbd".into(),
-        nbd.display().to_string(),
-    ];
-    let _daemon = Daemon::start(&args, &[&nbd, &control, &vm]);
-    let mut qmp = Qmp::connect(&control);
-    qmp.ok("thin-create", json!({"name": "dst", "size": SIZE}));
-    qmp.ok(
-        "nbd-server-add",
-        json!({"device": "dst", "name": "dst", "writable": true}),
-    );
+    let (_daemon, mut qmp, nbd, vm) = guest_setup(dir.path());
     // The vhost export's device is on the NBD server already, read-only: writable instead.
     qmp.ok("nbd-server-remove", json!({"name": "src"}));
     qmp.ok(
