@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 
 use common::{Daemon, Qmp};
 use serde_json::{json, Value};
+use thinblk::engine::memory::MemoryDevice;
+use thinblk::engine::{BlockDevice, BlockError, Bufs, BufsMut};
 use thinblk::nbd::client::NbdClient;
+use thinblk::nbd::{NbdAddr, NbdExport, NbdServer};
 
 const SIZE: u64 = 32 << 20;
 const PIECE: u64 = 64 << 10;
@@ -397,4 +400,95 @@ fn a_target_error_once_ready_fails_the_job_not_the_write() {
     for n in 0..4u64 {
         assert!(src.read(n * PIECE, PIECE as u32).unwrap() == piece(100 + n));
     }
+}
+
+/// A target that takes writes at `BYTES_PER_SEC`, far slower than the daemon's writes.
+struct SlowDisk(MemoryDevice);
+
+impl SlowDisk {
+    const BYTES_PER_SEC: u64 = 16 << 20;
+
+    fn pace(len: u64) {
+        std::thread::sleep(Duration::from_micros(len * 1_000_000 / Self::BYTES_PER_SEC));
+    }
+}
+
+impl BlockDevice for SlowDisk {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read(&self, offset: u64, bufs: &mut BufsMut<'_>) -> Result<(), BlockError> {
+        self.0.read(offset, bufs)
+    }
+    fn write(&self, offset: u64, bufs: &Bufs<'_>) -> Result<(), BlockError> {
+        Self::pace(bufs.len());
+        self.0.write(offset, bufs)
+    }
+    fn flush(&self) -> Result<(), BlockError> {
+        Ok(())
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.0.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<(), BlockError> {
+        self.0.write_zeroes(offset, len, may_unmap)
+    }
+}
+
+/// A guest that writes faster than the target takes keeps every background sweep as large
+/// as the one before: the mirror must then turn write-blocking (slowing the guest to the
+/// target's pace) and get ready, not copy forever.
+#[test]
+fn a_mirror_to_a_target_slower_than_the_guest_still_gets_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_daemon, mut qmp, sock) = setup(dir.path());
+    let path = dir.path().join("slow.sock");
+    let server = NbdServer::start(NbdAddr::Unix(path.clone())).unwrap();
+    let slow: Arc<dyn BlockDevice> = Arc::new(SlowDisk(MemoryDevice::new(SIZE).unwrap()));
+    server
+        .add(NbdExport {
+            name: "slow".into(),
+            description: String::new(),
+            dev: slow.clone(),
+            node: slow.clone(),
+            writable: true,
+            fast_zero: false,
+            bitmap: None,
+        })
+        .unwrap();
+    let src = Arc::new(NbdClient::connect_uri(&uri(&sock, "src"), 8).unwrap());
+    let model = Arc::new(Mutex::new(vec![0u8; SIZE as usize]));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..2u64)
+        .map(|w| {
+            let (src, model, stop) = (src.clone(), model.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    // Writer w owns the slots of its parity: the model stays exact.
+                    let slot = ((n * 37 + 11) * 2 + w) % (SIZE / PIECE);
+                    write(&src, &model, slot, 5000 + n * 2 + w);
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    qmp.ok(
+        "thin-mirror",
+        json!({"job-id": "s", "device": "src", "sync": "full",
+               "target": format!("nbd+unix:///slow?socket={}", path.display())}),
+    );
+    wait_for(&mut qmp, "ready", |j| j[0]["ready"] == true);
+    stop.store(true, Ordering::SeqCst);
+    let writes: u64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
+    assert!(writes > 100, "only {writes} writes during the mirror");
+    qmp.ok("job-complete", json!({"id": "s"}));
+    wait_for(&mut qmp, "done", |j| j.as_array().unwrap().is_empty());
+    let mut got = vec![0u8; SIZE as usize];
+    slow.read(0, &mut BufsMut::one(&mut got)).unwrap();
+    assert!(
+        got == *model.lock().unwrap(),
+        "the target differs from the source"
+    );
 }

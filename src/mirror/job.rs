@@ -7,7 +7,11 @@
 //!    mapped blocks (`top`), or only what differs from snapshot `base` (`incremental`).
 //! 3. Dirty runs are copied until a sweep copies at most `CONVERGED` bytes (waiting for one
 //!    that copies nothing never ends while a guest writes steadily: each sweep finds what was
-//!    written during the one before). Then the mirror turns write-blocking
+//!    written during the one before), or copies no less than the sweep before, or
+//!    `BACKGROUND_SWEEPS` sweeps were made (a guest that writes faster than the target
+//!    takes keeps every sweep large: only write-blocking slows it to the target's pace, as
+//!    QEMU's `write-blocking` copy mode does from the start; see `Convergence`). Then the
+//!    mirror turns write-blocking
 //!    (`active.rs`): writes that start from then on complete only once they are on the
 //!    target; the writes that started before are waited for and what they marked copied;
 //!    then the job is `ready` (BLOCK_JOB_READY): every write completed from then on is on
@@ -56,9 +60,11 @@ pub struct Mirror {
 const WINDOW: u64 = 256 << 20;
 /// A dirty run copied at once is at most this long.
 const DIRTY_RUN: u64 = 16 << 20;
-/// How long a switchover waits for the writes in flight to finish.
 /// A sweep that copied no more than this has converged: the mirror turns write-blocking.
 const CONVERGED: u64 = 4 << 20;
+/// Sweeps after the first pass before the mirror turns write-blocking whatever they copied.
+const BACKGROUND_SWEEPS: u32 = 8;
+/// How long a switchover waits for the writes in flight to finish.
 const DRAIN_LIMIT: Duration = Duration::from_secs(60);
 
 /// Stops tracking when the job ends, however it ends.
@@ -67,6 +73,24 @@ struct Tracking(Arc<WriteHook>);
 impl Drop for Tracking {
     fn drop(&mut self) {
         self.0.stop();
+    }
+}
+
+/// When background sweeps stop paying: the mirror then turns write-blocking, after which
+/// guest writes no longer mark anything and the next sweeps drain what is left.
+#[derive(Default)]
+struct Convergence {
+    sweeps: u32,
+    last: Option<u64>,
+}
+
+impl Convergence {
+    /// After a sweep that copied `copied` bytes: whether to turn write-blocking now.
+    fn done_after(&mut self, copied: u64) -> bool {
+        self.sweeps += 1;
+        let not_shrinking = self.last.is_some_and(|last| copied >= last);
+        self.last = Some(copied);
+        copied <= CONVERGED || not_shrinking || self.sweeps >= BACKGROUND_SWEEPS
     }
 }
 
@@ -165,13 +189,14 @@ impl Mirror {
             return Ok(Outcome::Cancelled);
         }
         let mut active: Option<Arc<ActiveSync>> = None;
+        let mut convergence = Convergence::default();
         loop {
             let copied = self.sweep(job)?;
             if cancelled(job) {
                 return Ok(Outcome::Cancelled);
             }
             let clean = copied == Some(0);
-            if copied.is_some_and(|n| n <= CONVERGED) && active.is_none() {
+            if active.is_none() && copied.is_some_and(|n| convergence.done_after(n)) {
                 active = Some(self.become_write_blocking()?);
                 // Sweep again: what the writes that started before marked.
                 continue;
@@ -240,5 +265,35 @@ impl Mirror {
             self.hook.set_refused(false);
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod convergence_tests {
+    use super::{Convergence, BACKGROUND_SWEEPS, CONVERGED};
+
+    #[test]
+    fn a_small_sweep_converges_at_once() {
+        assert!(Convergence::default().done_after(CONVERGED));
+        assert!(Convergence::default().done_after(0));
+    }
+
+    #[test]
+    fn shrinking_sweeps_go_on_until_one_is_small_or_the_limit() {
+        let mut c = Convergence::default();
+        let mut n = 64 * CONVERGED;
+        let mut made = 0;
+        while !c.done_after(n) {
+            made += 1;
+            n -= CONVERGED;
+        }
+        assert_eq!(made + 1, BACKGROUND_SWEEPS);
+    }
+
+    #[test]
+    fn a_sweep_no_smaller_than_the_one_before_stops_the_background_copy() {
+        let mut c = Convergence::default();
+        assert!(!c.done_after(32 * CONVERGED));
+        assert!(c.done_after(32 * CONVERGED));
     }
 }
