@@ -255,6 +255,31 @@ fn the_used_ring_log_toggled_on_a_busy_ring_loses_no_completion() {
     assert!(done > 0 && toggles > 0);
 }
 
+/// The race above made certain. What lost a completion was the handler taking the used index
+/// from guest memory while the worker was ahead of it; here guest memory holds a stale index
+/// when the repeated SET_VRING_ADDR arrives (as it does inside that window): a running ring
+/// must keep its own, so the next completion lands after the ones before.
+#[test]
+fn a_repeated_ring_address_keeps_the_running_rings_used_index() {
+    let d = serve();
+    let mut vm = d.connect();
+    let buf = vm.alloc(512);
+    for sector in 0..3 {
+        let (status, _) = request(&mut vm, VIRTIO_BLK_T_IN, sector, &[w(buf, 512)]);
+        assert_eq!(status, VIRTIO_BLK_S_OK as u8);
+    }
+    let used_idx_at = vm.used_ring(0) + 2;
+    let now = vm.used_idx(0);
+    assert_eq!(now, 3);
+    vm.put(used_idx_at, &0u16.to_le_bytes());
+    vm.set_ring_log(0, None).unwrap();
+    vm.put(used_idx_at, &now.to_le_bytes());
+    let (status, _) = request(&mut vm, VIRTIO_BLK_T_IN, 1, &[w(buf, 512)]);
+    assert_eq!(status, VIRTIO_BLK_S_OK as u8);
+    assert_eq!(vm.used_idx(0), now + 1);
+    assert_eq!(vm.get(buf, 512), pattern(7, 512, 512));
+}
+
 #[test]
 fn a_used_ring_log_address_elsewhere_is_refused() {
     let d = serve();
