@@ -249,7 +249,11 @@ fn the_used_ring_log_toggled_on_a_busy_ring_loses_no_completion() {
     };
     let limit = std::time::Duration::from_millis(1500);
     let (done, _, stalled) = qd32(&mut vm, VIRTIO_BLK_T_IN, DISK, limit);
-    assert!(!stalled, "a chain was not used within a second");
+    assert!(
+        !stalled,
+        "a chain was not used within {:?}",
+        frontend::logging::STALL
+    );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let toggles = toggler.join().unwrap();
     assert!(done > 0 && toggles > 0);
