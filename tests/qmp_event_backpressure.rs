@@ -83,7 +83,7 @@ fn a_client_that_never_reads_does_not_slow_writes_that_raise_events() {
         n
     });
     let mut slowest = Duration::ZERO;
-    let mut over_1ms = 0;
+    let mut over_20ms = 0;
     for i in 0..events {
         // In bursts the reading client can keep up with (a client that keeps reading is never
         // dropped), while the stalled one falls ever further behind.
@@ -99,16 +99,17 @@ fn a_client_that_never_reads_does_not_slow_writes_that_raise_events() {
         dev.write_zeroes(0, 8192, false).unwrap();
         let took = start.elapsed();
         slowest = slowest.max(took);
-        over_1ms += usize::from(took > Duration::from_millis(1));
+        over_20ms += usize::from(took > Duration::from_millis(20));
     }
-    eprintln!("{events} writes raising events: slowest {slowest:?}, {over_1ms} over 1 ms");
-    // Each write only queues its event. Before, a write waited up to a second for the stalled
-    // client's socket; a few calls over 1 ms are left to the scheduler of a busy machine.
+    eprintln!("{events} writes raising events: slowest {slowest:?}, {over_20ms} over 20 ms");
+    // Each write only queues its event. Before, once the stalled client's socket was full,
+    // every write waited up to a second for it; a few slow calls are left to the scheduler
+    // of a busy machine (a CI run beside other work).
     assert!(
-        over_1ms * 200 <= events,
-        "{over_1ms} of {events} writes took over 1 ms"
+        over_20ms * 100 <= events,
+        "{over_20ms} of {events} writes took over 20 ms"
     );
-    assert!(slowest < Duration::from_millis(100), "slowest {slowest:?}");
+    assert!(slowest < Duration::from_millis(900), "slowest {slowest:?}");
     assert_eq!(state.events().dropped_listeners(), 1, "the stalled client");
     assert_eq!(counted.join().unwrap(), events, "the reading client");
 }
