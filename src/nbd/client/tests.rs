@@ -329,7 +329,8 @@ fn a_silent_server_times_out_only_while_it_owes_a_reply() {
     }
     let took = start.elapsed();
     assert!(took >= timeout, "failed after {took:?}, before the timeout");
-    assert!(took < timeout * 4, "failed only after {took:?}");
+    // Generous: a busy machine may run the reply thread late.
+    assert!(took < timeout * 10, "failed only after {took:?}");
     drop(c);
     t.join().unwrap();
 }
