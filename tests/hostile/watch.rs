@@ -64,9 +64,10 @@ impl Watched {
         self.baseline
     }
 
-    /// The counts once they stop changing (or equal `want`), within 5 s.
+    /// The counts once they stop changing (or equal `want`), within 20 s (a busy machine
+    /// may take seconds to run the daemon's clean-up).
     pub fn settled(&self, want: Option<(usize, usize)>) -> (usize, usize) {
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(20);
         let mut last = counts(self.daemon.pid());
         loop {
             std::thread::sleep(Duration::from_millis(10));
