@@ -104,13 +104,14 @@ def median(values):
 
 def summary(path):
     groups = {}
-    server = "?"
+    # Lines before the first series (migrate.sh's cases) belong to no server.
+    server = None
     with open(path) as f:
         for line in f:
             if line.startswith("series "):
                 server = line.split()[1].rsplit("-", 1)[0]
                 continue
-            if not line.startswith("BREAKDOWN"):
+            if server is None or not line.startswith("BREAKDOWN"):
                 continue
             fields = dict(re.findall(r"(\S+?)=(\S+)", line))
             try:
