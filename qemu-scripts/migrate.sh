@@ -15,14 +15,22 @@
 # comparison is a series: the same guest migrated MIG_SAMPLES times back and forth between the
 # two exports of its disk, once with thinblk (a thin disk) and once with qemu-storage-daemon
 # (a raw file, two exports of one node), one after the other in this run:
-#   MIGRATE-DOWNTIME thinblk=<median ms> qsd=<median ms> samples thinblk=<ms,...> qsd=<ms,...>
+#   MIGRATE-DOWNTIME thinblk=<median ms> qsd=<median ms> (...) samples thinblk=<ms,...> qsd=<ms,...>
+# At QEMU's default downtime limit (300 ms) the figure is mostly the part of the first RAM pass
+# QEMU leaves for after the stop, which is chance; MIG_DOWNTIME_LIMIT=20 makes QEMU iterate to
+# the guest's working set, and the downtime is then the backend's floor (docs/benchmarks.md).
 # thinblk's log (RUST_LOG=debug) says where its share goes: "requests in flight finished in"
 # (GET_VRING_BASE at the switchover) and "now the running export ..., N ms after the last one
 # stopped its rings" (the destination's first request).
+# MIG_TRACE=1 says where QEMU's downtime goes: both QEMUs log their migration trace points
+# (NAME.trace), each migration prints a BREAKDOWN line (mig_breakdown.py: the VM stop with each
+# vhost-user reply's wait, the final RAM copy and its size, device states, the destination's
+# resume) and the run ends with one MIGRATE-BREAKDOWN line of medians per server.
 # Environment: THINBLK (binary), MIG_SECS (guest fio seconds per migration, default 40),
 # MIG_CASES, MIG_QSD (1: also run qemu-storage-daemon, default 1), MIG_SAMPLES (migrations
-# per series, default 5; 0: no series), MIG_KEEP (1: keep scratch), QEMU_MEM (guest RAM,
-# default 512M here).
+# per series, default 5; 0: no series), MIG_ROUNDS (series per server, taking turns, default
+# 1), MIG_SAMPLE_SECS (guest seconds allowed per migration of a series, default 30),
+# MIG_TRACE, MIG_KEEP (1: keep scratch), QEMU_MEM (guest RAM, default 512M here).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -35,6 +43,8 @@ THINBLK=${THINBLK:-$ROOT/target/release/thinblk}
 SECS=${MIG_SECS:-40}
 CASES=${MIG_CASES:-ab aba snap two}
 SAMPLES=${MIG_SAMPLES:-5}
+SAMPLE_SECS=${MIG_SAMPLE_SECS:-30}
+ROUNDS=${MIG_ROUNDS:-1}
 export QEMU_MEM=${QEMU_MEM:-512M}
 QUEUES=2
 GUEST=$ROOT/target/guest
@@ -69,6 +79,13 @@ wait_round() {
     while :; do
         got=$(tr -d '\r' <"$log" 2>/dev/null | grep -c '^MIGFIO round [0-9]* ok' || true)
         [ "$got" -ge "$want" ] && return 0
+        # qemu-storage-daemon 10.0 sometimes stops serving the destination after a migration
+        # here ("vu_panic: Error writing eventfd: Bad file descriptor" in its log, or silently):
+        # in its series (PANIC_LOG set) that ends the series, after 120 s without a round.
+        if [ -n "${PANIC_LOG:-}" ] && { grep -q 'vu_panic' "$PANIC_LOG" 2>/dev/null \
+            || [ "$i" -ge 1200 ]; }; then
+            return 1
+        fi
         if tr -d '\r' <"$log" 2>/dev/null | grep -q '^THINBLK-E2E FAIL'; then
             die "guest failed: $(tr -d '\r' <"$log" | grep -m1 '^THINBLK-E2E FAIL')"
         fi
@@ -87,6 +104,17 @@ start_qemu() {
     local all=($socks)
     for s in "${all[@]:1}"; do disks+=(-d "$s"); done
     extra="-qmp unix:$SCRATCH/$name.qmp,server=on,wait=off"
+    if [ "${MIG_TRACE:-0}" = 1 ]; then
+        # QEMU's own account of the switchover, with wall-clock timestamps (the same clock as
+        # thinblk's log): mig_breakdown.py reads it.
+        extra="$extra -msg timestamp=on -D $SCRATCH/$name.trace"
+        for ev in vmstate_downtime_checkpoint vmstate_downtime_save vmstate_downtime_load \
+            vhost_user_write vhost_user_read migration_bitmap_sync_start \
+            migration_bitmap_sync_end vhost_dev_start vhost_dev_stop migrate_transferred \
+            migration_thread_low_pending migrate_pending_exact; do
+            extra="$extra -trace $ev"
+        done
+    fi
     [ -z "$incoming" ] || extra="$extra -incoming $incoming"
     (
         rc=0
@@ -106,10 +134,24 @@ start_qemu() {
 # unix:$SCRATCH/TO.mig); prints the downtime in ms.
 migrate() {
     local out
-    out=$(python3 "$HERE/qmp.py" "$SCRATCH/$1.qmp" migrate "unix:$SCRATCH/$2.mig" 300) \
+    out=$(python3 "$HERE/qmp.py" "$SCRATCH/$1.qmp" migrate "unix:$SCRATCH/$2.mig" 300 \
+        "$SCRATCH/$2.info") \
         || { log "migration $1 -> $2 failed"; return 1; }
     log "migrated $1 -> $2: downtime ${out% *} ms, total ${out#* } ms"
+    [ "${MIG_TRACE:-0}" = 1 ] && breakdown "$1" "$2"
     echo "${out% *}"
+}
+
+# breakdown FROM TO: QEMU's account of the switchover (mig_breakdown.py), once the source
+# QEMU quit and its trace is complete.
+breakdown() {
+    local i=0
+    while [ ! -f "$SCRATCH/$1.rc" ] && [ "$i" -lt 300 ]; do
+        i=$((i + 1))
+        sleep 0.1
+    done
+    python3 "$HERE/mig_breakdown.py" "$SCRATCH/$1.trace" "$SCRATCH/$2.trace" "$SCRATCH/$2.info" \
+        | tee -a "$SCRATCH/breakdown.txt" >&2 || true
 }
 
 # median N...: the middle value (the lower of the two middle ones for an even count).
@@ -122,9 +164,10 @@ median() {
 # exporting the disk on both must be running. Writes the downtimes to OUT, space-separated. A
 # migration that fails ends the series with what it has (the caller checks the count).
 series() {
-    local label=$1 file=$2 from=A to i sock ms out=()
+    local label=$1 file=$2 from=A to i sock ms out=() broken=0
     # Long enough for every migration and a round after each; the guest then ends by itself.
-    local secs=$((SAMPLES * 30 + 30))
+    local secs=$((SAMPLES * SAMPLE_SECS + 30))
+    [ "${MIG_TRACE:-0}" = 1 ] && echo "series $label" >>"$SCRATCH/breakdown.txt"
     GUEST_SECS=$secs start_qemu A "$SCRATCH/a.sock"
     wait_round "$SCRATCH/A.log" 1
     for i in $(seq "$SAMPLES"); do
@@ -137,10 +180,22 @@ series() {
         fi
         out+=("$ms")
         from=$to
-        wait_round "$SCRATCH/$to.log" 1
+        if ! wait_round "$SCRATCH/$to.log" 1; then
+            log "$label series: the server stopped serving the guest after migration $i:" \
+                "$(grep -m1 vu_panic "$PANIC_LOG" || echo "no round in 120 s")"
+            broken=1
+            break
+        fi
     done
-    finish "$from"
+    if [ "$broken" = 1 ]; then
+        kill "$(cat "$SCRATCH/$from.pid")" 2>/dev/null || true
+    else
+        finish "$from"
+    fi
     echo "${out[*]}" >"$file"
+    # Keep this series' QEMU logs and traces apart from the next series' (same names).
+    mkdir -p "$SCRATCH/$label"
+    mv "$SCRATCH"/[AS]*.log "$SCRATCH"/*.trace "$SCRATCH"/*.info "$SCRATCH/$label/" 2>/dev/null || true
     log "$label series: downtimes ${out[*]} ms"
 }
 
@@ -232,28 +287,29 @@ sys.exit(0 if "d-a" not in active else 1)' "$SCRATCH/exports.json" \
 }
 
 thinblk_series() {
-    log "thinblk: $SAMPLES migrations of one guest on a thin disk"
+    log "thinblk: $SAMPLES migrations of one guest on a thin disk (round $1)"
     start_thinblk 1
-    series thinblk "$SCRATCH/thinblk.samples"
-    THINBLK_SAMPLES=$(cat "$SCRATCH/thinblk.samples")
+    series "thinblk-$1" "$SCRATCH/thinblk.samples"
+    THINBLK_SAMPLES="$THINBLK_SAMPLES $(cat "$SCRATCH/thinblk.samples")"
     stop_server_and_check
 }
 
 qsd_series() {
-    log "qemu-storage-daemon: $SAMPLES migrations of the same guest on a raw file"
+    log "qemu-storage-daemon: $SAMPLES migrations of the same guest on a raw file (round $1)"
     rm -f "$SCRATCH"/*.sock "$SCRATCH"/*.qmp "$SCRATCH"/*.rc "$SCRATCH"/*.mig "$SCRATCH"/*.pid \
         "$SCRATCH"/[ABS]*.log
+    rm -f "$SCRATCH/qsd.raw"
     truncate -s 1G "$SCRATCH/qsd.raw"
     qemu-storage-daemon \
         --blockdev "driver=file,node-name=disk,filename=$SCRATCH/qsd.raw,cache.direct=on" \
         --export "type=vhost-user-blk,id=ea,node-name=disk,addr.type=unix,addr.path=$SCRATCH/a.sock,writable=on,num-queues=$QUEUES" \
         --export "type=vhost-user-blk,id=eb,node-name=disk,addr.type=unix,addr.path=$SCRATCH/b.sock,writable=on,num-queues=$QUEUES" \
-        >>"$SCRATCH/qsd.log" 2>&1 &
+        >"$SCRATCH/qsd-$1.log" 2>&1 &
     SERVER_PID=$!
     wait_socket "$SCRATCH/a.sock"
     wait_socket "$SCRATCH/b.sock"
-    series qsd "$SCRATCH/qsd.samples"
-    QSD_SAMPLES=$(cat "$SCRATCH/qsd.samples")
+    PANIC_LOG=$SCRATCH/qsd-$1.log series "qsd-$1" "$SCRATCH/qsd.samples"
+    QSD_SAMPLES="$QSD_SAMPLES $(cat "$SCRATCH/qsd.samples")"
     kill -TERM "$SERVER_PID"
     wait "$SERVER_PID" || true
     SERVER_PID=
@@ -265,17 +321,24 @@ done
 THINBLK_SAMPLES=
 QSD_SAMPLES=
 if [ "$SAMPLES" -gt 0 ]; then
-    thinblk_series
-    if [ "${MIG_QSD:-1}" = 1 ]; then
-        qsd_series
-    fi
+    # Rounds take turns (thinblk, qsd, thinblk, ...), so that a change in the machine's load
+    # during the run falls on both servers.
+    for r in $(seq "$ROUNDS"); do
+        thinblk_series "$r"
+        if [ "${MIG_QSD:-1}" = 1 ]; then
+            qsd_series "$r"
+        fi
+    done
     # shellcheck disable=SC2086
     t=$( [ -z "$THINBLK_SAMPLES" ] || median $THINBLK_SAMPLES)
     # shellcheck disable=SC2086
     q=$( [ -z "$QSD_SAMPLES" ] || median $QSD_SAMPLES)
     echo "MIGRATE-DOWNTIME thinblk=${t:-?}ms qsd=${q:--}ms" \
+        "(downtime-limit ${MIG_DOWNTIME_LIMIT:-300}ms, $ROUNDS x $SAMPLES migrations per server)" \
         "samples thinblk=$(echo $THINBLK_SAMPLES | tr ' ' ,) qsd=$(echo $QSD_SAMPLES | tr ' ' ,)"
-    [ "$(echo $THINBLK_SAMPLES | wc -w)" -eq "$SAMPLES" ] \
-        || die "thinblk: $(echo $THINBLK_SAMPLES | wc -w) of $SAMPLES migrations completed"
+    [ "${MIG_TRACE:-0}" = 1 ] && python3 "$HERE/mig_breakdown.py" --summary "$SCRATCH/breakdown.txt"
+    # shellcheck disable=SC2086
+    [ "$(echo $THINBLK_SAMPLES | wc -w)" -eq $((SAMPLES * ROUNDS)) ] \
+        || die "thinblk: $(echo $THINBLK_SAMPLES | wc -w) of $((SAMPLES * ROUNDS)) migrations completed"
 fi
 log "all cases passed: $CASES"
