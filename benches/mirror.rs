@@ -2,25 +2,29 @@
 //! the same kind of target, and beside plain sequential writes into that target.
 //!
 //! ```text
-//! cargo bench --bench mirror -- [--size-gib 4] [--mapped-percent 25] [--dir DIR]
+//! cargo bench --bench mirror -- [--size-gib 4] [--mapped-percent 25] [--rounds 5] [--dir DIR]
 //! ```
 //!
 //! Two thinblk daemons (pool A holds the source, pool B the targets; each pool a sparse file
 //! under DIR, default target/bench-mirror), NBD on unix sockets. The source is a thin disk
 //! of SIZE with MAPPED% of it written (1 MiB runs spread over the whole disk, random bytes);
-//! the rest are holes. Rows, each into a fresh thin device of pool B over NBD:
+//! the rest are holes. Each round measures, in an order that rotates from round to round,
+//! each into a fresh thin device of pool B over NBD (deleted after the round):
 //!
-//! - sequential write: the mapped amount written from memory, 4 MiB writes, 16 in flight
-//!   (the mirror's own request size and window), then a flush: the target's write rate;
+//! - sequential write: the mapped amount written from memory, 4 MiB writes, 16 in flight,
+//!   then a flush: the target's write rate (the reference);
 //! - thin-mirror, sync full: from the command to the job's end (first pass, ready, then
 //!   `block-job-cancel`, which flushes the target);
 //! - `qemu-img convert -n` from pool A's NBD export of the source (it reads the allocation
-//!   map and zeroes holes, as the mirror does);
-//! - thin-mirror of a disk of SIZE with nothing mapped: the cost of holes alone.
+//!   map and zeroes holes, as the mirror does).
 //!
-//! Rates are of the mapped bytes; the ratio column is against the sequential write. The
-//! machine may be shared: the numbers are noisy, the ratios in one run are what to compare.
-//! Under `cargo test` (no `--bench` argument) a smoke run: 64 MiB, no qemu-img.
+//! Then once: thin-mirror of a disk of SIZE with nothing mapped (the cost of holes alone).
+//!
+//! Rates are of the mapped bytes; a round's ratios are against that round's sequential
+//! write, and the summary gives their median and range. The disk's rate varies a lot from
+//! one second to the next on a shared machine: ratios taken within a round, over several
+//! rounds, are what to compare, not absolute rates.
+//! Under `cargo test` (no `--bench` argument) a smoke run: 64 MiB, one round, no qemu-img.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 #[path = "vhost_blk/qmp.rs"]
@@ -28,7 +32,6 @@ mod qmp;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -173,47 +176,162 @@ fn mirror(a: &mut Pool, device: &str, target: &str) -> f64 {
     start.elapsed().as_secs_f64()
 }
 
-struct Row {
-    what: String,
-    bytes: u64,
-    secs: f64,
+/// The kinds of copy a round measures, in the order of round 0.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Sequential,
+    Mirror,
+    Convert,
 }
 
-fn table(rows: &[Row], reference: f64) -> String {
-    let mut s = String::from(
-        "| what | mapped bytes moved | seconds | MiB/s of mapped data | vs sequential write |\n\
-         | --- | ---: | ---: | ---: | ---: |\n",
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Sequential => "sequential write",
+            Kind::Mirror => "thin-mirror",
+            Kind::Convert => "qemu-img convert",
+        }
+    }
+}
+
+/// Seconds of each kind in one round (`None`: not measured).
+#[derive(Default, Clone, Copy)]
+struct Round {
+    sequential: f64,
+    mirror: f64,
+    convert: Option<f64>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn spread(v: &[f64]) -> (f64, f64) {
+    v.iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        })
+}
+
+/// A fresh exported thin device of pool B, measured by `f`, checked to map `want` bytes
+/// (if given), then deleted so the rounds fit in the pool.
+fn on_fresh_target(
+    b: &mut Pool,
+    name: &str,
+    size: u64,
+    want: Option<u64>,
+    f: impl FnOnce(&str) -> Result<f64, String>,
+) -> Result<f64, String> {
+    let uri = b.disk(name, size, true);
+    let secs = f(&uri)?;
+    let mapped = b.mapped(name);
+    b.ok("nbd-server-remove", json!({"name": name, "mode": "hard"}));
+    b.ok("thin-delete", json!({"name": name, "force": true}));
+    match want {
+        Some(w) if w != mapped => Err(format!(
+            "{name}: the target maps {mapped} bytes, the source {w} (holes must stay holes)"
+        )),
+        _ => Ok(secs),
+    }
+}
+
+fn sequential(uri: &str, mapped: u64) -> Result<f64, String> {
+    let c = NbdClient::connect_uri(uri, IN_FLIGHT).map_err(|e| e.to_string())?;
+    let piece = random_mib(7).repeat((CHUNK / MIB) as usize);
+    let start = Instant::now();
+    write_pieces(&c, (0..mapped).step_by(CHUNK as usize), &|_| piece.clone());
+    Ok(start.elapsed().as_secs_f64())
+}
+
+fn convert(src: &str, uri: &str) -> Result<f64, String> {
+    let start = Instant::now();
+    let out = Command::new("qemu-img")
+        .args(["convert", "-n", "-f", "raw", "-O", "raw", src, uri])
+        .output()
+        .map_err(|e| format!("qemu-img (Debian package qemu-utils): {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "qemu-img convert: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
+fn report(rounds: &[Round], mapped: u64, size: u64, percent: u64, holes_secs: f64) -> String {
+    let rate = |secs: f64| mapped as f64 / MIB as f64 / secs;
+    let mut s = format!(
+        "Mirror throughput: a {} MiB thin disk, {}% mapped in 1 MiB runs (pool blocks 64 KiB), \
+         pool A to pool B over NBD (unix sockets); {} rounds, the order rotating.\n\n\
+         | round | sequential write MiB/s | thin-mirror MiB/s | vs seq | qemu-img convert MiB/s | vs seq |\n\
+         | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        size / MIB,
+        percent,
+        rounds.len()
     );
-    for r in rows {
-        let rate = r.bytes as f64 / MIB as f64 / r.secs;
-        let ratio = if r.bytes == 0 {
-            "-".to_string()
-        } else {
-            format!("{:.2}x", rate / reference)
-        };
+    for (i, r) in rounds.iter().enumerate() {
+        let conv = r.convert.map_or("- | -".to_string(), |c| {
+            format!("{:.0} | {:.2}x", rate(c), r.sequential / c)
+        });
         s += &format!(
-            "| {} | {} MiB | {:.2} | {} | {} |\n",
-            r.what,
-            r.bytes / MIB,
-            r.secs,
-            if r.bytes == 0 {
-                "-".into()
-            } else {
-                format!("{rate:.0}")
-            },
-            ratio
+            "| {} | {:.0} | {:.0} | {:.2}x | {} |\n",
+            i + 1,
+            rate(r.sequential),
+            rate(r.mirror),
+            r.sequential / r.mirror,
+            conv
         );
     }
+    let seq: Vec<f64> = rounds.iter().map(|r| rate(r.sequential)).collect();
+    let mir: Vec<f64> = rounds.iter().map(|r| r.sequential / r.mirror).collect();
+    let conv: Vec<f64> = rounds
+        .iter()
+        .filter_map(|r| r.convert.map(|c| r.sequential / c))
+        .collect();
+    let (slo, shi) = spread(&seq);
+    let (mlo, mhi) = spread(&mir);
+    s += &format!(
+        "\nMedians: sequential write {:.0} MiB/s ({slo:.0}-{shi:.0}); thin-mirror {:.2}x \
+         ({mlo:.2}-{mhi:.2})",
+        median(seq.clone()),
+        median(mir.clone()),
+    );
+    if !conv.is_empty() {
+        let (clo, chi) = spread(&conv);
+        s += &format!(
+            "; qemu-img convert {:.2}x ({clo:.2}-{chi:.2})",
+            median(conv.clone())
+        );
+    }
+    s += &format!(
+        ".\nThin-mirror of the disk with nothing mapped: {holes_secs:.2} s (its target maps 0 bytes).\n"
+    );
     s
 }
 
-fn run(dir: &Path, size: u64, percent: u64, with_qemu_img: bool) -> Result<String, String> {
+fn run(
+    dir: &Path,
+    size: u64,
+    percent: u64,
+    rounds: usize,
+    with_qemu_img: bool,
+) -> Result<String, String> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let runs = size / MIB;
     let mapped_runs: Vec<u64> = (0..runs).filter(|&i| mapped_run(i, percent)).collect();
     let mapped = mapped_runs.len() as u64 * MIB;
     let mut a = start_pool(dir, "a", size + size / 4 + 64 * MIB);
+    // Targets are deleted after each round: room for one round's three at a time.
     let mut b = start_pool(dir, "b", 3 * size + 64 * MIB);
 
     eprintln!("filling the source: {size} bytes, {mapped} mapped");
@@ -241,78 +359,45 @@ fn run(dir: &Path, size: u64, percent: u64, with_qemu_img: bool) -> Result<Strin
         c.flush().map_err(|e| e.to_string())?;
     }
     let src_mapped = a.mapped("src");
-    let mut rows = Vec::new();
+    if src_mapped != mapped {
+        return Err(format!("the source maps {src_mapped} bytes, not {mapped}"));
+    }
 
-    // The target's sequential write rate, through the same client and window.
-    let seq = b.disk("seq", size, true);
-    let c = Arc::new(NbdClient::connect_uri(&seq, IN_FLIGHT).map_err(|e| e.to_string())?);
-    let piece = random_mib(7).repeat((CHUNK / MIB) as usize);
-    let start = Instant::now();
-    write_pieces(&c, (0..mapped).step_by(CHUNK as usize), &|_| piece.clone());
-    rows.push(Row {
-        what: "sequential write into a thin device of pool B (NBD, 4 MiB, 16 in flight)".into(),
-        bytes: mapped,
-        secs: start.elapsed().as_secs_f64(),
-    });
-    drop(c);
-
-    let dst = b.disk("dst", size, true);
-    let secs = mirror(&mut a, "src", &dst);
-    rows.push(Row {
-        what: format!("thin-mirror sync=full, {}% mapped", percent),
-        bytes: mapped,
-        secs,
-    });
-    let dst_mapped = b.mapped("dst");
-
-    let mut convert_mapped = None;
+    let mut kinds = vec![Kind::Sequential, Kind::Mirror];
     if with_qemu_img {
-        let cdst = b.disk("cdst", size, true);
-        let start = Instant::now();
-        let out = Command::new("qemu-img")
-            .args(["convert", "-n", "-f", "raw", "-O", "raw", &src, &cdst])
-            .output()
-            .map_err(|e| format!("qemu-img (Debian package qemu-utils): {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "qemu-img convert: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
+        kinds.push(Kind::Convert);
+    }
+    let mut results = Vec::new();
+    for round in 0..rounds {
+        let mut r = Round::default();
+        for k in 0..kinds.len() {
+            let kind = kinds[(round + k) % kinds.len()];
+            let name = format!("{}{round}", kind.label().replace([' ', '-'], ""));
+            let secs = match kind {
+                Kind::Sequential => {
+                    on_fresh_target(&mut b, &name, size, None, |uri| sequential(uri, mapped))?
+                }
+                Kind::Mirror => on_fresh_target(&mut b, &name, size, Some(mapped), |uri| {
+                    Ok(mirror(&mut a, "src", uri))
+                })?,
+                Kind::Convert => {
+                    on_fresh_target(&mut b, &name, size, Some(mapped), |uri| convert(&src, uri))?
+                }
+            };
+            eprintln!("round {}: {} {secs:.2} s", round + 1, kind.label());
+            match kind {
+                Kind::Sequential => r.sequential = secs,
+                Kind::Mirror => r.mirror = secs,
+                Kind::Convert => r.convert = Some(secs),
+            }
         }
-        rows.push(Row {
-            what: "qemu-img convert -n (NBD to NBD)".into(),
-            bytes: mapped,
-            secs: start.elapsed().as_secs_f64(),
-        });
-        convert_mapped = Some(b.mapped("cdst"));
+        results.push(r);
     }
 
-    let hdst = b.disk("hdst", size, true);
-    let secs = mirror(&mut a, "holes", &hdst);
-    rows.push(Row {
-        what: "thin-mirror sync=full, nothing mapped".into(),
-        bytes: 0,
-        secs,
-    });
-    let hdst_mapped = b.mapped("hdst");
-
-    let reference = mapped as f64 / MIB as f64 / rows[0].secs;
-    let mut out = format!(
-        "Mirror throughput: a {} MiB thin disk, {}% mapped in 1 MiB runs (pool blocks 64 KiB), \
-         pool A to pool B over NBD (unix sockets).\n\n{}",
-        size / MIB,
-        percent,
-        table(&rows, reference)
-    );
-    out += &format!(
-        "\nMapped bytes: source {src_mapped}, mirror target {dst_mapped}{}, \
-         empty disk's mirror target {hdst_mapped}.\n",
-        convert_mapped.map_or(String::new(), |m| format!(", qemu-img target {m}"))
-    );
-    if dst_mapped != src_mapped || hdst_mapped != 0 {
-        return Err(format!("holes were not kept as holes:\n{out}"));
-    }
-    Ok(out)
+    let holes_secs = on_fresh_target(&mut b, "hdst", size, Some(0), |uri| {
+        Ok(mirror(&mut a, "holes", uri))
+    })?;
+    Ok(report(&results, mapped, size, percent, holes_secs))
 }
 
 fn arg(args: &[String], name: &str) -> Option<String> {
@@ -325,17 +410,20 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target");
     let result = if !args.iter().any(|a| a == "--bench") {
-        run(&target.join("bench-mirror-smoke"), 64 * MIB, 25, false)
+        run(&target.join("bench-mirror-smoke"), 64 * MIB, 25, 1, false)
     } else {
         let size = arg(&args, "--size-gib").map_or(Ok(4), |s| s.parse::<u64>());
         let percent = arg(&args, "--mapped-percent").map_or(Ok(25), |s| s.parse::<u64>());
-        match (size, percent) {
-            (Ok(size), Ok(percent)) if size > 0 && (1..=100).contains(&percent) => {
+        let rounds = arg(&args, "--rounds").map_or(Ok(5), |s| s.parse::<usize>());
+        match (size, percent, rounds) {
+            (Ok(size), Ok(percent), Ok(rounds))
+                if size > 0 && (1..=100).contains(&percent) && rounds > 0 =>
+            {
                 let dir =
                     arg(&args, "--dir").map_or_else(|| target.join("bench-mirror"), PathBuf::from);
-                run(&dir, size << 30, percent, true)
+                run(&dir, size << 30, percent, rounds, true)
             }
-            _ => Err("--size-gib N (> 0) --mapped-percent P (1 to 100)".into()),
+            _ => Err("--size-gib N (> 0) --mapped-percent P (1 to 100) --rounds R (> 0)".into()),
         }
     };
     match result {

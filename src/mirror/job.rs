@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use super::copy::{copy_range, Holes};
+use super::copy::{copy_range, CopyStream, Holes};
 use super::{ActiveSync, DirtyMap, MirrorError, WriteHook};
 use crate::daemon::jobs::{Job, Outcome, Request};
 use crate::engine::thin::Volumes;
@@ -121,8 +121,23 @@ impl Mirror {
     }
 
     fn first_pass(&self, job: &Job) -> Result<bool, MirrorError> {
+        // Nothing else copies before the mirror turns write-blocking, but the lock says so.
+        let _copying = self.copying.lock();
+        let stream = CopyStream::new(&*self.source, &self.target);
+        let r = self.first_pass_windows(job, &stream);
+        // The windows' writes are answered before the first pass ends, even after an error.
+        let waited = stream.finish();
+        let done = r?;
+        waited?;
+        Ok(done)
+    }
+
+    /// The first pass's windows (and `incremental`'s changed runs), streamed into `stream`:
+    /// no wait for the replies between them.
+    fn first_pass_windows(&self, job: &Job, stream: &CopyStream<'_>) -> Result<bool, MirrorError> {
         let size = self.source.size();
         job.set_total(size);
+        let progress = |n| job.add_progress(n);
         let mut at = 0;
         while at < size {
             if cancelled(job) {
@@ -130,8 +145,12 @@ impl Mirror {
             }
             let n = WINDOW.min(size - at);
             match &self.sync {
-                SyncMode::Full => self.copy(job, at, n, Holes::Zero)?,
-                SyncMode::Top => self.copy(job, at, n, Holes::Skip)?,
+                SyncMode::Full => {
+                    stream.range(at, n, Holes::Zero, &progress)?;
+                }
+                SyncMode::Top => {
+                    stream.range(at, n, Holes::Skip, &progress)?;
+                }
                 SyncMode::Incremental(base) => {
                     let mut off = at;
                     while off < at + n {
@@ -145,7 +164,7 @@ impl Mirror {
                         for (len, changed) in runs {
                             let len = len.min(at + n - off);
                             if changed {
-                                self.copy(job, off, len, Holes::Zero)?;
+                                stream.range(off, len, Holes::Zero, &progress)?;
                             } else {
                                 job.add_progress(len);
                             }

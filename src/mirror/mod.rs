@@ -25,7 +25,7 @@ pub mod job;
 mod tests;
 
 pub use active::ActiveSync;
-pub use copy::{copy_range, Copied, Holes};
+pub use copy::{copy_range, Copied, Holes, TARGET_IN_FLIGHT};
 pub use dirty::DirtyMap;
 pub use hook::WriteHook;
 pub use job::{Mirror, SyncMode};

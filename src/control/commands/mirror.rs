@@ -14,8 +14,8 @@ use crate::control::protocol::QmpError;
 use crate::daemon::state::State;
 use crate::engine::thin::Volumes;
 use crate::engine::BlockDevice;
-use crate::mirror::{DirtyMap, Mirror, SyncMode};
-use crate::nbd::client::{NbdClient, NbdUri, Target, DEFAULT_IN_FLIGHT};
+use crate::mirror::{DirtyMap, Mirror, SyncMode, TARGET_IN_FLIGHT};
+use crate::nbd::client::{NbdClient, NbdUri, Target};
 use crate::nbd::listener::NbdAddr;
 use crate::nbd::proto::FLAG_READ_ONLY;
 
@@ -71,7 +71,7 @@ pub(super) fn thin_mirror(state: &State, v: Value) -> Result<Value, QmpError> {
     }
     let source: Arc<dyn BlockDevice> = volumes.device(&a.device)?;
     let uri = target_uri(state, &a.target, &a.device)?;
-    let target = NbdClient::connect(&uri, DEFAULT_IN_FLIGHT)
+    let target = NbdClient::connect(&uri, TARGET_IN_FLIGHT)
         .map_err(|e| QmpError::generic(format!("mirror target: {e}")))?;
     if target.info().has(FLAG_READ_ONLY) {
         return Err(QmpError::generic("mirror target: the export is read-only"));

@@ -203,6 +203,18 @@ impl ThinDevice {
         self.write_into_new(new, p, part)
     }
 
+    /// Reads a run of `read`: `len` bytes at byte `data_at` of the pool's data device into
+    /// `bufs` from byte `at`.
+    fn read_run(
+        &self,
+        (data_at, at, len): (u64, u64, u64),
+        bufs: &mut BufsMut<'_>,
+    ) -> Result<(), BlockError> {
+        let bs = self.pool.block_size();
+        let mut part = bufs.range_mut(at, len);
+        self.pool.read_data(data_at / bs, data_at % bs, &mut part)
+    }
+
     /// Writes `part` where `p` says in data block `new`.
     fn write_into_new(&self, new: u64, p: Piece, part: &Bufs<'_>) -> Result<(), BlockError> {
         let pool = &self.pool;
@@ -417,20 +429,42 @@ impl BlockDevice for ThinDevice {
         let len = bufs.len();
         check_range(offset, len, self.size())?;
         let _gate = self.pool.io_gate();
+        let bs = self.pool.block_size();
+        // Mapped pieces whose data follows on in the pool are read in one request (blocks
+        // are mostly allocated in order): a 1 MiB read of 64 KiB blocks was 16 reads, one
+        // after another. A run: (byte in the data device, byte in `bufs`, length).
+        let mut run: Option<(u64, u64, u64)> = None;
         let mut done = 0;
-        for p in pieces(offset, len, self.pool.block_size()) {
-            let mut part = bufs.range_mut(done, p.len);
+        for p in pieces(offset, len, bs) {
+            let at = done;
             done += p.len;
-            match self.find(p.vblock)? {
-                Some(l) => self.pool.read_data(l.block, p.within, &mut part)?,
-                None => match &self.origin {
-                    Some(origin) => {
-                        let at = p.vblock * self.pool.block_size() + p.within;
-                        read_origin(origin.as_ref(), at, &mut part)?
+            let found = self.find(p.vblock)?;
+            if let Some(l) = found {
+                let data_at = l.block * bs + p.within;
+                match &mut run {
+                    Some((start, _, n)) if *start + *n == data_at => *n += p.len,
+                    _ => {
+                        if let Some(r) = run.replace((data_at, at, p.len)) {
+                            self.read_run(r, bufs)?;
+                        }
                     }
-                    None => part.zero(),
-                },
+                }
+                continue;
             }
+            if let Some(r) = run.take() {
+                self.read_run(r, bufs)?;
+            }
+            let mut part = bufs.range_mut(at, p.len);
+            match &self.origin {
+                Some(origin) => {
+                    let at = p.vblock * bs + p.within;
+                    read_origin(origin.as_ref(), at, &mut part)?
+                }
+                None => part.zero(),
+            }
+        }
+        if let Some(r) = run {
+            self.read_run(r, bufs)?;
         }
         Ok(())
     }
