@@ -253,6 +253,15 @@ fn release_table(tables: &mut smallvec::SmallVec<[MemoryInUse; 2]>, id: u64) {
     }
 }
 
+/// What one pass over a queue found.
+#[derive(Clone, Copy)]
+struct Pass {
+    /// Chains taken from the available ring.
+    taken: usize,
+    /// Chains of earlier passes completed at its end.
+    completed: bool,
+}
+
 /// Why a worker looks at its device queue's completions.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Reap {
@@ -451,15 +460,15 @@ impl BlkBackend {
 
     /// Takes what the available ring has (at most a queue's worth, so a guest that keeps
     /// publishing cannot keep the worker from its completions) and hands it to the device's
-    /// queue; completes what the device has finished; notifies the guest once. Returns how
-    /// many chains it took.
+    /// queue; completes what the device has finished; notifies the guest once. Returns what
+    /// it found.
     fn process_queue(
         &self,
         queue: usize,
         vring: &VringRwLock,
         ring_mem: &Arc<GuestMemoryMmap>,
         generation: u64,
-    ) -> io::Result<usize> {
+    ) -> io::Result<Pass> {
         let target = self.target();
         let mut guard = self.queues.get(queue).map(|q| q.lock());
         let mut state = guard.as_mut().and_then(|g| g.as_mut());
@@ -536,17 +545,19 @@ impl BlkBackend {
                 Err(e) => self.note_rejection(&format!("cannot return chain {head}: {e}")),
             }
         }
+        let mut completed = false;
         if let Some(qs) = state.as_mut() {
             qs.io.submit_pending();
             if qs.io.has_completions() {
                 let note = |m: &str| self.note_rejection(m);
-                used |= qs.complete(&target, &note, inflight.as_deref_mut());
+                completed = qs.complete(&target, &note, inflight.as_deref_mut());
+                used |= completed;
             }
         }
         if used && vring.needs_notification().map_err(queue_error)? {
             vring.signal_used_queue()?;
         }
-        Ok(taken)
+        Ok(Pass { taken, completed })
     }
 
     /// Chains one pass takes at most.
@@ -768,7 +779,8 @@ impl BlkBackend {
             let mut served = 0;
             loop {
                 vring.disable_notification().map_err(queue_error)?;
-                let taken = self.process_queue(queue, vring, &mem, generation)?;
+                let Pass { taken, completed } =
+                    self.process_queue(queue, vring, &mem, generation)?;
                 if self.shared {
                     served += taken;
                     if served >= self.pass_limit() {
@@ -777,7 +789,11 @@ impl BlkBackend {
                     }
                 }
                 if !self.poll.is_zero() {
-                    let reaped = self.reap(queue, Reap::Poll)?;
+                    // A completion is activity too, wherever it was reaped: the guest's next
+                    // request usually follows it within microseconds, and a worker that
+                    // counted its window from the submission alone would often be asleep
+                    // by then (a wakeup per request at queue depth 1).
+                    let reaped = completed || self.reap(queue, Reap::Poll)?;
                     if taken > 0 || reaped {
                         last_found = std::time::Instant::now();
                         more_promised = false;
@@ -800,7 +816,7 @@ impl BlkBackend {
         } else {
             // A pass stops after a queue's worth of chains: go on until one takes less (or,
             // on a shared worker, let its other queues have their turn).
-            while self.process_queue(queue, vring, &mem, generation)? >= self.pass_limit() {
+            while self.process_queue(queue, vring, &mem, generation)?.taken >= self.pass_limit() {
                 if self.shared {
                     self.kick_again(vring);
                     break;
