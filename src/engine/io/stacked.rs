@@ -12,6 +12,7 @@
 //! request's I/O is in flight below, so a commit's grace period waits for it; it is told how
 //! the I/O ended before the request completes, and a first write's mappings go in only then.
 //! A flush commits on the blocking thread while the worker keeps reaping the queue below.
+//! A request of more than [`MAX_EXTENTS`] pieces takes the synchronous path.
 
 use std::collections::VecDeque;
 use std::io;
@@ -22,7 +23,7 @@ use log::warn;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::blocking::{Blocking, Job};
-use super::{Completion, Extent, Hold, IoOp, IoQueue, IoRequest, MapOp, QueueOptions};
+use super::{Completion, Extent, Hold, IoOp, IoQueue, IoRequest, MapOp, QueueOptions, MAX_EXTENTS};
 use crate::engine::iov::{Piece, RawBufs};
 use crate::engine::{BlockDevice, BlockError};
 
@@ -109,7 +110,9 @@ impl StackedQueue {
             return Route::Sync(req);
         };
         self.plan.clear();
-        if !plan(&mut self.plan, &mapping.extents, &req.bufs, op) {
+        if mapping.extents.len() > MAX_EXTENTS
+            || !plan(&mut self.plan, &mapping.extents, &req.bufs, op)
+        {
             // Dropping the hold gives back what it held (a first write's new blocks).
             return Route::Sync(req);
         }

@@ -456,9 +456,11 @@ impl BlockDevice for ThinDevice {
             return default_queue(self, opts);
         }
         let data: Arc<dyn BlockDevice> = data;
-        // A request may become several pieces below (one per data block it touches).
+        // A request becomes pieces below, one per data block it touches (fewer where blocks
+        // are adjacent): room for 8 per request in flight. A piece refused for want of room
+        // fails its request over to the synchronous path, which is slower, not wrong.
         let below = data.open_queue(&QueueOptions {
-            entries: opts.entries.saturating_mul(4),
+            entries: opts.entries.saturating_mul(8),
             ..*opts
         })?;
         StackedQueue::open(self, below, opts)
