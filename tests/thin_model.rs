@@ -296,6 +296,9 @@ fn read_mapping(m: &thinblk::engine::Mapping) -> Vec<u8> {
                 // SAFETY: allocated above with this layout.
                 unsafe { std::alloc::dealloc(buf, layout) };
             }
+            thinblk::engine::Extent::Below { .. } => {
+                panic!("a pool on a data file mapped a range to the device below")
+            }
         }
     }
     out

@@ -125,7 +125,7 @@ impl Drop for ReleaseLocksOnDrop {
 
 #[cfg(feature = "rbd")]
 mod with_rbd {
-    use std::sync::Mutex;
+    use std::sync::{Mutex, Weak};
 
     use log::{info, warn};
 
@@ -133,10 +133,12 @@ mod with_rbd {
     use crate::bufio::RbdStore;
     use crate::engine::rbd::{lock, Cluster, RbdDevice, RbdImage, RbdSpec};
 
-    /// The images whose locks this process holds, released by [`release_locks`].
-    static HELD: Mutex<Vec<(String, Arc<RbdImage>)>> = Mutex::new(Vec::new());
+    /// The images whose locks this process took, released by [`release_locks`]. Weak: the
+    /// pool owns its images, and closing it (its last reference gone) closes them, which
+    /// releases their locks and watches then, not when the process ends.
+    static HELD: Mutex<Vec<(String, Weak<RbdImage>)>> = Mutex::new(Vec::new());
 
-    fn held() -> std::sync::MutexGuard<'static, Vec<(String, Arc<RbdImage>)>> {
+    fn held() -> std::sync::MutexGuard<'static, Vec<(String, Weak<RbdImage>)>> {
         // A panic while the list was held leaves it intact.
         HELD.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -164,6 +166,8 @@ mod with_rbd {
         let cluster = Cluster::connect(&spec.ceph).map_err(RbdPoolError::Connect)?;
         let meta = open_or_create(&cluster, &spec.metadata, geometry.metadata_size)?;
         let data = open_or_create(&cluster, &spec.data, geometry.data_size)?;
+        // Forget the images of pools closed since.
+        held().retain(|(_, image)| image.strong_count() > 0);
         for (name, image) in [(&spec.metadata, &meta), (&spec.data, &data)] {
             let claimed = lock::claim(&cluster, image, name, spec.take_over)?;
             if !claimed.fenced.is_empty() {
@@ -172,7 +176,7 @@ mod with_rbd {
                     claimed.fenced.join(", ")
                 );
             }
-            held().push((name.clone(), image.clone()));
+            held().push((name.clone(), Arc::downgrade(image)));
         }
         info!(
             "pool on rbd:{} and rbd:{}: exclusive locks held",
@@ -226,7 +230,11 @@ mod with_rbd {
 
     pub fn release_locks() {
         let taken = std::mem::take(&mut *held());
+        // Images already closed with their pool released their locks then.
         for (name, image) in taken {
+            let Some(image) = image.upgrade() else {
+                continue;
+            };
             if let Err(e) = image.lock_release() {
                 // Fenced, or the cluster is gone: the next owner has to take over.
                 warn!("rbd:{name}: releasing the exclusive lock: {e}");

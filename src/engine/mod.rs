@@ -117,6 +117,14 @@ pub trait DataDevice: BlockDevice {
     fn preallocate(&self, _offset: u64, _len: u64) -> Result<(), BlockError> {
         Ok(())
     }
+
+    /// Whether a pool's data I/O on this device goes through the device's own queue
+    /// ([`BlockDevice::open_queue`]) by offset: a device without host files to map but with
+    /// an asynchronous queue of its own (an RBD image). A thin device then maps its data to
+    /// [`Extent::Below`] and its queue is an [`io::StackedQueue`] on this device's queue.
+    fn through_queue(&self) -> bool {
+        false
+    }
 }
 
 pub use aligned::{direct_aligned, DIRECT_ALIGN};

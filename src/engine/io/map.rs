@@ -52,4 +52,9 @@ pub enum Extent {
         len: u64,
         direct: bool,
     },
+    /// `len` bytes at `offset` of the device below (a thin pool's data device that has no
+    /// host file to map: an RBD image), done as a request of its own on that device's queue
+    /// (see `stacked.rs`). Only devices whose queue is a [`super::StackedQueue`] map to it;
+    /// other queues take the synchronous path.
+    Below { offset: u64, len: u64 },
 }

@@ -13,6 +13,9 @@
 //!   has in flight), so it never runs on the queue worker: the worker keeps reaping the ring
 //!   and the wait ends.
 //! - `inline.rs`: devices that never wait (null, memory) run on the worker itself.
+//! - `stacked.rs`: a device stacked on another device's queue (a thin device on a pool whose
+//!   data device is an RBD image): what it maps to [`Extent::Below`] goes to that queue as
+//!   requests of their own, everything else to a blocking thread as above.
 //!
 //! Bounds a guest cannot break: a queue accepts at most [`QueueOptions::entries`] requests
 //! in flight (more complete at once with an error), and a request the ring cannot take
@@ -25,6 +28,7 @@ mod flush_state;
 mod inline;
 mod map;
 mod run;
+mod stacked;
 mod uring;
 
 use std::io;
@@ -34,6 +38,7 @@ use std::sync::Arc;
 pub use flush_state::{FlushFd, FlushState};
 pub use inline::InlineQueue;
 pub use map::{Extent, Hold, MapOp, Mapping};
+pub use stacked::StackedQueue;
 
 use super::iov::RawBufs;
 use super::{BlockDevice, BlockError};

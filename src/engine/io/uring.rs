@@ -377,6 +377,8 @@ fn plan(
                     return SYNC;
                 }
             }
+            // Only a stacked queue submits to the device below.
+            Extent::Below { .. } => return SYNC,
             Extent::File {
                 fd,
                 offset,

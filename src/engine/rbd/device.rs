@@ -6,7 +6,7 @@
 //! under both; a flush goes through it to the OSDs.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::error::ceph_error;
@@ -17,6 +17,37 @@ use crate::engine::io::{FlushState, IoQueue, QueueOptions};
 use crate::engine::iov::Piece;
 use crate::engine::{check_range, BlockDevice, BlockError, Bufs, BufsMut, DataDevice};
 
+/// The librbd calls a device's queues started: how many, and the most in flight at once.
+/// For tests (that a thin device on RBD really keeps many requests in flight) and statistics.
+#[derive(Debug, Default)]
+pub struct AioCounts {
+    started: AtomicU64,
+    in_flight: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl AioCounts {
+    pub(super) fn begin(&self) {
+        self.started.fetch_add(1, Ordering::Relaxed);
+        let now = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+    }
+
+    pub(super) fn end(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Calls started so far.
+    pub fn started(&self) -> u64 {
+        self.started.load(Ordering::Relaxed)
+    }
+
+    /// The most calls in flight at once so far.
+    pub fn peak(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
+    }
+}
+
 /// An open RBD image served byte for byte.
 pub struct RbdDevice {
     image: Arc<RbdImage>,
@@ -25,6 +56,7 @@ pub struct RbdDevice {
     read_only: bool,
     /// Sticky: once a flush failed, every later one fails (see `FlushState`).
     flushed: Arc<FlushState>,
+    aio: AioCounts,
 }
 
 impl RbdDevice {
@@ -44,11 +76,17 @@ impl RbdDevice {
             image,
             size: AtomicU64::new(size),
             flushed: Arc::default(),
+            aio: AioCounts::default(),
         })
     }
 
     pub fn image(&self) -> &Arc<RbdImage> {
         &self.image
+    }
+
+    /// The librbd calls its queues started.
+    pub fn aio_counts(&self) -> &AioCounts {
+        &self.aio
     }
 
     pub(super) fn flush_state(&self) -> &Arc<FlushState> {
@@ -148,6 +186,11 @@ impl BlockDevice for RbdDevice {
 }
 
 impl DataDevice for RbdDevice {
+    /// A thin pool's data I/O goes to this device's queues (`rbd_aio_*`), like a raw export's.
+    fn through_queue(&self) -> bool {
+        true
+    }
+
     /// Resizes the image when it is smaller than `size` (RBD images are thin: growing costs
     /// nothing until written), then re-reads its size.
     fn grow_to(&self, size: u64) -> Result<u64, BlockError> {

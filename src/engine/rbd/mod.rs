@@ -41,7 +41,7 @@ mod queue;
 #[cfg(feature = "rbd")]
 pub use cluster::{Cluster, IoCtx};
 #[cfg(feature = "rbd")]
-pub use device::RbdDevice;
+pub use device::{AioCounts, RbdDevice};
 #[cfg(feature = "rbd")]
 pub use error::{ceph_error, errno, CephError};
 #[cfg(feature = "rbd")]

@@ -233,6 +233,7 @@ impl RbdQueue {
         }
         slot.pending += 1;
         self.in_librbd += 1;
+        self.dev.aio_counts().begin();
     }
 
     /// Starts the calls of a request's `Io` stage (or its flush).
@@ -386,6 +387,7 @@ impl RbdQueue {
                 continue;
             };
             self.in_librbd -= 1;
+            self.dev.aio_counts().end();
             slot.pending -= 1;
             if rv < 0 {
                 slot.failed

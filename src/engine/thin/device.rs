@@ -10,7 +10,10 @@ use log::warn;
 use super::metadata::Lookup;
 use super::pool::{Pool, PoolMode};
 use super::provision::{ready_new_block, FirstWrites, NewBlock, CHUNK};
-use crate::engine::{check_range, BlockDevice, BlockError, Extent, Hold, MapOp, Mapping};
+use crate::engine::io::{default_queue, StackedQueue};
+use crate::engine::{
+    check_range, BlockDevice, BlockError, Extent, Hold, IoQueue, MapOp, Mapping, QueueOptions,
+};
 
 pub struct ThinDevice {
     pool: Arc<Pool>,
@@ -84,8 +87,34 @@ fn push_coalesced(extents: &mut Vec<Extent>, ext: Extent) {
                 direct: direct2,
             },
         ) if *fd == fd2 && *direct == direct2 && *offset + *len == off2 => *len += more,
+        (
+            Some(Extent::Below { offset, len }),
+            Extent::Below {
+                offset: off2,
+                len: more,
+            },
+        ) if *offset + *len == off2 => *len += more,
         _ => extents.push(ext),
     }
+}
+
+/// Where `[offset, offset + len)` of the pool's data device is, as one extent: the host file
+/// range it maps to, or the range itself on a data device reached through its own queue.
+pub(super) fn data_extent(
+    pool: &Pool,
+    op: MapOp,
+    offset: u64,
+    len: u64,
+) -> Result<Option<Extent>, BlockError> {
+    let data = pool.data();
+    if data.through_queue() {
+        check_range(offset, len, data.size())?;
+        return Ok(Some(Extent::Below { offset, len }));
+    }
+    let mapped = data.map(op, offset, len)?;
+    Ok(mapped
+        .and_then(|m| m.extents.into_iter().next())
+        .filter(|e| matches!(e, Extent::File { len: l, .. } if *l == len)))
 }
 
 impl ThinDevice {
@@ -352,8 +381,7 @@ impl BlockDevice for ThinDevice {
                 .map_err(BlockError::from)?;
             let ext = match found {
                 Some(l) if op == MapOp::Read || !l.shared => {
-                    let data = self.pool.data().map(op, l.block * bs + p.within, p.len)?;
-                    match data.and_then(|m| m.extents.into_iter().next()) {
+                    match data_extent(&self.pool, op, l.block * bs + p.within, p.len)? {
                         Some(e) => e,
                         None => return Ok(None),
                     }
@@ -371,8 +399,9 @@ impl BlockDevice for ThinDevice {
                         }
                         let m = origin.map(MapOp::Read, at, p.len)?;
                         match m.and_then(|m| m.extents.into_iter().next()) {
-                            Some(e) => e,
-                            None => return Ok(None),
+                            // Not `Below`: that would be the origin's own device below.
+                            Some(e @ (Extent::File { .. } | Extent::Zero { .. })) => e,
+                            _ => return Ok(None),
                         }
                     }
                 },
@@ -381,6 +410,12 @@ impl BlockDevice for ThinDevice {
                 found => {
                     let whole = p.len == bs;
                     if !whole && (found.is_some() || self.origin.is_some()) {
+                        return Ok(None);
+                    }
+                    // Zeroing the rest of a new block on a data device reached through its
+                    // queue is a round trip to it: the blocking thread waits for that, not
+                    // the worker.
+                    if !whole && self.pool.data().through_queue() {
                         return Ok(None);
                     }
                     planned.push(Err(NewBlock {
@@ -423,6 +458,24 @@ impl BlockDevice for ThinDevice {
             extents,
             hold: Some(Box::new(writes)),
         }))
+    }
+
+    /// On a pool whose data device is reached through its own queue (RBD), a queue stacked
+    /// on one of that device's queues; otherwise the default (io_uring on host files).
+    fn open_queue(self: Arc<Self>, opts: &QueueOptions) -> std::io::Result<Box<dyn IoQueue>> {
+        let data = self.pool.data_device();
+        if !data.through_queue() {
+            return default_queue(self, opts);
+        }
+        let data: Arc<dyn BlockDevice> = data;
+        // A request becomes pieces below, one per data block it touches (fewer where blocks
+        // are adjacent): room for 8 per request in flight. A piece refused for want of room
+        // fails its request over to the synchronous path, which is slower, not wrong.
+        let below = data.open_queue(&QueueOptions {
+            entries: opts.entries.saturating_mul(8),
+            ..*opts
+        })?;
+        StackedQueue::open(self, below, opts)
     }
 
     fn read(&self, offset: u64, bufs: &mut BufsMut<'_>) -> Result<(), BlockError> {

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use log::warn;
 
+use super::device::data_extent;
 use super::gate::Ticket;
 use super::pool::Pool;
 use super::prison::CellKey;
@@ -76,14 +77,6 @@ pub(super) struct FirstWrites {
     _io: Ticket,
 }
 
-/// The one file extent a data device maps `[offset, offset + len)` to, if it does.
-fn one_extent(pool: &Pool, op: MapOp, offset: u64, len: u64) -> Result<Option<Extent>, BlockError> {
-    let mapped = pool.data().map(op, offset, len)?;
-    Ok(mapped
-        .and_then(|m| m.extents.into_iter().next())
-        .filter(|e| matches!(e, Extent::File { len: l, .. } if *l == len)))
-}
-
 impl FirstWrites {
     pub fn new(pool: Arc<Pool>, dev: u64, io: Ticket, provision: Ticket) -> Self {
         FirstWrites {
@@ -124,7 +117,7 @@ impl FirstWrites {
         };
         let bs = self.pool.block_size();
         let base = new * bs;
-        let Some(ext) = one_extent(&self.pool, MapOp::Write, base + p.within, p.len)? else {
+        let Some(ext) = data_extent(&self.pool, MapOp::Write, base + p.within, p.len)? else {
             return Ok(None);
         };
         ready_new_block(&self.pool, new, p.within, p.len, None)?;

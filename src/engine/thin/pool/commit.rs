@@ -138,6 +138,11 @@ impl Pool {
         &*self.data
     }
 
+    /// The data device itself, for a thin device's queue to open one of its own on it.
+    pub(in crate::engine::thin) fn data_device(&self) -> Arc<dyn DataDevice> {
+        self.data.clone()
+    }
+
     /// After a failed write or flush of the data device: what the guest wrote since the last
     /// commit may be lost or torn, so no mapping made since then may ever be committed. The
     /// pool turns read-only (reads of what is mapped keep working) until it is reopened.
