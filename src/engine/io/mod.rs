@@ -24,6 +24,7 @@
 //! synchronous methods instead, which cut transfers into pieces of at most `IOV_MAX` buffers.
 
 mod blocking;
+mod cursor;
 mod flush_state;
 mod inline;
 mod map;

@@ -23,8 +23,9 @@ use log::warn;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::blocking::{Blocking, Job};
+use super::cursor::Cursor;
 use super::{Completion, Extent, Hold, IoOp, IoQueue, IoRequest, MapOp, QueueOptions, MAX_EXTENTS};
-use crate::engine::iov::{Piece, RawBufs};
+use crate::engine::iov::RawBufs;
 use crate::engine::{BlockDevice, BlockError};
 
 /// A request whose pieces are in flight below.
@@ -240,48 +241,6 @@ fn plan(out: &mut Vec<(u64, RawBufs)>, extents: &[Extent], bufs: &RawBufs, op: M
         }
     }
     cursor.at_end()
-}
-
-/// Walks buffer pieces, cutting them at byte lengths.
-struct Cursor<'a> {
-    pieces: &'a [Piece],
-    index: usize,
-    within: usize,
-}
-
-impl<'a> Cursor<'a> {
-    fn new(pieces: &'a [Piece]) -> Self {
-        Cursor {
-            pieces,
-            index: 0,
-            within: 0,
-        }
-    }
-
-    fn at_end(&self) -> bool {
-        self.index >= self.pieces.len()
-    }
-
-    /// Calls `f` with each piece of the next `len` bytes; `false` if there are fewer.
-    fn each(&mut self, mut len: u64, mut f: impl FnMut(Piece)) -> bool {
-        while len > 0 {
-            let Some(&p) = self.pieces.get(self.index) else {
-                return false;
-            };
-            let n = ((p.len - self.within) as u64).min(len) as usize;
-            f(Piece {
-                ptr: p.ptr.wrapping_add(self.within),
-                len: n,
-            });
-            len -= n as u64;
-            self.within += n;
-            if self.within == p.len {
-                self.index += 1;
-                self.within = 0;
-            }
-        }
-        true
-    }
 }
 
 impl IoQueue for StackedQueue {
