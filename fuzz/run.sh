@@ -63,6 +63,8 @@ for t in "${targets[@]}"; do
     if [ "$rc" -ne 0 ]; then
         failed+=("$t")
         grep -E 'panicked|ERROR: libFuzzer|SUMMARY|Test unit written' "$log" | head -5 | sed 's/^/    /'
+        # A hang between threads: what each was doing (fuzz/src/stall_report.rs).
+        grep -E '^STALL' "$log" | head -40 | sed 's/^/    /' || true
     fi
 done
 

@@ -2,7 +2,8 @@
 //! input to `<name>::run`) and what they share: guest memory from fuzzer bytes, and a small
 //! thin pool image to mutate. Everything here is deterministic and single-threaded (no
 //! threads, sockets, files or clocks) except `vhost_user`, which drives the real vhost-user
-//! daemon, threads and socket included.
+//! daemon, threads and socket included (and `stall_report`, which says what its threads were
+//! doing when an input hangs).
 //!
 //! The main crate's `tests/fuzz_regressions.rs` includes this file as a module and replays
 //! every input under `fuzz/regressions/<target>/` through [`run`], so a crash found here stays
@@ -13,6 +14,7 @@ pub mod nbd_client;
 pub mod pdata_blocks;
 pub mod pdata_image;
 pub mod qmp;
+pub mod stall_report;
 pub mod vhost_user;
 pub mod virtio_queue;
 pub mod virtio_request;

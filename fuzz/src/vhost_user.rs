@@ -296,9 +296,12 @@ impl Session {
     fn start(backend: &Arc<BlkBackend>) -> (UnixStream, Session) {
         let (ours, theirs) = UnixStream::pair().expect("socket pair");
         let backend = backend.clone();
-        let thread = std::thread::spawn(move || {
-            let _ = thinblk::vhost::connection::serve_stream(theirs, &backend);
-        });
+        let thread = std::thread::Builder::new()
+            .name("fz-session".into())
+            .spawn(move || {
+                let _ = thinblk::vhost::connection::serve_stream(theirs, &backend);
+            })
+            .expect("the session thread");
         (ours, Session { thread })
     }
 
@@ -308,6 +311,7 @@ impl Session {
 }
 
 pub fn run(data: &[u8]) {
+    let unit = super::stall_report::Unit::begin();
     let mut input = Input(data);
     let device_flags = input.u8();
     let dev = Arc::new(MemoryDevice::new(DISK).expect("memory disk"));
@@ -326,15 +330,27 @@ pub fn run(data: &[u8]) {
 
     // Replies are read and dropped as they come, so the daemon never blocks on a full socket.
     let mut replies = sock.try_clone().expect("clone the frontend socket");
-    let reader = std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while matches!(replies.read(&mut buf), Ok(n) if n > 0) {}
-    });
+    let reader = std::thread::Builder::new()
+        .name("fz-replies".into())
+        .spawn(move || {
+            let mut buf = [0u8; 4096];
+            while matches!(replies.read(&mut buf), Ok(n) if n > 0) {}
+        })
+        .expect("the reply reader");
 
     let mut sent = Sent::default();
     let mut kicks = 0;
+    let mut step = 0;
     while !input.rest().is_empty() {
-        match input.u8() & 7 {
+        let op = input.u8() & 7;
+        // Kinds 0-5 are messages: the report names the request code, read next.
+        let kind = match op {
+            0..=5 => 100 + u32::from(input.rest().first().copied().unwrap_or(0) % 48),
+            _ => u32::from(op),
+        };
+        unit.step(step, kind);
+        step += 1;
+        match op {
             6 => {
                 let n = usize::from(input.u8());
                 if !sent.eventfds.is_empty() {
@@ -364,6 +380,7 @@ pub fn run(data: &[u8]) {
     }
 
     // The frontend hangs up; the session and every worker must end.
+    unit.step(step, 999);
     let _ = sock.shutdown(std::net::Shutdown::Write);
     session.end(&backend);
     let _ = sock.shutdown(std::net::Shutdown::Both);
