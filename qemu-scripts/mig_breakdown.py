@@ -132,7 +132,8 @@ def summary(path):
         print(
             f"MIGRATE-BREAKDOWN {server}: n={len(rows)} downtime={m('downtime'):.0f}"
             f" final-ram-copy={m('ram'):.1f} ({m('downtime-bytes') / 1e6:.1f} MB at {mbps:.0f} MB/s)"
-            f" vm-stop={m('stop'):.2f} devices+flush={m('devices') + m('end'):.1f}"
+            f" vm-stop={m('stop'):.2f}"
+            f" devices+flush={median(r['devices'] + r['end'] for r in rows):.1f}"
             f" all-but-ram={other:.1f} guest-resumed={m('resumed'):.0f} (medians, ms)"
             f" floor: downtime={min(r['downtime'] for r in rows):.0f}"
             f" devices+flush={min(r['devices'] + r['end'] for r in rows):.1f} (minimums, ms)"

@@ -32,6 +32,11 @@
 # 1), MIG_SAMPLE_SECS (guest seconds allowed per migration of a series, default 30),
 # MIG_TRACE, MIG_TRACE_EVENTS (more QEMU trace points for MIG_TRACE, space-separated; patterns
 # like savevm_section_* work), MIG_KEEP (1: keep scratch), QEMU_MEM (guest RAM, default 512M here).
+# MIG_SCHED=1 (with MIG_TRACE=1; needs perf and the rights to trace the whole host) says who had
+# the CPUs in each downtime: every context switch on the host is recorded around each
+# migration, each migration prints SCHED lines (mig_sched.py: the source's and destination's
+# threads' run/wait/sleep, the server's and other processes' CPU time) and the run ends with
+# one MIGRATE-SCHED line of medians per server.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -51,6 +56,11 @@ QUEUES=2
 GUEST=$ROOT/target/guest
 ensure_packages qemu-system-x86 thin-provisioning-tools
 python3 -c "import qemu.qmp" 2>/dev/null || die "python3 module qemu.qmp missing (pip install qemu.qmp)"
+if [ "${MIG_SCHED:-0}" = 1 ]; then
+    [ "${MIG_TRACE:-0}" = 1 ] || die "MIG_SCHED=1 needs MIG_TRACE=1 (it reads QEMU's trace)"
+    perf record -q -e sched:sched_switch -a -o /dev/null -- true >/dev/null 2>&1 \
+        || die "MIG_SCHED=1: perf cannot record scheduler events on this host"
+fi
 "$HERE/build-guest.sh" "$GUEST"
 
 SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/thinblk-mig.XXXXXX")
