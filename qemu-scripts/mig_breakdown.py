@@ -4,7 +4,11 @@
   mig_breakdown.py SOURCE.trace DEST.trace INFO.json
   mig_breakdown.py --summary BREAKDOWNS      medians per server of the lines above, as
                                              migrate.sh collects them ("series LABEL-ROUND"
-                                             lines, then that series' BREAKDOWN lines)
+                                             lines, then that series' BREAKDOWN lines), and
+                                             the floor: the least downtime and the least
+                                             devices + flush (on a shared machine the medians
+                                             of those are mostly other processes' load, see
+                                             mig_sched.py; the floor is what QEMU needs)
 
 SOURCE.trace / DEST.trace: the two QEMUs' logs of the trace points migrate.sh enables, written
 with `-msg timestamp=on` (lines `TID@SECONDS.MICROS:EVENT ARGS`); INFO.json: the source's last
@@ -128,8 +132,11 @@ def summary(path):
         print(
             f"MIGRATE-BREAKDOWN {server}: n={len(rows)} downtime={m('downtime'):.0f}"
             f" final-ram-copy={m('ram'):.1f} ({m('downtime-bytes') / 1e6:.1f} MB at {mbps:.0f} MB/s)"
-            f" vm-stop={m('stop'):.2f} devices+flush={m('devices') + m('end'):.1f}"
+            f" vm-stop={m('stop'):.2f}"
+            f" devices+flush={median(r['devices'] + r['end'] for r in rows):.1f}"
             f" all-but-ram={other:.1f} guest-resumed={m('resumed'):.0f} (medians, ms)"
+            f" floor: downtime={min(r['downtime'] for r in rows):.0f}"
+            f" devices+flush={min(r['devices'] + r['end'] for r in rows):.1f} (minimums, ms)"
         )
 
 

@@ -30,7 +30,13 @@
 # MIG_CASES, MIG_QSD (1: also run qemu-storage-daemon, default 1), MIG_SAMPLES (migrations
 # per series, default 5; 0: no series), MIG_ROUNDS (series per server, taking turns, default
 # 1), MIG_SAMPLE_SECS (guest seconds allowed per migration of a series, default 30),
-# MIG_TRACE, MIG_KEEP (1: keep scratch), QEMU_MEM (guest RAM, default 512M here).
+# MIG_TRACE, MIG_TRACE_EVENTS (more QEMU trace points for MIG_TRACE, space-separated; patterns
+# like savevm_section_* work), MIG_KEEP (1: keep scratch), QEMU_MEM (guest RAM, default 512M here).
+# MIG_SCHED=1 (with MIG_TRACE=1; needs perf and the rights to trace the whole host) says who had
+# the CPUs in each downtime: every context switch on the host is recorded around each
+# migration, each migration prints SCHED lines (mig_sched.py: the source's and destination's
+# threads' run/wait/sleep, the server's and other processes' CPU time) and the run ends with
+# one MIGRATE-SCHED line of medians per server.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -50,6 +56,11 @@ QUEUES=2
 GUEST=$ROOT/target/guest
 ensure_packages qemu-system-x86 thin-provisioning-tools
 python3 -c "import qemu.qmp" 2>/dev/null || die "python3 module qemu.qmp missing (pip install qemu.qmp)"
+if [ "${MIG_SCHED:-0}" = 1 ]; then
+    [ "${MIG_TRACE:-0}" = 1 ] || die "MIG_SCHED=1 needs MIG_TRACE=1 (it reads QEMU's trace)"
+    perf record -q -e sched:sched_switch -a -o /dev/null -- true >/dev/null 2>&1 \
+        || die "MIG_SCHED=1: perf cannot record scheduler events on this host"
+fi
 "$HERE/build-guest.sh" "$GUEST"
 
 SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/thinblk-mig.XXXXXX")
@@ -111,7 +122,7 @@ start_qemu() {
         for ev in vmstate_downtime_checkpoint vmstate_downtime_save vmstate_downtime_load \
             vhost_user_write vhost_user_read migration_bitmap_sync_start \
             migration_bitmap_sync_end vhost_dev_start vhost_dev_stop migrate_transferred \
-            migration_thread_low_pending migrate_pending_exact; do
+            migration_thread_low_pending migrate_pending_exact ${MIG_TRACE_EVENTS:-}; do
             extra="$extra -trace $ev"
         done
     fi
@@ -133,12 +144,27 @@ start_qemu() {
 # migrate FROM TO: migrate the guest from QEMU FROM to QEMU TO (started with -incoming
 # unix:$SCRATCH/TO.mig); prints the downtime in ms.
 migrate() {
-    local out
+    local out perf=
+    if [ "${MIG_SCHED:-0}" = 1 ]; then
+        # Every context switch on the host while this migration runs (mig_sched.py reads it):
+        # perf's clock is CLOCK_MONOTONIC, the traces' the wall clock; the offset goes beside.
+        python3 -c 'import time; print(time.time() - time.clock_gettime(time.CLOCK_MONOTONIC))' \
+            >"$SCRATCH/$2.sched.offset"
+        perf record -q -k mono -e sched:sched_switch -e sched:sched_wakeup -a \
+            -o "$SCRATCH/$2.sched" >"$SCRATCH/$2.sched.log" 2>&1 &
+        perf=$!
+        sleep 0.5
+    fi
     out=$(python3 "$HERE/qmp.py" "$SCRATCH/$1.qmp" migrate "unix:$SCRATCH/$2.mig" 300 \
         "$SCRATCH/$2.info") \
-        || { log "migration $1 -> $2 failed"; return 1; }
+        || { log "migration $1 -> $2 failed"; [ -z "$perf" ] || kill -INT "$perf"; return 1; }
+    if [ -n "$perf" ]; then
+        kill -INT "$perf"
+        wait "$perf" || true
+    fi
     log "migrated $1 -> $2: downtime ${out% *} ms, total ${out#* } ms"
     [ "${MIG_TRACE:-0}" = 1 ] && breakdown "$1" "$2"
+    [ -z "$perf" ] || sched_report "$1" "$2"
     echo "${out% *}"
 }
 
@@ -152,6 +178,19 @@ breakdown() {
     done
     python3 "$HERE/mig_breakdown.py" "$SCRATCH/$1.trace" "$SCRATCH/$2.trace" "$SCRATCH/$2.info" \
         | tee -a "$SCRATCH/breakdown.txt" >&2 || true
+}
+
+# sched_report FROM TO: who had the CPUs in the downtime (mig_sched.py), from the perf
+# record migrate made and the source's trace.
+sched_report() {
+    local i=0
+    while [ ! -f "$SCRATCH/$1.rc" ] && [ "$i" -lt 300 ]; do
+        i=$((i + 1))
+        sleep 0.1
+    done
+    python3 "$HERE/mig_sched.py" "$SCRATCH/$1.trace" "$SCRATCH/$2.trace" "$SCRATCH/$2.sched" \
+        "$(cat "$SCRATCH/$2.sched.offset")" "${SERVER_PID:-0}" \
+        | tee -a "$SCRATCH/sched.txt" >&2 || true
 }
 
 # median N...: the middle value (the lower of the two middle ones for an even count).
@@ -168,6 +207,7 @@ series() {
     # Long enough for every migration and a round after each; the guest then ends by itself.
     local secs=$((SAMPLES * SAMPLE_SECS + 30))
     [ "${MIG_TRACE:-0}" = 1 ] && echo "series $label" >>"$SCRATCH/breakdown.txt"
+    [ "${MIG_SCHED:-0}" = 1 ] && echo "series $label" >>"$SCRATCH/sched.txt"
     GUEST_SECS=$secs start_qemu A "$SCRATCH/a.sock"
     wait_round "$SCRATCH/A.log" 1
     for i in $(seq "$SAMPLES"); do
@@ -195,7 +235,8 @@ series() {
     echo "${out[*]}" >"$file"
     # Keep this series' QEMU logs and traces apart from the next series' (same names).
     mkdir -p "$SCRATCH/$label"
-    mv "$SCRATCH"/[AS]*.log "$SCRATCH"/*.trace "$SCRATCH"/*.info "$SCRATCH/$label/" 2>/dev/null || true
+    mv "$SCRATCH"/[AS]*.log "$SCRATCH"/*.trace "$SCRATCH"/*.info "$SCRATCH"/*.sched* \
+        "$SCRATCH/$label/" 2>/dev/null || true
     log "$label series: downtimes ${out[*]} ms"
 }
 
@@ -337,6 +378,7 @@ if [ "$SAMPLES" -gt 0 ]; then
         "(downtime-limit ${MIG_DOWNTIME_LIMIT:-300}ms, $ROUNDS x $SAMPLES migrations per server)" \
         "samples thinblk=$(echo $THINBLK_SAMPLES | tr ' ' ,) qsd=$(echo $QSD_SAMPLES | tr ' ' ,)"
     [ "${MIG_TRACE:-0}" = 1 ] && python3 "$HERE/mig_breakdown.py" --summary "$SCRATCH/breakdown.txt"
+    [ "${MIG_SCHED:-0}" = 1 ] && python3 "$HERE/mig_sched.py" --summary "$SCRATCH/sched.txt"
     # shellcheck disable=SC2086
     [ "$(echo $THINBLK_SAMPLES | wc -w)" -eq $((SAMPLES * ROUNDS)) ] \
         || die "thinblk: $(echo $THINBLK_SAMPLES | wc -w) of $((SAMPLES * ROUNDS)) migrations completed"

@@ -778,6 +778,12 @@ impl BlkBackend {
             let mut last_found = std::time::Instant::now();
             let mut served = 0;
             loop {
+                // GET_VRING_BASE marks the ring not ready before it drains it: a polling
+                // worker must not go on with passes (and re-enable notifications) in a ring
+                // the frontend took back.
+                if !started() {
+                    break;
+                }
                 vring.disable_notification().map_err(queue_error)?;
                 let Pass { taken, completed } =
                     self.process_queue(queue, vring, &mem, generation)?;

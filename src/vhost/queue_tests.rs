@@ -847,3 +847,51 @@ fn a_polling_worker_keeps_polling_after_a_completion_for_the_guests_next_request
     }
     h.backend.stop_vring(0).unwrap();
 }
+
+#[test]
+fn a_polling_worker_stops_polling_when_the_frontend_stops_its_ring() {
+    // Seen in the migration traces (issue 14): at the switchover GET_VRING_BASE marks the ring
+    // not ready and drains it, but a worker polling it went on with passes until its polling
+    // window ran out, each pass logging virtio-queue's "queue that's not ready" error, and
+    // then re-enabled notifications in the ring it no longer owned. Here the window is far
+    // longer than the test waits for the worker.
+    let poll = std::time::Duration::from_secs(20);
+    let mut h = Harness::polling(false, poll);
+    with_event_idx(&h);
+    h.header(HDR, VIRTIO_BLK_T_FLUSH, 0);
+    h.push(&[(HDR, 16, false), (STATUS, 1, true)]);
+    // The avail_event field, after the used ring's entries.
+    let avail_event = h.used.unchecked_add(4 + 8 * u64::from(QUEUE_SIZE));
+    std::thread::scope(|s| {
+        let worker = s.spawn(|| {
+            h.backend
+                .handle_event(0, EventSet::IN, std::slice::from_ref(&h.vring), 0)
+                .unwrap();
+            std::time::Instant::now()
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while h.used_idx() < 1 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(h.used_idx(), 1, "the worker did not serve the request");
+        // As the vhost-user handler does for GET_VRING_BASE.
+        h.vring.set_queue_ready(false);
+        h.backend.stop_vring(0).unwrap();
+        let stopped = std::time::Instant::now();
+        h.mem.write_obj(0xbeefu16, avail_event).unwrap();
+        while !worker.is_finished() && stopped.elapsed() < poll / 4 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(
+            worker.is_finished(),
+            "the worker still polls a ring the frontend stopped {:?} ago",
+            stopped.elapsed()
+        );
+        worker.join().unwrap();
+    });
+    assert_eq!(
+        h.mem.read_obj::<u16>(avail_event).unwrap(),
+        0xbeef,
+        "the worker wrote to the ring after it was stopped"
+    );
+}

@@ -44,13 +44,19 @@ def test_one_migration_is_split_into_stop_ram_devices_and_resume(tmp_path):
 
 
 def test_summary_gives_medians_per_server_and_skips_lines_before_a_series(tmp_path):
-    row = ("BREAKDOWN downtime={d} stop=1.0 vhost=- final-dirty=0 ram={r} devices=2.0 (slowest x 1.0)"
-           " end=0.0 resumed={d} sync-count=3 downtime-bytes=1000000\n")
-    text = (row.format(d=999, r=990)
-            + "series thinblk-1\n" + row.format(d=5, r=2) + row.format(d=9, r=6) + row.format(d=7, r=4)
-            + "series qsd-1\n" + row.format(d=4, r=1))
+    row = ("BREAKDOWN downtime={d} stop=1.0 vhost=- final-dirty=0 ram={r} devices={v} (slowest x 1.0)"
+           " end={e} resumed={d} sync-count=3 downtime-bytes=1000000\n")
+    text = (row.format(d=999, r=990, v=0.5, e=0.0)
+            + "series thinblk-1\n" + row.format(d=5, r=2, v=2.0, e=0.0)
+            + row.format(d=9, r=6, v=1.5, e=4.0) + row.format(d=7, r=4, v=3.0, e=0.0)
+            + "series qsd-1\n" + row.format(d=4, r=1, v=2.0, e=0.0))
     (tmp_path / "b.txt").write_text(text)
     out = run("--summary", str(tmp_path / "b.txt")).splitlines()
     assert len(out) == 2, out
     assert out[0].startswith("MIGRATE-BREAKDOWN thinblk: n=3 downtime=7 "), out
     assert out[1].startswith("MIGRATE-BREAKDOWN qsd: n=1 downtime=4 "), out
+    # The median of each migration's devices + flush (2.0, 3.0, 5.5), not the sum of the two
+    # medians (2.0 + 0.0).
+    assert "devices+flush=3.0" in out[0].split(), out
+    # The floor: the least of each, not their medians.
+    assert out[0].endswith("floor: downtime=5 devices+flush=2.0 (minimums, ms)"), out
