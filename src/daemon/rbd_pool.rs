@@ -104,8 +104,11 @@ pub fn open(
     Err(RbdPoolError::NotBuilt)
 }
 
-/// Gives up the locks of every pool on RBD this process opened, after the pool has been
-/// closed (its last commit made): the next daemon then starts without `--take-over`.
+/// Gives up the images of every pool on RBD this process opened, after the pool has been
+/// closed (its last commit made): each image's lock is released and the image closed (its
+/// watch unregistered) even while the pool is still referenced, so the next daemon starts
+/// without `--take-over` and `rbd rm` does not wait for the watch to time out. Later I/O on
+/// those images fails (EBADF).
 #[cfg(not(feature = "rbd"))]
 pub fn release_locks() {}
 
@@ -133,9 +136,9 @@ mod with_rbd {
     use crate::bufio::RbdStore;
     use crate::engine::rbd::{lock, Cluster, RbdDevice, RbdImage, RbdSpec};
 
-    /// The images whose locks this process took, released by [`release_locks`]. Weak: the
-    /// pool owns its images, and closing it (its last reference gone) closes them, which
-    /// releases their locks and watches then, not when the process ends.
+    /// The images whose locks this process took, released and closed by [`release_locks`].
+    /// Weak: the pool owns its images, and dropping it (its last reference gone) closes them
+    /// too.
     static HELD: Mutex<Vec<(String, Weak<RbdImage>)>> = Mutex::new(Vec::new());
 
     fn held() -> std::sync::MutexGuard<'static, Vec<(String, Weak<RbdImage>)>> {
@@ -239,6 +242,10 @@ mod with_rbd {
                 // Fenced, or the cluster is gone: the next owner has to take over.
                 warn!("rbd:{name}: releasing the exclusive lock: {e}");
             }
+            // Now, not when the last reference goes: `serve` returns while its QMP sessions
+            // and threads may still hold the pool, and a watch left open lingers in the
+            // cluster for 30 s after the process is gone.
+            image.close();
         }
     }
 }
