@@ -23,6 +23,7 @@ fn a_closed_pool_releases_its_images() {
         data: format!("{}/{data}", rbd_common::POOL),
         ceph: rbd_common::options(),
         take_over: false,
+        standby: false,
     };
     let geometry = PoolGeometry {
         block_size: 64 << 10,
