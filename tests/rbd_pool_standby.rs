@@ -265,3 +265,64 @@ fn a_daemon_without_a_pool_on_rbd_refuses_to_take_over() {
     drop(q);
     drop(daemon);
 }
+
+/// Whether process `pid` has exec'd for an upgrade (with handed-over sockets).
+fn upgraded(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .map(|env| {
+            env.split(|&b| b == 0)
+                .any(|v| v.starts_with(b"THINBLK_LISTEN_FDS="))
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn a_standby_that_took_a_free_pool_over_keeps_it_through_an_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let tag = rbd_common::unique_name("standby-upgrade");
+    let (meta, data) = (format!("{tag}-meta"), format!("{tag}-data"));
+    let (sock, control) = (d.join("vm.sock"), d.join("control.sock"));
+    let daemon = Daemon::start(
+        &serve_args(d, &meta, &data, &sock, &control, &["--standby"]),
+        &[&control],
+    );
+    let mut q = Qmp::connect(&control);
+    // No images yet: nobody owns the pool.
+    let status = q.ok("query-pool", json!({}));
+    assert_eq!(status["owners"], json!([]), "{status}");
+    assert_eq!(status["images"][1]["exists"], false, "{status}");
+    // A free pool is taken (created) without fencing anyone.
+    let taken = q.ok("pool-take-over", json!({}));
+    assert_eq!(taken["fenced"], json!([]), "{taken}");
+    assert_eq!(taken["exports"], json!(["vm"]), "{taken}");
+    let mut c = Client::connect(&sock, 1);
+    let mine = pattern(5, 0, 65536);
+    assert_eq!(write_at(&mut c, 0, &mine), 0);
+    assert_eq!(flush(&mut c), 0);
+    drop(c);
+
+    // The new process runs with the same --standby, and owns the pool at once.
+    let pid = daemon.pid();
+    let r = q.exec("x-thinblk-upgrade", json!({}));
+    assert!(r.get("return").is_some(), "{r}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !upgraded(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no upgrade within 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut q = Qmp::connect(&control);
+    let status = q.ok("query-pool", json!({}));
+    assert_eq!(status["mode"], "write", "after the upgrade: {status}");
+    let mut c = Client::connect(&sock, 1);
+    assert!(
+        read_at(&mut c, 0, 65536) == mine,
+        "the write is gone after the upgrade"
+    );
+    drop(c);
+    drop(q);
+    drop(daemon);
+}
