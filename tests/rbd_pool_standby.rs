@@ -325,4 +325,10 @@ fn a_standby_that_took_a_free_pool_over_keeps_it_through_an_upgrade() {
     drop(c);
     drop(q);
     drop(daemon);
+    let cluster = rbd_common::connect();
+    let io = rbd_common::pool(&cluster);
+    for name in [&meta, &data] {
+        thinblk::engine::rbd::RbdImage::remove(&io, name)
+            .unwrap_or_else(|e| panic!("removing {name}: {e}"));
+    }
 }
