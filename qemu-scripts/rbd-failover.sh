@@ -7,7 +7,10 @@
 # at a random moment, the owning thinblk is killed with SIGKILL and a new one takes the pool
 # over (--take-over: the dead owner's locks broken, its client blocklisted) on the same
 # socket; QEMU reconnects (reconnect-ms=1000) and the new owner resubmits what was in flight
-# (INFLIGHT_SHMFD). After the first take-over the old command line (no --take-over) must be
+# (INFLIGHT_SHMFD). The second take-over goes through QMP instead: a daemon started with
+# --standby (its own QMP socket, the same export) waits while the owner runs, its query-pool
+# names the owner, and after the SIGKILL `thinblk ctl pool-take-over` fences the owner and
+# starts the export. After the first take-over the old command line (no --take-over) must be
 # refused, naming the owner. Passes when the guest reports every verify passed within
 # FAILOVER_TIMEOUT seconds and the metadata image, exported with `rbd export` after the last
 # owner stopped on SIGTERM, passes thin_check and thinblk check.
@@ -44,6 +47,7 @@ ensure_packages thin-provisioning-tools
 
 SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/thinblk-rbd-failover.XXXXXX")
 SERVER_PID=
+STANDBY_PID=
 RUN_PID=
 FAILED=0
 TAG=failover-$$-$SEED
@@ -61,6 +65,7 @@ cleanup() {
         wait "$RUN_PID" 2>/dev/null || true
     fi
     [ -z "$SERVER_PID" ] || kill -KILL "$SERVER_PID" 2>/dev/null || true
+    [ -z "$STANDBY_PID" ] || kill -KILL "$STANDBY_PID" 2>/dev/null || true
     if [ "$FAILED" -eq 0 ] && [ "${E2E_KEEP:-0}" != 1 ]; then
         rm -rf "$SCRATCH"
     else
@@ -86,6 +91,42 @@ start_server() {
         sleep 0.05
     done
     return 1
+}
+
+# start_standby: a second daemon standing by for the pool (--standby) with its own QMP
+# socket, while the owner runs; waits for that socket and checks query-pool names an owner.
+STANDBY_CTL=$SCRATCH/standby-control.sock
+start_standby() {
+    local out
+    RUST_LOG=${RUST_LOG:-info} "$THINBLK" "${SERVE[@]}" --standby --control "$STANDBY_CTL" \
+        >>"$SERVER_LOG" 2>&1 &
+    STANDBY_PID=$!
+    for _ in $(seq 1200); do
+        [ -S "$STANDBY_CTL" ] && break
+        kill -0 "$STANDBY_PID" 2>/dev/null || { log "the standby exited"; return 1; }
+        sleep 0.05
+    done
+    out=$("$THINBLK" ctl --socket "$STANDBY_CTL" query-pool 2>&1 | tr -d '\n ') \
+        || { log "query-pool: $out"; return 1; }
+    if ! grep -q '"mode":"standby"' <<<"$out" || ! grep -q '"owners":\["' <<<"$out"; then
+        log "query-pool of the standby names no owner: $out"
+        return 1
+    fi
+    log "standby: $out"
+    [ -e "$SOCK" ] && [ "$(stat -c %i "$SOCK")" = "$SOCK_INODE" ] \
+        || { log "the standby touched the owner's export socket"; return 1; }
+}
+
+# take_over_qmp: tells the standby to take the pool over; it becomes the server.
+take_over_qmp() {
+    local out
+    out=$(timeout 120 "$THINBLK" ctl --socket "$STANDBY_CTL" pool-take-over 2>&1) \
+        || { log "pool-take-over: $out"; return 1; }
+    grep -q '"fenced"' <<<"$out" || { log "pool-take-over: $out"; return 1; }
+    [ -S "$SOCK" ] || { log "no export socket after pool-take-over: $out"; return 1; }
+    SERVER_PID=$STANDBY_PID
+    STANDBY_PID=
+    log "pool-take-over: $(tr -d '\n ' <<<"$out")"
 }
 
 stop_server() {
@@ -138,13 +179,23 @@ QEMU_APPEND="thinblk.loops=$((FAILOVERS + 1))" "$HERE/run-qemu.sh" -g "$GUEST" -
 RUN_PID=$!
 for r in $(seq "$FAILOVERS"); do
     wait_round "$r" || fail "the guest ended before round $r"
+    if [ "$r" -eq 2 ]; then
+        SOCK_INODE=$(stat -c %i "$SOCK")
+        start_standby || fail "round 2: the standby did not stand by"
+    fi
     delay=$((RANDOM % 30))
     sleep "$((delay / 10)).$((delay % 10))"
     kill -KILL "$SERVER_PID"
     wait "$SERVER_PID" 2>/dev/null || true
     t0=$(date +%s%N)
-    start_server --take-over || fail "round $r: the take-over did not start"
-    log "round $r: SIGKILL, taken over in $((($(date +%s%N) - t0) / 1000000)) ms"
+    if [ "$r" -eq 2 ]; then
+        take_over_qmp || fail "round 2: the take-over over QMP failed"
+        how="QMP pool-take-over"
+    else
+        start_server --take-over || fail "round $r: the take-over did not start"
+        how="--take-over"
+    fi
+    log "round $r: SIGKILL, taken over ($how) in $((($(date +%s%N) - t0) / 1000000)) ms"
     if [ "$r" -eq 1 ]; then
         err=$(refused) || fail "round 1: $err"
     fi

@@ -247,6 +247,13 @@ struct ServeArgs {
     #[arg(long)]
     take_over: bool,
 
+    /// With a pool on RBD: stand by for it (another host's daemon owns it) instead of opening
+    /// it. The QMP socket, and exports of other devices, run at once; QMP query-pool says who
+    /// owns the pool, and pool-take-over fences that owner, opens the pool and starts the
+    /// thin exports.
+    #[arg(long)]
+    standby: bool,
+
     /// Serve the exports' statistics and the pool's gauges in the Prometheus text format at
     /// http://ADDR/metrics (for example 127.0.0.1:9847). Off by default.
     #[arg(long, value_name = "ADDR")]
@@ -288,6 +295,7 @@ impl ServeArgs {
                 id: self.ceph_id.clone(),
             },
             self.take_over,
+            self.standby,
         )
         .map_err(anyhow::Error::msg)?;
         let pool = wants_pool.then(|| {

@@ -32,6 +32,7 @@ pub mod rbd_pool;
 mod reload;
 mod restore;
 pub mod saved;
+pub mod standby;
 pub mod state;
 pub mod stats;
 pub mod throttle;
@@ -210,7 +211,7 @@ fn dir_for(loc: &PoolLocation, path: &Path) -> Result<(), ServeError> {
     Ok(())
 }
 
-fn open_pool(loc: &PoolLocation) -> Result<Arc<Volumes>, ServeError> {
+pub(crate) fn open_pool(loc: &PoolLocation) -> Result<Arc<Volumes>, ServeError> {
     for file in [&loc.metadata, &loc.data, &loc.catalog] {
         dir_for(loc, file)?;
     }
@@ -423,20 +424,44 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
     let signals = crate::signals::block_termination().map_err(ServeError::Signals)?;
     // Dropped last: after the pool, on every way out.
     let _rbd_locks = rbd_pool::ReleaseLocksOnDrop;
-    let thin = config.pool.as_ref().map(open_pool).transpose()?;
-    let state = State::new(thin.clone());
+    // A standby (`standby.rs`) opens the pool when told to take it over, not now.
+    let standing_by = config
+        .pool
+        .as_ref()
+        .filter(|loc| loc.rbd.as_ref().is_some_and(|r| r.standby))
+        .filter(|_| !standby::owned_by_upgrade());
+    if standing_by.is_some() && !crate::engine::rbd::AVAILABLE {
+        return Err(rbd_pool::RbdPoolError::NotBuilt.into());
+    }
+    let thin = match standing_by {
+        Some(_) => None,
+        None => config.pool.as_ref().map(open_pool).transpose()?,
+    };
+    let state = State::new(thin);
     state.set_socket_defaults(config.socket_defaults);
     state.set_ceph(config.ceph.clone());
-    for spec in &config.exports {
-        start_export(spec, config.pool.as_ref(), thin.as_ref(), &state)?;
+    let (now, later) = match standing_by {
+        Some(_) => standby::split_exports(&config.exports),
+        None => (config.exports.clone(), Vec::new()),
+    };
+    for spec in &now {
+        start_export(spec, config.pool.as_ref(), state.thin(), &state)?;
     }
-    if let Some(loc) = &config.pool {
-        let saved = saved::SavedState::open(&loc.saved)?;
-        restore::restore(&state, &saved);
-        state.set_saved(saved);
+    match (standing_by, &config.pool) {
+        (Some(loc), _) => {
+            let waiting = standby::Standby::new(loc.clone(), later, config.nbd.is_some(), &state);
+            state.set_standby(waiting);
+            info!("standing by for the pool on RBD: QMP pool-take-over takes it over");
+        }
+        (None, Some(loc)) => {
+            let saved = saved::SavedState::open(&loc.saved)?;
+            restore::restore(&state, &saved);
+            state.set_saved(saved);
+        }
+        (None, None) => {}
     }
     if let Some(addr) = &config.nbd {
-        start_nbd(&state, addr, &config.exports)?;
+        start_nbd(&state, addr, &now)?;
     }
     let _control = match &config.control {
         Some(path) => {
@@ -470,7 +495,7 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
         let sig = signals.wait().map_err(ServeError::Signals)?;
         if sig == libc::SIGUSR2 {
             // Returns only when the new binary was refused; then nothing stopped.
-            let refused = upgrade::upgrade(&state, thin.as_ref(), _control.as_ref());
+            let refused = upgrade::upgrade(&state, state.thin(), _control.as_ref());
             log::error!("upgrade refused: {refused}");
             continue;
         }
@@ -486,7 +511,7 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
             Ok(wanted) => {
                 let env = reload::Env {
                     pool: config.pool.as_ref(),
-                    thin: thin.as_ref(),
+                    thin: state.thin(),
                     state: &state,
                 };
                 configured = reload::apply(&env, &configured, wanted);
@@ -498,7 +523,7 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
     info!("signal {sig}: stopping");
     notify::stopping();
     state.stop_all();
-    if let Some(thin) = thin {
+    if let Some(thin) = state.thin() {
         thin.pool().close();
     }
     rbd_pool::release_locks();

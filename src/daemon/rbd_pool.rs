@@ -24,6 +24,9 @@ pub struct RbdPoolSpec {
     pub ceph: CephOptions,
     /// Break the locks of a current owner (fencing it) instead of refusing to start.
     pub take_over: bool,
+    /// Start without the pool and take it over when told to over QMP (`pool-take-over`),
+    /// for a host standing by for the pool's owner (`--standby`; `standby.rs`).
+    pub standby: bool,
 }
 
 /// The prefix that makes `--metadata`/`--data` name an RBD image.
@@ -41,13 +44,22 @@ pub fn rbd_image_arg(arg: &str) -> Option<Result<String, String>> {
 }
 
 /// The RBD pool that `--metadata` and `--data` name, if they name RBD images (both must, or
-/// neither). `--take-over` is only meaningful for such a pool.
+/// neither). `--take-over` and `--standby` are only meaningful for such a pool, and exclude
+/// each other (a standby takes over later, when told to).
 pub fn spec_from_args(
     metadata: Option<&std::path::Path>,
     data: Option<&std::path::Path>,
     ceph: CephOptions,
     take_over: bool,
+    standby: bool,
 ) -> Result<Option<RbdPoolSpec>, String> {
+    if take_over && standby {
+        return Err(
+            "--take-over and --standby exclude each other: a standby takes the pool \
+                    over when told to over QMP (pool-take-over)"
+                .into(),
+        );
+    }
     let image = |p: Option<&std::path::Path>| {
         p.and_then(|p| p.to_str())
             .and_then(rbd_image_arg)
@@ -59,11 +71,12 @@ pub fn spec_from_args(
             data,
             ceph,
             take_over,
+            standby,
         })),
-        (None, None) if take_over => Err(
-            "--take-over needs a pool on RBD (--metadata rbd:POOL/IMAGE --data rbd:POOL/IMAGE)"
-                .into(),
-        ),
+        (None, None) if take_over || standby => Err(format!(
+            "--{} needs a pool on RBD (--metadata rbd:POOL/IMAGE --data rbd:POOL/IMAGE)",
+            if take_over { "take-over" } else { "standby" }
+        )),
         (None, None) => Ok(None),
         _ => Err("--metadata and --data must both be rbd:POOL/IMAGE, or both files".into()),
     }
@@ -104,13 +117,41 @@ pub fn open(
     Err(RbdPoolError::NotBuilt)
 }
 
-/// Gives up the locks of every pool on RBD this process opened, after the pool has been
-/// closed (its last commit made): the next daemon then starts without `--take-over`.
+/// Gives up the images of every pool on RBD this process opened, after the pool has been
+/// closed (its last commit made): each image's lock is released and the image closed (its
+/// watch unregistered) even while the pool is still referenced, so the next daemon starts
+/// without `--take-over` and `rbd rm` does not wait for the watch to time out. Later I/O on
+/// those images fails (EBADF).
 #[cfg(not(feature = "rbd"))]
 pub fn release_locks() {}
 
+/// Who holds the locks of the pool's images now (a standby's `query-pool`), without taking
+/// them.
+#[cfg(not(feature = "rbd"))]
+pub fn owners(_spec: &RbdPoolSpec) -> Result<Vec<ImageOwners>, RbdPoolError> {
+    Err(RbdPoolError::NotBuilt)
+}
+
+/// The owners the last [`open`] fenced (broke the locks of), taken: empty when it found the
+/// images free.
+#[cfg(not(feature = "rbd"))]
+pub fn take_fenced() -> Vec<String> {
+    Vec::new()
+}
+
 #[cfg(feature = "rbd")]
-pub use with_rbd::{open, release_locks};
+pub use with_rbd::{open, owners, release_locks, take_fenced};
+
+/// One image of a pool on RBD, as a standby sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageOwners {
+    /// `POOL/IMAGE`.
+    pub image: String,
+    /// False when the image does not exist (yet): the pool was never opened.
+    pub exists: bool,
+    /// The client addresses that hold its exclusive lock (none: free).
+    pub owners: Vec<String>,
+}
 
 /// Releases the locks of pools on RBD when dropped. `serve` holds one from its start, so a
 /// daemon that fails after its pool opened (an export that cannot start, say) leaves no lock
@@ -129,13 +170,13 @@ mod with_rbd {
 
     use log::{info, warn};
 
-    use super::{Arc, Pool, PoolGeometry, PoolOptions, RbdPoolError, RbdPoolSpec};
+    use super::{Arc, ImageOwners, Pool, PoolGeometry, PoolOptions, RbdPoolError, RbdPoolSpec};
     use crate::bufio::RbdStore;
     use crate::engine::rbd::{lock, Cluster, RbdDevice, RbdImage, RbdSpec};
 
-    /// The images whose locks this process took, released by [`release_locks`]. Weak: the
-    /// pool owns its images, and closing it (its last reference gone) closes them, which
-    /// releases their locks and watches then, not when the process ends.
+    /// The images whose locks this process took, released and closed by [`release_locks`].
+    /// Weak: the pool owns its images, and dropping it (its last reference gone) closes them
+    /// too.
     static HELD: Mutex<Vec<(String, Weak<RbdImage>)>> = Mutex::new(Vec::new());
 
     fn held() -> std::sync::MutexGuard<'static, Vec<(String, Weak<RbdImage>)>> {
@@ -143,11 +184,62 @@ mod with_rbd {
         HELD.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The owners the last open fenced, for [`take_fenced`].
+    static FENCED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+    pub fn take_fenced() -> Vec<String> {
+        std::mem::take(&mut *FENCED.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub fn owners(spec: &RbdPoolSpec) -> Result<Vec<ImageOwners>, RbdPoolError> {
+        // The daemon's shared connection: reading who owns a lock makes this client no
+        // owner, and it is not the one a take-over fences with.
+        let cluster = Cluster::shared(&spec.ceph).map_err(RbdPoolError::Connect)?;
+        let mut found = Vec::new();
+        for name in [&spec.metadata, &spec.data] {
+            let image_err = |what: &'static str| {
+                move |source: std::io::Error| RbdPoolError::Image {
+                    image: name.to_string(),
+                    what,
+                    source,
+                }
+            };
+            let rbd: RbdSpec = name.parse().map_err(|e| {
+                image_err("naming it")(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+            })?;
+            let io = cluster
+                .ioctx(&rbd.pool)
+                .map_err(image_err("opening its pool"))?;
+            // Writable (librbd reports a lock's owners to writable handles only), which takes
+            // no lock: that waits for a write, and nothing is written; closed (with its
+            // watch) when dropped below.
+            let image = match RbdImage::open(&io, &rbd.image, false) {
+                Ok(image) => image,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    found.push(ImageOwners {
+                        image: name.clone(),
+                        exists: false,
+                        owners: Vec::new(),
+                    });
+                    continue;
+                }
+                Err(e) => return Err(image_err("opening")(e)),
+            };
+            found.push(ImageOwners {
+                image: name.clone(),
+                exists: true,
+                owners: lock::owners(&image, name)?,
+            });
+        }
+        Ok(found)
+    }
+
     pub fn open(
         spec: &RbdPoolSpec,
         geometry: &PoolGeometry,
         options: PoolOptions,
     ) -> Result<Arc<Pool>, RbdPoolError> {
+        FENCED.lock().unwrap_or_else(|p| p.into_inner()).clear();
         let opened = open_owned(spec, geometry, options);
         if opened.is_err() {
             // Whatever was taken goes back: a daemon that did not start owns nothing.
@@ -175,6 +267,12 @@ mod with_rbd {
                     "rbd:{name}: taken over from {} (blocklisted)",
                     claimed.fenced.join(", ")
                 );
+                let mut fenced = FENCED.lock().unwrap_or_else(|p| p.into_inner());
+                for owner in claimed.fenced {
+                    if !fenced.contains(&owner) {
+                        fenced.push(owner);
+                    }
+                }
             }
             held().push((name.clone(), Arc::downgrade(image)));
         }
@@ -239,6 +337,10 @@ mod with_rbd {
                 // Fenced, or the cluster is gone: the next owner has to take over.
                 warn!("rbd:{name}: releasing the exclusive lock: {e}");
             }
+            // Now, not when the last reference goes: `serve` returns while its QMP sessions
+            // and threads may still hold the pool, and a watch left open lingers in the
+            // cluster for 30 s after the process is gone.
+            image.close();
         }
     }
 }
@@ -250,24 +352,63 @@ mod tests {
     #[test]
     fn a_pool_is_on_rbd_only_when_both_devices_are() {
         let p = |s: &'static str| Some(std::path::Path::new(s));
-        let spec = spec_from_args(p("rbd:tb/m"), p("rbd:tb/d"), CephOptions::default(), true)
-            .unwrap()
-            .unwrap();
+        let spec = spec_from_args(
+            p("rbd:tb/m"),
+            p("rbd:tb/d"),
+            CephOptions::default(),
+            true,
+            false,
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(
             (spec.metadata.as_str(), spec.data.as_str()),
             ("tb/m", "tb/d")
         );
         assert!(spec.take_over);
+        assert!(spec_from_args(
+            p("rbd:tb/m"),
+            p("/tmp/data"),
+            CephOptions::default(),
+            false,
+            false
+        )
+        .is_err());
+        assert!(spec_from_args(None, p("rbd:tb/d"), CephOptions::default(), false, false).is_err());
         assert!(
-            spec_from_args(p("rbd:tb/m"), p("/tmp/data"), CephOptions::default(), false).is_err()
-        );
-        assert!(spec_from_args(None, p("rbd:tb/d"), CephOptions::default(), false).is_err());
-        assert!(
-            spec_from_args(p("/tmp/m"), None, CephOptions::default(), false)
+            spec_from_args(p("/tmp/m"), None, CephOptions::default(), false, false)
                 .unwrap()
                 .is_none()
         );
-        assert!(spec_from_args(None, None, CephOptions::default(), true).is_err());
+        assert!(spec_from_args(None, None, CephOptions::default(), true, false).is_err());
+        // A standby stands by for a pool on RBD, and takes it over only when told to.
+        let standby = spec_from_args(
+            p("rbd:tb/m"),
+            p("rbd:tb/d"),
+            CephOptions::default(),
+            false,
+            true,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(standby.standby && !standby.take_over);
+        assert!(spec_from_args(None, None, CephOptions::default(), false, true).is_err());
+        assert!(spec_from_args(
+            p("/tmp/m"),
+            p("/tmp/d"),
+            CephOptions::default(),
+            false,
+            true
+        )
+        .is_err());
+        assert!(spec_from_args(
+            p("rbd:tb/m"),
+            p("rbd:tb/d"),
+            CephOptions::default(),
+            true,
+            true
+        )
+        .is_err());
     }
 
     #[test]

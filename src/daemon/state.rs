@@ -92,8 +92,12 @@ pub enum ThrottleError {
 /// The daemon's shared state.
 #[derive(Default)]
 pub struct State {
-    /// The thin pool, whose devices are block nodes by name.
-    thin: Option<Arc<Volumes>>,
+    /// The thin pool, whose devices are block nodes by name: set at start, or by a take-over
+    /// of a pool on RBD this daemon stood by for (`standby.rs`).
+    thin: std::sync::OnceLock<Arc<Volumes>>,
+    /// The pool on RBD this daemon stands by for (`--standby`), until and after it took it
+    /// over.
+    standby: std::sync::OnceLock<Arc<super::standby::Standby>>,
     nodes: Mutex<BTreeMap<String, Node>>,
     /// COW nodes (also in `nodes`), for status and merge.
     cows: Mutex<BTreeMap<String, Arc<CowFiles>>>,
@@ -133,12 +137,11 @@ pub struct State {
 impl State {
     pub fn new(thin: Option<Arc<Volumes>>) -> Arc<State> {
         let state = Arc::new_cyclic(|me| State {
-            thin,
             me: me.clone(),
             ..State::default()
         });
-        if let Some(thin) = &state.thin {
-            forward_pool_events(thin, state.me.clone());
+        if let Some(thin) = thin {
+            state.set_thin(thin);
         }
         let me = state.me.clone();
         state.jobs.set_sink(Arc::new(move |name, data| {
@@ -252,7 +255,27 @@ impl State {
     }
 
     pub fn thin(&self) -> Option<&Arc<Volumes>> {
-        self.thin.as_ref()
+        self.thin.get()
+    }
+
+    /// Makes `thin` the daemon's pool (its events forwarded to QMP clients); false if there
+    /// is one already.
+    pub fn set_thin(&self, thin: Arc<Volumes>) -> bool {
+        let first = self.thin.set(thin).is_ok();
+        if let Some(thin) = self.thin.get().filter(|_| first) {
+            forward_pool_events(thin, self.me.clone());
+        }
+        first
+    }
+
+    /// Makes this daemon stand by for a pool on RBD (set once, at start).
+    pub fn set_standby(&self, standby: Arc<super::standby::Standby>) {
+        let _ = self.standby.set(standby);
+    }
+
+    /// The pool on RBD this daemon stands (or stood) by for.
+    pub fn standby(&self) -> Option<&Arc<super::standby::Standby>> {
+        self.standby.get()
     }
 
     pub fn add_node(&self, name: &str, node: Node) -> Result<(), StateError> {
@@ -339,7 +362,7 @@ impl State {
     /// Named nodes and thin devices.
     pub fn node_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.nodes.lock().keys().cloned().collect();
-        if let Some(thin) = &self.thin {
+        if let Some(thin) = self.thin.get() {
             names.extend(thin.list().unwrap_or_default().into_iter().map(|d| d.name));
         }
         names
@@ -349,7 +372,7 @@ impl State {
         if let Some(node) = self.nodes.lock().get(name).cloned() {
             return Ok(node);
         }
-        match &self.thin {
+        match self.thin.get() {
             Some(thin) if thin.exists(name) => Ok(Node {
                 dev: thin
                     .device(name)
@@ -417,7 +440,7 @@ impl State {
     pub fn delete_thin(&self, name: &str, force: bool) -> Result<(), StateError> {
         let thin = self
             .thin
-            .as_ref()
+            .get()
             .ok_or_else(|| StateError::NoNode(name.into()))?;
         let _changes = self.node_changes.lock();
         if !thin.exists(name) {

@@ -190,6 +190,7 @@ pub fn upgrade(
     let e = Command::new(&binary)
         .args(&start.args)
         .env(inherited::ENV, &env)
+        .envs(super::standby::upgrade_env(state))
         .exec();
     error!(
         "upgrade: exec {} failed: {e}; running the old binary again",
@@ -198,6 +199,7 @@ pub fn upgrade(
     let e = Command::new("/proc/self/exe")
         .args(&start.args)
         .env(inherited::ENV, &env)
+        .envs(super::standby::upgrade_env(state))
         .exec();
     error!("upgrade: exec of the old binary failed too: {e}; exiting");
     std::process::exit(1);

@@ -13,6 +13,7 @@ mod pool;
 mod pool_resize;
 mod snapshot;
 mod stats;
+mod take_over;
 mod thin;
 mod threshold;
 mod upgrade;
@@ -71,6 +72,7 @@ pub const COMMANDS: &[(&str, Handler)] = &[
     ),
     ("block-set-io-throttle", io_throttle::block_set_io_throttle),
     ("pool-resize", pool_resize::pool_resize),
+    ("pool-take-over", take_over::pool_take_over),
     ("query-jobs", jobs::query_jobs),
     ("query-block-jobs", jobs::query_block_jobs),
     ("job-cancel", jobs::job_cancel),

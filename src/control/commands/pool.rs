@@ -9,6 +9,9 @@ use crate::daemon::state::State;
 
 pub(super) fn query_pool(state: &State, v: Value) -> Result<Value, QmpError> {
     let NoArgs {} = args(v)?;
+    if let Some(standing_by) = super::take_over::standby_status(state) {
+        return standing_by;
+    }
     let thin = thin(state)?;
     let pool = thin.pool();
     let mode = pool.mode();

@@ -2,8 +2,14 @@
 //! synchronous methods), snapshots, and the exclusive lock (managed by the caller: after
 //! `lock_acquire` librbd does not hand the lock to another client that asks for it).
 //!
-//! The asynchronous I/O of a device queue goes through [`RbdImage::raw`] and the
+//! The asynchronous I/O of a device queue goes through [`RbdImage::handle`] and the
 //! completions of `queue.rs`.
+//!
+//! An image can be closed while references to it remain ([`RbdImage::close`]): a daemon's
+//! clean stop closes the images of its pool, so their watches go with the process, while its
+//! QMP sessions and threads may still hold the pool. Every call holds the handle's read lock
+//! for its duration; `close` takes the write lock, so it waits for calls under way, and calls
+//! after it fail with EBADF instead of using a closed handle.
 
 use std::ffi::CStr;
 use std::io;
@@ -11,6 +17,7 @@ use std::os::raw::{c_char, c_int};
 use std::ptr;
 use std::sync::Arc;
 
+use parking_lot::{RwLock, RwLockReadGuard};
 use rbd_sys as sys;
 
 use super::cluster::IoCtx;
@@ -36,9 +43,10 @@ pub struct LockOwner {
     pub owner: String,
 }
 
-/// An open image; closed when dropped.
+/// An open image; closed by [`RbdImage::close`] or when dropped.
 pub struct RbdImage {
-    handle: sys::rbd_image_t,
+    /// Null once closed.
+    handle: RwLock<sys::rbd_image_t>,
     name: String,
     read_only: bool,
     io: Arc<IoCtx>,
@@ -46,7 +54,8 @@ pub struct RbdImage {
 
 // SAFETY: librbd image handles are internally synchronized: every call may come from any
 // thread, concurrently with others (QEMU and rbd-nbd issue I/O from several threads); only
-// `rbd_close` must be the last call, which `Drop` guarantees.
+// `rbd_close` must be the last call, which the handle's lock guarantees (`close` and `Drop`
+// take it for writing; every other call holds it for reading).
 unsafe impl Send for RbdImage {}
 // SAFETY: as above.
 unsafe impl Sync for RbdImage {}
@@ -75,7 +84,7 @@ impl RbdImage {
             rc,
         )?;
         Ok(RbdImage {
-            handle,
+            handle: RwLock::new(handle),
             name: name.into(),
             read_only,
             io: io.clone(),
@@ -134,40 +143,64 @@ impl RbdImage {
         self.read_only
     }
 
-    /// The librbd handle, for the asynchronous calls of a device queue. Valid while `self`
-    /// lives.
-    pub(crate) fn raw(&self) -> sys::rbd_image_t {
-        self.handle
+    /// The librbd handle, open while the guard lives (for the asynchronous calls of a device
+    /// queue: librbd holds what they need itself once they return). EBADF once closed.
+    pub(crate) fn handle(&self) -> io::Result<Handle<'_>> {
+        // Recursive: a waiting `close` does not block a thread that holds the lock already.
+        let guard = self.handle.read_recursive();
+        if guard.is_null() {
+            return Err(ceph_error("the closed image", libc::EBADF));
+        }
+        Ok(Handle(guard))
+    }
+
+    /// Closes the image now: waits for the calls under way (librbd finishes its in-flight
+    /// I/O and unregisters the image's watch), then every later call fails with EBADF.
+    /// Closing a closed image does nothing.
+    pub fn close(&self) {
+        let mut handle = self.handle.write();
+        if handle.is_null() {
+            return;
+        }
+        // SAFETY: an open handle, closed once (set to null under the write lock, so no call
+        // uses it now or later).
+        let rc = unsafe { sys::rbd_close(*handle) };
+        *handle = ptr::null_mut();
+        if let Err(e) = check("rbd_close", rc) {
+            log::warn!("closing RBD image {}/{}: {e}", self.pool(), self.name);
+        }
     }
 
     /// Size in bytes.
     pub fn size(&self) -> io::Result<u64> {
+        let h = self.handle()?;
         let mut size = 0u64;
         // SAFETY: an open image and a valid place for the size.
-        check("rbd_get_size", unsafe {
-            sys::rbd_get_size(self.handle, &mut size)
-        })?;
+        check("rbd_get_size", unsafe { sys::rbd_get_size(*h, &mut size) })?;
         Ok(size)
     }
 
     /// The image's feature bits (`RBD_FEATURE_*`).
     pub fn features(&self) -> io::Result<u64> {
+        let h = self.handle()?;
         let mut features = 0u64;
         // SAFETY: an open image and a valid place for the bits.
         check("rbd_get_features", unsafe {
-            sys::rbd_get_features(self.handle, &mut features)
+            sys::rbd_get_features(*h, &mut features)
         })?;
         Ok(features)
     }
 
     /// Grows or shrinks the image to `size` bytes.
     pub fn resize(&self, size: u64) -> io::Result<()> {
+        let h = self.handle()?;
         // SAFETY: an open image.
-        check("rbd_resize", unsafe { sys::rbd_resize(self.handle, size) }).map(drop)
+        check("rbd_resize", unsafe { sys::rbd_resize(*h, size) }).map(drop)
     }
 
     /// Fills `buf` from `offset`; a read past the end of the image is an error.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let h = self.handle()?;
         let mut done = 0usize;
         while done < buf.len() {
             let n = (buf.len() - done).min(SYNC_CHUNK as usize);
@@ -175,7 +208,7 @@ impl RbdImage {
             // SAFETY: an open image; `chunk` is valid for writes of `n` bytes for the call.
             let rc = unsafe {
                 sys::rbd_read2(
-                    self.handle,
+                    *h,
                     offset + done as u64,
                     n,
                     chunk.as_mut_ptr().cast::<c_char>(),
@@ -193,6 +226,7 @@ impl RbdImage {
 
     /// Writes `buf` at `offset`; durable after [`RbdImage::flush`].
     pub fn write(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        let h = self.handle()?;
         let mut done = 0usize;
         while done < buf.len() {
             let n = (buf.len() - done).min(SYNC_CHUNK as usize);
@@ -200,7 +234,7 @@ impl RbdImage {
             // SAFETY: an open image; `chunk` is valid for reads of `n` bytes for the call.
             let rc = unsafe {
                 sys::rbd_write2(
-                    self.handle,
+                    *h,
                     offset + done as u64,
                     n,
                     chunk.as_ptr().cast::<c_char>(),
@@ -219,26 +253,26 @@ impl RbdImage {
     /// Makes every completed write durable (librbd's cache written back, the OSDs' replies
     /// received).
     pub fn flush(&self) -> io::Result<()> {
+        let h = self.handle()?;
         // SAFETY: an open image.
-        check("rbd_flush", unsafe { sys::rbd_flush(self.handle) }).map(drop)
+        check("rbd_flush", unsafe { sys::rbd_flush(*h) }).map(drop)
     }
 
     /// Releases the range; reads of it return zeros afterwards.
     pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let h = self.handle()?;
         // SAFETY: an open image.
-        check("rbd_discard", unsafe {
-            sys::rbd_discard(self.handle, offset, len)
-        })
-        .map(drop)
+        check("rbd_discard", unsafe { sys::rbd_discard(*h, offset, len) }).map(drop)
     }
 
     /// Makes the range read as zeros (librbd may release whole objects).
     pub fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        let h = self.handle()?;
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(SYNC_CHUNK);
             // SAFETY: an open image; no buffers are involved.
-            let rc = unsafe { sys::rbd_write_zeroes(self.handle, offset + done, n as usize, 0, 0) };
+            let rc = unsafe { sys::rbd_write_zeroes(*h, offset + done, n as usize, 0, 0) };
             check_len("rbd_write_zeroes", rc)?;
             done += n;
         }
@@ -250,11 +284,12 @@ impl RbdImage {
     /// # Safety
     /// Every iovec must be valid for writes of its length until this call returns.
     pub unsafe fn readv(&self, offset: u64, iov: &[libc::iovec]) -> io::Result<usize> {
+        let h = self.handle()?;
         let count = iov_count(iov)?;
         self.wait_for("rbd_aio_readv", |c| {
             // SAFETY: per this function's contract the buffers stay valid, and the iovec list
             // outlives the wait; `c` is a fresh completion.
-            unsafe { sys::rbd_aio_readv(self.handle, iov.as_ptr().cast(), count, offset, c) }
+            unsafe { sys::rbd_aio_readv(*h, iov.as_ptr().cast(), count, offset, c) }
         })
     }
 
@@ -263,10 +298,11 @@ impl RbdImage {
     /// # Safety
     /// Every iovec must be valid for reads of its length until this call returns.
     pub unsafe fn writev(&self, offset: u64, iov: &[libc::iovec]) -> io::Result<usize> {
+        let h = self.handle()?;
         let count = iov_count(iov)?;
         self.wait_for("rbd_aio_writev", |c| {
             // SAFETY: as in `readv`, for reads.
-            unsafe { sys::rbd_aio_writev(self.handle, iov.as_ptr().cast(), count, offset, c) }
+            unsafe { sys::rbd_aio_writev(*h, iov.as_ptr().cast(), count, offset, c) }
         })
     }
 
@@ -295,16 +331,18 @@ impl RbdImage {
 
     /// Takes a snapshot named `name` of the image's current contents.
     pub fn snap_create(&self, name: &str) -> io::Result<()> {
+        let h = self.handle()?;
         let c_name = c_string("the snapshot name", name)?;
         // SAFETY: an open image and a NUL-terminated name.
         check("rbd_snap_create", unsafe {
-            sys::rbd_snap_create(self.handle, c_name.as_ptr())
+            sys::rbd_snap_create(*h, c_name.as_ptr())
         })
         .map(drop)
     }
 
     /// The names of the image's snapshots.
     pub fn snapshots(&self) -> io::Result<Vec<String>> {
+        let h = self.handle()?;
         let mut max: c_int = 16;
         // librbd raises `max` when it is too small; a few rounds settle it even while
         // snapshots are being added.
@@ -312,7 +350,7 @@ impl RbdImage {
             let mut infos: Vec<sys::rbd_snap_info_t> = Vec::with_capacity(max.max(1) as usize);
             // SAFETY: `infos` has room for `max` entries, which librbd fills (or says it
             // needs more with ERANGE and a new `max`).
-            let rc = unsafe { sys::rbd_snap_list(self.handle, infos.as_mut_ptr(), &mut max) };
+            let rc = unsafe { sys::rbd_snap_list(*h, infos.as_mut_ptr(), &mut max) };
             if rc == -libc::ERANGE {
                 continue;
             }
@@ -341,34 +379,35 @@ impl RbdImage {
     /// client that asks (no automatic transitions), until [`RbdImage::lock_release`] or a
     /// `lock_break` by another client (which blocklists this one).
     pub fn lock_acquire(&self) -> io::Result<()> {
+        let h = self.handle()?;
         // SAFETY: an open image.
         check("rbd_lock_acquire", unsafe {
-            sys::rbd_lock_acquire(self.handle, sys::rbd_lock_mode_t::RBD_LOCK_MODE_EXCLUSIVE)
+            sys::rbd_lock_acquire(*h, sys::rbd_lock_mode_t::RBD_LOCK_MODE_EXCLUSIVE)
         })
         .map(drop)
     }
 
     /// Releases a lock taken with [`RbdImage::lock_acquire`].
     pub fn lock_release(&self) -> io::Result<()> {
+        let h = self.handle()?;
         // SAFETY: an open image.
-        check("rbd_lock_release", unsafe {
-            sys::rbd_lock_release(self.handle)
-        })
-        .map(drop)
+        check("rbd_lock_release", unsafe { sys::rbd_lock_release(*h) }).map(drop)
     }
 
     /// Whether this handle holds the exclusive lock now.
     pub fn is_lock_owner(&self) -> io::Result<bool> {
+        let h = self.handle()?;
         let mut owner: c_int = 0;
         // SAFETY: an open image and a valid place for the answer.
         check("rbd_is_exclusive_lock_owner", unsafe {
-            sys::rbd_is_exclusive_lock_owner(self.handle, &mut owner)
+            sys::rbd_is_exclusive_lock_owner(*h, &mut owner)
         })?;
         Ok(owner != 0)
     }
 
     /// Who holds the image's lock (empty: nobody).
     pub fn lock_owners(&self) -> io::Result<Vec<LockOwner>> {
+        let h = self.handle()?;
         let mut max: usize = 4;
         for _ in 0..8 {
             let mut owners: Vec<*mut c_char> = vec![ptr::null_mut(); max.max(1)];
@@ -376,9 +415,8 @@ impl RbdImage {
             let mut count = owners.len();
             // SAFETY: `owners` has room for `count` pointers; librbd fills them (or sets
             // `count` to what it needs and returns ERANGE).
-            let rc = unsafe {
-                sys::rbd_lock_get_owners(self.handle, &mut mode, owners.as_mut_ptr(), &mut count)
-            };
+            let rc =
+                unsafe { sys::rbd_lock_get_owners(*h, &mut mode, owners.as_mut_ptr(), &mut count) };
             match rc {
                 rc if rc == -libc::ENOENT => return Ok(Vec::new()),
                 rc if rc == -libc::ERANGE && count > max => {
@@ -410,11 +448,12 @@ impl RbdImage {
     /// (`rbd_blocklist_on_break_lock = true`) the owner's client is blocklisted first, so it
     /// can never write to the image again, even if it is alive and does not know.
     pub fn lock_break(&self, owner: &str) -> io::Result<()> {
+        let h = self.handle()?;
         let c_owner = c_string("the lock owner", owner)?;
         // SAFETY: an open image and a NUL-terminated owner string.
         check("rbd_lock_break", unsafe {
             sys::rbd_lock_break(
-                self.handle,
+                *h,
                 sys::rbd_lock_mode_t::RBD_LOCK_MODE_EXCLUSIVE,
                 c_owner.as_ptr(),
             )
@@ -425,12 +464,20 @@ impl RbdImage {
 
 impl Drop for RbdImage {
     fn drop(&mut self) {
-        // SAFETY: opened by rbd_open and closed once; every queue of a device on it holds an
-        // `Arc` of it and drains its I/O before letting go, so nothing is in flight.
-        let rc = unsafe { sys::rbd_close(self.handle) };
-        if let Err(e) = check("rbd_close", rc) {
-            log::warn!("closing RBD image {}/{}: {e}", self.pool(), self.name);
-        }
+        // Every queue of a device on it holds an `Arc` of it and drains its I/O before
+        // letting go, so nothing is in flight.
+        self.close();
+    }
+}
+
+/// An open image's handle, kept open while this lives (see [`RbdImage::handle`]).
+pub(crate) struct Handle<'a>(RwLockReadGuard<'a, sys::rbd_image_t>);
+
+impl std::ops::Deref for Handle<'_> {
+    type Target = sys::rbd_image_t;
+
+    fn deref(&self) -> &sys::rbd_image_t {
+        &self.0
     }
 }
 

@@ -238,7 +238,17 @@ impl RbdQueue {
 
     /// Starts the calls of a request's `Io` stage (or its flush).
     fn start(&mut self, index: u32) {
-        let image = self.dev.image().raw();
+        // Held until every call is started: the image stays open meanwhile (see `image.rs`).
+        let rbd = Arc::clone(self.dev.image());
+        let handle = match rbd.handle() {
+            Ok(handle) => handle,
+            Err(e) => {
+                self.fail(index, "rbd_aio_*", e.raw_os_error().unwrap_or(libc::EBADF));
+                self.finish_if_idle(index);
+                return;
+            }
+        };
+        let image = *handle;
         let Some(slot) = self.slots.get_mut(index as usize) else {
             return;
         };
@@ -312,11 +322,23 @@ impl RbdQueue {
     }
 
     fn start_flush(&mut self, index: u32) {
-        let image = self.dev.image().raw();
+        let rbd = Arc::clone(self.dev.image());
         if let Some(slot) = self.slots.get_mut(index as usize) {
             slot.stage = Stage::Flush;
             slot.failed = None;
         }
+        let handle = match rbd.handle() {
+            Ok(handle) => handle,
+            Err(e) => {
+                self.fail(
+                    index,
+                    "rbd_aio_flush",
+                    e.raw_os_error().unwrap_or(libc::EBADF),
+                );
+                return;
+            }
+        };
+        let image = *handle;
         self.launch(index, "rbd_aio_flush", |c| {
             // SAFETY: an open image.
             unsafe { sys::rbd_aio_flush(image, c) }
