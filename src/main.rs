@@ -158,7 +158,7 @@ struct ServeArgs {
     /// (default: --socket-mode, --socket-owner, --socket-group).
     /// id=NAME: the export name, also the disk serial the guest reads (default: the device
     /// name, or the socket's file name).
-    /// queues=N: virtqueues, one worker thread each, 1 to 16 (default 2).
+    /// queues=N: virtqueues, 1 to 16 (default 2), served by the daemon's --workers.
     /// queue-size=N: entries per virtqueue, a power of two up to 1024 (default 256).
     /// readonly=on|off: refuse writes and tell the guest the disk is read-only (default off).
     /// direct=on|off: O_DIRECT on a raw backing file, bypassing the host page cache (default on).
@@ -267,6 +267,11 @@ struct ServeArgs {
     /// The Ceph (cephx) user to connect as, without "client." [default: admin]
     #[arg(long, value_name = "NAME")]
     ceph_id: Option<String>,
+
+    /// Queue worker threads shared by every queue of every export, at most this many
+    /// [default: one per core the daemon may run on]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    workers: Option<u16>,
 }
 
 impl ServeArgs {
@@ -383,6 +388,8 @@ fn main() -> anyhow::Result<()> {
 
 /// `thinblk serve`, with its --config file read first (and again at each SIGHUP).
 fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Before any export starts; a reload does not change it.
+    thinblk::vhost::worker_pool::configure(args.workers.map_or(0, usize::from));
     let Some(file) = args.config.clone() else {
         return Ok(daemon::serve(args.into_config()?)?);
     };
@@ -391,7 +398,10 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     argv.next();
     let cli: Vec<OsString> = argv.collect();
     let first = read_config_table(&file)?;
-    let mut config = serve_args_with_file(&file, &cli)?.into_config()?;
+    let args = serve_args_with_file(&file, &cli)?;
+    // The file may set it too.
+    thinblk::vhost::worker_pool::configure(args.workers.map_or(0, usize::from));
+    let mut config = args.into_config()?;
     config.reload = Some(Box::new(move || {
         let table = read_config_table(&file).map_err(|e| e.to_string())?;
         let changed: Vec<&String> = table

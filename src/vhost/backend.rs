@@ -1,11 +1,12 @@
 //! The vhost-user backend: features, config space, and the workers that serve the virtqueues.
 //!
-//! What an export costs while no frontend is connected is only its listening socket and the
-//! thread that accepts on it: the device's I/O queues are opened when a frontend connects
-//! ([`BlkBackend::open_queues`]) and closed when it goes ([`BlkBackend::close_queues`]), and the
-//! worker threads live with the connection. A connection's queues share at most as many
-//! workers as the host has cores ([`worker_count`]), so a 16-queue disk on a small host does
-//! not get 16 threads that only compete for the same cores.
+//! What an export costs while no frontend is connected is only its listening socket (watched
+//! by the daemon's one accept thread): the device's I/O queues are opened when a frontend
+//! connects ([`BlkBackend::open_queues`]) and closed when it goes
+//! ([`BlkBackend::close_queues`]). A connection's queues are split among at most as many event
+//! loops as the daemon has queue workers ([`worker_count`]), and those loops run on the
+//! daemon's workers (`worker_pool.rs`), shared with every other connection: a host with
+//! hundreds of VMs has as many queue threads as cores.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -32,6 +33,7 @@ use super::handover::Member;
 use super::inflight::{self, QueueInflight, Tracker};
 use super::request::Op;
 use super::request::Request;
+use super::worker_pool;
 use crate::engine::io::{Completion, IoQueue, QueueOptions};
 use crate::engine::BlockDevice;
 
@@ -70,12 +72,13 @@ pub struct BlkBackend {
     queues: Vec<Mutex<Option<QueueState>>>,
     /// How the device's queues are opened ([`BlkBackend::open_queues`]).
     queue_options: QueueOptions,
-    /// Worker threads of a connection ([`worker_count`]): queue `q` is served by worker
+    /// Event loops of a connection ([`worker_count`]): queue `q` is served by loop
     /// `q % workers`, as its `q / workers`-th vring.
     workers: usize,
-    /// Some worker serves more than one queue: it takes turns between them (`serve` yields
+    /// Some loop serves more than one queue: it takes turns between them (`serve` yields
     /// after a queue's worth of chains) and does not poll (a worker spinning on one queue
-    /// keeps its others waiting).
+    /// keeps its others waiting). A pool worker that serves other connections' queues too
+    /// does the same ([`BlkBackend::shared_now`]).
     shared: bool,
     /// Malformed requests seen, for rate-limited logging.
     rejections: AtomicU64,
@@ -287,7 +290,7 @@ impl BlkBackend {
             submit_batch: settings.submit_batch,
         };
         let queues = (0..settings.num_queues).map(|_| Mutex::new(None)).collect();
-        let workers = worker_count(settings.num_queues, available_cores());
+        let workers = worker_count(settings.num_queues, worker_pool::size());
         let shared = workers < usize::from(settings.num_queues);
         BlkBackend {
             queues,
@@ -742,7 +745,9 @@ impl VhostUserBackend for BlkBackend {
             self.reap(queue, Reap::Event)?;
             // A polling worker looks for the requests its completions will bring.
             return match vrings.get(queue / self.workers) {
-                Some(vring) if !self.poll.is_zero() => self.serve(queue, vring),
+                Some(vring) if !self.poll.is_zero() && !self.shared_now() => {
+                    self.serve(queue, vring)
+                }
                 _ => Ok(()),
             };
         }
@@ -787,14 +792,17 @@ impl BlkBackend {
                 vring.disable_notification().map_err(queue_error)?;
                 let Pass { taken, completed } =
                     self.process_queue(queue, vring, &mem, generation)?;
-                if self.shared {
+                // Asked on every pass: another connection's queue may have joined this
+                // worker meanwhile.
+                let shared = self.shared_now();
+                if shared {
                     served += taken;
                     if served >= self.pass_limit() {
                         self.kick_again(vring);
                         break;
                     }
                 }
-                if !self.poll.is_zero() {
+                if !self.poll.is_zero() && !shared {
                     // A completion is activity too, wherever it was reaped: the guest's next
                     // request usually follows it within microseconds, and a worker that
                     // counted its window from the submission alone would often be asleep
@@ -823,7 +831,7 @@ impl BlkBackend {
             // A pass stops after a queue's worth of chains: go on until one takes less (or,
             // on a shared worker, let its other queues have their turn).
             while self.process_queue(queue, vring, &mem, generation)?.taken >= self.pass_limit() {
-                if self.shared {
+                if self.shared_now() {
                     self.kick_again(vring);
                     break;
                 }
@@ -837,6 +845,12 @@ impl BlkBackend {
 }
 
 impl BlkBackend {
+    /// Whether the worker running this serves other queues too (of this connection, or of
+    /// others on the same pool worker, `worker_pool.rs`): it takes turns and does not poll.
+    fn shared_now(&self) -> bool {
+        self.shared || !worker_pool::alone()
+    }
+
     /// Makes the worker's epoll report `vring`'s kick again, so that a worker serving several
     /// queues comes back to this one, which may have more, after its other queues had their
     /// turn (the guest does not kick for what it published while notifications were off).
@@ -856,11 +870,6 @@ impl BlkBackend {
             );
         }
     }
-}
-
-/// The cores this process may run on (1 if that cannot be told).
-fn available_cores() -> usize {
-    std::thread::available_parallelism().map_or(1, usize::from)
 }
 
 /// Worker threads for `queues` virtqueues on a host with `cores` cores: one per queue, at most

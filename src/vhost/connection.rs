@@ -1,10 +1,11 @@
 //! One vhost-user connection, from accept to hang-up: the one object that owns everything the
 //! frontend sent (its socket, memory region fds and mappings, kick/call/err eventfds, the
-//! backend channel) and everything created for it (vrings, the device's I/O queues, the worker
-//! threads with their epoll and exit eventfds: one per queue, at most one per core).
-//! [`Connection::serve`] consumes it, so when the frontend goes away all of it is closed and
-//! every worker is joined before the export accepts the next frontend; an export without a
-//! frontend holds nothing but its listening socket.
+//! backend channel) and everything created for it (vrings, the device's I/O queues, the event
+//! loops with their epoll and eventfds: one per queue, at most one per pool worker, each
+//! attached to one of the daemon's queue workers, `worker_pool.rs`). [`Connection::serve`]
+//! consumes it, so when the frontend goes away every loop is detached from its worker (no
+//! worker is inside it, nor will be) and all of it is closed before the export accepts the
+//! next frontend; an export without a frontend holds nothing but its listening socket.
 //!
 //! If the frontend truncates a guest memory file the daemon mapped, the SIGBUS handler
 //! (`sigbus.rs`) puts zero pages where the file's pages were and marks the connection; the
@@ -29,6 +30,7 @@ use super::frontend_checks::Checked;
 use super::guest_memory_guard::GuestMemoryGuard;
 use super::memory_table::UnsealedMemory;
 use super::sigbus;
+use super::worker_pool;
 
 /// How long a truncated memory file can go unnoticed by the serve loop while the frontend
 /// sends no message.
@@ -38,6 +40,9 @@ type Requests = BackendReqHandler<Mutex<Checked<VhostUserHandler<Arc<BlkBackend>
 
 /// A frontend being served.
 pub struct Connection {
+    /// Declared before `requests`: the loops are detached before the handler they belong to
+    /// is dropped.
+    attached: Vec<worker_pool::Attachment>,
     requests: Requests,
     backend: Arc<BlkBackend>,
     memory: MemoryOwner,
@@ -91,7 +96,7 @@ impl Connection {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let memory = MemoryOwner(sigbus::new_owner());
         let guard = GuestMemoryGuard::new(mem.clone(), memory.0)?;
-        let handler = VhostUserHandler::new(backend.clone(), mem)
+        let handler = VhostUserHandler::without_threads(backend.clone(), mem)
             .map_err(|e| io::Error::other(format!("cannot create the vhost-user handler: {e}")))?;
         let workers = handler.get_epoll_handlers();
         for queue in 0..backend.num_queues() {
@@ -104,12 +109,29 @@ impl Connection {
             let id = u64::from(backend.completion_event(queue));
             worker.register_listener(fd, EventSet::IN, id)?;
         }
+        // Each loop goes to a pool worker once its completion fds are in its epoll.
+        let mut attached = Vec::with_capacity(workers.len());
+        for (index, worker) in workers.into_iter().enumerate() {
+            let queues = (0..backend.num_queues())
+                .filter(|&q| backend.worker_of(q) == index)
+                .count();
+            let fd = worker.as_raw_fd();
+            let run = move || match worker.run_ready() {
+                Ok(_) => true,
+                Err(e) => {
+                    warn!("queue loop {index} stopped: {e}");
+                    false
+                }
+            };
+            attached.push(worker_pool::attach(fd, queues, Box::new(run))?);
+        }
         let max_queue_size = u32::try_from(backend.max_queue_size()).unwrap_or(u32::MAX);
         let checked = Checked::new(handler, max_queue_size, unsealed)
             .map_err(|e| io::Error::other(format!("cannot set up request checks: {e}")))?
             .guard_memory(guard)
             .track_inflight(backend.inflight().clone(), queue_count(backend));
         Ok(Connection {
+            attached,
             requests: BackendReqHandler::from_stream(stream, Arc::new(Mutex::new(checked))),
             backend: backend.clone(),
             memory,
@@ -126,6 +148,7 @@ impl Connection {
     /// releases everything the connection holds.
     pub fn serve(self) -> Ended {
         let Connection {
+            attached,
             mut requests,
             backend,
             memory,
@@ -154,10 +177,13 @@ impl Connection {
                 Err(e) => break Ended::Refused(e),
             }
         };
-        // A worker waiting for its device's turn (handover.rs) would keep the join below waiting.
+        // A worker waiting for its device's turn (handover.rs) would keep the detach below
+        // waiting.
         backend.handover().close();
-        // The socket, the handler (which stops and joins its workers, closing the vrings' fds)
-        // and the memory table the handler holds.
+        // No pool worker is inside the connection's loops after this, nor will be.
+        drop(attached);
+        // The socket, the handler (its loops, closing the vrings' fds) and the memory table
+        // the handler holds.
         drop(requests);
         // Requests the workers handed to their device queue and did not see complete still
         // hold their vring (with its kick and call fds) and the memory they point into: finish

@@ -1,44 +1,59 @@
 //! A running export: a socket that serves one frontend at a time, for as long as it is up.
 //!
-//! Each accepted frontend becomes a [`Connection`] (the device's I/O queues, fresh vrings and
-//! worker threads) that owns everything of its session and releases it when the frontend goes
-//! away, so a guest reboot or a VMM restart reconnects to the same export without a thinblk
-//! restart, and a thousand reconnects leave no descriptor or thread behind. Between frontends
-//! an export is one thread blocked in accept and one descriptor, its listening socket: a host
+//! The daemon's accept thread (`accept_loop.rs`) watches every export's listening socket; a
+//! frontend that connects gets a thread of its own for its vhost-user messages, and becomes a
+//! [`Connection`] (the device's I/O queues, fresh vrings and their event loops on the daemon's
+//! queue workers, `worker_pool.rs`) that owns everything of its session and releases it when
+//! the frontend goes away, so a guest reboot or a VMM restart reconnects to the same export
+//! without a thinblk restart, and a thousand reconnects leave no descriptor or thread behind.
+//! Between frontends an export is one descriptor, its listening socket, and no thread: a host
 //! can keep hundreds of exports for VMs that are not running.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 
 use log::{error, info, warn};
 use parking_lot::Mutex;
 
+use super::accept_loop::{self, Rearm};
 use super::backend::{BlkBackend, DeviceSettings};
 use super::connection::{Connection, Ended};
 use super::execute::FailureSink;
 use super::handover::Member;
 use super::memory_table::UnsealedMemory;
+use super::worker_pool;
 use crate::engine::BlockDevice;
 use crate::sockets::{bind_private, SocketError};
 
-/// An export being served on its own thread.
+/// A running export.
 pub struct Export {
     socket: PathBuf,
-    /// The listening socket, shared with the serving thread (not duplicated: one descriptor
-    /// per export), to end a blocked accept at shutdown and to hand over.
-    listener: Option<Arc<UnixListener>>,
-    stopping: Arc<AtomicBool>,
-    /// A handle on the socket of the frontend being served, if there is one, to end its
-    /// session.
-    connection: Arc<Mutex<Option<UnixStream>>>,
-    thread: Option<JoinHandle<()>>,
-    backend: Arc<BlkBackend>,
+    /// `None` once stopped (dropped or handed over).
+    shared: Option<Arc<Shared>>,
+    /// The listening socket watched by the accept thread; `None` once stopped.
+    watch: Option<accept_loop::Attachment>,
     /// The listening socket went to another process (`hand_over`): leave it and its path be.
     handed_over: bool,
+}
+
+/// What the accept thread and the session's thread use.
+struct Shared {
+    name: String,
+    /// Non-blocking: the accept thread takes what is there and goes on.
+    listener: UnixListener,
+    backend: Arc<BlkBackend>,
+    stopping: AtomicBool,
+    /// A handle on the socket of the frontend being served, if there is one, to end its
+    /// session.
+    connection: Mutex<Option<UnixStream>>,
+    /// The thread serving the frontend, if one connected since the export started.
+    session: Mutex<Option<JoinHandle<()>>>,
+    /// Watches the listening socket again, for the next frontend; set once it is watched.
+    rearm: OnceLock<Rearm>,
 }
 
 impl Export {
@@ -79,33 +94,39 @@ impl Export {
         on_failure: Option<FailureSink>,
         handover: Member,
     ) -> Result<Export, SocketError> {
-        let listener = Arc::new(listener);
-        let accepting = listener.clone();
-        let stopping = Arc::new(AtomicBool::new(false));
+        let io_error = |source| SocketError::Io {
+            path: socket.display().to_string(),
+            source,
+        };
+        worker_pool::start();
+        listener.set_nonblocking(true).map_err(io_error)?;
         let mut backend = BlkBackend::new(dev, settings).with_handover(handover);
         if let Some(sink) = on_failure {
             backend = backend.with_failure_sink(sink);
         }
-        let backend = Arc::new(backend);
-        let name = socket.display().to_string();
-        let stop = stopping.clone();
-        let served = backend.clone();
-        let connection = Arc::new(Mutex::new(None));
-        let conn = connection.clone();
-        let thread = std::thread::Builder::new()
-            .name("export".into())
-            .spawn(move || serve(&name, &accepting, served, &stop, &conn))
-            .map_err(|source| SocketError::Io {
-                path: socket.display().to_string(),
-                source,
-            })?;
+        let shared = Arc::new(Shared {
+            name: socket.display().to_string(),
+            listener,
+            backend: Arc::new(backend),
+            stopping: AtomicBool::new(false),
+            connection: Mutex::new(None),
+            session: Mutex::new(None),
+            rearm: OnceLock::new(),
+        });
+        let accepting = shared.clone();
+        let watch = accept_loop::watch(
+            shared.listener.as_raw_fd(),
+            Box::new(move || {
+                accept(&accepting);
+                true
+            }),
+        )
+        .map_err(io_error)?;
+        let _ = shared.rearm.set(watch.rearm_handle());
         Ok(Export {
             socket: socket.to_path_buf(),
-            listener: Some(listener),
-            stopping,
-            connection,
-            thread: Some(thread),
-            backend,
+            shared: Some(shared),
+            watch: Some(watch),
             handed_over: false,
         })
     }
@@ -114,7 +135,9 @@ impl Export {
     /// size). The frontend acks from its own event loop, so this runs on a thread of its own
     /// and only logs the outcome.
     pub fn config_changed(&self) {
-        let backend = self.backend.clone();
+        let Some(backend) = self.shared.as_ref().map(|s| s.backend.clone()) else {
+            return;
+        };
         let name = self.socket.display().to_string();
         let thread_name = name.clone();
         let spawned = std::thread::Builder::new()
@@ -137,7 +160,9 @@ impl Export {
 
     /// Whether this export runs its device now (a frontend started its rings).
     pub fn active(&self) -> bool {
-        self.backend.handover().active()
+        self.shared
+            .as_ref()
+            .is_some_and(|s| s.backend.handover().active())
     }
 
     /// Stops serving without closing the listening socket, for a process that takes it over
@@ -145,26 +170,35 @@ impl Export {
     /// it had in flight completed; no new one starts here. Returns the listening socket (a
     /// frontend connecting meanwhile waits in its backlog for the next process).
     pub fn hand_over(mut self) -> Option<UnixListener> {
-        self.stopping.store(true, Ordering::SeqCst);
-        if let Some(conn) = self.connection.lock().as_ref() {
-            let _ = conn.shutdown(std::net::Shutdown::Both);
-        }
-        // Wakes a blocked accept; the connection is dropped at once (the next process may
-        // accept it too and sees it hang up).
-        let _ = UnixStream::connect(&self.socket);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
         self.handed_over = true;
-        // The serving thread is joined: its reference is gone and this one is the last.
-        self.listener.take().and_then(|l| Arc::try_unwrap(l).ok())
+        let shared = self.stop()?;
+        // The accept callback and the session's thread are gone: this reference is the last.
+        let listener = Arc::try_unwrap(shared).ok()?.listener;
+        // The next process gets the socket as it was bound.
+        if let Err(e) = listener.set_nonblocking(false) {
+            warn!("{}: {e}", self.socket.display());
+        }
+        Some(listener)
     }
 
-    /// Blocks until the export stops (it does not stop on its own).
-    pub fn wait(mut self) {
-        if let Some(t) = self.thread.take() {
+    /// Ends the session, if any, and stops watching the listening socket; returns once
+    /// nothing of the export runs any more.
+    fn stop(&mut self) -> Option<Arc<Shared>> {
+        let shared = self.shared.take()?;
+        shared.stopping.store(true, Ordering::SeqCst);
+        // A connected frontend would keep its session for as long as it likes: end it (the
+        // frontend sees the socket close, as after a crash).
+        if let Some(conn) = shared.connection.lock().as_ref() {
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        }
+        // Waits for an accept in progress; none starts after.
+        drop(self.watch.take());
+        // The session (if one started) sees the flag once it published its socket (`serve`).
+        let session = shared.session.lock().take();
+        if let Some(t) = session {
             let _ = t.join();
         }
+        Some(shared)
     }
 }
 
@@ -173,75 +207,94 @@ impl Drop for Export {
         if self.handed_over {
             return;
         }
-        self.stopping.store(true, Ordering::SeqCst);
-        // A connected frontend would keep the serving thread in its session for as long as it
-        // likes: end the session (the frontend sees the socket close, as after a crash).
-        if let Some(conn) = self.connection.lock().as_ref() {
-            let _ = conn.shutdown(std::net::Shutdown::Both);
-        }
-        // Shutting the listening socket down makes a blocked accept fail at once, even if the
-        // socket's path has been removed; the serving loop then sees the flag and ends.
-        if let Some(l) = &self.listener {
-            // SAFETY: shutdown on a descriptor this struct owns; no memory is involved.
-            unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
-        }
-        let _ = UnixStream::connect(&self.socket);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        drop(self.stop());
         let _ = std::fs::remove_file(&self.socket);
     }
 }
 
-fn serve(
-    name: &str,
-    listener: &UnixListener,
-    backend: Arc<BlkBackend>,
-    stopping: &AtomicBool,
-    connection: &Mutex<Option<UnixStream>>,
-) {
-    while !stopping.load(Ordering::Acquire) {
-        let stream = match listener.accept() {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                if !stopping.load(Ordering::Acquire) {
-                    error!("{name}: accepting a frontend failed: {e}");
-                    std::thread::sleep(std::time::Duration::from_millis(100));
-                }
-                continue;
-            }
-        };
-        if stopping.load(Ordering::Acquire) {
-            break;
+/// On the accept thread, when the listening socket is readable: starts serving the frontend
+/// waiting there on a thread of its own, or watches the socket again if there is none.
+fn accept(shared: &Arc<Shared>) {
+    let rearm = || {
+        if let Some(r) = shared.rearm.get() {
+            r.rearm();
         }
-        // Memory that could still shrink is mapped (libblkio's memfds cannot be sealed, nor can
-        // QEMU's memory-backend-file); SECURITY.md, "Guest memory", says what that risks.
-        let session = match Connection::new(stream, &backend, UnsealedMemory::Accept) {
-            Ok(s) => s,
-            Err(e) => {
-                error!("{name}: cannot serve a frontend: {e}");
-                continue;
-            }
-        };
-        // Published before `stopping` is read again: either `Drop` finds the handle, or this
-        // thread sees the flag (the mutex orders the two).
-        *connection.lock() = session.shutdown_handle().ok();
-        if stopping.load(Ordering::SeqCst) {
-            if let Some(s) = connection.lock().as_ref() {
-                let _ = s.shutdown(std::net::Shutdown::Both);
-            }
+    };
+    if shared.stopping.load(Ordering::Acquire) {
+        return;
+    }
+    let stream = match shared.listener.accept() {
+        Ok((stream, _)) => stream,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return rearm(),
+        Err(e) => {
+            error!("{}: accepting a frontend failed: {e}", shared.name);
+            // Out of descriptors, say: try again later rather than at once and forever
+            // (every export waits that long, as the shortage is the daemon's).
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            return rearm();
+        }
+    };
+    // The previous session ended (the socket is watched again only then): reap its thread.
+    let previous = shared.session.lock().take();
+    if let Some(previous) = previous {
+        let _ = previous.join();
+    }
+    let serving = shared.clone();
+    let spawned = std::thread::Builder::new()
+        .name("export".into())
+        .spawn(move || serve(&serving, stream));
+    match spawned {
+        Ok(t) => *shared.session.lock() = Some(t),
+        Err(e) => {
+            error!("{}: cannot start serving a frontend: {e}", shared.name);
+            rearm();
+        }
+    }
+}
+
+/// Serves one frontend, then watches the listening socket again for the next.
+fn serve(shared: &Shared, stream: UnixStream) {
+    let name = &shared.name;
+    session(shared, stream);
+    if !shared.stopping.load(Ordering::Acquire) {
+        // Set before the socket was first watched, so before this session began.
+        if let Some(r) = shared.rearm.get() {
+            r.rearm();
         } else {
-            info!("{name}: frontend connected");
+            error!("{name}: the listening socket is not watched; no frontend can connect");
         }
-        let ended = session.serve();
-        *connection.lock() = None;
-        match ended {
-            Ended::HungUp => info!("{name}: frontend disconnected"),
-            Ended::Refused(e) => warn!("{name}: connection closed: {e}"),
-            Ended::MemoryTruncated => warn!(
-                "{name}: connection closed: the frontend truncated its guest memory file \
-                 under the daemon's mapping (SIGBUS caught; the pages read as zeros)"
-            ),
+    }
+}
+
+fn session(shared: &Shared, stream: UnixStream) {
+    let name = &shared.name;
+    // Memory that could still shrink is mapped (libblkio's memfds cannot be sealed, nor can
+    // QEMU's memory-backend-file); SECURITY.md, "Guest memory", says what that risks.
+    let session = match Connection::new(stream, &shared.backend, UnsealedMemory::Accept) {
+        Ok(s) => s,
+        Err(e) => {
+            error!("{name}: cannot serve a frontend: {e}");
+            return;
         }
+    };
+    // Published before `stopping` is read again: either `stop` finds the handle, or this
+    // thread sees the flag (the mutex orders the two).
+    *shared.connection.lock() = session.shutdown_handle().ok();
+    if shared.stopping.load(Ordering::SeqCst) {
+        if let Some(s) = shared.connection.lock().as_ref() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    } else {
+        info!("{name}: frontend connected");
+    }
+    let ended = session.serve();
+    *shared.connection.lock() = None;
+    match ended {
+        Ended::HungUp => info!("{name}: frontend disconnected"),
+        Ended::Refused(e) => warn!("{name}: connection closed: {e}"),
+        Ended::MemoryTruncated => warn!(
+            "{name}: connection closed: the frontend truncated its guest memory file \
+             under the daemon's mapping (SIGBUS caught; the pages read as zeros)"
+        ),
     }
 }

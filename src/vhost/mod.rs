@@ -2,12 +2,14 @@
 //! provisioning. Requests are parsed ([`request`]), checked against the device size and run
 //! ([`execute`]) on a [`crate::engine::BlockDevice`].
 
+pub mod accept_loop;
 pub mod backend;
 pub mod cache_mode;
 pub mod chain;
 pub mod config;
 pub mod connection;
 pub mod dirty_log;
+pub mod event_thread;
 pub mod execute;
 pub mod export;
 pub mod frontend_checks;
@@ -17,6 +19,7 @@ pub mod inflight;
 pub mod memory_table;
 pub mod request;
 pub mod sigbus;
+pub mod worker_pool;
 
 pub use backend::{BlkBackend, DeviceSettings, MAX_QUEUES, MAX_QUEUE_SIZE};
 pub use execute::{ExecuteError, Failure, FailureSink};

@@ -69,12 +69,16 @@ impl Watched {
     pub fn settled(&self, want: Option<(usize, usize)>) -> (usize, usize) {
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut last = counts(self.daemon.pid());
+        // Without a target, the same counts for 300 ms: a connection's thread (the daemon
+        // starts one per frontend) may take a while to end on a busy machine.
+        let mut same = 0;
         loop {
             std::thread::sleep(Duration::from_millis(10));
             let now = counts(self.daemon.pid());
+            same = if now == last { same + 1 } else { 0 };
             let done = match want {
                 Some(w) => now == w,
-                None => now == last,
+                None => same >= 30,
             };
             if done || Instant::now() > deadline {
                 return now;

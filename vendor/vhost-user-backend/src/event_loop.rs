@@ -258,6 +258,30 @@ where
         Ok(())
     }
 
+    /// THINBLK-PATCH: handles the events that are ready now, without waiting, for an
+    /// application that runs this loop on a thread of its own (`VhostUserHandler::
+    /// without_threads`) when the epoll fd ([`AsRawFd`]) is readable. Returns whether the
+    /// exit event was among them. Events left over (more than one call takes) keep the epoll
+    /// fd readable.
+    pub fn run_ready(&self) -> VringEpollResult<bool> {
+        const READY_EVENTS: usize = 16;
+        let mut events = [EpollEvent::default(); READY_EVENTS];
+        let num_events = match self.epoll.wait(0, &mut events[..]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(false),
+            Err(e) => return Err(VringEpollError::EpollWait(e)),
+        };
+        for event in events.iter().take(num_events) {
+            let Some(evset) = EventSet::from_bits(event.events) else {
+                continue;
+            };
+            if self.handle_event(event.data() as u16, evset)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     fn handle_event(&self, device_event: u16, evset: EventSet) -> VringEpollResult<bool> {
         if device_event as usize == self.num_backend_queues {
             return self.handle_num_queues_event(evset);

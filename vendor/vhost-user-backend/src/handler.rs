@@ -125,6 +125,22 @@ where
     /// Creates the vrings and starts one worker thread per entry of `queues_per_thread`
     /// (THINBLK-PATCH: public; dropping the handler stops and joins them).
     pub fn new(backend: T, atomic_mem: GM<T::Bitmap>) -> VhostUserHandlerResult<Self> {
+        Self::with_threads(backend, atomic_mem, true)
+    }
+
+    /// THINBLK-PATCH: [`VhostUserHandler::new`] without its worker threads: the application
+    /// runs the event loops ([`VhostUserHandler::get_epoll_handlers`], whose epoll fds it
+    /// watches, calling [`VringEpollHandler::run_ready`] when one is readable) on threads of
+    /// its own, and stops doing so before it drops the handler.
+    pub fn without_threads(backend: T, atomic_mem: GM<T::Bitmap>) -> VhostUserHandlerResult<Self> {
+        Self::with_threads(backend, atomic_mem, false)
+    }
+
+    fn with_threads(
+        backend: T,
+        atomic_mem: GM<T::Bitmap>,
+        spawn: bool,
+    ) -> VhostUserHandlerResult<Self> {
         let num_queues = backend.num_queues();
         let max_queue_size = backend.max_queue_size();
         let queues_per_thread = backend.queues_per_thread();
@@ -150,14 +166,15 @@ where
                 VringEpollHandler::new(backend.clone(), thread_vrings, thread_id)
                     .map_err(VhostUserHandlerError::CreateEpollHandler)?,
             );
-            let handler2 = handler.clone();
-            let worker_thread = thread::Builder::new()
-                .name("vring_worker".to_string())
-                .spawn(move || handler2.run())
-                .map_err(VhostUserHandlerError::SpawnVringWorker)?;
-
+            if spawn {
+                let handler2 = handler.clone();
+                let worker_thread = thread::Builder::new()
+                    .name("vring_worker".to_string())
+                    .spawn(move || handler2.run())
+                    .map_err(VhostUserHandlerError::SpawnVringWorker)?;
+                worker_threads.push(worker_thread);
+            }
             handlers.push(handler);
-            worker_threads.push(worker_thread);
         }
 
         Ok(VhostUserHandler {
