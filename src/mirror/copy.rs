@@ -35,9 +35,11 @@ const READERS: usize = 4;
 /// sequential-write reference (its window holding 64 MiB). Servers that take fewer at once
 /// (qemu-nbd: 16) just read the socket later.
 pub const TARGET_IN_FLIGHT: usize = 64;
-/// Bytes of source reads in flight on a queued stream: enough to keep the source's disk
-/// busy while the job's thread sends, yet each read's buffer is held until it is sent.
-pub const READ_WINDOW: u64 = 32 << 20;
+/// Bytes of source reads in flight on a queued stream. Where source and target share a disk
+/// (the bench), deeper reads slow the target's writes, which bound the copy: against main's
+/// 4 synchronous readers, 32 MiB lost in 7 rounds of 7 and 16 MiB in 6 of 7, 8 MiB won 5 of 7
+/// (docs/benchmarks.md, mirror throughput).
+pub const READ_WINDOW: u64 = 8 << 20;
 
 /// What a copy does with the source's holes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
