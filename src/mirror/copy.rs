@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use super::reads::{aligned, QueuedReads};
+use super::sender::PieceSender;
 use super::MirrorError;
 use crate::engine::{Allocation, BlockDevice, BufsMut};
 use crate::nbd::client::{Command, NbdClient, ReplyError};
@@ -59,13 +60,17 @@ pub struct Copied {
 
 /// Requests of one copy still in flight, and the first error among their replies.
 #[derive(Default)]
-struct Batch {
+pub(super) struct Batch {
     state: Mutex<(usize, Option<ReplyError>)>,
     done: Condvar,
 }
 
 impl Batch {
-    fn submit(self: &Arc<Self>, target: &NbdClient, cmd: Command<'_>) -> Result<(), MirrorError> {
+    pub(super) fn submit(
+        self: &Arc<Self>,
+        target: &NbdClient,
+        cmd: Command<'_>,
+    ) -> Result<(), MirrorError> {
         self.state.lock().0 += 1;
         let me = self.clone();
         let r = target.submit(
@@ -132,10 +137,10 @@ pub struct CopyStream<'a> {
     source: &'a dyn BlockDevice,
     target: &'a NbdClient,
     batch: Arc<Batch>,
-    reads: Option<QueuedReads>,
-    /// Time spent waiting for source reads and sending their data (queued reads only).
+    /// The source's queue and the thread sending what it read (both or neither).
+    queued: Option<(QueuedReads, PieceSender)>,
+    /// Time the walk waited for room in the read window (queued reads only).
     read_wait: Duration,
-    send: Duration,
 }
 
 impl<'a> CopyStream<'a> {
@@ -145,18 +150,21 @@ impl<'a> CopyStream<'a> {
             source,
             target,
             batch: Arc::new(Batch::default()),
-            reads: None,
+            queued: None,
             read_wait: Duration::ZERO,
-            send: Duration::ZERO,
         }
     }
 
-    /// A stream reading the source through its own queue, `READ_WINDOW` bytes in flight;
-    /// synchronous reads if the device cannot open a queue.
-    pub fn queued(source: &'a Arc<dyn BlockDevice>, target: &'a NbdClient) -> CopyStream<'a> {
+    /// A stream reading the source through its own queue, `READ_WINDOW` bytes read and not
+    /// yet sent, a thread of its own sending them; synchronous reads if the device cannot
+    /// open a queue.
+    pub fn queued(source: &'a Arc<dyn BlockDevice>, target: &'a Arc<NbdClient>) -> CopyStream<'a> {
         let mut stream = CopyStream::new(&**source, target);
-        match QueuedReads::open(source.clone(), READ_WINDOW) {
-            Ok(reads) => stream.reads = Some(reads),
+        let queued = QueuedReads::open(source.clone(), READ_WINDOW).and_then(|reads| {
+            PieceSender::start(target.clone(), stream.batch.clone()).map(|s| (reads, s))
+        });
+        match queued {
+            Ok(q) => stream.queued = Some(q),
             Err(e) => {
                 log::warn!("mirror: no I/O queue on the source ({e}): reading it synchronously")
             }
@@ -184,11 +192,19 @@ impl<'a> CopyStream<'a> {
 
     /// Waits until every piece started was read, sent and answered; the first error.
     pub fn settle(&mut self, progress: &(dyn Fn(u64) + Sync)) -> Result<(), MirrorError> {
-        let read = match &mut self.reads {
-            Some(reads) => {
-                let (target, batch) = (self.target, &self.batch);
-                let mut send = |at: u64, data: &[u8]| send_data(target, batch, at, data, progress);
-                reads.finish_all(&mut send)
+        let read = match &mut self.queued {
+            Some((reads, sender)) => {
+                let mut deliver = |at, storage, len| sender.send(at, storage, len);
+                let r = reads.finish_all(&mut deliver);
+                // Every buffer handed to the sender comes back once it was sent.
+                while reads.held() > 0 {
+                    match sender.wait_back() {
+                        Some((storage, len)) => reads.give_back(storage, len),
+                        None => break,
+                    }
+                }
+                progress(sender.take_sent());
+                r.and_then(|()| sender.check())
             }
             None => Ok(()),
         };
@@ -203,11 +219,14 @@ impl<'a> CopyStream<'a> {
         let drain = Instant::now();
         let r = self.settle(progress);
         log::debug!(
-            "waited {:?} for the last reads and replies; in all {:?} waiting for source reads, \
-             {:?} sending (with waits for room in the target's window)",
+            "waited {:?} for the last reads and replies; in all {:?} waiting for room in the \
+             read window, {:?} sending (on the sender's thread, with waits for room in the \
+             target's window)",
             drain.elapsed(),
             self.read_wait,
-            self.send,
+            self.queued
+                .as_ref()
+                .map_or(Duration::ZERO, |(_, s)| s.send_time()),
         );
         r
     }
@@ -254,7 +273,7 @@ impl<'a> CopyStream<'a> {
                         self.batch.submit(target, cmd)?;
                         copied.zeroed += n;
                         progress(n);
-                    } else if self.reads.is_some() {
+                    } else if self.queued.is_some() {
                         self.start_piece((at, n, hole), progress)?;
                         copied.data += n;
                     } else {
@@ -272,37 +291,47 @@ impl<'a> CopyStream<'a> {
         Ok(copied)
     }
 
-    /// Starts reading a data piece once the window has room for it, sending the pieces that
-    /// finished meanwhile; a hole written as data goes at once.
+    /// Starts reading a data piece once the window has room for it, handing the pieces that
+    /// finished meanwhile to the sender; a hole written as data goes at once.
     fn start_piece(
         &mut self,
         (at, n, zeros): DataPiece,
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<(), MirrorError> {
         let (target, batch) = (self.target, &self.batch);
-        let Some(reads) = self.reads.as_mut() else {
+        let Some((reads, sender)) = self.queued.as_mut() else {
             return Ok(());
         };
         if zeros {
-            let t = Instant::now();
-            let r = send_data(target, batch, at, &vec![0u8; n as usize], progress);
-            self.send += t.elapsed();
-            return r;
+            return send_data(target, batch, at, &vec![0u8; n as usize], progress);
         }
-        let mut sending = Duration::ZERO;
-        let mut deliver = |off: u64, data: &[u8]| {
-            let t = Instant::now();
-            let r = send_data(target, batch, off, data, progress);
-            sending += t.elapsed();
-            r
-        };
+        let mut deliver = |off, storage, len| sender.send(off, storage, len);
         let waiting = Instant::now();
-        while !reads.has_room(n) {
-            reads.wait_some(&mut deliver)?;
+        loop {
+            while let Some((storage, len)) = sender.try_back() {
+                reads.give_back(storage, len);
+            }
+            sender.check()?;
+            if reads.has_room(n) {
+                break;
+            }
+            if reads.reading() {
+                reads.wait_some(&mut deliver)?;
+            } else {
+                // The window is full of pieces waiting to be sent.
+                match sender.wait_back() {
+                    Some((storage, len)) => reads.give_back(storage, len),
+                    None => {
+                        sender.check()?;
+                        return Err(MirrorError::Io(std::io::Error::other(
+                            "the mirror's sender stopped",
+                        )));
+                    }
+                }
+            }
         }
-        // The time spent sending is counted as such, not as a wait for reads.
-        self.read_wait += waiting.elapsed().saturating_sub(sending);
-        self.send += sending;
+        self.read_wait += waiting.elapsed();
+        progress(sender.take_sent());
         // n <= DATA_CHUNK.
         reads.start(at, n as usize);
         Ok(())

@@ -9,7 +9,8 @@
 //!   with several writes in flight, holes as WRITE_ZEROES that may stay holes; `CopyStream`,
 //!   ranges copied one after another without waiting in between.
 //! - `reads.rs`: `QueuedReads`, a stream's source reads through the device's own I/O queue,
-//!   several in flight within a window of bytes.
+//!   several in flight within a window of bytes; `sender.rs`: `PieceSender`, the stream's
+//!   thread sending the pieces read to the target.
 //! - `active.rs`: `ActiveSync`, write-blocking once ready: a write's range copied to the
 //!   target before the write completes.
 //! - `job.rs`: `Mirror::run`, the body of a `thin-mirror` job: first pass, dirty passes
@@ -25,6 +26,7 @@ pub mod dirty;
 pub mod hook;
 pub mod job;
 pub(crate) mod reads;
+mod sender;
 #[cfg(test)]
 mod tests;
 

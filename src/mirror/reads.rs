@@ -47,8 +47,10 @@ pub fn aligned(storage: &mut Vec<u8>, n: usize) -> &mut [u8] {
     &mut storage[skip..skip + n]
 }
 
-/// Takes a finished read: its offset and data (sends it to the target).
-pub type Deliver<'a> = dyn FnMut(u64, &[u8]) -> Result<(), MirrorError> + 'a;
+/// Takes a finished read: its offset, its buffer and length (the data is
+/// `aligned(&mut buffer, len)`). The buffer comes back through `give_back` once sent; until
+/// then its bytes count against the window.
+pub type Deliver<'a> = dyn FnMut(u64, Vec<u8>, usize) -> Result<(), MirrorError> + 'a;
 
 /// A read in flight: where it reads and the buffer it fills.
 struct InFlight {
@@ -57,11 +59,14 @@ struct InFlight {
     storage: Vec<u8>,
 }
 
-/// Reads of one source through its own queue, at most `window` bytes in flight.
+/// Reads of one source through its own queue, at most `window` bytes read and not given
+/// back (in flight, or delivered and not yet done with).
 pub struct QueuedReads {
     queue: Box<dyn IoQueue>,
     window: u64,
+    /// Bytes of reads in flight, and of finished reads not given back yet.
     bytes: u64,
+    held: u64,
     next_tag: u64,
     in_flight: HashMap<u64, InFlight>,
     /// Buffers of finished reads, reused by the next ones.
@@ -78,6 +83,7 @@ impl QueuedReads {
             queue,
             window: window.max(1),
             bytes: 0,
+            held: 0,
             next_tag: 0,
             in_flight: HashMap::new(),
             spare: Vec::new(),
@@ -86,8 +92,24 @@ impl QueuedReads {
 
     /// Whether a read of `len` bytes may start now (one read always may, however long).
     pub fn has_room(&self, len: u64) -> bool {
-        self.in_flight.is_empty()
-            || (self.bytes + len <= self.window && self.in_flight.len() < QUEUE_ENTRIES as usize)
+        (self.in_flight.is_empty() && self.held == 0)
+            || (self.bytes + self.held + len <= self.window
+                && self.in_flight.len() < QUEUE_ENTRIES as usize)
+    }
+
+    pub fn reading(&self) -> bool {
+        !self.in_flight.is_empty()
+    }
+
+    /// Bytes of finished reads whose buffers were not given back yet.
+    pub fn held(&self) -> u64 {
+        self.held
+    }
+
+    /// A delivered buffer, done with: its bytes leave the window.
+    pub fn give_back(&mut self, storage: Vec<u8>, len: usize) {
+        self.held = self.held.saturating_sub(len as u64);
+        self.spare.push(storage);
     }
 
     #[cfg(test)]
@@ -127,7 +149,7 @@ impl QueuedReads {
     }
 
     /// Waits until at least one read finished (if any is in flight), and hands each finished
-    /// one to `deliver` (offset, data). The first error, the source's or `deliver`'s, is
+    /// one to `deliver`. The first error, the source's or `deliver`'s, is
     /// returned after every finished read was handled.
     pub fn wait_some(&mut self, deliver: &mut Deliver<'_>) -> Result<(), MirrorError> {
         if self.in_flight.is_empty() {
@@ -151,22 +173,24 @@ impl QueuedReads {
         }
         let mut first_err = None;
         for c in done {
-            let Some(mut r) = self.in_flight.remove(&c.tag) else {
+            let Some(r) = self.in_flight.remove(&c.tag) else {
                 continue;
             };
             self.bytes -= r.len as u64;
             // After an error nothing more is sent: the copy stops.
-            let out = c.result.map_err(MirrorError::from).and_then(|()| {
-                if first_err.is_some() {
-                    return Ok(());
-                }
-                let data = aligned(&mut r.storage, r.len);
-                deliver(r.offset, data)
-            });
-            if let Err(e) = out {
+            if let Err(e) = c.result {
+                first_err.get_or_insert(e.into());
+            }
+            if first_err.is_some() {
+                self.spare.push(r.storage);
+                continue;
+            }
+            self.held += r.len as u64;
+            if let Err(e) = deliver(r.offset, r.storage, r.len) {
+                // The buffer did not go anywhere to come back from.
+                self.held -= r.len as u64;
                 first_err.get_or_insert(e);
             }
-            self.spare.push(r.storage);
         }
         match first_err {
             Some(e) => Err(e),
