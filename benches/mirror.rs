@@ -403,10 +403,10 @@ fn run(dir: &Path, setup: &Setup) -> Result<String, String> {
     let this = PathBuf::from(env!("CARGO_BIN_EXE_thinblk"));
     let source_pool = size + size / 4 + 64 * MIB;
     let mut a = start_pool(&src_dir, "a", source_pool, &this);
-    let mut base = match &setup.baseline {
-        Some(bin) => Some(start_pool(&src_dir, "a0", source_pool, bin)),
-        None => None,
-    };
+    let mut base = setup
+        .baseline
+        .as_ref()
+        .map(|bin| start_pool(&src_dir, "a0", source_pool, bin));
     // Targets are deleted after each measure: room for a few at a time.
     let mut b = start_pool(dir, "b", 3 * size + 64 * MIB, &this);
 

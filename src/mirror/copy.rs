@@ -3,9 +3,10 @@
 //! unmapped (a target without WRITE_ZEROES gets written zeros instead: correct, not sparse).
 //! Writes are pipelined: the client keeps several in flight while the next pieces are read.
 //! The job's streams (`CopyStream::queued`) read the source through its own I/O queue, up to
-//! `READ_WINDOW` bytes at once, overlapped with the walk of the allocation and the sends
-//! (`reads.rs`); a single copy (`copy_range`: a guest write's range once write-blocking)
-//! reads synchronously, a copy with several data pieces on a few threads at once. Reads go
+//! `READ_WINDOW` bytes read and not yet sent, overlapped with the walk of the allocation
+//! (`reads.rs`), and send on a thread of their own (`sender.rs`); a single copy
+//! (`copy_range`: a guest write's range once write-blocking) reads synchronously, a copy
+//! with several data pieces on a few threads at once. Reads go
 //! into page-aligned buffers: the source's O_DIRECT path takes them (no page-cache copy, no
 //! page cache filled with a whole disk's data; an unaligned `Vec` went buffered).
 //! Each copy logs at debug level where its time went (source reads against sends, which
@@ -36,9 +37,10 @@ const READERS: usize = 4;
 /// sequential-write reference (its window holding 64 MiB). Servers that take fewer at once
 /// (qemu-nbd: 16) just read the socket later.
 pub const TARGET_IN_FLIGHT: usize = 64;
-/// Bytes of source reads in flight on a queued stream. Where source and target share a disk
-/// (the bench), deeper reads slow the target's writes, which bound the copy: against main's
-/// 4 synchronous readers, 32 MiB lost in 7 rounds of 7 and 16 MiB in 6 of 7, 8 MiB won 5 of 7
+/// Bytes of a queued stream read and not yet sent (reads in flight, and pieces waiting for
+/// the sender). Where source and target share a disk (the bench), deeper reads slow the
+/// target's writes, which bound the copy: before the sender thread, against main's 4
+/// synchronous readers, 32 MiB lost 7 rounds of 7 and 16 MiB 6 of 7; 8 MiB won 5 of 7
 /// (docs/benchmarks.md, mirror throughput).
 pub const READ_WINDOW: u64 = 8 << 20;
 
