@@ -40,7 +40,7 @@ pub const TARGET_IN_FLIGHT: usize = 64;
 /// Bytes of a queued stream read and not yet sent (reads in flight, and pieces waiting for
 /// the sender). Where source and target share a disk (the bench), deeper reads slow the
 /// target's writes, which bound the copy: before the sender thread, against main's 4
-/// synchronous readers, 32 MiB lost 7 rounds of 7 and 16 MiB 6 of 7; 8 MiB won 5 of 7
+/// synchronous readers, 32 MiB and 16 MiB lost 7 rounds of 7; 8 MiB won 5 of 7 and 3 of 7
 /// (docs/benchmarks.md, mirror throughput).
 pub const READ_WINDOW: u64 = 8 << 20;
 
