@@ -3,10 +3,14 @@
 //!
 //! ```text
 //! cargo bench --bench mirror -- [--size-gib 4] [--mapped-percent 25] [--rounds 5] [--dir DIR]
+//!     [--baseline BIN] [--source-dir DIR]
 //! ```
 //!
 //! Two thinblk daemons (pool A holds the source, pool B the targets; each pool a sparse file
-//! under DIR, default target/bench-mirror), NBD on unix sockets. The source is a thin disk
+//! under DIR, default target/bench-mirror), NBD on unix sockets. With `--source-dir` pool A
+//! lives under that directory instead (e.g. /dev/shm): in a real migration the source and
+//! the target are two hosts' disks, while here both pools share one disk, so a copy reads
+//! and writes the disk that the sequential-write reference only writes. The source is a thin disk
 //! of SIZE with MAPPED% of it written (1 MiB runs spread over the whole disk, random bytes);
 //! the rest are holes. Each round measures, in an order that rotates from round to round,
 //! each into a fresh thin device of pool B over NBD (deleted after the round):
@@ -17,6 +21,9 @@
 //!   `block-job-cancel`, which flushes the target);
 //! - `qemu-img convert -n` from pool A's NBD export of the source (it reads the allocation
 //!   map and zeroes holes, as the mirror does).
+//!
+//! - with `--baseline BIN`: thin-mirror by the daemon BIN (another build) from a third pool
+//!   holding the same source, into the same pool B: before and after a change, side by side.
 //!
 //! Then once: thin-mirror of a disk of SIZE with nothing mapped (the cost of holes alone).
 //!
@@ -57,13 +64,13 @@ impl Drop for Pool {
     }
 }
 
-fn start_pool(dir: &Path, name: &str, data_size: u64) -> Pool {
+fn start_pool(dir: &Path, name: &str, data_size: u64, bin: &Path) -> Pool {
     let pool = dir.join(name);
     let (ctl, nbd) = (
         dir.join(format!("{name}.ctl")),
         dir.join(format!("{name}.nbd")),
     );
-    let child = Command::new(env!("CARGO_BIN_EXE_thinblk"))
+    let child = Command::new(bin)
         .arg("serve")
         .arg("--dir")
         .arg(&pool)
@@ -182,6 +189,8 @@ enum Kind {
     Sequential,
     Mirror,
     Convert,
+    /// thin-mirror by another build's daemon (`--baseline BIN`), from its own pool.
+    MirrorBaseline,
 }
 
 impl Kind {
@@ -190,6 +199,7 @@ impl Kind {
             Kind::Sequential => "sequential write",
             Kind::Mirror => "thin-mirror",
             Kind::Convert => "qemu-img convert",
+            Kind::MirrorBaseline => "baseline thin-mirror",
         }
     }
 }
@@ -200,6 +210,7 @@ struct Round {
     sequential: f64,
     mirror: f64,
     convert: Option<f64>,
+    baseline: Option<f64>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -269,106 +280,153 @@ fn convert(src: &str, uri: &str) -> Result<f64, String> {
 
 fn report(rounds: &[Round], mapped: u64, size: u64, percent: u64, holes_secs: f64) -> String {
     let rate = |secs: f64| mapped as f64 / MIB as f64 / secs;
+    let with_baseline = rounds.iter().any(|r| r.baseline.is_some());
     let mut s = format!(
         "Mirror throughput: a {} MiB thin disk, {}% mapped in 1 MiB runs (pool blocks 64 KiB), \
          pool A to pool B over NBD (unix sockets); {} rounds, the order rotating.\n\n\
-         | round | sequential write MiB/s | thin-mirror MiB/s | vs seq | qemu-img convert MiB/s | vs seq |\n\
-         | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+         | round | sequential write MiB/s | thin-mirror MiB/s | vs seq | qemu-img convert MiB/s | vs seq |",
         size / MIB,
         percent,
         rounds.len()
     );
+    if with_baseline {
+        s += " baseline thin-mirror MiB/s | vs seq |";
+    }
+    s += "\n| ---: | ---: | ---: | ---: | ---: | ---: |";
+    if with_baseline {
+        s += " ---: | ---: |";
+    }
+    s += "\n";
+    let cell = |secs: Option<f64>, seq: f64| {
+        secs.map_or("- | -".to_string(), |c| {
+            format!("{:.0} | {:.2}x", rate(c), seq / c)
+        })
+    };
     for (i, r) in rounds.iter().enumerate() {
-        let conv = r.convert.map_or("- | -".to_string(), |c| {
-            format!("{:.0} | {:.2}x", rate(c), r.sequential / c)
-        });
         s += &format!(
-            "| {} | {:.0} | {:.0} | {:.2}x | {} |\n",
+            "| {} | {:.0} | {} | {} |",
             i + 1,
             rate(r.sequential),
-            rate(r.mirror),
-            r.sequential / r.mirror,
-            conv
+            cell(Some(r.mirror), r.sequential),
+            cell(r.convert, r.sequential),
         );
+        if with_baseline {
+            s += &format!(" {} |", cell(r.baseline, r.sequential));
+        }
+        s += "\n";
     }
     let seq: Vec<f64> = rounds.iter().map(|r| rate(r.sequential)).collect();
-    let mir: Vec<f64> = rounds.iter().map(|r| r.sequential / r.mirror).collect();
-    let conv: Vec<f64> = rounds
-        .iter()
-        .filter_map(|r| r.convert.map(|c| r.sequential / c))
-        .collect();
+    let ratios = |f: &dyn Fn(&Round) -> Option<f64>| -> Vec<f64> {
+        rounds
+            .iter()
+            .filter_map(|r| f(r).map(|c| r.sequential / c))
+            .collect()
+    };
+    let summary = |name: &str, v: Vec<f64>| {
+        if v.is_empty() {
+            return String::new();
+        }
+        let (lo, hi) = spread(&v);
+        format!("; {name} {:.2}x ({lo:.2}-{hi:.2})", median(v))
+    };
     let (slo, shi) = spread(&seq);
-    let (mlo, mhi) = spread(&mir);
     s += &format!(
-        "\nMedians: sequential write {:.0} MiB/s ({slo:.0}-{shi:.0}); thin-mirror {:.2}x \
-         ({mlo:.2}-{mhi:.2})",
+        "\nMedians: sequential write {:.0} MiB/s ({slo:.0}-{shi:.0})",
         median(seq.clone()),
-        median(mir.clone()),
     );
-    if !conv.is_empty() {
-        let (clo, chi) = spread(&conv);
-        s += &format!(
-            "; qemu-img convert {:.2}x ({clo:.2}-{chi:.2})",
-            median(conv.clone())
-        );
-    }
+    s += &summary("thin-mirror", ratios(&|r| Some(r.mirror)));
+    s += &summary("qemu-img convert", ratios(&|r| r.convert));
+    s += &summary("baseline thin-mirror", ratios(&|r| r.baseline));
     s += &format!(
         ".\nThin-mirror of the disk with nothing mapped: {holes_secs:.2} s (its target maps 0 bytes).\n"
     );
     s
 }
 
-fn run(
-    dir: &Path,
+/// Fills `src` of pool `a` (SIZE, the runs of `mapped_runs` written); its NBD URI.
+fn fill_source(a: &mut Pool, size: u64, mapped_runs: &[u64]) -> Result<String, String> {
+    let src = a.disk("src", size, true);
+    let c = NbdClient::connect_uri(&src, IN_FLIGHT).map_err(|e| e.to_string())?;
+    for run in mapped_runs.chunks(64) {
+        let bufs: Vec<(u64, Vec<u8>)> = run.iter().map(|&i| (i * MIB, random_mib(i))).collect();
+        for (off, buf) in &bufs {
+            c.submit(
+                Nbd::Write {
+                    offset: *off,
+                    data: buf,
+                    fua: false,
+                },
+                Box::new(|r| {
+                    r.expect("fill");
+                }),
+            )
+            .map_err(|e| e.to_string())?;
+        }
+        c.drain();
+    }
+    c.flush().map_err(|e| e.to_string())?;
+    let src_mapped = a.mapped("src");
+    let want = mapped_runs.len() as u64 * MIB;
+    if src_mapped != want {
+        return Err(format!("the source maps {src_mapped} bytes, not {want}"));
+    }
+    Ok(src)
+}
+
+struct Setup {
     size: u64,
     percent: u64,
     rounds: usize,
     with_qemu_img: bool,
-) -> Result<String, String> {
+    /// Another build's daemon, whose thin-mirror is measured beside this one's.
+    baseline: Option<PathBuf>,
+    /// Where the source pools live, if not beside the targets (see `--source-dir`).
+    source_dir: Option<PathBuf>,
+}
+
+fn run(dir: &Path, setup: &Setup) -> Result<String, String> {
+    let (size, percent) = (setup.size, setup.percent);
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let src_dir = match &setup.source_dir {
+        Some(d) => {
+            let d = d.join("thinblk-bench-mirror-source");
+            let _ = std::fs::remove_dir_all(&d);
+            std::fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
+            d
+        }
+        None => dir.to_path_buf(),
+    };
     let runs = size / MIB;
     let mapped_runs: Vec<u64> = (0..runs).filter(|&i| mapped_run(i, percent)).collect();
     let mapped = mapped_runs.len() as u64 * MIB;
-    let mut a = start_pool(dir, "a", size + size / 4 + 64 * MIB);
-    // Targets are deleted after each round: room for one round's three at a time.
-    let mut b = start_pool(dir, "b", 3 * size + 64 * MIB);
+    let this = PathBuf::from(env!("CARGO_BIN_EXE_thinblk"));
+    let source_pool = size + size / 4 + 64 * MIB;
+    let mut a = start_pool(&src_dir, "a", source_pool, &this);
+    let mut base = setup
+        .baseline
+        .as_ref()
+        .map(|bin| start_pool(&src_dir, "a0", source_pool, bin));
+    // Targets are deleted after each measure: room for a few at a time.
+    let mut b = start_pool(dir, "b", 3 * size + 64 * MIB, &this);
 
     eprintln!("filling the source: {size} bytes, {mapped} mapped");
-    let src = a.disk("src", size, true);
+    let src = fill_source(&mut a, size, &mapped_runs)?;
     a.disk("holes", size, true);
-    {
-        let c = NbdClient::connect_uri(&src, IN_FLIGHT).map_err(|e| e.to_string())?;
-        for run in mapped_runs.chunks(64) {
-            let bufs: Vec<(u64, Vec<u8>)> = run.iter().map(|&i| (i * MIB, random_mib(i))).collect();
-            for (off, buf) in &bufs {
-                c.submit(
-                    Nbd::Write {
-                        offset: *off,
-                        data: buf,
-                        fua: false,
-                    },
-                    Box::new(|r| {
-                        r.expect("fill");
-                    }),
-                )
-                .map_err(|e| e.to_string())?;
-            }
-            c.drain();
-        }
-        c.flush().map_err(|e| e.to_string())?;
-    }
-    let src_mapped = a.mapped("src");
-    if src_mapped != mapped {
-        return Err(format!("the source maps {src_mapped} bytes, not {mapped}"));
+    if let Some(base) = &mut base {
+        eprintln!("filling the baseline's source");
+        fill_source(base, size, &mapped_runs)?;
     }
 
     let mut kinds = vec![Kind::Sequential, Kind::Mirror];
-    if with_qemu_img {
+    if setup.with_qemu_img {
         kinds.push(Kind::Convert);
     }
+    if base.is_some() {
+        kinds.push(Kind::MirrorBaseline);
+    }
     let mut results = Vec::new();
-    for round in 0..rounds {
+    for round in 0..setup.rounds {
         let mut r = Round::default();
         for k in 0..kinds.len() {
             let kind = kinds[(round + k) % kinds.len()];
@@ -383,12 +441,21 @@ fn run(
                 Kind::Convert => {
                     on_fresh_target(&mut b, &name, size, Some(mapped), |uri| convert(&src, uri))?
                 }
+                Kind::MirrorBaseline => {
+                    let Some(base) = base.as_mut() else {
+                        continue;
+                    };
+                    on_fresh_target(&mut b, &name, size, Some(mapped), |uri| {
+                        Ok(mirror(base, "src", uri))
+                    })?
+                }
             };
             eprintln!("round {}: {} {secs:.2} s", round + 1, kind.label());
             match kind {
                 Kind::Sequential => r.sequential = secs,
                 Kind::Mirror => r.mirror = secs,
                 Kind::Convert => r.convert = Some(secs),
+                Kind::MirrorBaseline => r.baseline = Some(secs),
             }
         }
         results.push(r);
@@ -397,6 +464,10 @@ fn run(
     let holes_secs = on_fresh_target(&mut b, "hdst", size, Some(0), |uri| {
         Ok(mirror(&mut a, "holes", uri))
     })?;
+    drop((a, base));
+    if setup.source_dir.is_some() {
+        let _ = std::fs::remove_dir_all(&src_dir);
+    }
     Ok(report(&results, mapped, size, percent, holes_secs))
 }
 
@@ -410,7 +481,15 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target");
     let result = if !args.iter().any(|a| a == "--bench") {
-        run(&target.join("bench-mirror-smoke"), 64 * MIB, 25, 1, false)
+        let setup = Setup {
+            size: 64 * MIB,
+            percent: 25,
+            rounds: 1,
+            with_qemu_img: false,
+            baseline: None,
+            source_dir: None,
+        };
+        run(&target.join("bench-mirror-smoke"), &setup)
     } else {
         let size = arg(&args, "--size-gib").map_or(Ok(4), |s| s.parse::<u64>());
         let percent = arg(&args, "--mapped-percent").map_or(Ok(25), |s| s.parse::<u64>());
@@ -421,7 +500,15 @@ fn main() {
             {
                 let dir =
                     arg(&args, "--dir").map_or_else(|| target.join("bench-mirror"), PathBuf::from);
-                run(&dir, size << 30, percent, rounds, true)
+                let setup = Setup {
+                    size: size << 30,
+                    percent,
+                    rounds,
+                    with_qemu_img: true,
+                    baseline: arg(&args, "--baseline").map(PathBuf::from),
+                    source_dir: arg(&args, "--source-dir").map(PathBuf::from),
+                };
+                run(&dir, &setup)
             }
             _ => Err("--size-gib N (> 0) --mapped-percent P (1 to 100) --rounds R (> 0)".into()),
         }

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use super::copy::{copy_range, CopyStream, Holes};
+use super::copy::{CopyStream, Holes};
 use super::{ActiveSync, DirtyMap, MirrorError, WriteHook};
 use crate::daemon::jobs::{Job, Outcome, Request};
 use crate::engine::thin::Volumes;
@@ -112,29 +112,42 @@ impl Mirror {
         }
     }
 
-    fn copy(&self, job: &Job, offset: u64, len: u64, holes: Holes) -> Result<(), MirrorError> {
+    /// Copies a range and waits until it is on the target, holding the copy lock meanwhile.
+    fn copy(
+        &self,
+        job: &Job,
+        stream: &mut CopyStream<'_>,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), MirrorError> {
+        let progress = |n| job.add_progress(n);
         let _copying = self.copying.lock();
-        copy_range(&*self.source, &self.target, offset, len, holes, &|n| {
-            job.add_progress(n)
-        })?;
-        Ok(())
+        let r = stream.range(offset, len, Holes::Zero, &progress);
+        // Even after an error, what was started is answered before the lock goes.
+        let settled = stream.settle(&progress);
+        r?;
+        settled
     }
 
-    fn first_pass(&self, job: &Job) -> Result<bool, MirrorError> {
+    fn first_pass(&self, job: &Job, stream: &mut CopyStream<'_>) -> Result<bool, MirrorError> {
         // Nothing else copies before the mirror turns write-blocking, but the lock says so.
         let _copying = self.copying.lock();
-        let stream = CopyStream::new(&*self.source, &self.target);
-        let r = self.first_pass_windows(job, &stream);
-        // The windows' writes are answered before the first pass ends, even after an error.
-        let waited = stream.finish();
+        let r = self.first_pass_windows(job, stream);
+        // The windows' reads and writes are answered before the first pass ends, even after
+        // an error.
+        let waited = stream.settle(&|n| job.add_progress(n));
         let done = r?;
         waited?;
         Ok(done)
     }
 
     /// The first pass's windows (and `incremental`'s changed runs), streamed into `stream`:
-    /// no wait for the replies between them.
-    fn first_pass_windows(&self, job: &Job, stream: &CopyStream<'_>) -> Result<bool, MirrorError> {
+    /// no wait for the reads or replies between them.
+    fn first_pass_windows(
+        &self,
+        job: &Job,
+        stream: &mut CopyStream<'_>,
+    ) -> Result<bool, MirrorError> {
         let size = self.source.size();
         job.set_total(size);
         let progress = |n| job.add_progress(n);
@@ -180,7 +193,7 @@ impl Mirror {
 
     /// Copies the dirty runs of one pass over the device; how many bytes it copied (`None`
     /// on a cancel).
-    fn sweep(&self, job: &Job) -> Result<Option<u64>, MirrorError> {
+    fn sweep(&self, job: &Job, stream: &mut CopyStream<'_>) -> Result<Option<u64>, MirrorError> {
         let mut copied = 0;
         let mut from = 0;
         while let Some((off, len)) = self.dirty.take(from, DIRTY_RUN) {
@@ -189,7 +202,7 @@ impl Mirror {
             }
             copied += len;
             job.add_total(len);
-            self.copy(job, off, len, Holes::Zero)?;
+            self.copy(job, stream, off, len)?;
             from = off + len;
         }
         Ok(Some(copied))
@@ -204,13 +217,23 @@ impl Mirror {
             )));
         }
         self.volumes.pool().wait_for_earlier_io();
-        if !self.first_pass(job)? {
+        // One stream, with its queue of source reads, for the first pass and the sweeps.
+        let mut stream = CopyStream::queued(&self.source, &self.target);
+        let r = self.passes(job, &mut stream);
+        let finished = stream.finish(&|n| job.add_progress(n));
+        let outcome = r?;
+        finished?;
+        Ok(outcome)
+    }
+
+    fn passes(&self, job: &Arc<Job>, stream: &mut CopyStream<'_>) -> Result<Outcome, MirrorError> {
+        if !self.first_pass(job, stream)? {
             return Ok(Outcome::Cancelled);
         }
         let mut active: Option<Arc<ActiveSync>> = None;
         let mut convergence = Convergence::default();
         loop {
-            let copied = self.sweep(job)?;
+            let copied = self.sweep(job, stream)?;
             if cancelled(job) {
                 return Ok(Outcome::Cancelled);
             }
@@ -227,7 +250,7 @@ impl Mirror {
                 job.ready();
             }
             match job.request() {
-                Request::Complete => return self.switch_over(job, active.as_deref()),
+                Request::Complete => return self.switch_over(job, stream, active.as_deref()),
                 Request::Stop => {
                     self.target.flush()?;
                     return Ok(Outcome::Completed);
@@ -257,7 +280,12 @@ impl Mirror {
         Ok(active)
     }
 
-    fn switch_over(&self, job: &Job, active: Option<&ActiveSync>) -> Result<Outcome, MirrorError> {
+    fn switch_over(
+        &self,
+        job: &Job,
+        stream: &mut CopyStream<'_>,
+        active: Option<&ActiveSync>,
+    ) -> Result<Outcome, MirrorError> {
         self.hook.set_refused(true);
         let result = (|| {
             if !self.hook.wait_idle(DRAIN_LIMIT) {
@@ -270,7 +298,7 @@ impl Mirror {
                 return Err(MirrorError::Active(e));
             }
             loop {
-                match self.sweep(job)? {
+                match self.sweep(job, stream)? {
                     Some(0) => break,
                     Some(_) => {}
                     None => return Ok(Outcome::Cancelled),

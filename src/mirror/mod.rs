@@ -6,7 +6,11 @@
 //! - `hook.rs`: `WriteHook`, the node's write path marking the dirty map (once a write's
 //!   data is written) and refusing writes after a switchover.
 //! - `copy.rs`: `copy_range`, a range of a device into an `NbdClient`: data read and written
-//!   with several writes in flight, holes as WRITE_ZEROES that may stay holes.
+//!   with several writes in flight, holes as WRITE_ZEROES that may stay holes; `CopyStream`,
+//!   ranges copied one after another without waiting in between.
+//! - `reads.rs`: `QueuedReads`, a stream's source reads through the device's own I/O queue,
+//!   several in flight within a window of bytes; `sender.rs`: `PieceSender`, the stream's
+//!   thread sending the pieces read to the target.
 //! - `active.rs`: `ActiveSync`, write-blocking once ready: a write's range copied to the
 //!   target before the write completes.
 //! - `job.rs`: `Mirror::run`, the body of a `thin-mirror` job: first pass, dirty passes
@@ -21,6 +25,8 @@ pub mod copy;
 pub mod dirty;
 pub mod hook;
 pub mod job;
+pub(crate) mod reads;
+mod sender;
 #[cfg(test)]
 mod tests;
 

@@ -19,6 +19,8 @@ struct Disk {
     mapped: Vec<bool>,
     written: AtomicU64,
     zeroed: AtomicU64,
+    /// Reads fail from this byte on (a bad sector, as a source).
+    bad_from: AtomicU64,
 }
 
 impl Disk {
@@ -28,6 +30,7 @@ impl Disk {
             mapped: (0..SIZE / BLOCK).map(mapped).collect(),
             written: AtomicU64::new(0),
             zeroed: AtomicU64::new(0),
+            bad_from: AtomicU64::new(u64::MAX),
         })
     }
 }
@@ -37,6 +40,12 @@ impl BlockDevice for Disk {
         SIZE
     }
     fn read(&self, offset: u64, bufs: &mut BufsMut<'_>) -> Result<(), BlockError> {
+        if offset + bufs.len() > self.bad_from.load(Ordering::SeqCst) {
+            return Err(BlockError::io(
+                offset,
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
         self.mem.read(offset, bufs)
     }
     fn write(&self, offset: u64, bufs: &Bufs<'_>) -> Result<(), BlockError> {
@@ -163,6 +172,109 @@ fn a_target_that_refuses_writes_fails_the_copy() {
     let client = NbdClient::connect_uri(&uri, 4).unwrap();
     let e = copy_range(&*source, &client, 0, SIZE, Holes::Zero, &|_| {}).unwrap_err();
     assert!(matches!(e, MirrorError::Target(_)), "{e}");
+}
+
+/// A queued stream (the job's: source reads through the device's queue, several ranges
+/// without a wait between them) moves the same bytes as `copy_range`.
+#[test]
+fn a_queued_stream_copies_several_ranges_with_reads_in_flight() {
+    let source = Disk::new(|b| b % 3 == 0 || (50..90).contains(&b));
+    fill(&source);
+    let target = Disk::new(|_| true);
+    target
+        .mem
+        .write(0, &Bufs::one(&vec![0xee; SIZE as usize]))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, uri) = serve(&dir, &target, true);
+    let client = Arc::new(NbdClient::connect_uri(&uri, DEFAULT_IN_FLIGHT).unwrap());
+    let src: Arc<dyn BlockDevice> = source.clone();
+    let moved = AtomicU64::new(0);
+    let progress = |n| {
+        moved.fetch_add(n, Ordering::SeqCst);
+    };
+    let mut stream = copy::CopyStream::queued(&src, &client);
+    let mut copied = Copied::default();
+    // Ranges that cut blocks and runs (at 512-byte boundaries, which the server asks for).
+    for (off, len) in [
+        (0, 5 * BLOCK + 512),
+        (5 * BLOCK + 512, SIZE / 2),
+        (SIZE / 2 + 5 * BLOCK + 512, SIZE / 2 - 5 * BLOCK - 512),
+    ] {
+        let c = stream.range(off, len, Holes::Zero, &progress).unwrap();
+        copied.data += c.data;
+        copied.zeroed += c.zeroed;
+    }
+    stream.finish(&progress).unwrap();
+    assert_eq!(copied.data + copied.zeroed, SIZE);
+    assert_eq!(moved.load(Ordering::SeqCst), SIZE);
+    assert_eq!(target.written.load(Ordering::SeqCst), copied.data);
+    assert_eq!(target.zeroed.load(Ordering::SeqCst), copied.zeroed);
+    assert!(content(&*target) == content(&*source));
+}
+
+/// A source read that fails fails the queued stream's copy (and it returns: nothing waits
+/// for a read that never came).
+#[test]
+fn a_failed_source_read_fails_the_queued_stream() {
+    let source = Disk::new(|_| true);
+    fill(&source);
+    source.bad_from.store(SIZE / 2, Ordering::SeqCst);
+    let target = Disk::new(|_| true);
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, uri) = serve(&dir, &target, true);
+    let client = Arc::new(NbdClient::connect_uri(&uri, DEFAULT_IN_FLIGHT).unwrap());
+    let src: Arc<dyn BlockDevice> = source.clone();
+    let mut stream = copy::CopyStream::queued(&src, &client);
+    let started = stream.range(0, SIZE, Holes::Zero, &|_| {});
+    let settled = stream.settle(&|_| {});
+    let e = started.and(settled).unwrap_err();
+    assert!(matches!(e, MirrorError::Source(_)), "{e}");
+    assert!(target.written.load(Ordering::SeqCst) <= SIZE / 2);
+}
+
+/// The read window bounds the bytes read and not given back (in flight, or delivered and
+/// still being sent), whatever the number of reads; every read started is handed back
+/// once, with the bytes at its offset.
+#[test]
+fn queued_reads_stay_within_their_window_and_all_come_back() {
+    let source = Disk::new(|_| true);
+    fill(&source);
+    let src: Arc<dyn BlockDevice> = source.clone();
+    let mut reads = reads::QueuedReads::open(src, 3 * BLOCK).unwrap();
+    let want = content(&*source);
+    let mut seen = vec![false; (SIZE / BLOCK) as usize];
+    let back = std::cell::RefCell::new(Vec::new());
+    let mut check = |off: u64, mut storage: Vec<u8>, len: usize| -> Result<(), MirrorError> {
+        let b = (off / BLOCK) as usize;
+        assert!(!seen[b], "block {b} came back twice");
+        seen[b] = true;
+        let data = reads::aligned(&mut storage, len);
+        assert!(*data == want[off as usize..off as usize + len]);
+        back.borrow_mut().push((storage, len));
+        Ok(())
+    };
+    let mut most = 0;
+    for b in 0..SIZE / BLOCK {
+        loop {
+            // Every other time, the delivered buffers stay out: the window stays full of them.
+            if b % 2 == 0 || !reads.reading() {
+                for (storage, len) in back.borrow_mut().drain(..) {
+                    reads.give_back(storage, len);
+                }
+            }
+            if reads.has_room(BLOCK) {
+                break;
+            }
+            reads.wait_some(&mut check).unwrap();
+        }
+        reads.start(b * BLOCK, BLOCK as usize);
+        most = most.max(reads.bytes_in_flight() + reads.held());
+    }
+    reads.finish_all(&mut check).unwrap();
+    assert_eq!(most, 3 * BLOCK);
+    assert!(reads.held() > 0, "the last buffers were not given back");
+    assert!(seen.iter().all(|s| *s));
 }
 
 /// The write-blocking handshake: a write that started before `start_sync` is waited for;
