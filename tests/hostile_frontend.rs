@@ -428,6 +428,31 @@ fn a_call_fd_nobody_reads_cannot_block_a_worker() {
 }
 
 #[test]
+fn a_ring_that_refills_itself_cannot_keep_its_connection_from_ending() {
+    // Found by the vhost_user fuzz target (a libFuzzer timeout in CI): the worker served such
+    // a ring in one endless call, never back in its event loop to see the exit event, so the
+    // hang-up's join of the worker never returned and the export never served again.
+    let mut w = Watched::start();
+    let mut wire = negotiated(&w);
+    let g = Guest::new();
+    let (k, c) = (eventfd(), eventfd());
+    g.set_up_self_refilling_queue(&mut wire, k.as_raw_fd(), c.as_raw_fd());
+    kick(k.as_raw_fd());
+    // The device goes round and round the ring: the used index keeps moving.
+    let first = g.device_used_idx();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while g.device_used_idx().wrapping_sub(first) < 1000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the device did not serve the ring"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    drop(wire);
+    w.check("a ring that refills itself");
+}
+
+#[test]
 fn a_call_eventfd_held_at_its_maximum_cannot_hang_the_export() {
     // An eventfd write blocks when the counter would pass 2^64 - 2. A frontend that puts its
     // call eventfd there blocked the queue's worker in write(), and the connection's teardown,

@@ -148,6 +148,31 @@ impl Guest {
         vring_addr(0, USER + DESC, USER + USED, USER + AVAIL)
     }
 
+    /// Queue 0 set up (as [`Guest::set_up_queue`]) with its available ring on top of its used
+    /// ring and a used index `QUEUE` ahead of the base: every used index the device writes is
+    /// then an available index a queue ahead of the device, and the heads it reads are the ids
+    /// it wrote (chain 0, which is malformed and comes back at once). The ring refills itself
+    /// for as long as the device serves it, without the guest doing anything.
+    pub fn set_up_self_refilling_queue(&self, w: &mut Wire, kick: RawFd, call: RawFd) {
+        self.put(USED + 2, &(QUEUE as u16).to_le_bytes());
+        w.ok(SET_MEM_TABLE, &mem_table(&[self.region()]), &[self.fd()]);
+        w.ok(SET_VRING_NUM, &vring_state(0, QUEUE), &[]);
+        w.ok(SET_VRING_BASE, &vring_state(0, 0), &[]);
+        w.ok(
+            SET_VRING_ADDR,
+            &vring_addr(0, USER + DESC, USER + USED, USER + USED),
+            &[],
+        );
+        w.ok(SET_VRING_KICK, &u64_payload(0), &[kick]);
+        w.ok(SET_VRING_CALL, &u64_payload(0), &[call]);
+        w.ok(SET_VRING_ENABLE, &vring_state(0, 1), &[]);
+    }
+
+    /// The used index the device last wrote.
+    pub fn device_used_idx(&self) -> u16 {
+        self.used_idx()
+    }
+
     /// Mem table, then queue 0 of `QUEUE` entries with the given kick and call fds, enabled.
     pub fn set_up_queue(&self, w: &mut Wire, kick: RawFd, call: RawFd) {
         w.ok(SET_MEM_TABLE, &mem_table(&[self.region()]), &[self.fd()]);
