@@ -818,7 +818,13 @@ impl BlkBackend {
                     self.kick_again(vring);
                     break;
                 }
-                if !self.poll.is_zero() && !shared {
+                // A worker that other connections' queues joined polls too: its window is
+                // short (`poll-us`, after the last activity) and the call's budget above
+                // still ends its turn, while a worker that never polled once anything else
+                // was attached to it cost a busy VM beside an idle or throttled one two
+                // thirds of its rate (tests/io_throttle.rs). Only a connection with more
+                // queues than workers (`self.shared`) keeps its own queues from spinning.
+                if !self.poll.is_zero() && !self.shared {
                     // A completion is activity too, wherever it was reaped: the guest's next
                     // request usually follows it within microseconds, and a worker that
                     // counted its window from the submission alone would often be asleep

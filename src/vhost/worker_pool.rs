@@ -11,8 +11,9 @@
 //! guaranteed before).
 //!
 //! A worker that serves more than one queue is not [`alone`]: its queues take turns (a pass
-//! of at most a queue's worth of chains each, `backend.rs`) and none polls, since a worker
-//! spinning on one queue keeps the others waiting.
+//! of at most a queue's worth of chains each, `backend.rs`). It still polls after activity
+//! (`poll-us` is short and the turn still ends), except for a connection with more queues than
+//! workers, whose own queues would otherwise spin against each other.
 
 use std::io;
 use std::os::fd::RawFd;
