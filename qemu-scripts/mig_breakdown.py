@@ -106,24 +106,28 @@ def median(values):
     return v[(len(v) - 1) // 2] if v else float("nan")
 
 
-def summary(path):
-    groups = {}
-    # Lines before the first series (migrate.sh's cases) belong to no server.
+def series_fields(path, prefix):
+    """(server, {key: value}) of each line starting with `prefix` in a file of series: a
+    "series LABEL-ROUND" line names the server of the lines after it; lines before the first
+    series (migrate.sh's cases) belong to no server and are skipped."""
     server = None
     with open(path) as f:
         for line in f:
             if line.startswith("series "):
                 server = line.split()[1].rsplit("-", 1)[0]
-                continue
-            if server is None or not line.startswith("BREAKDOWN"):
-                continue
-            fields = dict(re.findall(r"(\S+?)=(\S+)", line))
-            try:
-                row = {k: float(fields[k]) for k in ("downtime", "stop", "ram", "devices", "end", "downtime-bytes")}
-            except (KeyError, ValueError):
-                continue
-            row["resumed"] = float(fields["resumed"]) if fields.get("resumed", "?") != "?" else row["downtime"]
-            groups.setdefault(server, []).append(row)
+            elif server is not None and line.startswith(prefix):
+                yield server, dict(re.findall(r"(\S+?)=(\S+)", line))
+
+
+def summary(path):
+    groups = {}
+    for server, fields in series_fields(path, "BREAKDOWN"):
+        try:
+            row = {k: float(fields[k]) for k in ("downtime", "stop", "ram", "devices", "end", "downtime-bytes")}
+        except (KeyError, ValueError):
+            continue
+        row["resumed"] = float(fields["resumed"]) if fields.get("resumed", "?") != "?" else row["downtime"]
+        groups.setdefault(server, []).append(row)
     for server, rows in groups.items():
         def m(key):
             return median(r[key] for r in rows)

@@ -22,9 +22,14 @@ saving device states and flushing the stream (src-iterable-saved to src-downtime
   server   CPU ms the storage server's threads used in the window, the busiest named
   others   CPU ms of every other process but the two QEMUs, the busiest named
 """
+import pathlib
 import re
 import subprocess
 import sys
+
+# The series file's format and the median are mig_breakdown.py's (this is its companion).
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from mig_breakdown import median, series_fields  # noqa: E402
 
 LINE = re.compile(r"^(\d+)@(\d+\.\d+):(\S+)\s*(.*)$")
 SWITCH = re.compile(
@@ -159,31 +164,18 @@ def describe(w, names, src_tid, dst_tid, server_pid, qemu_pids):
             f" others={sum(others.values()) * 1e3:.2f} [{top(others)}]")
 
 
-def median(values):
-    v = sorted(values)
-    return v[(len(v) - 1) // 2] if v else float("nan")
-
-
 def summary(path):
     groups = {}
-    server = None
-    with open(path) as f:
-        for line in f:
-            if line.startswith("series "):
-                server = line.split()[1].rsplit("-", 1)[0]
-                continue
-            if server is None or not line.startswith("SCHED devices"):
-                continue
-            fields = dict(re.findall(r"(\S+?)=(\S+)", line))
-            try:
-                src = [float(x) for x in fields["src"].split("/")]
-                dst = [float(x) for x in fields["dst"].split("/")]
-                row = {"ms": float(fields["ms"]), "src-run": src[0], "src-wait": src[1],
-                       "src-sleep": src[2], "dst-run": dst[0], "dst-wait": dst[1],
-                       "server": float(fields["server"]), "others": float(fields["others"])}
-            except (KeyError, ValueError, IndexError):
-                continue
-            groups.setdefault(server, []).append(row)
+    for server, fields in series_fields(path, "SCHED devices"):
+        try:
+            src = [float(x) for x in fields["src"].split("/")]
+            dst = [float(x) for x in fields["dst"].split("/")]
+            row = {"ms": float(fields["ms"]), "src-run": src[0], "src-wait": src[1],
+                   "src-sleep": src[2], "dst-run": dst[0], "dst-wait": dst[1],
+                   "server": float(fields["server"]), "others": float(fields["others"])}
+        except (KeyError, ValueError, IndexError):
+            continue
+        groups.setdefault(server, []).append(row)
     for server, rows in groups.items():
         cols = " ".join(f"{k}={median(r[k] for r in rows):.2f}" for k in rows[0])
         print(f"MIGRATE-SCHED {server}: n={len(rows)} devices+flush {cols} (medians, ms)")
