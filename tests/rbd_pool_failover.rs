@@ -16,7 +16,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use blkio::ReqFlags;
 use common::*;
 
 const CEPH_CONF: &str = "THINBLK_CEPH_CONF";
@@ -78,22 +77,6 @@ fn serve_args(
     args
 }
 
-fn write_at(c: &mut Client, offset: u64, data: &[u8]) -> i32 {
-    c.buf()[..data.len()].copy_from_slice(data);
-    let p = c.buf_ptr(0);
-    write(&mut c.queues[0], p, offset, data.len())
-}
-
-fn read_at(c: &mut Client, offset: u64, len: usize) -> Vec<u8> {
-    let p = c.buf_ptr(0);
-    assert_eq!(
-        read(&mut c.queues[0], p, offset, len),
-        0,
-        "read at {offset}"
-    );
-    c.buf()[..len].to_vec()
-}
-
 /// Asserts `got == want`, naming the first byte that differs (not printing megabytes).
 fn assert_same(got: &[u8], want: &[u8], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
@@ -105,11 +88,6 @@ fn assert_same(got: &[u8], want: &[u8], what: &str) {
             want[i]
         );
     }
-}
-
-fn flush(c: &mut Client) -> i32 {
-    c.queues[0].flush(0, ReqFlags::empty());
-    wait_one(&mut c.queues[0])
 }
 
 fn signal(pid: u32, sig: i32) {

@@ -15,7 +15,6 @@ mod rbd_common;
 use std::path::Path;
 use std::process::Command;
 
-use blkio::ReqFlags;
 use common::*;
 use serde_json::{json, Value};
 
@@ -55,27 +54,6 @@ fn serve_args(
     .collect();
     args.extend(extra.iter().map(|s| s.to_string()));
     args
-}
-
-fn write_at(c: &mut Client, offset: u64, data: &[u8]) -> i32 {
-    c.buf()[..data.len()].copy_from_slice(data);
-    let p = c.buf_ptr(0);
-    write(&mut c.queues[0], p, offset, data.len())
-}
-
-fn read_at(c: &mut Client, offset: u64, len: usize) -> Vec<u8> {
-    let p = c.buf_ptr(0);
-    assert_eq!(
-        read(&mut c.queues[0], p, offset, len),
-        0,
-        "read at {offset}"
-    );
-    c.buf()[..len].to_vec()
-}
-
-fn flush(c: &mut Client) -> i32 {
-    c.queues[0].flush(0, ReqFlags::empty());
-    wait_one(&mut c.queues[0])
 }
 
 /// The client address of `image`'s exclusive lock owner (`rbd lock ls`).

@@ -179,6 +179,30 @@ pub fn write(q: &mut Blkioq, buf: *const u8, offset: u64, len: usize) -> i32 {
     wait_one(q)
 }
 
+/// Writes `data` at `offset` through the client's first queue, from the start of its buffer.
+pub fn write_at(c: &mut Client, offset: u64, data: &[u8]) -> i32 {
+    c.buf()[..data.len()].copy_from_slice(data);
+    let p = c.buf_ptr(0);
+    write(&mut c.queues[0], p, offset, data.len())
+}
+
+/// Reads `len` bytes at `offset` through the client's first queue; the read must succeed.
+pub fn read_at(c: &mut Client, offset: u64, len: usize) -> Vec<u8> {
+    let p = c.buf_ptr(0);
+    assert_eq!(
+        read(&mut c.queues[0], p, offset, len),
+        0,
+        "read at {offset}"
+    );
+    c.buf()[..len].to_vec()
+}
+
+/// Flushes through the client's first queue; returns the result.
+pub fn flush(c: &mut Client) -> i32 {
+    c.queues[0].flush(0, ReqFlags::empty());
+    wait_one(&mut c.queues[0])
+}
+
 /// A deterministic byte pattern that differs per offset and per seed.
 pub fn pattern(seed: u64, offset: u64, len: usize) -> Vec<u8> {
     (0..len as u64)
