@@ -15,12 +15,14 @@ pub use super::event_thread::{Attachment, Rearm, Run};
 
 static THREAD: OnceLock<Result<&'static EventThread, String>> = OnceLock::new();
 
-/// Calls `accept` when the listening socket `fd` is readable, once until rearmed.
-pub fn watch(fd: RawFd, accept: Run) -> io::Result<Attachment> {
+/// Calls the callback `make` returns when the listening socket `fd` is readable, once until
+/// rearmed through the handle `make` gets (before `fd` is watched: a frontend that waits in
+/// the backlog already is accepted only after `make` ran).
+pub fn watch(fd: RawFd, make: impl FnOnce(Rearm) -> Run) -> io::Result<Attachment> {
     let thread = THREAD
         .get_or_init(|| EventThread::start("accept".into(), |_| {}).map_err(|e| e.to_string()));
     match thread {
-        Ok(thread) => thread.attach(fd, 0, true, accept),
+        Ok(thread) => thread.attach_with(fd, 0, true, make),
         Err(e) => Err(io::Error::other(format!(
             "cannot start the accept thread: {e}"
         ))),
@@ -45,15 +47,17 @@ mod tests {
         listener.set_nonblocking(true).unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let (l, a) = (listener.clone(), accepted.clone());
-        let watched = watch(
-            listener.as_raw_fd(),
+        let rearm = Arc::new(OnceLock::new());
+        let r = rearm.clone();
+        let watched = watch(listener.as_raw_fd(), |handle| {
+            let _ = r.set(handle);
             Box::new(move || {
                 if l.accept().is_ok() {
                     a.fetch_add(1, Ordering::SeqCst);
                 }
                 true
-            }),
-        )
+            })
+        })
         .unwrap();
         let wait_for = |n: usize| {
             let deadline = Instant::now() + Duration::from_secs(20);
@@ -71,8 +75,42 @@ mod tests {
             1,
             "accepted before the rearm"
         );
-        watched.rearm_handle().rearm();
+        rearm.get().unwrap().rearm();
         wait_for(2);
+        drop(watched);
+    }
+
+    /// A frontend that connected and left before the socket was watched (a probe, say) is
+    /// accepted at once; the first callback already holds the handle that watches the socket
+    /// again, so the frontend waiting behind it is accepted too.
+    #[test]
+    fn the_first_callback_can_rearm_a_socket_a_frontend_waited_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let listener = Arc::new(UnixListener::bind(&path).unwrap());
+        listener.set_nonblocking(true).unwrap();
+        drop(UnixStream::connect(&path).unwrap());
+        let _waiting = UnixStream::connect(&path).unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (l, a) = (listener.clone(), accepted.clone());
+        let watched = watch(listener.as_raw_fd(), |rearm| {
+            Box::new(move || {
+                if l.accept().is_ok() {
+                    a.fetch_add(1, Ordering::SeqCst);
+                }
+                rearm.rearm();
+                true
+            })
+        })
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while accepted.load(Ordering::SeqCst) < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "the waiting frontend was never accepted"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
         drop(watched);
     }
 }

@@ -36,7 +36,6 @@ pub struct EventThread {
 struct Entry {
     run: Mutex<Option<Run>>,
     fd: RawFd,
-    events: EventSet,
 }
 
 impl EventThread {
@@ -62,13 +61,21 @@ impl EventThread {
     }
 
     /// Runs `run` whenever `fd` is readable (level-triggered: until `run` took what made it
-    /// so). With `once`, only at the first time, until [`Attachment::rearm`].
-    pub fn attach(
+    /// so).
+    pub fn attach(&'static self, fd: RawFd, weight: usize, run: Run) -> io::Result<Attachment> {
+        self.attach_with(fd, weight, false, |_| run)
+    }
+
+    /// Runs the callback `make` returns whenever `fd` is readable; with `once`, only at the
+    /// first time, until rearmed through the [`Rearm`] that `make` is given. `make` runs
+    /// before `fd` is watched, so the callback can count on what `make` did with the handle
+    /// even at its first run (a frontend may already wait on a listening socket then).
+    pub fn attach_with(
         &'static self,
         fd: RawFd,
         weight: usize,
         once: bool,
-        run: Run,
+        make: impl FnOnce(Rearm) -> Run,
     ) -> io::Result<Attachment> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let events = if once {
@@ -76,10 +83,15 @@ impl EventThread {
         } else {
             EventSet::IN
         };
+        let run = make(Rearm {
+            thread: self,
+            id,
+            fd,
+            events,
+        });
         let entry = Arc::new(Entry {
             run: Mutex::new(Some(run)),
             fd,
-            events,
         });
         self.entries.lock().insert(id, entry.clone());
         self.load.fetch_add(weight, Ordering::Relaxed);
@@ -149,16 +161,6 @@ impl Attachment {
     /// The thread this is attached to.
     pub fn thread(&self) -> &'static EventThread {
         self.thread
-    }
-
-    /// A handle to [`Rearm::rearm`] a one-shot attachment from another thread.
-    pub fn rearm_handle(&self) -> Rearm {
-        Rearm {
-            thread: self.thread,
-            id: self.id,
-            fd: self.entry.fd,
-            events: self.entry.events,
-        }
     }
 }
 

@@ -52,7 +52,8 @@ struct Shared {
     connection: Mutex<Option<UnixStream>>,
     /// The thread serving the frontend, if one connected since the export started.
     session: Mutex<Option<JoinHandle<()>>>,
-    /// Watches the listening socket again, for the next frontend; set once it is watched.
+    /// Watches the listening socket again, for the next frontend; set before it is first
+    /// watched.
     rearm: OnceLock<Rearm>,
 }
 
@@ -114,15 +115,16 @@ impl Export {
             rearm: OnceLock::new(),
         });
         let accepting = shared.clone();
-        let watch = accept_loop::watch(
-            shared.listener.as_raw_fd(),
+        let watch = accept_loop::watch(shared.listener.as_raw_fd(), |rearm| {
+            // Before the socket is watched: a frontend already in its backlog (the probe of
+            // a supervisor, say) may be accepted, served and gone before `watch` returns.
+            let _ = accepting.rearm.set(rearm);
             Box::new(move || {
                 accept(&accepting);
                 true
-            }),
-        )
+            })
+        })
         .map_err(io_error)?;
-        let _ = shared.rearm.set(watch.rearm_handle());
         Ok(Export {
             socket: socket.to_path_buf(),
             shared: Some(shared),
@@ -257,7 +259,7 @@ fn serve(shared: &Shared, stream: UnixStream) {
     let name = &shared.name;
     session(shared, stream);
     if !shared.stopping.load(Ordering::Acquire) {
-        // Set before the socket was first watched, so before this session began.
+        // Set before the socket was first watched (`start_on`), so before this session began.
         if let Some(r) = shared.rearm.get() {
             r.rearm();
         } else {
@@ -296,5 +298,58 @@ fn session(shared: &Shared, stream: UnixStream) {
             "{name}: connection closed: the frontend truncated its guest memory file \
              under the daemon's mapping (SIGBUS caught; the pages read as zeros)"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use vhost::vhost_user::Frontend;
+    use vhost::VhostBackend;
+
+    use super::*;
+    use crate::engine::memory::MemoryDevice;
+
+    fn settings() -> DeviceSettings {
+        DeviceSettings {
+            serial: "t".into(),
+            num_queues: 1,
+            queue_size: 64,
+            read_only: false,
+            poll: Duration::ZERO,
+            submit_batch: 32,
+        }
+    }
+
+    /// A supervisor's probe that connected and left before the export started is accepted,
+    /// served and gone at once, possibly before `start_on` returns; the export must accept
+    /// the next frontend all the same (a CI run once hung on a lost race here). Repeated,
+    /// as the loss needed the probe's session to end first.
+    #[test]
+    fn a_frontend_after_an_early_probe_is_served() {
+        let dir = tempfile::tempdir().unwrap();
+        for round in 0..50 {
+            let path = dir.path().join(format!("s{round}"));
+            let listener = UnixListener::bind(&path).unwrap();
+            drop(UnixStream::connect(&path).unwrap());
+            let dev = Arc::new(MemoryDevice::new(1 << 20).unwrap());
+            let export =
+                Export::start_on(dev, settings(), &path, listener, None, Member::default())
+                    .unwrap();
+            // The frontend retries a read that timed out, so it asks on a thread of its own.
+            let stream = UnixStream::connect(&path).unwrap();
+            let (answered, answer) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let fe = Frontend::from_stream(stream, 1);
+                let _ = answered.send(fe.get_features().is_ok());
+            });
+            assert_eq!(
+                answer.recv_timeout(Duration::from_secs(20)),
+                Ok(true),
+                "round {round}: the export never served the frontend after the probe"
+            );
+            drop(export);
+        }
     }
 }

@@ -83,7 +83,7 @@ pub fn attach(fd: RawFd, queues: usize, run: Run) -> io::Result<Attachment> {
         .iter()
         .min_by_key(|w| w.load().load(Ordering::Relaxed))
         .ok_or_else(|| io::Error::other("no queue worker could be started"))?;
-    worker.attach(fd, queues, false, run)
+    worker.attach(fd, queues, run)
 }
 
 struct Pool {
