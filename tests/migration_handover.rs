@@ -32,6 +32,11 @@ impl Pool {
 
 /// A pool with thin device `d` exported as `src` (and, with `dst_on_cli`, as `dst` too).
 fn pool(dst_on_cli: bool) -> Pool {
+    pool_with(dst_on_cli, &[])
+}
+
+/// [`pool`], with more arguments for `thinblk serve` (and their sockets to wait for).
+fn pool_with(dst_on_cli: bool, extra: &[(String, Option<PathBuf>)]) -> Pool {
     let dir = tempfile::tempdir().unwrap();
     let control = dir.path().join("control.sock");
     let src = dir.path().join("src.sock");
@@ -53,6 +58,12 @@ fn pool(dst_on_cli: bool) -> Pool {
         args.push("--export".into());
         args.push(format!("name=d,socket={},id=dst,queues=1", dst.display()));
         sockets.push(&dst);
+    }
+    for (arg, socket) in extra {
+        args.push(arg.clone());
+        if let Some(socket) = socket {
+            sockets.push(socket);
+        }
     }
     let daemon = Daemon::start(&args, &sockets);
     Pool {
@@ -194,4 +205,53 @@ fn a_source_that_disconnects_without_stopping_its_rings_frees_the_device() {
     dst.wait_used(0, 1);
     assert_eq!(dst.get(buf, 4096), pattern(1, 0, 4096));
     assert_eq!(active(&mut q), vec!["dst".to_string()]);
+}
+
+/// A destination whose request waits for the source says so to its queue worker at once: on
+/// a daemon with one worker for every queue, another disk's guest is served meanwhile (a
+/// worker that waited there stopped every disk it served for as long as the source ran).
+#[test]
+fn a_queue_waiting_for_its_device_leaves_its_worker_to_other_disks() {
+    let dir = tempfile::tempdir().unwrap();
+    let other_sock = dir.path().join("other.sock");
+    let p = pool_with(
+        true,
+        &[
+            ("--workers".into(), None),
+            ("1".into(), None),
+            ("--export".into(), None),
+            (
+                format!(
+                    "name=e,size=16M,socket={},id=other,queues=1",
+                    other_sock.display()
+                ),
+                Some(other_sock.clone()),
+            ),
+        ],
+    );
+    let mut q = Qmp::connect(&p.control);
+    let mut src = Vm::connect(&p.socket("src.sock"), 1);
+    let data = pattern(5, 0, 4096);
+    write(&mut src, 0, &data);
+    let mut dst = Vm::connect(&p.socket("dst.sock"), 1);
+    let buf = dst.alloc(4096);
+    let st = submit(&mut dst, VIRTIO_BLK_T_IN, 0, &[w(buf, 4096)]);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(dst.used_idx(0), 0, "dst ran beside src");
+
+    let mut other = Vm::connect(&other_sock, 1);
+    for sector in [0u64, 64, 128] {
+        let bytes = pattern(sector + 100, sector * 512, 4096);
+        write(&mut other, sector, &bytes);
+        assert_eq!(read(&mut other, sector, 4096), bytes);
+    }
+    assert_eq!(dst.used_idx(0), 0, "dst ran beside src");
+    let mut running = active(&mut q);
+    running.sort();
+    assert_eq!(running, vec!["other".to_string(), "src".to_string()]);
+
+    src.fe.get_vring_base(0).unwrap();
+    dst.wait_used(0, 1);
+    assert_eq!(dst.get(st, 1)[0], OK);
+    assert_eq!(dst.get(buf, 4096), data);
 }

@@ -29,7 +29,7 @@ use super::chain::{frame, DescTable};
 use super::config::{self, BlkConfig, SECTOR_SIZE, WRITEBACK_OFFSET};
 use super::dirty_log::{self, GuestLog, GuestMemoryMmap, LogSwitch, VringRwLock};
 use super::execute::{finish, prepare, ExecuteError, FailureSink, Prepared, Target};
-use super::handover::Member;
+use super::handover::{Member, Waker};
 use super::inflight::{self, QueueInflight, Tracker};
 use super::request::Op;
 use super::request::Request;
@@ -780,7 +780,12 @@ impl BlkBackend {
     /// Takes what the queue has, and with EVENT_IDX what arrives until it is quiet again.
     fn serve(&self, queue: usize, vring: &VringRwLock) -> io::Result<()> {
         let started = || vring.get_ref().get_queue().ready();
-        if !self.handover.enter(queue, &started) {
+        // Kicks the queue once the device is free, so this worker comes back to it.
+        let wake = || -> Waker {
+            let vring = vring.clone();
+            Box::new(move || kick(&vring))
+        };
+        if !self.handover.enter(queue, &started, &wake) {
             return Ok(());
         }
         // Read before the table: a worker that sees this generation sees at least its table.
@@ -815,7 +820,7 @@ impl BlkBackend {
                 let shared = self.shared_now();
                 served += taken;
                 if served >= self.call_budget(shared) {
-                    self.kick_again(vring);
+                    kick(vring);
                     break;
                 }
                 // A worker that other connections' queues joined polls too: its window is
@@ -860,7 +865,7 @@ impl BlkBackend {
                 }
                 served += taken;
                 if served >= self.call_budget(self.shared_now()) {
-                    self.kick_again(vring);
+                    kick(vring);
                     break;
                 }
             }
@@ -878,25 +883,26 @@ impl BlkBackend {
     fn shared_now(&self) -> bool {
         self.shared || !worker_pool::alone()
     }
+}
 
-    /// Makes the worker's epoll report `vring`'s kick again, so that a worker serving several
-    /// queues comes back to this one, which may have more, after its other queues had their
-    /// turn (the guest does not kick for what it published while notifications were off).
-    fn kick_again(&self, vring: &VringRwLock) {
-        let state = vring.get_ref();
-        let Some(kick) = state.get_kick() else {
-            return;
-        };
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writes 8 bytes from a local buffer to the kick eventfd, which the vring
-        // state's read guard keeps open for the duration of the call.
-        let n = unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), one.len()) };
-        if n != 8 {
-            warn!(
-                "cannot re-arm a queue's kick: {}",
-                io::Error::last_os_error()
-            );
-        }
+/// Makes the worker's epoll report `vring`'s kick again: a worker serving several queues
+/// comes back to this one, which may have more, after its other queues had their turn (the
+/// guest does not kick for what it published while notifications were off), and a queue
+/// that waited for its device's turn (`handover.rs`) is served once the device is free.
+fn kick(vring: &VringRwLock) {
+    let state = vring.get_ref();
+    let Some(kick) = state.get_kick() else {
+        return;
+    };
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a local buffer to the kick eventfd, which the vring state's
+    // read guard keeps open for the duration of the call.
+    let n = unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    if n != 8 {
+        warn!(
+            "cannot re-arm a queue's kick: {}",
+            io::Error::last_os_error()
+        );
     }
 }
 
