@@ -4,7 +4,9 @@
 #   bash scripts/ceph-cluster.sh stop DIR    # OSD, then mgr, then mon; safe to call twice
 #
 # Loopback only: the mon listens on two free ports of 127.0.0.1 (msgr2 and msgr1), the OSD
-# keeps its BlueStore on a sparse file DIR/osd.0/block, every pool has one replica, cephx is
+# keeps its BlueStore on a sparse file DIR/osd.0/block (16 GiB, of which only what is written
+# takes space: the RBD bench writes about 3 GiB of images, which filled the 4 GiB it had
+# before until its writes hung), every pool has one replica, cephx is
 # on and the admin key is DIR/ceph.client.admin.keyring (named in the conf, so
 # `ceph -c DIR/ceph.conf` and `rbd -c DIR/ceph.conf` need nothing else). No systemd: the
 # daemons daemonize and write their pid files to DIR/run. `start` gives up after
@@ -164,7 +166,7 @@ osd data = $dir/\$name
 keyring = $dir/\$name/keyring
 osd objectstore = bluestore
 bluestore block create = true
-bluestore block size = 4294967296
+bluestore block size = 17179869184
 osd memory target = 939524096
 CONF
 
