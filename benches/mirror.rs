@@ -22,6 +22,12 @@
 //! - `qemu-img convert -n` from pool A's NBD export of the source (it reads the allocation
 //!   map and zeroes holes, as the mirror does).
 //!
+//! - the disk's own copy rate: fio reading the source pool's data file (where the mapped
+//!   bytes lie, in the order they were written) and writing as many bytes into a fresh file
+//!   beside pool B, at once, 4 MiB requests, 16 in flight each, O_DIRECT: what the disk gives
+//!   a copy with no server in the way (an upper bound: fio's reads do not wait for its
+//!   writes). Measured when fio is installed.
+//!
 //! - with `--baseline BIN`: thin-mirror by the daemon BIN (another build) from a third pool
 //!   holding the same source, into the same pool B: before and after a change, side by side.
 //!
@@ -191,6 +197,8 @@ enum Kind {
     Convert,
     /// thin-mirror by another build's daemon (`--baseline BIN`), from its own pool.
     MirrorBaseline,
+    /// fio reading the source's data file while writing a fresh file beside the targets.
+    DiskCopy,
 }
 
 impl Kind {
@@ -200,6 +208,7 @@ impl Kind {
             Kind::Mirror => "thin-mirror",
             Kind::Convert => "qemu-img convert",
             Kind::MirrorBaseline => "baseline thin-mirror",
+            Kind::DiskCopy => "disk read+write",
         }
     }
 }
@@ -211,6 +220,7 @@ struct Round {
     mirror: f64,
     convert: Option<f64>,
     baseline: Option<f64>,
+    disk_copy: Option<f64>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -263,6 +273,41 @@ fn sequential(uri: &str, mapped: u64) -> Result<f64, String> {
     Ok(start.elapsed().as_secs_f64())
 }
 
+/// Seconds fio takes to read `bytes` from the start of `src` while writing as many into a new
+/// file `dst` (removed after): the slower of its two jobs.
+fn disk_copy(src: &Path, dst: &Path, bytes: u64) -> Result<f64, String> {
+    let job = |name: &str, rw: &str, file: &Path| {
+        vec![
+            format!("--name={name}"),
+            format!("--rw={rw}"),
+            format!("--filename={}", file.display()),
+            format!("--size={bytes}"),
+            "--bs=4M".into(),
+            format!("--iodepth={IN_FLIGHT}"),
+            "--ioengine=io_uring".into(),
+            "--direct=1".into(),
+        ]
+    };
+    let out = Command::new("fio")
+        .args(["--output-format=json", "--fallocate=none"])
+        .args(job("read", "read", src))
+        .args(job("write", "write", dst))
+        .output()
+        .map_err(|e| format!("fio: {e}"));
+    let _ = std::fs::remove_file(dst);
+    let out = out?;
+    if !out.status.success() {
+        return Err(format!("fio: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    let v: Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("fio's JSON output: {e}"))?;
+    let runtime_ms = |job: usize, side: &str| v["jobs"][job][side]["runtime"].as_f64();
+    match (runtime_ms(0, "read"), runtime_ms(1, "write")) {
+        (Some(r), Some(w)) if r > 0.0 && w > 0.0 => Ok(r.max(w) / 1e3),
+        _ => Err("fio's JSON output has no runtime for both jobs".into()),
+    }
+}
+
 fn convert(src: &str, uri: &str) -> Result<f64, String> {
     let start = Instant::now();
     let out = Command::new("qemu-img")
@@ -281,6 +326,7 @@ fn convert(src: &str, uri: &str) -> Result<f64, String> {
 fn report(rounds: &[Round], mapped: u64, size: u64, percent: u64, holes_secs: f64) -> String {
     let rate = |secs: f64| mapped as f64 / MIB as f64 / secs;
     let with_baseline = rounds.iter().any(|r| r.baseline.is_some());
+    let with_disk = rounds.iter().any(|r| r.disk_copy.is_some());
     let mut s = format!(
         "Mirror throughput: a {} MiB thin disk, {}% mapped in 1 MiB runs (pool blocks 64 KiB), \
          pool A to pool B over NBD (unix sockets); {} rounds, the order rotating.\n\n\
@@ -292,9 +338,15 @@ fn report(rounds: &[Round], mapped: u64, size: u64, percent: u64, holes_secs: f6
     if with_baseline {
         s += " baseline thin-mirror MiB/s | vs seq |";
     }
+    if with_disk {
+        s += " disk read+write MiB/s | vs seq | thin-mirror vs disk |";
+    }
     s += "\n| ---: | ---: | ---: | ---: | ---: | ---: |";
     if with_baseline {
         s += " ---: | ---: |";
+    }
+    if with_disk {
+        s += " ---: | ---: | ---: |";
     }
     s += "\n";
     let cell = |secs: Option<f64>, seq: f64| {
@@ -312,6 +364,12 @@ fn report(rounds: &[Round], mapped: u64, size: u64, percent: u64, holes_secs: f6
         );
         if with_baseline {
             s += &format!(" {} |", cell(r.baseline, r.sequential));
+        }
+        if with_disk {
+            s += &format!(" {} |", cell(r.disk_copy, r.sequential));
+            s += &r
+                .disk_copy
+                .map_or(" - |".to_string(), |d| format!(" {:.2}x |", d / r.mirror));
         }
         s += "\n";
     }
@@ -337,6 +395,12 @@ fn report(rounds: &[Round], mapped: u64, size: u64, percent: u64, holes_secs: f6
     s += &summary("thin-mirror", ratios(&|r| Some(r.mirror)));
     s += &summary("qemu-img convert", ratios(&|r| r.convert));
     s += &summary("baseline thin-mirror", ratios(&|r| r.baseline));
+    s += &summary("disk read+write", ratios(&|r| r.disk_copy));
+    let against_disk: Vec<f64> = rounds
+        .iter()
+        .filter_map(|r| r.disk_copy.map(|d| d / r.mirror))
+        .collect();
+    s += &summary("thin-mirror against the disk's read+write", against_disk);
     s += &format!(
         ".\nThin-mirror of the disk with nothing mapped: {holes_secs:.2} s (its target maps 0 bytes).\n"
     );
@@ -425,6 +489,10 @@ fn run(dir: &Path, setup: &Setup) -> Result<String, String> {
     if base.is_some() {
         kinds.push(Kind::MirrorBaseline);
     }
+    let fio = Command::new("fio").arg("--version").output().is_ok();
+    if setup.with_qemu_img && fio {
+        kinds.push(Kind::DiskCopy);
+    }
     let mut results = Vec::new();
     for round in 0..setup.rounds {
         let mut r = Round::default();
@@ -449,6 +517,12 @@ fn run(dir: &Path, setup: &Setup) -> Result<String, String> {
                         Ok(mirror(base, "src", uri))
                     })?
                 }
+                // Pool A's data file holds the mapped bytes first: the fill wrote nothing else.
+                Kind::DiskCopy => disk_copy(
+                    &src_dir.join("a").join("data"),
+                    &dir.join("disk-copy"),
+                    mapped,
+                )?,
             };
             eprintln!("round {}: {} {secs:.2} s", round + 1, kind.label());
             match kind {
@@ -456,6 +530,7 @@ fn run(dir: &Path, setup: &Setup) -> Result<String, String> {
                 Kind::Mirror => r.mirror = secs,
                 Kind::Convert => r.convert = Some(secs),
                 Kind::MirrorBaseline => r.baseline = Some(secs),
+                Kind::DiskCopy => r.disk_copy = Some(secs),
             }
         }
         results.push(r);
