@@ -318,6 +318,9 @@ impl IoQueue for CountedQueue {
     fn completes_at_submit(&self) -> bool {
         self.inner.completes_at_submit()
     }
+    fn completes_slowly(&self) -> bool {
+        self.inner.completes_slowly()
+    }
 }
 
 #[cfg(test)]

@@ -329,6 +329,9 @@ impl IoQueue for WatchedQueue {
     fn completes_at_submit(&self) -> bool {
         self.inner.completes_at_submit()
     }
+    fn completes_slowly(&self) -> bool {
+        self.inner.completes_slowly()
+    }
 }
 
 impl Drop for WatchedQueue {

@@ -97,6 +97,9 @@ pub struct BlkBackend {
     /// How long a worker keeps looking at its queue and ring after the last thing it found
     /// there, before it sleeps until a kick or a completion wakes it.
     poll: std::time::Duration,
+    /// The device's queues complete slowly (`IoQueue::completes_slowly`): its workers do not
+    /// poll, whatever `poll` says. Set when the queues open.
+    slow_queues: AtomicBool,
     /// Chains taken and not yet returned, in the frontend's inflight region (inflight.rs).
     inflight: Arc<Tracker>,
 }
@@ -312,6 +315,7 @@ impl BlkBackend {
                 settings.poll
             },
             inflight: Arc::new(Tracker::new(settings.num_queues)),
+            slow_queues: AtomicBool::new(false),
             dev,
             settings,
             mem: RwLock::new(None),
@@ -407,7 +411,12 @@ impl BlkBackend {
                 continue;
             }
             match self.dev.clone().open_queue(&self.queue_options) {
-                Ok(io) => *slot = Some(QueueState::new(io)),
+                Ok(io) => {
+                    if io.completes_slowly() {
+                        self.slow_queues.store(true, Ordering::Relaxed);
+                    }
+                    *slot = Some(QueueState::new(io))
+                }
                 Err(e) => {
                     warn!("queue {q}: cannot open the device's I/O queue ({e}); its requests fail")
                 }
@@ -763,9 +772,7 @@ impl VhostUserBackend for BlkBackend {
             self.reap(queue, Reap::Event)?;
             // A polling worker looks for the requests its completions will bring.
             return match vrings.get(queue / self.workers) {
-                Some(vring) if !self.poll.is_zero() && !self.shared_now() => {
-                    self.serve(queue, vring)
-                }
+                Some(vring) if self.polls() && !self.shared_now() => self.serve(queue, vring),
                 _ => Ok(()),
             };
         }
@@ -829,7 +836,7 @@ impl BlkBackend {
                 // was attached to it cost a busy VM beside an idle or throttled one two
                 // thirds of its rate (tests/io_throttle.rs). Only a connection with more
                 // queues than workers (`self.shared`) keeps its own queues from spinning.
-                if !self.poll.is_zero() && !self.shared {
+                if self.polls() && !self.shared {
                     // A completion is activity too, wherever it was reaped: the guest's next
                     // request usually follows it within microseconds, and a worker that
                     // counted its window from the submission alone would often be asleep
@@ -882,6 +889,12 @@ impl BlkBackend {
     /// others on the same pool worker, `worker_pool.rs`): it takes turns and does not poll.
     fn shared_now(&self) -> bool {
         self.shared || !worker_pool::alone()
+    }
+
+    /// Whether the worker keeps looking for work after activity (`poll`), which it does not
+    /// where the device's queues complete slowly.
+    fn polls(&self) -> bool {
+        !self.poll.is_zero() && !self.slow_queues.load(Ordering::Relaxed)
     }
 }
 
@@ -998,6 +1011,100 @@ mod tests {
         assert_eq!(b.completion_fd(0), Some(fd), "opened twice");
         b.close_queues();
         assert!(b.completion_fd(0).is_none(), "kept after the frontend went");
+    }
+
+    /// A memory disk whose queues say they complete slowly, as RBD's do.
+    struct SlowDevice(MemoryDevice);
+
+    impl BlockDevice for SlowDevice {
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn read(
+            &self,
+            offset: u64,
+            bufs: &mut crate::engine::BufsMut<'_>,
+        ) -> Result<(), crate::engine::BlockError> {
+            self.0.read(offset, bufs)
+        }
+        fn write(
+            &self,
+            offset: u64,
+            bufs: &crate::engine::Bufs<'_>,
+        ) -> Result<(), crate::engine::BlockError> {
+            self.0.write(offset, bufs)
+        }
+        fn flush(&self) -> Result<(), crate::engine::BlockError> {
+            self.0.flush()
+        }
+        fn discard(&self, offset: u64, len: u64) -> Result<(), crate::engine::BlockError> {
+            self.0.discard(offset, len)
+        }
+        fn write_zeroes(
+            &self,
+            offset: u64,
+            len: u64,
+            may_unmap: bool,
+        ) -> Result<(), crate::engine::BlockError> {
+            self.0.write_zeroes(offset, len, may_unmap)
+        }
+        fn open_queue(self: Arc<Self>, opts: &QueueOptions) -> io::Result<Box<dyn IoQueue>> {
+            let inner = crate::engine::io::InlineQueue::open(self, opts)?;
+            Ok(Box::new(SlowQueue(inner)))
+        }
+    }
+
+    struct SlowQueue(Box<dyn IoQueue>);
+
+    impl IoQueue for SlowQueue {
+        fn submit(&mut self, req: crate::engine::io::IoRequest) {
+            self.0.submit(req)
+        }
+        fn submit_pending(&mut self) {
+            self.0.submit_pending()
+        }
+        fn notifier(&self) -> std::os::fd::RawFd {
+            self.0.notifier()
+        }
+        fn acknowledge(&mut self) {
+            self.0.acknowledge()
+        }
+        fn has_completions(&mut self) -> bool {
+            self.0.has_completions()
+        }
+        fn reap(&mut self, out: &mut dyn FnMut(Completion)) -> usize {
+            self.0.reap(out)
+        }
+        fn in_flight(&self) -> usize {
+            self.0.in_flight()
+        }
+        fn drain(&mut self) {
+            self.0.drain()
+        }
+        fn completes_slowly(&self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn a_worker_does_not_poll_a_device_whose_queues_complete_slowly() {
+        let settings = |poll_us| DeviceSettings {
+            serial: "slow".into(),
+            num_queues: 1,
+            queue_size: 16,
+            read_only: false,
+            poll: std::time::Duration::from_micros(poll_us),
+            submit_batch: 4,
+        };
+        let fast = BlkBackend::new(Arc::new(MemoryDevice::new(1 << 20).unwrap()), settings(32));
+        fast.open_queues();
+        assert!(fast.polls(), "a memory disk is polled for poll-us");
+        let slow = BlkBackend::new(
+            Arc::new(SlowDevice(MemoryDevice::new(1 << 20).unwrap())),
+            settings(32),
+        );
+        slow.open_queues();
+        assert!(!slow.polls(), "polled although its queue completes slowly");
     }
 
     #[test]

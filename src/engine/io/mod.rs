@@ -163,6 +163,13 @@ pub trait IoQueue: Send {
     fn completes_at_submit(&self) -> bool {
         false
     }
+
+    /// Whether a request takes long enough (a network round trip, as RBD's) that a worker
+    /// spinning for its completion, or for the guest's next request after it, spends more CPU
+    /// than the wakeup it saves, and takes the CPU from the threads that complete it.
+    fn completes_slowly(&self) -> bool {
+        false
+    }
 }
 
 /// Runs `req` through the device's synchronous methods on this thread (for tools, fuzzing

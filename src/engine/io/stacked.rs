@@ -291,6 +291,10 @@ impl IoQueue for StackedQueue {
         self.accepted
     }
 
+    fn completes_slowly(&self) -> bool {
+        self.below.completes_slowly()
+    }
+
     fn drain(&mut self) {
         self.submit_pending();
         loop {

@@ -475,6 +475,13 @@ impl IoQueue for RbdQueue {
         self.accepted
     }
 
+    /// A request is a round trip to an OSD (hundreds of microseconds at best), completed by
+    /// librbd's threads: a worker that spins meanwhile delays them (docs/benchmarks.md, "poll-us
+    /// on RBD").
+    fn completes_slowly(&self) -> bool {
+        true
+    }
+
     fn drain(&mut self) {
         loop {
             self.collect();
