@@ -33,9 +33,6 @@ pub type Waker = Box<dyn FnOnce() + Send>;
 #[derive(Debug, Default)]
 pub struct Handover {
     state: Mutex<State>,
-    /// When the last holder let go, for the log: the gap between the source's rings stopping
-    /// and the destination's first request is part of a migration's downtime.
-    released_at: Mutex<Option<Instant>>,
     next_member: AtomicU64,
 }
 
@@ -43,6 +40,9 @@ pub struct Handover {
 struct State {
     holder: Option<u64>,
     waiting: Vec<Waiting>,
+    /// When the last holder let go, for the log: the gap between the source's rings stopping
+    /// and the destination's first request is part of a migration's downtime.
+    released_at: Option<Instant>,
 }
 
 /// A queue of another export than the holder that has requests for the device.
@@ -154,7 +154,7 @@ impl Member {
                         .lock()
                         .take()
                         .map(|at| at.elapsed().as_secs_f64() * 1e3);
-                    match self.handover.released_at.lock().take() {
+                    match state.released_at.take() {
                         Some(at) => info!(
                             "{}: now the running export of its device, {:.3} ms after the \
                              last one stopped its rings (queue {queue} waited {:.3} ms)",
@@ -185,7 +185,7 @@ impl Member {
         let before = self.running.fetch_and(!bit(queue), Ordering::AcqRel);
         if before != 0 && before & !bit(queue) == 0 && state.holder == Some(self.id) {
             state.holder = None;
-            *self.handover.released_at.lock() = Some(Instant::now());
+            state.released_at = Some(Instant::now());
             info!(
                 "{}: rings stopped; the device is free for another export",
                 self.name
