@@ -148,17 +148,17 @@ run_case() {
     if [ "$CASE" = writethrough ]; then
         local kept reconnects
         kept=$(grep -c 'write-through, as the guest set it before the reconnect' "$SERVER_LOG" || true)
-        # QEMU reconnects once a second: a kill that comes before it did (the random delay
-        # can be 0 and the round already over) leaves a restart no frontend saw. Every
-        # connection after the first (where the guest set write-through) must take it back.
+        # wt_kill_action waits for QEMU's reconnection after each kill, so every restart has
+        # one; every connection after the first (where the guest set write-through) must
+        # take the mode back.
         reconnects=$(( $(grep -c ': frontend connected' "$SERVER_LOG" || true) - 1 ))
-        if [ "$reconnects" -lt 1 ] || [ "$kept" -lt "$reconnects" ]; then
+        if [ "$reconnects" -lt "$rounds" ] || [ "$kept" -lt "$reconnects" ]; then
             fail_case "$kept of $reconnects reconnections ($rounds restarts) took the guest's" \
                 "write-through mode back"
             return
         fi
         log "$CASE: every reconnection served the disk write-through again ($kept of" \
-            "$rounds restarts reconnected);" \
+            "$rounds restarts);" \
             "guest: $(tr -d '\r' <"$GLOG" | grep -c '^RESTART-CACHE .* write through') rounds" \
             "ended with cache_type 'write through'"
     fi
@@ -177,6 +177,20 @@ kill_action() {
     # Down for up to a second: QEMU retries every second meanwhile.
     sleep "0.$((RANDOM % 10))"
     start_server
+}
+
+# wt_kill_action: kill_action, then wait until QEMU (retrying once a second) has connected
+# to the new daemon, so that the next kill cannot come before a frontend saw this restart.
+wt_kill_action() {
+    local before
+    before=$(grep -c ': frontend connected' "$SERVER_LOG" || true)
+    kill_action "$1" || return 1
+    for _ in $(seq 200); do
+        [ "$(grep -c ': frontend connected' "$SERVER_LOG" || true)" -gt "$before" ] && return 0
+        sleep 0.1
+    done
+    log "writethrough: round $1: QEMU did not reconnect within 20 s"
+    return 1
 }
 
 upgrade_action() {
@@ -206,7 +220,7 @@ for c in $CASES; do
         upgrade) run_case upgrade "$UPGRADES" upgrade_action ;;
         writethrough)
             GUEST_EXTRA=thinblk.cache=wt
-            run_case writethrough "$WT_KILLS" kill_action
+            run_case writethrough "$WT_KILLS" wt_kill_action
             GUEST_EXTRA=
             ;;
         *) die "unknown case '$c' (kill, upgrade, writethrough)" ;;
