@@ -163,8 +163,8 @@ struct ServeArgs {
     /// readonly=on|off: refuse writes and tell the guest the disk is read-only (default off).
     /// direct=on|off: O_DIRECT on a raw backing file, bypassing the host page cache (default on).
     /// poll-us=N: microseconds a queue worker keeps polling its virtqueue and io_uring after
-    /// activity before it sleeps, 0 to 1000 (default 32; 0: never poll; RBD devices never
-    /// poll).
+    /// activity before it sleeps at most, 0 to 1000 (default 32; 0: never poll; RBD devices
+    /// never poll); each queue learns how much of it pays off.
     /// submit-batch=N: requests a queue worker hands to io_uring per system call at most,
     /// 1 to 1024 (default 4: the host device starts on the first while the rest are framed).
     /// Write a literal comma in a value as ",,".

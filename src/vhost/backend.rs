@@ -31,6 +31,7 @@ use super::dirty_log::{self, GuestLog, GuestMemoryMmap, LogSwitch, VringRwLock};
 use super::execute::{finish, prepare, ExecuteError, FailureSink, Prepared, Target};
 use super::handover::{Member, Waker};
 use super::inflight::{self, QueueInflight, Tracker};
+use super::poll_window::{PollWindow, Waiting};
 use super::request::Op;
 use super::request::Request;
 use super::worker_pool;
@@ -140,6 +141,9 @@ struct QueueState {
     /// Completions were reaped since the notifier was last reset: it may be readable for
     /// them, and must be reset before the worker sleeps (or epoll wakes it at once).
     unacked: bool,
+    /// How long its worker polls for each thing it can wait for (poll_window.rs); learnt
+    /// afresh for every frontend.
+    poll: PollWindow,
 }
 
 struct MemoryInUse {
@@ -149,8 +153,9 @@ struct MemoryInUse {
 }
 
 impl QueueState {
-    fn new(io: Box<dyn IoQueue>) -> Self {
+    fn new(io: Box<dyn IoQueue>, poll: std::time::Duration) -> Self {
         QueueState {
+            poll: PollWindow::new(poll),
             at_submit: io.completes_at_submit(),
             io,
             pending: Vec::new(),
@@ -270,6 +275,8 @@ struct Pass {
     taken: usize,
     /// Chains of earlier passes completed at its end.
     completed: bool,
+    /// What a worker that found nothing would now wait for.
+    waiting: Waiting,
 }
 
 /// Why a worker looks at its device queue's completions.
@@ -415,7 +422,7 @@ impl BlkBackend {
                     if io.completes_slowly() {
                         self.slow_queues.store(true, Ordering::Relaxed);
                     }
-                    *slot = Some(QueueState::new(io))
+                    *slot = Some(QueueState::new(io, self.poll))
                 }
                 Err(e) => {
                     warn!("queue {q}: cannot open the device's I/O queue ({e}); its requests fail")
@@ -562,6 +569,7 @@ impl BlkBackend {
             }
         }
         let mut completed = false;
+        let mut waiting = Waiting::Request;
         if let Some(qs) = state.as_mut() {
             qs.io.submit_pending();
             if qs.io.has_completions() {
@@ -569,11 +577,18 @@ impl BlkBackend {
                 completed = qs.complete(&target, &note, inflight.as_deref_mut());
                 used |= completed;
             }
+            if qs.io.in_flight() > 0 {
+                waiting = Waiting::Completion;
+            }
         }
         if used && vring.needs_notification().map_err(queue_error)? {
             vring.signal_used_queue()?;
         }
-        Ok(Pass { taken, completed })
+        Ok(Pass {
+            taken,
+            completed,
+            waiting,
+        })
     }
 
     /// Chains one pass takes at most.
@@ -811,8 +826,22 @@ impl BlkBackend {
             // next kick looks again.
             let mut more_promised = false;
             let mut last_found = std::time::Instant::now();
+            let polls = self.polls() && !self.shared;
+            // Learnt per queue (poll_window.rs); only the worker serving the queue changes
+            // them, so a copy is taken for the call and put back at its end.
+            let mut windows = if polls {
+                self.poll_window_on_waking(queue, last_found)
+            } else {
+                PollWindow::new(std::time::Duration::ZERO)
+            };
+            // What an empty pass since the last activity found the worker waiting for: what
+            // comes next was caught by polling.
+            let mut polled_for = None;
+            // What the worker waits for when it goes to sleep.
+            let mut sleeps_for: Option<Waiting>;
             let mut served = 0;
             loop {
+                sleeps_for = None;
                 // GET_VRING_BASE marks the ring not ready before it drains it: a polling
                 // worker must not go on with passes (and re-enable notifications) in a ring
                 // the frontend took back.
@@ -820,8 +849,11 @@ impl BlkBackend {
                     break;
                 }
                 vring.disable_notification().map_err(queue_error)?;
-                let Pass { taken, completed } =
-                    self.process_queue(queue, vring, &mem, generation)?;
+                let Pass {
+                    taken,
+                    completed,
+                    waiting,
+                } = self.process_queue(queue, vring, &mem, generation)?;
                 // Asked on every pass: another connection's queue may have joined this
                 // worker meanwhile.
                 let shared = self.shared_now();
@@ -836,21 +868,26 @@ impl BlkBackend {
                 // was attached to it cost a busy VM beside an idle or throttled one two
                 // thirds of its rate (tests/io_throttle.rs). Only a connection with more
                 // queues than workers (`self.shared`) keeps its own queues from spinning.
-                if self.polls() && !self.shared {
+                if polls {
                     // A completion is activity too, wherever it was reaped: the guest's next
                     // request usually follows it within microseconds, and a worker that
                     // counted its window from the submission alone would often be asleep
                     // by then (a wakeup per request at queue depth 1).
                     let reaped = completed || self.reap(queue, Reap::Poll)?;
                     if taken > 0 || reaped {
+                        if let Some(what) = polled_for.take() {
+                            windows.caught(what);
+                        }
                         last_found = std::time::Instant::now();
                         more_promised = false;
                         continue;
                     }
-                    if last_found.elapsed() < self.poll {
+                    polled_for = Some(waiting);
+                    if last_found.elapsed() < windows.window(waiting) {
                         std::hint::spin_loop();
                         continue;
                     }
+                    sleeps_for = Some(waiting);
                 }
                 if more_promised && taken == 0 {
                     self.note_rejection("available ring is broken; waiting for the next kick");
@@ -860,6 +897,13 @@ impl BlkBackend {
                     break;
                 }
                 more_promised = true;
+            }
+            if polls {
+                match sleeps_for {
+                    Some(what) => windows.sleep(last_found, what),
+                    None => windows.forget(),
+                }
+                self.put_poll_window(queue, windows);
             }
         } else {
             // A pass stops after a queue's worth of chains: go on until one takes less (or,
@@ -885,6 +929,27 @@ impl BlkBackend {
 }
 
 impl BlkBackend {
+    /// The worker woke for `queue` at `now`: its polling windows, after learning from the
+    /// sleep that ended.
+    fn poll_window_on_waking(&self, queue: usize, now: std::time::Instant) -> PollWindow {
+        let mut guard = self.queues.get(queue).map(|q| q.lock());
+        match guard.as_mut().and_then(|g| g.as_mut()) {
+            Some(qs) => {
+                qs.poll.woke(now);
+                qs.poll
+            }
+            None => PollWindow::new(self.poll),
+        }
+    }
+
+    /// The worker leaves `queue` with `windows` as it last saw them.
+    fn put_poll_window(&self, queue: usize, windows: PollWindow) {
+        let mut guard = self.queues.get(queue).map(|q| q.lock());
+        if let Some(qs) = guard.as_mut().and_then(|g| g.as_mut()) {
+            qs.poll = windows;
+        }
+    }
+
     /// Whether the worker running this serves other queues too (of this connection, or of
     /// others on the same pool worker, `worker_pool.rs`): it takes turns and does not poll.
     fn shared_now(&self) -> bool {
@@ -971,7 +1036,10 @@ mod tests {
             entries: 8,
             submit_batch: 4,
         };
-        let mut qs = QueueState::new(crate::engine::io::InlineQueue::open(dev, &opts).unwrap());
+        let mut qs = QueueState::new(
+            crate::engine::io::InlineQueue::open(dev, &opts).unwrap(),
+            std::time::Duration::ZERO,
+        );
         let old = Arc::new(GuestMemoryMmap::new());
         let new = Arc::new(GuestMemoryMmap::new());
         let a = qs.use_table(&old);

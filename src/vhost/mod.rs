@@ -17,6 +17,7 @@ pub mod guest_memory_guard;
 pub mod handover;
 pub mod inflight;
 pub mod memory_table;
+pub mod poll_window;
 pub mod request;
 pub mod sigbus;
 pub mod worker_pool;

@@ -849,6 +849,104 @@ fn a_polling_worker_keeps_polling_after_a_completion_for_the_guests_next_request
 }
 
 #[test]
+fn a_worker_stops_polling_for_completions_slower_than_its_window_but_not_for_requests() {
+    // Issue 23, CPU per I/O: at queue depth 1 on a file a worker polled its whole window after
+    // every submission for a completion that came later anyway (a disk's 60 µs against
+    // 32 µs), and was on its CPU for nearly all of each request's time. Here every read takes
+    // three windows. The guest publishes each next read, without a kick, a little after the
+    // last completion, so each completion's call takes it and then polls for its completion:
+    // that poll must shrink (halving for each read after the third that came after it gave
+    // up), while the polling for the guest's requests must go on, or the reads would wait for
+    // a kick that never comes.
+    const READS: u16 = 7;
+    let poll = std::time::Duration::from_millis(100);
+    let delay = 3 * poll;
+    let mut h = Harness::slow_reads(false, poll, delay);
+    with_event_idx(&h);
+    let chains: Vec<_> = (0..READS)
+        .map(|i| {
+            let at = HDR + u64::from(i) * 0x1000;
+            h.header(at, VIRTIO_BLK_T_IN, u64::from(i));
+            let head = h.next_desc;
+            h.next_desc += 3;
+            let bufs = [
+                (at, 16, false),
+                (at + 0x200, 512, true),
+                (at + 0x800, 1, true),
+            ];
+            (head, chain_at(head, &bufs), at + 0x800)
+        })
+        .collect();
+    let kick = |h: &Harness| {
+        h.backend
+            .handle_event(0, EventSet::IN, std::slice::from_ref(&h.vring), 0)
+            .unwrap()
+    };
+    // The device queue's completion event: queue 0 of a one-queue backend.
+    let completion = |h: &Harness| {
+        h.backend
+            .handle_event(2, EventSet::IN, std::slice::from_ref(&h.vring), 0)
+            .unwrap()
+    };
+    // How long each call polled after the worker took its read.
+    let mut polled = Vec::new();
+    let (head, descs, _) = &chains[0];
+    h.publish(*head, descs, *head);
+    let mut taken_at = std::time::Instant::now();
+    kick(&h);
+    polled.push(taken_at.elapsed());
+    for (i, (head, descs, _)) in chains.iter().enumerate().skip(1) {
+        // Past the read's delay: its completion is there when the event is handled.
+        std::thread::sleep(delay + poll);
+        std::thread::scope(|s| {
+            let worker = s.spawn(|| {
+                completion(&h);
+                std::time::Instant::now()
+            });
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while usize::from(h.used_idx()) < i && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            assert_eq!(
+                usize::from(h.used_idx()),
+                i,
+                "read {} did not complete",
+                i - 1
+            );
+            std::thread::sleep(poll / 5);
+            h.publish(*head, descs, *head);
+            taken_at = std::time::Instant::now();
+            let returned = worker.join().unwrap();
+            polled.push(returned.saturating_duration_since(taken_at));
+        });
+    }
+    std::thread::sleep(delay + poll);
+    completion(&h);
+    assert_eq!(
+        h.used_idx(),
+        READS,
+        "a read the guest published without a kick after a completion was not taken: \
+         the worker stopped polling for requests (polled {polled:?})"
+    );
+    for (_, _, status) in &chains {
+        assert_eq!(h.status(*status), OK);
+    }
+    assert!(
+        polled[0] >= poll * 9 / 10,
+        "a new queue polls its whole window at first: {polled:?}"
+    );
+    let last = polled[polled.len() - 1];
+    // Windows of 100, 100, 100, 100, 50, 25 and 12.5 ms.
+    assert!(
+        last < poll * 4 / 10,
+        "after {} reads slower than the window the worker still polled {last:?} for the \
+         completion (a fixed window polls {poll:?}): {polled:?}",
+        READS - 1
+    );
+    h.backend.stop_vring(0).unwrap();
+}
+
+#[test]
 fn a_polling_worker_stops_polling_when_the_frontend_stops_its_ring() {
     // Seen in the migration traces (issue 14): at the switchover GET_VRING_BASE marks the ring
     // not ready and drains it, but a worker polling it went on with passes until its polling
