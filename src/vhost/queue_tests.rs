@@ -213,6 +213,25 @@ impl Harness {
         head
     }
 
+    /// `n` reads of one sector each (sector `i` into its own buffers), not yet published: for
+    /// each its head, its descriptors and the address of its status byte.
+    fn one_sector_reads(&mut self, n: u16) -> Vec<(u16, Vec<RawDescriptor>, u64)> {
+        (0..n)
+            .map(|i| {
+                let at = HDR + u64::from(i) * 0x1000;
+                self.header(at, VIRTIO_BLK_T_IN, u64::from(i));
+                let head = self.next_desc;
+                self.next_desc += 3;
+                let bufs = [
+                    (at, 16, false),
+                    (at + 0x200, 512, true),
+                    (at + 0x800, 1, true),
+                ];
+                (head, chain_at(head, &bufs), at + 0x800)
+            })
+            .collect()
+    }
+
     /// Serves the queue as a kick does, then waits for what went to the device's queue
     /// (this device's requests run on its blocking thread) and completes it.
     fn run(&self) {
@@ -794,20 +813,7 @@ fn a_polling_worker_keeps_polling_after_a_completion_for_the_guests_next_request
     let poll = std::time::Duration::from_millis(1000);
     let mut h = Harness::slow_reads(false, poll, poll / 2);
     with_event_idx(&h);
-    let chains: Vec<_> = (0..READS)
-        .map(|i| {
-            let at = HDR + u64::from(i) * 0x1000;
-            h.header(at, VIRTIO_BLK_T_IN, u64::from(i));
-            let head = h.next_desc;
-            h.next_desc += 3;
-            let bufs = [
-                (at, 16, false),
-                (at + 0x200, 512, true),
-                (at + 0x800, 1, true),
-            ];
-            (head, chain_at(head, &bufs), at + 0x800)
-        })
-        .collect();
+    let chains = h.one_sector_reads(READS);
     std::thread::scope(|s| {
         let (head, descs, _) = &chains[0];
         h.publish(*head, descs, *head);
@@ -863,20 +869,7 @@ fn a_worker_stops_polling_for_completions_slower_than_its_window_but_not_for_req
     let delay = 3 * poll;
     let mut h = Harness::slow_reads(false, poll, delay);
     with_event_idx(&h);
-    let chains: Vec<_> = (0..READS)
-        .map(|i| {
-            let at = HDR + u64::from(i) * 0x1000;
-            h.header(at, VIRTIO_BLK_T_IN, u64::from(i));
-            let head = h.next_desc;
-            h.next_desc += 3;
-            let bufs = [
-                (at, 16, false),
-                (at + 0x200, 512, true),
-                (at + 0x800, 1, true),
-            ];
-            (head, chain_at(head, &bufs), at + 0x800)
-        })
-        .collect();
+    let chains = h.one_sector_reads(READS);
     let kick = |h: &Harness| {
         h.backend
             .handle_event(0, EventSet::IN, std::slice::from_ref(&h.vring), 0)
