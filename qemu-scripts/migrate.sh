@@ -98,6 +98,10 @@ wait_round() {
             return 1
         fi
         if tr -d '\r' <"$log" 2>/dev/null | grep -q '^THINBLK-E2E FAIL'; then
+            # On qemu-storage-daemon, the peer we measure against, it ends its series (its
+            # own verify failed once after a migration here, CI of 2026-12-07); on thinblk
+            # it fails the run.
+            [ -z "${PANIC_LOG:-}" ] || return 1
             die "guest failed: $(tr -d '\r' <"$log" | grep -m1 '^THINBLK-E2E FAIL')"
         fi
         i=$((i + 1))
@@ -222,7 +226,8 @@ series() {
         from=$to
         if ! wait_round "$SCRATCH/$to.log" 1; then
             log "$label series: the server stopped serving the guest after migration $i:" \
-                "$(grep -m1 vu_panic "$PANIC_LOG" || echo "no round in 120 s")"
+                "$(tr -d '\r' <"$SCRATCH/$to.log" | grep -m1 '^THINBLK-E2E FAIL' \
+                    || grep -m1 vu_panic "$PANIC_LOG" || echo "no round in 120 s")"
             broken=1
             break
         fi
@@ -249,7 +254,12 @@ finish() {
         sleep 0.1
     done
     cat "$SCRATCH/$1.harness" >&2
-    [ "$(cat "$SCRATCH/$1.rc")" = 0 ] || die "guest on $1 failed (log: $SCRATCH/$1.log)"
+    if [ "$(cat "$SCRATCH/$1.rc")" != 0 ]; then
+        # As in wait_round: qemu-storage-daemon's failures are its own, and reported.
+        [ -n "${PANIC_LOG:-}" ] || die "guest on $1 failed (log: $SCRATCH/$1.log)"
+        log "the guest on $1 failed on qemu-storage-daemon:" \
+            "$(tr -d '\r' <"$SCRATCH/$1.log" | grep -m1 '^THINBLK-E2E FAIL' || echo "rc $(cat "$SCRATCH/$1.rc")")"
+    fi
     tr -d '\r' <"$SCRATCH/$1.log" | grep -m1 '^MIGFIO .* rounds' >&2 || true
 }
 
