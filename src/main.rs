@@ -164,7 +164,7 @@ struct ServeArgs {
     /// direct=on|off: O_DIRECT on a raw backing file, bypassing the host page cache (default on).
     /// poll-us=N: microseconds a queue worker keeps polling its virtqueue and io_uring after
     /// activity before it sleeps at most, 0 to 1000 (default 32; 0: never poll; RBD devices
-    /// never poll); each queue learns how much of it pays off.
+    /// never poll); for the guest's next request each queue learns how much of it pays off.
     /// submit-batch=N: requests a queue worker hands to io_uring per system call at most,
     /// 1 to 1024 (default 4: the host device starts on the first while the rest are framed).
     /// Write a literal comma in a value as ",,".

@@ -141,8 +141,8 @@ struct QueueState {
     /// Completions were reaped since the notifier was last reset: it may be readable for
     /// them, and must be reset before the worker sleeps (or epoll wakes it at once).
     unacked: bool,
-    /// How long its worker polls for each thing it can wait for (poll_window.rs); learnt
-    /// afresh for every frontend.
+    /// How long its worker polls for each thing it can wait for (poll_window.rs); the window
+    /// for requests is learnt afresh for every frontend.
     poll: PollWindow,
 }
 

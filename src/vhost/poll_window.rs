@@ -1,23 +1,27 @@
-//! How long a queue's worker goes on polling after activity before it sleeps, learnt per queue
-//! from what its sleeps show.
+//! How long a queue's worker goes on polling after activity before it sleeps.
 //!
 //! Polling saves a wakeup (20-30 µs on a VM whose other vCPU is halted) when the next thing
 //! comes within the window, and wastes the whole window when it does not. A worker waits for
-//! one of two things, and they come at very different times: the guest's next request after a
-//! completion (a few µs to tens of µs, the guest's own reaction), and, while requests are in
-//! the device, their completions (a host disk's 60 µs and more for a 4 KiB read at queue depth
-//! 1, or a request of 128 KiB). A fixed window that suits the first is burnt in full for the
-//! second on every request: at queue depth 1 on a file a worker was on its CPU for nearly all
-//! of each request's time, more than qemu-storage-daemon spends per request.
+//! one of two things:
 //!
-//! So each kind of wait has its own window, at most the export's `poll-us`, learnt from how
-//! polling for it turned out: a poll that caught what it waited for, or a sleep that ended
-//! within `poll-us` of the last activity (polling longer would have caught it), doubles the
-//! window; a sleep that lasted past `poll-us` (the whole window was burnt for nothing), the
-//! fourth in a row with no catch in between, halves it, down to nothing. A window of nothing still learns, from sleeps that turn out short. A busy queue,
-//! where polls mostly catch something, keeps its full window through late events; a wait that polling never serves stops costing CPU after a few requests. This
-//! is close to QEMU's adaptive polling (`poll-grow`, `poll-shrink`), with the two kinds kept
-//! apart and polls that paid off counted too.
+//! - **Completions, while requests are in the device**: it polls the export's whole `poll-us`,
+//!   always. A completion that comes after the window still costs the wakeup, and a window
+//!   learnt down from late ones lost more than it saved: windows that halved after four late
+//!   completions in a row cost first writes at queue depth 1 6-8% of their rate and 4 KiB
+//!   reads at queue depth 32 up to 13% (fewer of the completions that do come early were
+//!   caught, and each missed one waited for a wakeup before the guest's next request was
+//!   submitted), while the CPU per I/O at queue depth 1 was no lower (a wakeup costs CPU
+//!   too). Sleeping through part of the device's time and polling the rest (30 µs, then the
+//!   window) added 20 µs to every 4 KiB read: on this VM a timer wakes a halted vCPU no faster
+//!   than an eventfd does. docs/benchmarks.md has the runs.
+//! - **The guest's next request, with nothing in the device**: a guest that thinks between
+//!   requests, or an idle one, would have every wait polled for nothing, and here polling
+//!   longer can never catch what comes later. So this window is learnt from how polling for it
+//!   turned out: a poll that caught a request, or a sleep that ended within `poll-us` of the
+//!   last activity (polling longer would have caught it), doubles it; a sleep that lasted past
+//!   `poll-us`, the fourth in a row with no catch in between, halves it, down to nothing. A
+//!   window of nothing still learns, from sleeps that turn out short. This is close to QEMU's
+//!   adaptive polling (`poll-grow`, `poll-shrink`), with polls that paid off counted too.
 
 use std::time::{Duration, Instant};
 
@@ -28,15 +32,6 @@ pub enum Waiting {
     Request,
     /// Requests are in the device: their completions (or more requests).
     Completion,
-}
-
-impl Waiting {
-    fn index(self) -> usize {
-        match self {
-            Waiting::Request => 0,
-            Waiting::Completion => 1,
-        }
-    }
 }
 
 /// The smallest window a growing one starts from: below it a poll costs more in the loop's
@@ -53,12 +48,13 @@ const LATE_STREAK: u8 = 4;
 #[derive(Clone, Copy, Debug)]
 pub struct PollWindow {
     max: Duration,
-    windows: [Duration; 2],
-    /// Sleeps in a row, per kind, that lasted past `max` with no poll catching anything in
+    /// How long to poll for the guest's next request.
+    requests: Duration,
+    /// Sleeps for a request in a row that lasted past `max`, with no poll catching one in
     /// between.
-    late_streak: [u8; 2],
-    /// The last activity before the worker went to sleep, and what it then waited for.
-    asleep: Option<(Instant, Waiting)>,
+    late_streak: u8,
+    /// When the worker last found something before it went to sleep for a request.
+    asleep: Option<Instant>,
 }
 
 impl PollWindow {
@@ -67,27 +63,32 @@ impl PollWindow {
     pub fn new(max: Duration) -> Self {
         PollWindow {
             max,
-            windows: [max; 2],
-            late_streak: [0; 2],
+            requests: max,
+            late_streak: 0,
             asleep: None,
         }
     }
 
     /// How long to poll for `what` after the last activity.
     pub fn window(&self, what: Waiting) -> Duration {
-        self.windows[what.index()]
+        match what {
+            Waiting::Request => self.requests,
+            Waiting::Completion => self.max,
+        }
     }
 
     /// Polling for `what` caught it.
     pub fn caught(&mut self, what: Waiting) {
-        self.late_streak[what.index()] = 0;
-        self.grow(what);
+        if what == Waiting::Request {
+            self.late_streak = 0;
+            self.grow();
+        }
     }
 
     /// The worker stops polling and sleeps; `last_activity` is when it last found something,
     /// `what` what it is waiting for.
     pub fn sleep(&mut self, last_activity: Instant, what: Waiting) {
-        self.asleep = Some((last_activity, what));
+        self.asleep = (what == Waiting::Request).then_some(last_activity);
     }
 
     /// The worker leaves off without sleeping for want of work (its turn ended): the next
@@ -99,29 +100,26 @@ impl PollWindow {
     /// The worker woke at `now`: adapts the window of what it slept for to how long after its
     /// last activity the wakeup came.
     pub fn woke(&mut self, now: Instant) {
-        let Some((last, what)) = self.asleep.take() else {
+        let Some(last) = self.asleep.take() else {
             return;
         };
-        let i = what.index();
         if now.saturating_duration_since(last) <= self.max {
             // Polling up to `max` would have caught it.
-            self.late_streak[i] = 0;
-            self.grow(what);
-        } else if self.late_streak[i] < LATE_STREAK - 1 {
-            // A late one among others that polling caught is a busy queue's pause.
-            self.late_streak[i] += 1;
+            self.late_streak = 0;
+            self.grow();
+        } else if self.late_streak < LATE_STREAK - 1 {
+            // A late one among others that polling caught is a busy guest's pause.
+            self.late_streak += 1;
         } else {
-            let w = &mut self.windows[i];
-            *w /= 2;
-            if *w < MIN_WINDOW {
-                *w = Duration::ZERO;
+            self.requests /= 2;
+            if self.requests < MIN_WINDOW {
+                self.requests = Duration::ZERO;
             }
         }
     }
 
-    fn grow(&mut self, what: Waiting) {
-        let w = &mut self.windows[what.index()];
-        *w = (*w * 2).max(MIN_WINDOW).min(self.max);
+    fn grow(&mut self) {
+        self.requests = (self.requests * 2).max(MIN_WINDOW).min(self.max);
     }
 }
 
@@ -143,9 +141,10 @@ mod tests {
     }
 
     #[test]
-    fn completions_slower_than_the_window_stop_their_polling_and_leave_the_requests_window() {
-        // A disk's 60 µs reads at queue depth 1: each sleep for a completion lasts past the
-        // window, each wait for the guest's next request is caught by polling (no sleep).
+    fn requests_later_than_the_window_stop_their_polling_and_completions_keep_the_whole_window() {
+        // A guest that thinks 60 µs between requests: each sleep for its next request lasts
+        // past the window. Its completions come late too (a disk's 60 µs), and are polled for
+        // in full all the same.
         let mut p = PollWindow::new(MAX);
         let mut t = Instant::now();
         let mut windows = Vec::new();
@@ -153,16 +152,19 @@ mod tests {
             p.sleep(t, Waiting::Completion);
             t = after(t, 60);
             p.woke(t);
-            windows.push(p.window(Waiting::Completion).as_micros());
+            p.sleep(t, Waiting::Request);
+            t = after(t, 60);
+            p.woke(t);
+            windows.push(p.window(Waiting::Request).as_micros());
+            assert_eq!(p.window(Waiting::Completion), MAX);
         }
-        // The first three are a busy queue's pauses as far as it can tell.
+        // The first three are a busy guest's pauses as far as it can tell.
         assert_eq!(windows, [32, 32, 32, 16, 8, 4, 2, 0]);
-        assert_eq!(p.window(Waiting::Completion), Duration::ZERO);
-        assert_eq!(p.window(Waiting::Request), MAX);
         // Still nothing worth polling for: it stays off.
-        p.sleep(t, Waiting::Completion);
+        p.sleep(t, Waiting::Request);
         p.woke(after(t, 45));
-        assert_eq!(p.window(Waiting::Completion), Duration::ZERO);
+        assert_eq!(p.window(Waiting::Request), Duration::ZERO);
+        assert_eq!(p.window(Waiting::Completion), MAX);
     }
 
     #[test]
@@ -170,15 +172,15 @@ mod tests {
         let mut p = PollWindow::new(MAX);
         let t = Instant::now();
         for _ in 0..10 {
-            p.sleep(t, Waiting::Completion);
+            p.sleep(t, Waiting::Request);
             p.woke(after(t, 100));
         }
-        assert_eq!(p.window(Waiting::Completion), Duration::ZERO);
+        assert_eq!(p.window(Waiting::Request), Duration::ZERO);
         let mut grown = Vec::new();
         for _ in 0..6 {
-            p.sleep(t, Waiting::Completion);
+            p.sleep(t, Waiting::Request);
             p.woke(after(t, 20));
-            grown.push(p.window(Waiting::Completion).as_micros());
+            grown.push(p.window(Waiting::Request).as_micros());
         }
         assert_eq!(grown, [2, 4, 8, 16, 32, 32]);
     }
@@ -205,17 +207,17 @@ mod tests {
         let t = Instant::now();
         for reset in [true, false] {
             for _ in 0..3 {
-                p.sleep(t, Waiting::Completion);
+                p.sleep(t, Waiting::Request);
                 p.woke(after(t, 100));
             }
             if reset {
-                p.caught(Waiting::Completion);
+                p.caught(Waiting::Request);
             } else {
-                p.sleep(t, Waiting::Completion);
+                p.sleep(t, Waiting::Request);
                 p.woke(after(t, 10));
             }
         }
-        assert_eq!(p.window(Waiting::Completion), MAX);
+        assert_eq!(p.window(Waiting::Request), MAX);
     }
 
     #[test]
