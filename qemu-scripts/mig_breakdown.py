@@ -103,7 +103,10 @@ def vhost_replies(evs, start, end):
 
 def median(values):
     v = sorted(values)
-    return v[(len(v) - 1) // 2] if v else float("nan")
+    if not v:
+        return float("nan")
+    mid = len(v) // 2
+    return v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
 
 
 def series_fields(path, prefix):

@@ -197,9 +197,10 @@ sched_report() {
         | tee -a "$SCRATCH/sched.txt" >&2 || true
 }
 
-# median N...: the middle value (the lower of the two middle ones for an even count).
+# median N...: the middle value (the mean of the two middle ones for an even count).
 median() {
-    printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'
+    printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 }
+        END { m = NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; print m }'
 }
 
 # series SERVER-LABEL OUT: one guest migrated SAMPLES times between a.sock and b.sock (a new
@@ -372,12 +373,18 @@ done
 THINBLK_SAMPLES=
 QSD_SAMPLES=
 if [ "$SAMPLES" -gt 0 ]; then
-    # Rounds take turns (thinblk, qsd, thinblk, ...), so that a change in the machine's load
-    # during the run falls on both servers.
+    # Rounds take turns, in the order thinblk, qsd, qsd, thinblk, thinblk, ..., so that a
+    # change in the machine during the run (its load, the host's memory) falls on both
+    # servers, and neither always goes first.
     for r in $(seq "$ROUNDS"); do
-        thinblk_series "$r"
-        if [ "${MIG_QSD:-1}" = 1 ]; then
+        if [ $((r % 2)) = 0 ] && [ "${MIG_QSD:-1}" = 1 ]; then
             qsd_series "$r"
+            thinblk_series "$r"
+        else
+            thinblk_series "$r"
+            if [ "${MIG_QSD:-1}" = 1 ]; then
+                qsd_series "$r"
+            fi
         fi
     done
     # shellcheck disable=SC2086
