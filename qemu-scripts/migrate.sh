@@ -233,17 +233,32 @@ series() {
             break
         fi
     done
-    if [ "$broken" = 1 ]; then
-        kill "$(cat "$SCRATCH/$from.pid")" 2>/dev/null || true
-    else
-        finish "$from"
-    fi
+    # A guest whose server stopped serving it goes with the other QEMUs left (end_qemus).
+    [ "$broken" = 1 ] || finish "$from"
+    end_qemus
     echo "${out[*]}" >"$file"
     # Keep this series' QEMU logs and traces apart from the next series' (same names).
     mkdir -p "$SCRATCH/$label"
     mv "$SCRATCH"/[AS]*.log "$SCRATCH"/*.trace "$SCRATCH"/*.info "$SCRATCH"/*.sched* \
         "$SCRATCH/$label/" 2>/dev/null || true
     log "$label series: downtimes ${out[*]} ms"
+}
+
+# end_qemus: every QEMU of the series gone (one left waiting for a migration that failed is
+# killed) and its harness done, .rc written, before the next series clears the scratch files.
+# A QEMU killed when its server stopped serving wrote its S<i>.rc after the next series had
+# begun, and that series took it for its own guest's failure (CI of 2026-12-07, with the
+# servers' series in turns).
+end_qemus() {
+    local f pid p
+    for f in "$SCRATCH"/[AS]*.pid; do
+        # (A QEMU removes its pid file as it exits: one may be gone by now.)
+        pid=$(cat "$f" 2>/dev/null) || continue
+        grep -q qemu "/proc/$pid/comm" 2>/dev/null && kill "$pid" 2>/dev/null || true
+    done
+    for p in "${QEMU_PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    QEMU_PIDS=()
+    rm -f "$SCRATCH"/[AS]*.pid
 }
 
 # finish NAME: wait for QEMU NAME's guest to finish; fail unless it passed.
