@@ -85,6 +85,11 @@ wait_socket() {
 }
 
 # wait_round LOG N: until the guest printed "MIGFIO round N ok" (or more) in LOG.
+# guest_failure LOG: the guest's first failure line in its serial log; fails if there is none.
+guest_failure() {
+    tr -d '\r' <"$1" 2>/dev/null | grep -m1 '^THINBLK-E2E FAIL'
+}
+
 wait_round() {
     local log=$1 want=$2 i=0 got
     while :; do
@@ -97,12 +102,12 @@ wait_round() {
             || [ "$i" -ge 1200 ]; }; then
             return 1
         fi
-        if tr -d '\r' <"$log" 2>/dev/null | grep -q '^THINBLK-E2E FAIL'; then
+        if got=$(guest_failure "$log"); then
             # On qemu-storage-daemon, the peer we measure against, it ends its series (its
             # own verify failed once after a migration here, CI of 2026-12-07); on thinblk
             # it fails the run.
             [ -z "${PANIC_LOG:-}" ] || return 1
-            die "guest failed: $(tr -d '\r' <"$log" | grep -m1 '^THINBLK-E2E FAIL')"
+            die "guest failed: $got"
         fi
         i=$((i + 1))
         [ "$i" -le 3000 ] || die "no 'MIGFIO round $want ok' in $log after 300 s"
@@ -227,8 +232,8 @@ series() {
         from=$to
         if ! wait_round "$SCRATCH/$to.log" 1; then
             log "$label series: the server stopped serving the guest after migration $i:" \
-                "$(tr -d '\r' <"$SCRATCH/$to.log" | grep -m1 '^THINBLK-E2E FAIL' \
-                    || grep -m1 vu_panic "$PANIC_LOG" || echo "no round in 120 s")"
+                "$(guest_failure "$SCRATCH/$to.log" || grep -m1 vu_panic "$PANIC_LOG" \
+                    || echo "no round in 120 s")"
             broken=1
             break
         fi
@@ -274,7 +279,7 @@ finish() {
         # As in wait_round: qemu-storage-daemon's failures are its own, and reported.
         [ -n "${PANIC_LOG:-}" ] || die "guest on $1 failed (log: $SCRATCH/$1.log)"
         log "the guest on $1 failed on qemu-storage-daemon:" \
-            "$(tr -d '\r' <"$SCRATCH/$1.log" | grep -m1 '^THINBLK-E2E FAIL' || echo "rc $(cat "$SCRATCH/$1.rc")")"
+            "$(guest_failure "$SCRATCH/$1.log" || echo "rc $(cat "$SCRATCH/$1.rc")")"
     fi
     tr -d '\r' <"$SCRATCH/$1.log" | grep -m1 '^MIGFIO .* rounds' >&2 || true
 }
@@ -392,15 +397,12 @@ if [ "$SAMPLES" -gt 0 ]; then
     # change in the machine during the run (its load, the host's memory) falls on both
     # servers, and neither always goes first.
     for r in $(seq "$ROUNDS"); do
-        if [ $((r % 2)) = 0 ] && [ "${MIG_QSD:-1}" = 1 ]; then
-            qsd_series "$r"
-            thinblk_series "$r"
-        else
-            thinblk_series "$r"
-            if [ "${MIG_QSD:-1}" = 1 ]; then
-                qsd_series "$r"
-            fi
-        fi
+        order="thinblk qsd"
+        [ $((r % 2)) = 1 ] || order="qsd thinblk"
+        for s in $order; do
+            [ "$s" = thinblk ] || [ "${MIG_QSD:-1}" = 1 ] || continue
+            "${s}_series" "$r"
+        done
     done
     # shellcheck disable=SC2086
     t=$( [ -z "$THINBLK_SAMPLES" ] || median $THINBLK_SAMPLES)
