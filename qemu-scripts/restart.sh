@@ -108,17 +108,24 @@ fail_case() {
     tail -n 20 "$SERVER_LOG" | sed 's/^/  thinblk: /' >&2 || true
 }
 
-# run_case NAME ROUNDS ACTION: one guest, ROUNDS+1 fio rounds, ACTION after a random delay in
-# each of the first ROUNDS.
+# Fio rounds the guest runs after the round of the last action. A round takes about a
+# second, the action comes up to 2.9 s into its round, and in the writethrough case QEMU
+# then takes up to a second to reconnect: with one round after it the guest could finish
+# before the last action, which then met no guest and no QEMU to reconnect (CI of 02c32be).
+TRAIL=6
+
+# run_case NAME ROUNDS ACTION: one guest, ROUNDS+TRAIL fio rounds, ACTION after a random
+# delay in each of the first ROUNDS, always while the guest still runs.
 run_case() {
     CASE=$1
     local rounds=$2 action=$3 r delay start rc=0 err=
+    local loops=$((rounds + TRAIL))
     local dir=$SCRATCH/$CASE
     mkdir -p "$dir"
     POOL=$dir/pool SOCK=$dir/disk.sock SERVER_LOG=$dir/server.log GLOG=$dir/guest.log
     start=$(date +%s)
     start_server || { fail_case "thinblk did not start"; return; }
-    QEMU_APPEND="thinblk.loops=$((rounds + 1)) $GUEST_EXTRA" "$HERE/run-qemu.sh" -g "$GUEST" -l "$GLOG" \
+    QEMU_APPEND="thinblk.loops=$loops $GUEST_EXTRA" "$HERE/run-qemu.sh" -g "$GUEST" -l "$GLOG" \
         -q 2 -t "$TIMEOUT" -r 1000 "$SOCK" restartfio 2>"$dir/run.err" &
     RUN_PID=$!
     for r in $(seq "$rounds"); do
@@ -126,6 +133,11 @@ run_case() {
         # Anywhere in the round: its writes, its verify, or between rounds.
         delay=$((RANDOM % 30))
         sleep "$((delay / 10)).$((delay % 10))"
+        # An action after the guest's last round would test nothing.
+        if tr -d '\r' <"$GLOG" | grep -q "^RESTART-DONE $loops "; then
+            err="round $r: the guest had finished its $loops rounds before the $CASE"
+            break
+        fi
         if ! "$action" "$r"; then
             err="round $r: $CASE failed"
             break
