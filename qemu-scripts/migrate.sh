@@ -84,12 +84,12 @@ wait_socket() {
     done
 }
 
-# wait_round LOG N: until the guest printed "MIGFIO round N ok" (or more) in LOG.
 # guest_failure LOG: the guest's first failure line in its serial log; fails if there is none.
 guest_failure() {
     tr -d '\r' <"$1" 2>/dev/null | grep -m1 '^THINBLK-E2E FAIL'
 }
 
+# wait_round LOG N: until the guest printed "MIGFIO round N ok" (or more) in LOG.
 wait_round() {
     local log=$1 want=$2 i=0 got
     while :; do
